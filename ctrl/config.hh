@@ -1,0 +1,117 @@
+#pragma once
+// moatd's configuration file (YAML). Every key is documented in
+// docs/CONFIGURATION.md. Loading never stops at the first problem: it
+// collects every error with its file:line:col so `moatd --check` can show
+// them all. Unknown keys are errors (a typo must not silently mean default).
+// Owner: the control thread.
+#include <rte_ether.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moat {
+
+struct ConfigError {
+  std::string file;
+  int line = 0;  // 1-based
+  int col = 0;   // 1-based
+  std::string what;
+  std::string str() const;
+};
+
+struct Ipv4Prefix {
+  uint32_t addr = 0;  // host order
+  uint8_t len = 0;
+  std::string str() const;
+};
+
+struct EalConfig {
+  std::vector<unsigned> lcores{0, 1};  // first: main lcore (control thread)
+  unsigned memory_mb = 256;
+  bool no_huge = false;
+  std::string file_prefix;  // empty: --no-shconf
+  std::string log_level;
+  std::vector<std::string> args;  // extra, verbatim
+};
+
+struct PortConfig {
+  std::string name;
+  std::string device;
+  std::optional<Ipv4Prefix> address;  // addr = our address, len = subnet
+  uint16_t mtu = 1500;
+  uint16_t vlan = 0;
+  uint16_t rx_queues = 0;
+  uint16_t rx_ring = 1024;
+  uint16_t tx_ring = 1024;
+  std::optional<rte_ether_addr> mac;
+  bool punt = true;  // give the port a TAP on the punt path
+  int line = 0;
+};
+
+enum class RouteType : uint8_t { unicast, blackhole, unreachable, prohibit };
+const char* route_type_name(RouteType t);
+
+struct RouteConfig {
+  Ipv4Prefix prefix;
+  uint32_t via = 0;  // 0: directly connected through `port`
+  std::string port;  // empty: found from `via`
+  RouteType type = RouteType::unicast;
+  int line = 0;
+};
+
+struct NeighborConfig {
+  uint32_t ip = 0;
+  rte_ether_addr mac{};
+  std::string port;
+  int line = 0;
+};
+
+struct Config {
+  std::string path;
+  EalConfig eal;
+  unsigned mbufs = 8191;
+  unsigned mbuf_cache = 256;
+  std::vector<PortConfig> ports;
+  std::vector<RouteConfig> routes;
+  std::vector<NeighborConfig> neighbors;
+  uint16_t burst = 32;
+  uint32_t idle_sleep_us = 0;
+  unsigned punt_ring = 4096;
+  unsigned inject_ring = 4096;
+  // ARP
+  unsigned arp_reachable_s = 300;
+  unsigned arp_retry_ms = 1000;
+  unsigned arp_max_retries = 3;
+  unsigned arp_hold_packets = 8;
+  unsigned arp_max_entries = 4096;
+  // ICMP errors, per source
+  unsigned icmp_rate_pps = 100;
+  unsigned icmp_burst = 20;
+  // punt path
+  bool punt_enabled = true;
+  std::string punt_netns;  // empty: moatd's own namespace
+  // control
+  std::string socket = "/run/moat/moatd.sock";
+  unsigned max_routes = 65536;
+
+  unsigned workers() const { return eal.lcores.size() > 1 ? unsigned(eal.lcores.size() - 1) : 0; }
+  const PortConfig* port(const std::string& name) const;
+};
+
+// Parses and validates `path`. Errors are appended to `errors`; the returned
+// Config holds whatever was valid.
+Config load_config(const std::string& path, std::vector<ConfigError>& errors);
+
+// Parses "a.b.c.d" / "a.b.c.d/len" (host bits of a route prefix must be zero
+// when `strict`). Used by the config and by `moatctl route`.
+std::optional<Ipv4Prefix> parse_prefix(const std::string& s, bool strict, std::string* why);
+std::optional<uint32_t> parse_ipv4(const std::string& s);
+std::string ipv4_str(uint32_t host_order);
+std::string mac_str(const rte_ether_addr& a);
+
+// The EAL argument vector this config asks for (argv[0] included).
+std::vector<std::string> eal_args(const Config& c, const char* argv0);
+
+}  // namespace moat

@@ -1,0 +1,747 @@
+#include "ctrl/control.hh"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <rte_arp.h>
+#include <rte_cycles.h>
+#include <rte_errno.h>
+#include <rte_ethdev.h>
+#include <rte_ip.h>
+#include <rte_lcore.h>
+#include <rte_malloc.h>
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "ctrl/cli_server.hh"
+#include "dataplane/egress.hh"
+
+namespace moat {
+
+using nlohmann::json;
+
+// ---------------------------------------------------------------- routes ---
+
+RouteTable::RouteTable(Tables& t, const Config& c, const std::vector<PortState>& ports)
+    : t_(t), c_(c), ports_(ports), nh_refs_(kMaxNextHops, 0) {
+  // Slot 0 stays unused so a zeroed entry never looks like a valid next hop.
+  for (uint32_t i = kMaxNextHops - 1; i >= 1; i--) nh_free_.push_back(i);
+}
+
+std::string RouteTable::port_name(uint16_t port) const {
+  for (size_t i = 0; i < ports_.size(); i++)
+    if (ports_[i].id == port) return c_.ports[i].name;
+  return fmt::format("port{}", port);
+}
+
+uint32_t RouteTable::intern(NextHop::Kind kind, uint16_t port, uint32_t gw) {
+  auto key = std::make_tuple(uint8_t(kind), port, gw);
+  if (auto it = nh_index_.find(key); it != nh_index_.end()) {
+    nh_refs_[it->second]++;
+    return it->second;
+  }
+  reclaim();
+  if (nh_free_.empty()) return 0;
+  uint32_t idx = nh_free_.back();
+  nh_free_.pop_back();
+  // Written before any LPM entry points at it; rte_lpm_add publishes with
+  // release ordering, so a worker that finds idx sees this entry whole.
+  t_.next_hops[idx] = NextHop{kind, port, gw};
+  nh_index_[key] = idx;
+  nh_refs_[idx] = 1;
+  return idx;
+}
+
+void RouteTable::release(uint32_t idx) {
+  if (--nh_refs_[idx]) return;
+  const NextHop& nh = t_.next_hops[idx];
+  nh_index_.erase(std::make_tuple(uint8_t(nh.kind), nh.port, nh.gw));
+  // A worker may still hold idx from a lookup made before the route went:
+  // reuse the slot only after every worker has passed a quiescent point.
+  nh_deferred_.emplace_back(rte_rcu_qsbr_start(t_.qsbr), idx);
+}
+
+void RouteTable::reclaim() {
+  size_t kept = 0;
+  for (auto& [token, idx] : nh_deferred_) {
+    if (rte_rcu_qsbr_check(t_.qsbr, token, false) == 1) nh_free_.push_back(idx);
+    else nh_deferred_[kept++] = {token, idx};
+  }
+  nh_deferred_.resize(kept);
+}
+
+tl::expected<void, std::string> RouteTable::install(Route r) {
+  auto key = std::make_pair(r.prefix.addr, r.prefix.len);
+  r.nh = intern(r.kind, r.port, r.via);
+  if (!r.nh) return tl::unexpected(std::string("next-hop table full"));
+  if (int rc = rte_lpm_add(t_.lpm, r.prefix.addr, r.prefix.len, r.nh); rc < 0) {
+    release(r.nh);
+    return tl::unexpected(fmt::format("route {}: LPM add failed: {} (table full?)", r.prefix.str(), strerror(-rc)));
+  }
+  if (auto it = routes_.find(key); it != routes_.end()) {
+    release(it->second.nh);
+    it->second = r;
+  } else {
+    routes_.emplace(key, r);
+  }
+  return {};
+}
+
+tl::expected<void, std::string> RouteTable::add(const Ipv4Prefix& p, RouteType type, uint32_t via,
+                                                const std::string& port_name, Origin origin) {
+  Route r;
+  r.prefix = p;
+  r.type = type;
+  r.origin = origin;
+  if (auto it = routes_.find({p.addr, p.len});
+      it != routes_.end() && (it->second.origin == Origin::connected || it->second.origin == Origin::local))
+    return tl::unexpected(fmt::format("route {}: is a connected route owned by port {}", p.str(), RouteTable::port_name(it->second.port)));
+  switch (type) {
+    case RouteType::blackhole: r.kind = NextHop::blackhole; break;
+    case RouteType::unreachable: r.kind = NextHop::unreachable; break;
+    case RouteType::prohibit: r.kind = NextHop::prohibit; break;
+    case RouteType::unicast: {
+      int cfg = -1;
+      if (!port_name.empty()) {
+        for (size_t i = 0; i < c_.ports.size(); i++)
+          if (c_.ports[i].name == port_name) cfg = int(i);
+        if (cfg < 0) return tl::unexpected(fmt::format("route {}: no port named \"{}\"", p.str(), port_name));
+      } else {
+        for (size_t i = 0; i < c_.ports.size(); i++) {
+          auto& a = c_.ports[i].address;
+          if (!a) continue;
+          uint32_t mask = ~uint32_t(0) << (32 - a->len);
+          if ((a->addr & mask) == (via & mask)) cfg = int(i);
+        }
+        if (cfg < 0) return tl::unexpected(fmt::format("route {}: gateway {} is on no port's subnet", p.str(), ipv4_str(via)));
+      }
+      r.port = ports_[cfg].id;
+      r.kind = via ? NextHop::gateway : NextHop::connected;
+      r.via = via;
+      break;
+    }
+  }
+  return install(r);
+}
+
+tl::expected<void, std::string> RouteTable::del(const Ipv4Prefix& p, bool allow_connected) {
+  auto it = routes_.find({p.addr, p.len});
+  if (it == routes_.end()) return tl::unexpected(fmt::format("route {}: no such route", p.str()));
+  if (!allow_connected && (it->second.origin == Origin::connected || it->second.origin == Origin::local))
+    return tl::unexpected(fmt::format("route {}: is a connected route owned by port {}", p.str(), RouteTable::port_name(it->second.port)));
+  // The LPM falls back to the covering prefix atomically: no packet meets a
+  // gap between the old and the less specific route.
+  rte_lpm_delete(t_.lpm, p.addr, p.len);
+  release(it->second.nh);
+  routes_.erase(it);
+  return {};
+}
+
+void RouteTable::add_connected(uint16_t port) {
+  int cfg = -1;
+  for (size_t i = 0; i < ports_.size(); i++)
+    if (ports_[i].id == port) cfg = int(i);
+  if (cfg < 0 || !c_.ports[cfg].address) return;
+  const Ipv4Prefix a = *c_.ports[cfg].address;
+  uint32_t mask = ~uint32_t(0) << (32 - a.len);
+  auto put = [&](Ipv4Prefix p, NextHop::Kind kind, Origin o) {
+    Route r;
+    r.prefix = p;
+    r.kind = kind;
+    r.port = port;
+    r.origin = o;
+    (void)install(r);
+  };
+  put({a.addr & mask, a.len}, NextHop::connected, Origin::connected);
+  put({a.addr, 32}, NextHop::local, Origin::local);
+  if (a.len <= 30) put({(a.addr & mask) | ~mask, 32}, NextHop::local_bcast, Origin::local);
+  put({0xffffffff, 32}, NextHop::local_bcast, Origin::local);
+}
+
+// --------------------------------------------------------------- control ---
+
+Control::Control(Config c) : c_(std::move(c)) {}
+
+Control::~Control() { shutdown(); }
+
+uint64_t Control::now_ms() const {
+  return uint64_t(std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::steady_clock::now().time_since_epoch())
+                      .count());
+}
+
+uint16_t Control::port_id(const std::string& name) const {
+  for (size_t i = 0; i < c_.ports.size(); i++)
+    if (c_.ports[i].name == name) return ports_[i].id;
+  return kNoPort;
+}
+
+tl::expected<void, std::string> Control::start() {
+  tsc_hz_ = rte_get_tsc_hz();
+  unsigned nworkers = c_.workers();
+  if (nworkers == 0) return tl::unexpected(std::string("eal.lcores: no worker lcore"));
+  if (rte_lcore_count() != nworkers + 1)
+    return tl::unexpected(fmt::format("EAL started {} lcores, the config lists {}", rte_lcore_count(), nworkers + 1));
+
+  pool_ = rte_pktmbuf_pool_create("moat_pool", c_.mbufs, c_.mbuf_cache, kMbufPrivSize,
+                                  RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());
+  if (!pool_) return tl::unexpected(fmt::format("mempool of {} mbufs: {} (raise eal.memory_mb?)", c_.mbufs, rte_strerror(rte_errno)));
+  // Fragments reference the original's data through indirect mbufs.
+  indirect_pool_ = rte_pktmbuf_pool_create("moat_indirect", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, 0, rte_socket_id());
+  if (!indirect_pool_) return tl::unexpected(fmt::format("indirect mempool: {}", rte_strerror(rte_errno)));
+
+  port_cfg_.assign(kMaxPorts, -1);
+  for (auto& pc : c_.ports) {
+    PortSetup s;
+    s.name = pc.name;
+    s.device = pc.device;
+    s.rx_queues = pc.rx_queues;
+    s.tx_queues = uint16_t(nworkers);
+    s.rx_ring = pc.rx_ring;
+    s.tx_ring = pc.tx_ring;
+    s.mtu = pc.mtu;
+    s.mac = pc.mac;
+    auto st = port_start(s, pool_);
+    if (!st) return tl::unexpected(st.error());
+    port_cfg_[st->id] = int(ports_.size());
+    ports_.push_back(*st);
+  }
+
+  // RCU: one reader id per worker.
+  size_t qsz = rte_rcu_qsbr_get_memsize(nworkers);
+  tables_.qsbr = static_cast<rte_rcu_qsbr*>(rte_zmalloc("moat_qsbr", qsz, RTE_CACHE_LINE_SIZE));
+  if (!tables_.qsbr || rte_rcu_qsbr_init(tables_.qsbr, nworkers) != 0) return tl::unexpected(std::string("RCU init failed"));
+
+  rte_lpm_config lc{};
+  lc.max_rules = c_.max_routes;
+  lc.number_tbl8s = 1 << 12;
+  tables_.lpm = rte_lpm_create("moat_routes", rte_socket_id(), &lc);
+  if (!tables_.lpm) return tl::unexpected(fmt::format("route table: {} (raise eal.memory_mb: it needs 64 MiB+)", rte_strerror(rte_errno)));
+  rte_lpm_rcu_config lrc{};
+  lrc.v = tables_.qsbr;
+  lrc.mode = RTE_LPM_QSBR_MODE_DQ;
+  if (rte_lpm_rcu_qsbr_add(tables_.lpm, &lrc) != 0) return tl::unexpected(std::string("route table: RCU attach failed"));
+
+  next_hops_ = static_cast<NextHop*>(rte_zmalloc("moat_nh", sizeof(NextHop) * kMaxNextHops, RTE_CACHE_LINE_SIZE));
+  if (!next_hops_) return tl::unexpected(std::string("next-hop table: out of memory"));
+  tables_.next_hops = next_hops_;
+
+  rte_hash_parameters hp{};
+  hp.name = "moat_neigh";
+  hp.entries = std::max(c_.arp_max_entries * 2, 64u);
+  hp.key_len = sizeof(NeighKey);
+  hp.socket_id = int(rte_socket_id());
+  hp.extra_flag = RTE_HASH_EXTRA_FLAGS_RW_CONCURRENCY_LF;
+  tables_.neigh = rte_hash_create(&hp);
+  if (!tables_.neigh) return tl::unexpected(fmt::format("neighbour table: {}", rte_strerror(rte_errno)));
+  rte_hash_rcu_config hrc{};
+  hrc.v = tables_.qsbr;
+  hrc.mode = RTE_HASH_QSBR_MODE_DQ;
+  if (rte_hash_rcu_qsbr_add(tables_.neigh, &hrc) != 0) return tl::unexpected(std::string("neighbour table: RCU attach failed"));
+
+  port_table_ = new PortTable();
+  for (size_t i = 0; i < ports_.size(); i++) {
+    PortInfo& pi = port_table_->port[ports_[i].id];
+    const PortConfig& pc = c_.ports[i];
+    pi.configured = true;
+    pi.mac = ports_[i].mac;
+    if (pc.address) {
+      pi.addr = pc.address->addr;
+      pi.plen = pc.address->len;
+    }
+    pi.mtu = pc.mtu;
+    pi.vlan = pc.vlan;
+    pi.punt = c_.punt_enabled && pc.punt;
+  }
+  tables_.ports.store(port_table_, std::memory_order_release);
+  tables_.punt_enabled = c_.punt_enabled;
+  g_tables = &tables_;
+
+  routes_ = std::make_unique<RouteTable>(tables_, c_, ports_);
+  for (auto& p : ports_) routes_->add_connected(p.id);
+  for (auto& r : c_.routes)
+    if (auto ok = routes_->add(r.prefix, r.type, r.via, r.port, RouteTable::Origin::config); !ok)
+      return tl::unexpected(fmt::format("{}:{}: {}", c_.path, r.line, ok.error()));
+
+  ArpParams ap;
+  ap.reachable_ms = c_.arp_reachable_s * 1000;
+  ap.retry_ms = c_.arp_retry_ms;
+  ap.max_retries = c_.arp_max_retries;
+  ap.hold_packets = c_.arp_hold_packets;
+  ap.max_entries = c_.arp_max_entries;
+  arp_ = std::make_unique<ArpTable>(ap);
+  ArpTable::Actions acts;
+  for (auto& n : c_.neighbors) arp_->add_fixed(NeighKey{n.ip, port_id(n.port)}, n.mac, acts);
+  apply(acts);
+
+  taps_.resize(c_.ports.size());
+  if (c_.punt_enabled) {
+    bool default_route = true;
+    for (size_t i = 0; i < c_.ports.size(); i++) {
+      const PortConfig& pc = c_.ports[i];
+      if (!pc.punt) continue;
+      auto ok = taps_[i].open(pc.name, ports_[i].mac, pc.address ? pc.address->addr : 0,
+                              pc.address ? pc.address->len : 0, pc.mtu, c_.punt_netns, default_route);
+      if (!ok) return tl::unexpected(ok.error());
+      default_route = false;
+    }
+  }
+
+  punt_ring_ = rte_ring_create("moat_punt", rte_align32pow2(c_.punt_ring), rte_socket_id(), RING_F_SC_DEQ);
+  if (!punt_ring_) return tl::unexpected(fmt::format("punt ring: {}", rte_strerror(rte_errno)));
+
+  cli_ = std::make_unique<CliServer>(c_.socket);
+  if (auto ok = cli_->open(); !ok) return tl::unexpected(ok.error());
+  register_cli();
+
+  // Workers: each polls a share of the RX queues and owns TX queue `id` on
+  // every port.
+  unsigned id = 0;
+  unsigned lcore;
+  RTE_LCORE_FOREACH_WORKER(lcore) {
+    auto w = std::make_unique<Worker>();
+    w->id = id;
+    w->lcore = lcore;
+    w->burst = c_.burst;
+    w->idle_sleep_us = c_.idle_sleep_us;
+    w->punt_ring = punt_ring_;
+    w->inject_ring = rte_ring_create(fmt::format("moat_inject{}", id).c_str(), rte_align32pow2(c_.inject_ring),
+                                     rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
+    if (!w->inject_ring) return tl::unexpected(fmt::format("inject ring: {}", rte_strerror(rte_errno)));
+    w->direct_pool = pool_;
+    w->indirect_pool = indirect_pool_;
+    w->stop = &workers_stop_;
+    w->icmp_limiter.configure(c_.icmp_rate_pps, c_.icmp_burst, tsc_hz_);
+    workers_.push_back(std::move(w));
+    id++;
+  }
+  for (auto& p : ports_)
+    for (uint16_t q = 0; q < p.rx_queues; q++) workers_[q % workers_.size()]->rxq.push_back({p.id, q});
+  for (auto& w : workers_)
+    if (rte_eal_remote_launch(worker_main, w.get(), w->lcore) != 0)
+      return tl::unexpected(fmt::format("cannot launch worker on lcore {}", w->lcore));
+  workers_running_ = true;
+
+  // Gratuitous ARP: neighbours replace any stale MAC they had for us.
+  for (size_t i = 0; i < ports_.size(); i++)
+    if (c_.ports[i].address) send_arp(ports_[i].id, RTE_ARP_OP_REQUEST, c_.ports[i].address->addr, {}, {});
+  last_tick_ms_ = now_ms();
+  return {};
+}
+
+void Control::inject(rte_mbuf* m, uint32_t flow_hash) {
+  Worker& w = *workers_[flow_hash % workers_.size()];
+  if (rte_ring_enqueue(w.inject_ring, m) != 0) {
+    count(Drop::punt_full);
+    rte_pktmbuf_free(m);
+  }
+}
+
+void Control::send_arp(uint16_t port, uint16_t op, uint32_t tip, const rte_ether_addr& dst_mac,
+                       const rte_ether_addr& tha) {
+  const PortInfo& pi = tables_.ports.load()->port[port];
+  rte_mbuf* m = rte_pktmbuf_alloc(pool_);
+  if (!m) return;
+  auto* a = reinterpret_cast<rte_arp_hdr*>(rte_pktmbuf_append(m, sizeof(rte_ether_hdr) + sizeof(rte_arp_hdr)) +
+                                           sizeof(rte_ether_hdr));
+  a->arp_hardware = rte_cpu_to_be_16(RTE_ARP_HRD_ETHER);
+  a->arp_protocol = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
+  a->arp_hlen = RTE_ETHER_ADDR_LEN;
+  a->arp_plen = 4;
+  a->arp_opcode = rte_cpu_to_be_16(op);
+  a->arp_data.arp_sha = pi.mac;
+  a->arp_data.arp_sip = rte_cpu_to_be_32(pi.addr);
+  a->arp_data.arp_tha = tha;
+  a->arp_data.arp_tip = rte_cpu_to_be_32(tip);
+  PktMeta& md = meta(m);
+  md = PktMeta{};
+  md.l3_off = sizeof(rte_ether_hdr);
+  md.in_port = kNoPort;
+  md.out_port = port;
+  md.inject = Inject::tx;
+  rte_ether_addr dst = dst_mac;
+  if (rte_is_zero_ether_addr(&dst)) std::memset(dst.addr_bytes, 0xff, 6);
+  write_l2(m, pi, dst, RTE_ETHER_TYPE_ARP);
+  inject(m, tip);
+}
+
+void Control::apply(ArpTable::Actions& acts) {
+  for (auto& a : acts) {
+    switch (a.kind) {
+      case ArpTable::Action::request_broadcast:
+        send_arp(a.key.port, RTE_ARP_OP_REQUEST, a.key.ip, {}, {});
+        break;
+      case ArpTable::Action::request_unicast:
+        send_arp(a.key.port, RTE_ARP_OP_REQUEST, a.key.ip, a.mac, {});
+        break;
+      case ArpTable::Action::publish:
+        // One atomic store of the data pointer: readers see old or new MAC.
+        rte_hash_add_key_data(tables_.neigh, &a.key, reinterpret_cast<void*>(uintptr_t(pack_mac(a.mac))));
+        break;
+      case ArpTable::Action::withdraw:
+        rte_hash_del_key(tables_.neigh, &a.key);
+        break;
+      case ArpTable::Action::release:
+        for (void* p : a.pkts) {
+          auto* m = static_cast<rte_mbuf*>(p);
+          // Through the egress stage, not straight to tx: it may need fragments.
+          meta(m).inject = Inject::egress;
+          inject(m, meta(m).nh_ip);
+        }
+        break;
+      case ArpTable::Action::fail:
+        for (void* p : a.pkts) {
+          // A worker turns it into ICMP host unreachable (rate limit and
+          // RFC 1812 checks live there) and counts the drop.
+          auto* m = static_cast<rte_mbuf*>(p);
+          meta(m).inject = Inject::unreachable;
+          inject(m, meta(m).nh_ip);
+        }
+        break;
+      case ArpTable::Action::drop:
+        for (void* p : a.pkts) {
+          count(std::string_view(a.why) == "arp_table_full" ? Drop::arp_table_full
+                : std::string_view(a.why) == "arp_failed"   ? Drop::arp_failed
+                                                            : Drop::arp_hold_full);
+          rte_pktmbuf_free(static_cast<rte_mbuf*>(p));
+        }
+        break;
+    }
+  }
+  acts.clear();
+}
+
+void Control::arp_input(rte_mbuf* m) {
+  PktMeta& md = meta(m);
+  uint16_t port = md.in_port;
+  const PortInfo& pi = tables_.ports.load()->port[port];
+  auto* a = rte_pktmbuf_mtod_offset(m, rte_arp_hdr*, md.l3_off);
+  if (a->arp_hardware != rte_cpu_to_be_16(RTE_ARP_HRD_ETHER) || a->arp_protocol != rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4) ||
+      a->arp_hlen != 6 || a->arp_plen != 4) {
+    count(Drop::arp_malformed);
+    rte_pktmbuf_free(m);
+    return;
+  }
+  uint16_t op = rte_be_to_cpu_16(a->arp_opcode);
+  uint32_t sip = rte_be_to_cpu_32(a->arp_data.arp_sip);
+  uint32_t tip = rte_be_to_cpu_32(a->arp_data.arp_tip);
+  rte_ether_addr sha = a->arp_data.arp_sha;
+  if ((op != RTE_ARP_OP_REQUEST && op != RTE_ARP_OP_REPLY) || !rte_is_unicast_ether_addr(&sha) || sip == pi.addr) {
+    count(Drop::arp_malformed);
+    rte_pktmbuf_free(m);
+    return;
+  }
+  ArpTable::Actions acts;
+  bool known = sip != 0 && arp_->learn(NeighKey{sip, port}, sha, now_ms(), acts);
+  apply(acts);
+  if (op == RTE_ARP_OP_REQUEST && pi.addr && tip == pi.addr) {
+    // Answer in the same buffer: swap roles, our MAC as the sender.
+    a->arp_opcode = rte_cpu_to_be_16(RTE_ARP_OP_REPLY);
+    a->arp_data.arp_tha = sha;
+    a->arp_data.arp_tip = rte_cpu_to_be_32(sip);
+    a->arp_data.arp_sha = pi.mac;
+    a->arp_data.arp_sip = rte_cpu_to_be_32(pi.addr);
+    md.out_port = port;
+    md.inject = Inject::tx;
+    write_l2(m, pi, sha, RTE_ETHER_TYPE_ARP);
+    inject(m, sip);
+    return;
+  }
+  if (!known) count(op == RTE_ARP_OP_REPLY ? Drop::arp_unsolicited : Drop::arp_not_for_us);
+  rte_pktmbuf_free(m);
+}
+
+void Control::to_tap(rte_mbuf* m) {
+  PktMeta& md = meta(m);
+  int cfg = md.in_port < kMaxPorts ? port_cfg_[md.in_port] : -1;
+  if (cfg < 0 || taps_[cfg].fd() < 0) {
+    count(Drop::punt_no_tap);
+    rte_pktmbuf_free(m);
+    return;
+  }
+  // The kernel side is untagged: drop an 802.1Q tag by moving the MACs.
+  uint8_t frame[RTE_ETHER_MAX_JUMBO_FRAME_LEN];
+  uint32_t len = rte_pktmbuf_pkt_len(m) - md.l3_off;
+  if (len + sizeof(rte_ether_hdr) > sizeof(frame)) {
+    count(Drop::punt_full);
+    rte_pktmbuf_free(m);
+    return;
+  }
+  auto* eth = reinterpret_cast<rte_ether_hdr*>(frame);
+  std::memcpy(eth, rte_pktmbuf_mtod(m, void*), 12);
+  eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
+  rte_pktmbuf_read(m, md.l3_off, len, frame + sizeof(rte_ether_hdr));
+  const void* data = rte_pktmbuf_read(m, md.l3_off, len, frame + sizeof(rte_ether_hdr));
+  if (data != frame + sizeof(rte_ether_hdr)) std::memcpy(frame + sizeof(rte_ether_hdr), data, len);
+  if (write(taps_[cfg].fd(), frame, len + sizeof(rte_ether_hdr)) < 0) count(Drop::punt_full);
+  else tap_tx_++;
+  rte_pktmbuf_free(m);
+}
+
+void Control::from_taps() {
+  const PortTable& pt = *tables_.ports.load();
+  for (size_t i = 0; i < taps_.size(); i++) {
+    int fd = taps_[i].fd();
+    if (fd < 0) continue;
+    for (int k = 0; k < 64; k++) {
+      rte_mbuf* m = rte_pktmbuf_alloc(pool_);
+      if (!m) return;
+      char* buf = rte_pktmbuf_mtod(m, char*);
+      ssize_t n = read(fd, buf, rte_pktmbuf_tailroom(m));
+      if (n <= 0) {
+        rte_pktmbuf_free(m);
+        break;
+      }
+      m->data_len = m->pkt_len = uint32_t(n);
+      auto* eth = reinterpret_cast<rte_ether_hdr*>(buf);
+      if (n < int(sizeof(rte_ether_hdr) + sizeof(rte_ipv4_hdr)) || eth->ether_type != rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4)) {
+        rte_pktmbuf_free(m);  // IPv6 or ARP noise from the kernel: Moat owns ARP
+        continue;
+      }
+      tap_rx_++;
+      auto* ip = reinterpret_cast<rte_ipv4_hdr*>(eth + 1);
+      uint32_t dst = rte_be_to_cpu_32(ip->dst_addr);
+      PktMeta& md = meta(m);
+      md = PktMeta{};
+      md.l3_off = sizeof(rte_ether_hdr);
+      md.in_port = kNoPort;
+      md.generated = 1;  // locally originated: no TTL decrement, no ICMP errors about it
+      const PortInfo& pi = pt.port[ports_[i].id];
+      uint32_t mask = pi.plen ? ~uint32_t(0) << (32 - pi.plen) : 0;
+      bool bcast = dst == 0xffffffff || (pi.addr && pi.plen <= 30 && dst == ((pi.addr & mask) | ~mask));
+      if (bcast) {
+        // A local service broadcasting (DHCP offers): out of its own port only.
+        rte_ether_addr all;
+        std::memset(all.addr_bytes, 0xff, 6);
+        md.out_port = ports_[i].id;
+        md.inject = Inject::tx;
+        write_l2(m, pi, all, RTE_ETHER_TYPE_IPV4);
+      } else {
+        md.inject = Inject::route;
+      }
+      inject(m, dst);
+    }
+  }
+}
+
+void Control::handle_punted(rte_mbuf* m) {
+  PktMeta& md = meta(m);
+  switch (md.punt) {
+    case Punt::arp:
+      arp_input(m);
+      return;
+    case Punt::local:
+    case Punt::broadcast:
+      to_tap(m);
+      return;
+    case Punt::resolve: {
+      ArpTable::Actions acts;
+      arp_->resolve(NeighKey{md.nh_ip, md.out_port}, m, now_ms(), acts);
+      apply(acts);
+      return;
+    }
+    default:
+      count(Drop::inject_bad);
+      rte_pktmbuf_free(m);
+  }
+}
+
+void Control::run(const std::atomic<bool>& stop) {
+  std::vector<pollfd> fds;
+  while (!stop.load()) {
+    fds.clear();
+    fds.push_back(pollfd{cli_->fd(), POLLIN, 0});
+    for (auto& t : taps_)
+      if (t.fd() >= 0) fds.push_back(pollfd{t.fd(), POLLIN, 0});
+    // The punt ring has no file descriptor: wake every millisecond for it.
+    poll(fds.data(), fds.size(), 1);
+    cli_->poll_once();
+    from_taps();
+    rte_mbuf* pkts[256];
+    unsigned n;
+    while ((n = rte_ring_dequeue_burst(punt_ring_, reinterpret_cast<void**>(pkts), 256, nullptr)) > 0)
+      for (unsigned i = 0; i < n; i++) handle_punted(pkts[i]);
+    uint64_t now = now_ms();
+    if (now - last_tick_ms_ >= 10) {
+      last_tick_ms_ = now;
+      ArpTable::Actions acts;
+      arp_->tick(now, acts);
+      apply(acts);
+      routes_->reclaim();
+    }
+  }
+}
+
+void Control::shutdown() {
+  if (workers_running_) {
+    workers_stop_.store(true);
+    rte_eal_mp_wait_lcore();
+    workers_running_ = false;
+  }
+  for (auto& p : ports_) {
+    rte_eth_dev_stop(p.id);
+    rte_eth_dev_close(p.id);
+  }
+  ports_.clear();
+  cli_.reset();
+}
+
+// ------------------------------------------------------------------ views ---
+
+json Control::show_interfaces() const {
+  json out = json::array();
+  const PortTable& pt = *tables_.ports.load();
+  for (size_t i = 0; i < ports_.size(); i++) {
+    const PortConfig& pc = c_.ports[i];
+    const PortInfo& pi = pt.port[ports_[i].id];
+    rte_eth_stats st{};
+    rte_eth_stats_get(ports_[i].id, &st);
+    rte_eth_link link{};
+    rte_eth_link_get_nowait(ports_[i].id, &link);
+    json o = json::object();
+    o["name"] = pc.name;
+    o["port"] = ports_[i].id;
+    o["device"] = pc.device;
+    o["mac"] = mac_str(pi.mac);
+    o["address"] = pc.address ? pc.address->str() : "";
+    o["mtu"] = pi.mtu;
+    o["link"] = link.link_status ? "up" : "down";
+    o["rx_queues"] = ports_[i].rx_queues;
+    o["rx_packets"] = st.ipackets;
+    o["tx_packets"] = st.opackets;
+    o["rx_bytes"] = st.ibytes;
+    o["tx_bytes"] = st.obytes;
+    o["rx_missed"] = st.imissed;
+    o["punt_tap"] = taps_.size() > i && taps_[i].fd() >= 0 ? taps_[i].name() : "";
+    out.push_back(o);
+  }
+  return out;
+}
+
+json Control::show_routes() const {
+  static const char* origin[] = {"connected", "local", "config", "cli"};
+  json out = json::array();
+  for (auto& [k, r] : routes_->routes()) {
+    if (r.origin == RouteTable::Origin::local) continue;
+    json o = json::object();
+    o["prefix"] = r.prefix.str();
+    o["via"] = r.via ? ipv4_str(r.via) : "";
+    o["port"] = r.kind == NextHop::connected || r.kind == NextHop::gateway ? routes_->port_name(r.port) : "";
+    o["type"] = route_type_name(r.type);
+    o["origin"] = origin[int(r.origin)];
+    out.push_back(o);
+  }
+  return out;
+}
+
+json Control::show_neighbors() const {
+  json out = json::array();
+  uint64_t now = now_ms();
+  for (auto& [k, e] : arp_->entries()) {
+    json o = json::object();
+    o["ip"] = ipv4_str(k.ip);
+    o["mac"] = e.state == ArpTable::State::incomplete ? "" : mac_str(e.mac);
+    o["port"] = routes_->port_name(k.port);
+    o["state"] = arp_state_name(e.state);
+    o["age_s"] = e.confirmed_ms ? (now - e.confirmed_ms) / 1000 : 0;
+    o["held"] = e.held.size();
+    out.push_back(o);
+  }
+  return out;
+}
+
+json Control::show_stats() const {
+  json out = json::object();
+  out["ports"] = show_interfaces();
+  json workers = json::array();
+  json drops = json::array();
+  auto add_drops = [&](const WorkerStats& s, const std::string& who) {
+    for (unsigned d = 0; d < kDropCount; d++) {
+      uint64_t v = s.drops[d].load();
+      if (!v) continue;
+      json o = json::object();
+      o["reason"] = kDropNames[d];
+      o["worker"] = who;
+      o["count"] = v;
+      o["what"] = kDropWhat[d];
+      drops.push_back(o);
+    }
+  };
+  for (auto& w : workers_) {
+    json o = json::object();
+    o["worker"] = w->id;
+    o["lcore"] = w->lcore;
+    o["rx"] = w->stats.rx.load();
+    o["tx"] = w->stats.tx.load();
+    o["punted"] = w->stats.punted.load();
+    o["injected"] = w->stats.injected.load();
+    o["icmp_sent"] = w->stats.icmp_sent.load();
+    o["fragments"] = w->stats.fragments.load();
+    uint64_t dropped = 0;
+    for (unsigned d = 0; d < kDropCount; d++) dropped += w->stats.drops[d].load();
+    o["dropped"] = dropped;
+    workers.push_back(o);
+    add_drops(w->stats, std::to_string(w->id));
+  }
+  add_drops(ctrl_stats_, "control");
+  out["workers"] = workers;
+  out["drops"] = drops;
+  json punt = json::object();
+  punt["to_kernel"] = tap_tx_;
+  punt["from_kernel"] = tap_rx_;
+  out["punt"] = punt;
+  return out;
+}
+
+void Control::register_cli() {
+  cli_->on("show interfaces", [this](const std::vector<std::string>&) { return show_interfaces(); });
+  cli_->on("show routes", [this](const std::vector<std::string>&) { return show_routes(); });
+  cli_->on("show neighbors", [this](const std::vector<std::string>&) { return show_neighbors(); });
+  cli_->on("show stats", [this](const std::vector<std::string>&) { return show_stats(); });
+  cli_->on("route add", [this](const std::vector<std::string>& a) {
+    // route add PREFIX (via GW)? (port NAME)? (type T)?
+    if (a.empty()) throw CliError("usage: route add PREFIX [via GW] [port NAME] [type unicast|blackhole|unreachable|prohibit]");
+    std::string why;
+    auto p = parse_prefix(a[0], true, &why);
+    if (!p) throw CliError("route add: " + why);
+    uint32_t via = 0;
+    std::string port;
+    RouteType type = RouteType::unicast;
+    for (size_t i = 1; i + 1 < a.size() + 1; i += 2) {
+      if (i + 1 >= a.size()) throw CliError(fmt::format("route add: \"{}\" needs a value", a[i]));
+      const std::string& k = a[i];
+      const std::string& v = a[i + 1];
+      if (k == "via") {
+        auto g = parse_ipv4(v);
+        if (!g) throw CliError(fmt::format("route add: \"{}\" is not an IPv4 address", v));
+        via = *g;
+      } else if (k == "port") {
+        port = v;
+      } else if (k == "type") {
+        if (v == "unicast") type = RouteType::unicast;
+        else if (v == "blackhole") type = RouteType::blackhole;
+        else if (v == "unreachable") type = RouteType::unreachable;
+        else if (v == "prohibit") type = RouteType::prohibit;
+        else throw CliError(fmt::format("route add: unknown type \"{}\"", v));
+      } else {
+        throw CliError(fmt::format("route add: unknown word \"{}\" (expected via, port or type)", k));
+      }
+    }
+    if (type == RouteType::unicast && !via && port.empty()) throw CliError("route add: needs via GW or port NAME");
+    if (auto ok = routes_->add(*p, type, via, port, RouteTable::Origin::cli); !ok) throw CliError(ok.error());
+    return json{{"added", p->str()}};
+  });
+  cli_->on("route del", [this](const std::vector<std::string>& a) {
+    if (a.size() != 1) throw CliError("usage: route del PREFIX");
+    std::string why;
+    auto p = parse_prefix(a[0], true, &why);
+    if (!p) throw CliError("route del: " + why);
+    if (auto ok = routes_->del(*p); !ok) throw CliError(ok.error());
+    return json{{"deleted", p->str()}};
+  });
+}
+
+}  // namespace moat

@@ -1,0 +1,121 @@
+#pragma once
+// The control thread: owns the configuration, every table the workers read,
+// the ARP cache, the punt path and the statistics. It runs on the EAL main
+// lcore in one event loop; workers run on the other lcores.
+#include <rte_mempool.h>
+#include <rte_ring.h>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <tl/expected.hpp>
+
+#include "ctrl/arp.hh"
+#include "ctrl/config.hh"
+#include "ctrl/punt.hh"
+#include "dataplane/port.hh"
+#include "dataplane/worker.hh"
+
+namespace moat {
+
+class CliServer;
+
+// Routes as the operator sees them; mirrored into the workers' rte_lpm.
+class RouteTable {
+ public:
+  enum class Origin : uint8_t { connected, local, config, cli };
+  struct Route {
+    Ipv4Prefix prefix;
+    RouteType type = RouteType::unicast;
+    NextHop::Kind kind = NextHop::gateway;
+    uint32_t via = 0;
+    uint16_t port = 0;
+    Origin origin = Origin::config;
+    uint32_t nh = 0;
+  };
+
+  RouteTable(Tables& t, const Config& c, const std::vector<PortState>& ports);
+  // Adds or replaces a route. `port_name` may be empty when `via` is on a
+  // connected subnet. Replacing keeps forwarding: the LPM entry is updated
+  // in place, readers see the old or the new next hop.
+  tl::expected<void, std::string> add(const Ipv4Prefix& p, RouteType type, uint32_t via,
+                                      const std::string& port_name, Origin origin);
+  tl::expected<void, std::string> del(const Ipv4Prefix& p, bool allow_connected = false);
+  void add_connected(uint16_t port);
+  void reclaim();  // next-hop slots whose grace period has passed become free
+  const std::map<std::pair<uint32_t, uint8_t>, Route>& routes() const { return routes_; }
+  std::string port_name(uint16_t port) const;
+
+ private:
+  uint32_t intern(NextHop::Kind kind, uint16_t port, uint32_t gw);
+  void release(uint32_t idx);
+  tl::expected<void, std::string> install(Route r);
+
+  Tables& t_;
+  const Config& c_;
+  const std::vector<PortState>& ports_;
+  std::map<std::pair<uint32_t, uint8_t>, Route> routes_;
+  std::map<std::tuple<uint8_t, uint16_t, uint32_t>, uint32_t> nh_index_;
+  std::vector<uint32_t> nh_refs_;
+  std::vector<uint32_t> nh_free_;
+  std::vector<std::pair<uint64_t, uint32_t>> nh_deferred_;  // (RCU token, slot)
+};
+
+class Control {
+ public:
+  explicit Control(Config c);
+  ~Control();
+  // Builds pools, ports, tables, rings, TAPs and launches the workers.
+  // Call after rte_eal_init.
+  tl::expected<void, std::string> start();
+  // The event loop; returns when `stop` becomes true.
+  void run(const std::atomic<bool>& stop);
+  // Stops workers, stops and closes ports (flushing pcap output).
+  void shutdown();
+
+  nlohmann::json show_interfaces() const;
+  nlohmann::json show_routes() const;
+  nlohmann::json show_neighbors() const;
+  nlohmann::json show_stats() const;
+
+ private:
+  uint64_t now_ms() const;
+  void handle_punted(rte_mbuf* m);
+  void arp_input(rte_mbuf* m);
+  void to_tap(rte_mbuf* m);
+  void from_taps();
+  void apply(ArpTable::Actions& acts);
+  void send_arp(uint16_t port, uint16_t op, uint32_t tip, const rte_ether_addr& dst_mac, const rte_ether_addr& tha);
+  void inject(rte_mbuf* m, uint32_t flow_hash);
+  void count(Drop why, uint64_t n = 1) { ctrl_stats_.drops[static_cast<unsigned>(why)].add(n); }
+  void register_cli();
+  uint16_t port_id(const std::string& name) const;
+
+  Config c_;
+  rte_mempool* pool_ = nullptr;
+  rte_mempool* indirect_pool_ = nullptr;
+  std::vector<PortState> ports_;          // index: position in c_.ports
+  std::vector<int> port_cfg_;             // port id -> index in c_.ports, -1 if none
+  Tables tables_;
+  NextHop* next_hops_ = nullptr;
+  PortTable* port_table_ = nullptr;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::atomic<bool> workers_stop_{false};
+  bool workers_running_ = false;
+  rte_ring* punt_ring_ = nullptr;
+  std::unique_ptr<RouteTable> routes_;
+  std::unique_ptr<ArpTable> arp_;
+  std::vector<PuntTap> taps_;             // index: position in c_.ports (fd -1 when none)
+  std::unique_ptr<CliServer> cli_;
+  WorkerStats ctrl_stats_;                // drops the control thread counts
+  uint64_t tap_rx_ = 0, tap_tx_ = 0;
+  uint64_t tsc_hz_ = 0;
+  uint64_t last_tick_ms_ = 0;
+};
+
+}  // namespace moat

@@ -1,0 +1,122 @@
+// Stage egress: neighbour MAC, fragmentation of oversized non-DF packets,
+// Ethernet header, into the per-port transmit buffer.
+#include <rte_ethdev.h>
+#include <rte_ip.h>
+#include <rte_ip_frag.h>
+
+#include "dataplane/egress.hh"
+#include "dataplane/worker.hh"
+
+namespace moat {
+
+bool write_l2(rte_mbuf* m, const PortInfo& out, const rte_ether_addr& dst, uint16_t ethertype) {
+  PktMeta& md = meta(m);
+  uint16_t want = out.vlan ? sizeof(rte_ether_hdr) + sizeof(rte_vlan_hdr) : sizeof(rte_ether_hdr);
+  if (md.l3_off > want) {
+    rte_pktmbuf_adj(m, md.l3_off - want);
+  } else if (md.l3_off < want) {
+    if (!rte_pktmbuf_prepend(m, want - md.l3_off)) return false;
+  }
+  md.l3_off = want;
+  auto* eth = rte_pktmbuf_mtod(m, rte_ether_hdr*);
+  eth->dst_addr = dst;
+  eth->src_addr = out.mac;
+  if (out.vlan) {
+    eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_VLAN);
+    auto* vh = reinterpret_cast<rte_vlan_hdr*>(eth + 1);
+    vh->vlan_tci = rte_cpu_to_be_16(out.vlan);
+    vh->eth_proto = rte_cpu_to_be_16(ethertype);
+  } else {
+    eth->ether_type = rte_cpu_to_be_16(ethertype);
+  }
+  return true;
+}
+
+void tx_enqueue(Worker& w, uint16_t port, rte_mbuf* m) {
+  TxBuffer& tb = w.tx[port];
+  tb.pkts[tb.n++] = m;
+  if (tb.n == TxBuffer::kSize) {
+    uint16_t sent = rte_eth_tx_burst(port, w.id, tb.pkts, tb.n);
+    w.stats.tx.add(sent);
+    for (uint16_t i = sent; i < tb.n; i++) w.drop(tb.pkts[i], Drop::tx_full);
+    tb.n = 0;
+  }
+}
+
+void tx_flush(Worker& w) {
+  for (uint16_t p = 0; p < kMaxPorts; p++) {
+    TxBuffer& tb = w.tx[p];
+    if (!tb.n) continue;
+    uint16_t sent = rte_eth_tx_burst(p, w.id, tb.pkts, tb.n);
+    w.stats.tx.add(sent);
+    for (uint16_t i = sent; i < tb.n; i++) w.drop(tb.pkts[i], Drop::tx_full);
+    tb.n = 0;
+  }
+}
+
+namespace {
+
+// Splits a non-DF packet larger than the egress MTU (RFC 791) with DPDK's
+// fragmenter, which wants the mbuf to start at the IPv4 header.
+void fragment_and_send(Worker& w, const PortInfo& out, uint16_t port, rte_mbuf* m,
+                       const rte_ether_addr& dst) {
+  constexpr uint16_t kMaxFrags = 64;  // 9000-byte jumbo into 576-byte MTU needs 17
+  rte_mbuf* frags[kMaxFrags];
+  rte_pktmbuf_adj(m, meta(m).l3_off);
+  int n = rte_ipv4_fragment_packet(m, frags, kMaxFrags, out.mtu, w.direct_pool, w.indirect_pool);
+  rte_pktmbuf_free(m);
+  if (n < 0) {
+    w.stats.drops[static_cast<unsigned>(Drop::frag_failed)].add();
+    return;
+  }
+  for (int i = 0; i < n; i++) {
+    rte_mbuf* f = frags[i];
+    // The fragmenter leaves the header checksum to offload; no vdev has it.
+    auto* ip = rte_pktmbuf_mtod(f, rte_ipv4_hdr*);
+    ip->hdr_checksum = 0;
+    ip->hdr_checksum = rte_ipv4_cksum(ip);
+    PktMeta& fm = meta(f);
+    fm = PktMeta{};
+    fm.l3_off = 0;
+    fm.in_port = kNoPort;
+    if (!write_l2(f, out, dst, RTE_ETHER_TYPE_IPV4)) { w.drop(f, Drop::frag_failed); continue; }
+    w.stats.fragments.add();
+    tx_enqueue(w, port, f);
+  }
+}
+
+}  // namespace
+
+void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+  NeighKey keys[kMaxBurst];
+  const void* key_ptrs[kMaxBurst];
+  void* data[kMaxBurst];
+  uint64_t hits = 0;
+  for (uint16_t i = 0; i < b.n; i++) {
+    const PktMeta& md = meta(b.pkts[i]);
+    keys[i] = NeighKey{md.nh_ip, md.out_port};
+    key_ptrs[i] = &keys[i];
+  }
+  if (b.n) rte_hash_lookup_bulk_data(t.neigh, key_ptrs, b.n, &hits, data);
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    if (!(hits & (uint64_t(1) << i))) {
+      md.punt = Punt::resolve;
+      w.punt.push(m);
+      continue;
+    }
+    rte_ether_addr dst = unpack_mac(reinterpret_cast<uintptr_t>(data[i]));
+    const PortInfo& out = pt.port[md.out_port];
+    auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+    if (rte_be_to_cpu_16(ip->total_length) > out.mtu) {
+      fragment_and_send(w, out, md.out_port, m, dst);
+      continue;
+    }
+    if (!write_l2(m, out, dst, RTE_ETHER_TYPE_IPV4)) { w.drop(m, Drop::inject_bad); continue; }
+    tx_enqueue(w, md.out_port, m);
+  }
+  b.n = 0;
+}
+
+}  // namespace moat

@@ -1,0 +1,89 @@
+#pragma once
+// The tables workers read. Owner: the control thread (ctrl/control.cc) is the
+// only writer; workers only read. Update protocol per table:
+//  - lpm (routes): rte_lpm with its RCU hook (rte_lpm_rcu_qsbr_add); the
+//    control thread adds/deletes in place, lookups stay lock-free and see the
+//    old or the new next hop, never a torn one.
+//  - next_hops: fixed array indexed by the LPM's next-hop value. An entry is
+//    written before any route refers to it and reused only after an RCU grace
+//    period following the last route's removal.
+//  - neigh (ARP cache): rte_hash with lock-free reader/writer concurrency and
+//    its RCU hook; the value is the MAC packed in the data pointer, replaced
+//    with one atomic store.
+//  - ports: immutable PortTable snapshot, swapped whole (address changes),
+//    freed after a grace period.
+// Workers report a quiescent state on `qsbr` once per loop iteration.
+#include <rte_ether.h>
+#include <rte_hash.h>
+#include <rte_lpm.h>
+#include <rte_rcu_qsbr.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace moat {
+
+inline constexpr uint32_t kMaxNextHops = 1u << 16;
+inline constexpr uint16_t kMaxPorts = RTE_MAX_ETHPORTS;
+
+struct NextHop {
+  enum Kind : uint8_t {
+    unused = 0,
+    connected,    // destination is on the link: resolve the destination itself
+    gateway,      // resolve `gw`
+    local,        // one of our unicast addresses
+    local_bcast,  // limited or directed broadcast of one of our subnets
+    blackhole,    // drop silently
+    unreachable,  // drop, ICMP net unreachable
+    prohibit,     // drop, ICMP communication administratively prohibited
+  };
+  Kind kind = unused;
+  uint16_t port = 0;  // egress port (connected/gateway), owning port (local)
+  uint32_t gw = 0;    // host order
+};
+
+struct PortInfo {
+  bool configured = false;
+  rte_ether_addr mac{};
+  uint32_t addr = 0;  // host order; 0 = no address
+  uint8_t plen = 0;
+  uint16_t mtu = 1500;
+  uint16_t vlan = 0;  // 0: untagged
+  bool punt = false;  // has a TAP on the punt path
+};
+
+struct PortTable {
+  PortInfo port[kMaxPorts];
+};
+
+// Key of the neighbour hash: (egress port, IPv4 host order).
+struct NeighKey {
+  uint32_t ip;
+  uint16_t port;
+  uint16_t zero_ = 0;
+};
+static_assert(sizeof(NeighKey) == 8);
+
+// A neighbour's MAC packed into the hash's data pointer. Bit 48 marks it valid
+// so a MAC of all zeroes is still distinguishable from "no entry".
+inline uint64_t pack_mac(const rte_ether_addr& a) {
+  uint64_t v = 0;
+  for (int i = 0; i < 6; i++) v |= uint64_t(a.addr_bytes[i]) << (8 * i);
+  return v | (uint64_t(1) << 48);
+}
+inline rte_ether_addr unpack_mac(uint64_t v) {
+  rte_ether_addr a;
+  for (int i = 0; i < 6; i++) a.addr_bytes[i] = uint8_t(v >> (8 * i));
+  return a;
+}
+
+struct Tables {
+  rte_lpm* lpm = nullptr;
+  NextHop* next_hops = nullptr;  // kMaxNextHops entries
+  rte_hash* neigh = nullptr;
+  std::atomic<const PortTable*> ports{nullptr};
+  rte_rcu_qsbr* qsbr = nullptr;
+  bool punt_enabled = false;
+};
+
+}  // namespace moat

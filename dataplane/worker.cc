@@ -1,0 +1,116 @@
+// The worker loop: the packet's way through Moat, top to bottom.
+#include "dataplane/worker.hh"
+
+#include <rte_cycles.h>
+#include <rte_ethdev.h>
+
+#include "dataplane/egress.hh"
+
+namespace moat {
+
+Tables* g_tables = nullptr;
+
+void punt_flush(Worker& w) {
+  if (!w.punt.n) return;
+  unsigned sent = rte_ring_enqueue_burst(w.punt_ring, reinterpret_cast<void**>(w.punt.pkts), w.punt.n, nullptr);
+  w.stats.punted.add(sent);
+  for (unsigned i = sent; i < w.punt.n; i++) w.drop(w.punt.pkts[i], Drop::punt_full);
+  w.punt.n = 0;
+}
+
+// Echo replies and ICMP errors made while processing a burst take the same
+// way out as transit packets; they cannot generate further packets.
+static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
+  if (!w.generated.n) return;
+  Burst g = w.generated;
+  w.generated.n = 0;
+  route(w, t, pt, g);
+  egress(w, t, pt, g);
+}
+
+void process_burst(Worker& w, const Tables& t, Burst& b) {
+  const PortTable& pt = *t.ports.load(std::memory_order_acquire);
+  parse(w, pt, b);
+  route(w, t, pt, b);
+  local_deliver(w, t, pt, w.local);
+  egress(w, t, pt, b);
+  route_generated(w, t, pt);
+  punt_flush(w);
+}
+
+// Packets from the control thread: complete frames (ARP), held packets whose
+// next hop now has a MAC, and IPv4 from local services to be routed.
+static unsigned process_inject(Worker& w, const Tables& t) {
+  rte_mbuf* pkts[kMaxBurst];
+  unsigned n = rte_ring_dequeue_burst(w.inject_ring, reinterpret_cast<void**>(pkts), w.burst, nullptr);
+  if (!n) return 0;
+  w.stats.injected.add(n);
+  const PortTable& pt = *t.ports.load(std::memory_order_acquire);
+  Burst to_route, to_egress;
+  for (unsigned i = 0; i < n; i++) {
+    rte_mbuf* m = pkts[i];
+    PktMeta& md = meta(m);
+    switch (md.inject) {
+      case Inject::tx:
+        if (md.out_port >= kMaxPorts || !pt.port[md.out_port].configured) { w.drop(m, Drop::inject_bad); break; }
+        tx_enqueue(w, md.out_port, m);
+        break;
+      case Inject::route:
+        to_route.push(m);
+        break;
+      case Inject::egress:
+        if (md.out_port >= kMaxPorts || !pt.port[md.out_port].configured) { w.drop(m, Drop::inject_bad); break; }
+        to_egress.push(m);
+        break;
+      case Inject::unreachable:
+        send_icmp_error(w, pt, m, Drop::arp_failed, kIcmpUnreach, kUnreachHost);
+        break;
+      default:
+        w.drop(m, Drop::inject_bad);
+        break;
+    }
+  }
+  route(w, t, pt, to_route);
+  local_deliver(w, t, pt, w.local);
+  egress(w, t, pt, to_route);
+  egress(w, t, pt, to_egress);
+  route_generated(w, t, pt);
+  punt_flush(w);
+  return n;
+}
+
+int worker_main(void* arg) {
+  Worker& w = *static_cast<Worker*>(arg);
+  const Tables& t = *g_tables;
+  rte_rcu_qsbr_thread_register(t.qsbr, w.id);
+  rte_rcu_qsbr_thread_online(t.qsbr, w.id);
+  unsigned idle = 0;
+  Burst b;
+  while (!w.stop->load(std::memory_order_relaxed)) {
+    w.now_tsc = rte_rdtsc();
+    unsigned work = 0;
+    for (const RxQueue& q : w.rxq) {
+      b.n = rte_eth_rx_burst(q.port, q.queue, b.pkts, w.burst);
+      if (!b.n) continue;
+      work += b.n;
+      w.stats.rx.add(b.n);
+      process_burst(w, t, b);
+    }
+    work += process_inject(w, t);
+    tx_flush(w);
+    rte_rcu_qsbr_quiescent(t.qsbr, w.id);
+    // Labs and edge boxes share cores: after a run of empty polls, nap.
+    if (work) {
+      idle = 0;
+    } else if (w.idle_sleep_us && ++idle > 64) {
+      rte_rcu_qsbr_thread_offline(t.qsbr, w.id);
+      rte_delay_us_sleep(w.idle_sleep_us);
+      rte_rcu_qsbr_thread_online(t.qsbr, w.id);
+    }
+  }
+  rte_rcu_qsbr_thread_offline(t.qsbr, w.id);
+  rte_rcu_qsbr_thread_unregister(t.qsbr, w.id);
+  return 0;
+}
+
+}  // namespace moat

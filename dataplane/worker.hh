@@ -1,0 +1,85 @@
+#pragma once
+// A worker: one poll-mode lcore running packets to completion.
+// Owner: its lcore. The control thread reads `stats` (relaxed counters) and
+// writes nothing here after start except through the inject ring.
+#include <rte_ring.h>
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "dataplane/drop.hh"
+#include "dataplane/icmp.hh"
+#include "dataplane/packet.hh"
+#include "dataplane/tables.hh"
+
+struct rte_mempool;
+
+namespace moat {
+
+struct RxQueue {
+  uint16_t port;
+  uint16_t queue;
+};
+
+struct alignas(64) WorkerStats {
+  Counter rx, tx, punted, injected, icmp_sent, fragments;
+  Counter drops[kDropCount];
+};
+
+struct TxBuffer {
+  static constexpr uint16_t kSize = 2 * kMaxBurst;
+  rte_mbuf* pkts[kSize];
+  uint16_t n = 0;
+};
+
+struct Worker {
+  unsigned id = 0;     // RCU thread id and tx queue index on every port
+  unsigned lcore = 0;
+  std::vector<RxQueue> rxq;
+  uint16_t burst = 32;
+  uint32_t idle_sleep_us = 0;
+  rte_ring* punt_ring = nullptr;    // to the control thread (multi-producer)
+  rte_ring* inject_ring = nullptr;  // from the control thread (single consumer: us)
+  rte_mempool* direct_pool = nullptr;
+  rte_mempool* indirect_pool = nullptr;
+  const std::atomic<bool>* stop = nullptr;
+
+  WorkerStats stats;
+  IcmpLimiter icmp_limiter;
+  uint64_t now_tsc = 0;   // sampled once per loop iteration
+  Burst generated;        // echo replies and ICMP errors awaiting routing
+  Burst local;            // packets for our own addresses
+  Burst punt;             // to the control thread, flushed once per burst
+  TxBuffer tx[kMaxPorts];
+
+  void drop(rte_mbuf* m, Drop why) {
+    stats.drops[static_cast<unsigned>(why)].add();
+    rte_pktmbuf_free(m);
+  }
+};
+
+// Stages, in the order the worker loop calls them. Each takes a burst, keeps
+// the packets it passes on in order, and drops only through Worker::drop.
+void parse(Worker& w, const PortTable& pt, Burst& b);                // L2/L3 validation
+void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b);  // LPM, TTL
+void local_deliver(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
+void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b);  // ARP, MTU, L2
+void tx_flush(Worker& w);
+void punt_flush(Worker& w);
+
+// Hands an ICMP error for `m` to the generated burst, or drops `m` with `why`
+// when RFC 1812 or the rate limit says no error may be sent.
+void send_icmp_error(Worker& w, const PortTable& pt, rte_mbuf* m, Drop why, uint8_t type,
+                     uint8_t code, uint16_t mtu = 0);
+
+// Processes one received (or injected-for-routing) burst to the tx buffers.
+void process_burst(Worker& w, const Tables& t, Burst& b);
+
+// The lcore entry point (rte_eal_remote_launch); returns when *stop is set.
+int worker_main(void* worker);
+
+// The tables every worker reads; set once by the control thread before launch.
+extern Tables* g_tables;
+
+}  // namespace moat
