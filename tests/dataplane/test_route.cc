@@ -1,0 +1,187 @@
+// Stage route with the control thread's RouteTable: longest prefix wins,
+// connected and local routes, route types, TTL handling with a checksum
+// verified independently, and deletion falling back to the covering route.
+#include <gtest/gtest.h>
+#include <rte_malloc.h>
+
+#include <memory>
+
+#include "ctrl/control.hh"
+#include "tests/test_util.hh"
+
+using namespace moat;
+using namespace moat::test;
+
+namespace {
+
+rte_mempool* pool() {
+  static rte_mempool* mp = rte_pktmbuf_pool_create("route_test", 1023, 0, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE, 0);
+  return mp;
+}
+
+struct RouteTest : testing::Test {
+  Tables t;
+  Config c;
+  std::vector<PortState> ports;
+  std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
+  std::unique_ptr<Worker> w = std::make_unique<Worker>();
+  std::unique_ptr<RouteTable> rt;
+  static inline int gen = 0;
+
+  void SetUp() override {
+    size_t sz = rte_rcu_qsbr_get_memsize(1);
+    t.qsbr = static_cast<rte_rcu_qsbr*>(rte_zmalloc(nullptr, sz, 64));
+    rte_rcu_qsbr_init(t.qsbr, 1);
+    rte_lpm_config lc{};
+    lc.max_rules = 1024;
+    lc.number_tbl8s = 256;
+    t.lpm = rte_lpm_create(("rt_test" + std::to_string(gen++)).c_str(), 0, &lc);
+    ASSERT_NE(t.lpm, nullptr);
+    t.next_hops = static_cast<NextHop*>(rte_zmalloc(nullptr, sizeof(NextHop) * kMaxNextHops, 64));
+    t.ports.store(pt.get());
+    for (int i = 0; i < 2; i++) {
+      PortConfig p;
+      p.name = i ? "lan" : "wan";
+      p.address = Ipv4Prefix{i ? 0x0a010001u : 0xc0000202u, 24};
+      c.ports.push_back(p);
+      ports.push_back(PortState{uint16_t(i), 1, {}, false});
+      pt->port[i].configured = true;
+      pt->port[i].addr = p.address->addr;
+      pt->port[i].plen = 24;
+      pt->port[i].mtu = 1500;
+    }
+    rt = std::make_unique<RouteTable>(t, c, ports);
+    rt->add_connected(0);
+    rt->add_connected(1);
+    w->icmp_limiter.configure(1000, 1000, 1000000);
+    w->now_tsc = 1;
+  }
+  void TearDown() override {
+    rte_lpm_free(t.lpm);
+    rte_free(t.next_hops);
+    rte_free(t.qsbr);
+    for (uint16_t i = 0; i < w->generated.n; i++) rte_pktmbuf_free(w->generated.pkts[i]);
+    for (uint16_t i = 0; i < w->local.n; i++) rte_pktmbuf_free(w->local.pkts[i]);
+  }
+  // Routes one packet; returns it if passed on (caller frees), else nullptr.
+  rte_mbuf* run(uint32_t dst, uint8_t ttl = 64, uint16_t len = 40, bool df = false) {
+    auto f = ipv4_frame(0x0a010002, dst, 17, ttl, std::vector<uint8_t>(len - 20, 0), df ? 0x4000 : 0);
+    rte_mbuf* m = to_mbuf(pool(), f.b, 1);
+    meta(m) = PktMeta{};
+    meta(m).l3_off = 14;
+    meta(m).in_port = 1;
+    Burst b;
+    b.push(m);
+    route(*w, t, *pt, b);
+    return b.n ? b.pkts[0] : nullptr;
+  }
+  uint64_t drops(Drop d) { return w->stats.drops[static_cast<unsigned>(d)].load(); }
+};
+
+}  // namespace
+
+TEST_F(RouteTest, LongestPrefixWins) {
+  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  ASSERT_TRUE(rt->add({0x0a090000, 16}, RouteType::unicast, 0x0a0100fe, "", RouteTable::Origin::config));
+  rte_mbuf* m = run(0x0a090005);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(meta(m).out_port, 1);
+  EXPECT_EQ(meta(m).nh_ip, 0x0a0100feu);
+  rte_pktmbuf_free(m);
+  m = run(0x08080808);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(meta(m).out_port, 0);
+  EXPECT_EQ(meta(m).nh_ip, 0xc0000201u);
+  rte_pktmbuf_free(m);
+  m = run(0x0a010063);  // connected: resolve the destination itself
+  ASSERT_TRUE(m);
+  EXPECT_EQ(meta(m).nh_ip, 0x0a010063u);
+  rte_pktmbuf_free(m);
+}
+
+TEST_F(RouteTest, NoRouteAnswersNetUnreachable) {
+  EXPECT_EQ(run(0x08080808), nullptr);
+  EXPECT_EQ(drops(Drop::no_route), 1u);
+  ASSERT_EQ(w->generated.n, 1);
+  auto out = bytes(w->generated.pkts[0]);
+  EXPECT_EQ(out[34], 3);
+  EXPECT_EQ(out[35], 0);
+}
+
+TEST_F(RouteTest, TtlIsDecrementedWithAValidChecksum) {
+  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  for (uint8_t ttl : {2, 64, 255}) {
+    rte_mbuf* m = run(0x08080808, ttl);
+    ASSERT_TRUE(m);
+    auto out = bytes(m);
+    EXPECT_EQ(out[22], ttl - 1);
+    EXPECT_EQ(ref_checksum(&out[14], 20), 0) << "ttl " << int(ttl);
+    rte_pktmbuf_free(m);
+  }
+}
+
+TEST_F(RouteTest, TtlOneExpiresWithTimeExceeded) {
+  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  EXPECT_EQ(run(0x08080808, 1), nullptr);
+  EXPECT_EQ(run(0x08080808, 0), nullptr);
+  EXPECT_EQ(drops(Drop::ttl_expired), 2u);
+  ASSERT_EQ(w->generated.n, 2);
+  auto out = bytes(w->generated.pkts[0]);
+  EXPECT_EQ(out[34], 11);
+  EXPECT_EQ((uint32_t(out[26]) << 24 | out[27] << 16 | out[28] << 8 | out[29]), 0x0a010001u) << "from the ingress address";
+}
+
+TEST_F(RouteTest, LocalAddressesGoToLocalDelivery) {
+  EXPECT_EQ(run(0x0a010001), nullptr);
+  EXPECT_EQ(run(0xc0000202), nullptr) << "any of our addresses, whatever the ingress port";
+  EXPECT_EQ(run(0x0a0100ff), nullptr) << "directed broadcast";
+  EXPECT_EQ(w->local.n, 3);
+}
+
+TEST_F(RouteTest, RouteTypes) {
+  ASSERT_TRUE(rt->add({0x0a420000, 16}, RouteType::prohibit, 0, "", RouteTable::Origin::config));
+  ASSERT_TRUE(rt->add({0x0a430000, 16}, RouteType::blackhole, 0, "", RouteTable::Origin::config));
+  ASSERT_TRUE(rt->add({0x0a440000, 16}, RouteType::unreachable, 0, "", RouteTable::Origin::config));
+  EXPECT_EQ(run(0x0a420001), nullptr);
+  EXPECT_EQ(run(0x0a430001), nullptr);
+  EXPECT_EQ(run(0x0a440001), nullptr);
+  EXPECT_EQ(drops(Drop::prohibited_route), 1u);
+  EXPECT_EQ(drops(Drop::blackhole_route), 1u);
+  EXPECT_EQ(drops(Drop::unreachable_route), 1u);
+  ASSERT_EQ(w->generated.n, 2) << "blackhole is silent";
+  EXPECT_EQ(bytes(w->generated.pkts[0])[35], 13) << "admin prohibited";
+}
+
+TEST_F(RouteTest, DfPacketOverMtuGetsFragNeededWithTheMtu) {
+  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  pt->port[0].mtu = 1400;
+  EXPECT_EQ(run(0x08080808, 64, 1450, true), nullptr);
+  EXPECT_EQ(drops(Drop::frag_needed), 1u);
+  ASSERT_EQ(w->generated.n, 1);
+  auto out = bytes(w->generated.pkts[0]);
+  EXPECT_EQ(out[34], 3);
+  EXPECT_EQ(out[35], 4);
+  EXPECT_EQ(out[40] << 8 | out[41], 1400);
+  rte_mbuf* m = run(0x08080808, 64, 1450, false);
+  ASSERT_TRUE(m) << "without DF it passes on, to be fragmented at egress";
+  rte_pktmbuf_free(m);
+}
+
+TEST_F(RouteTest, DeleteFallsBackToCoveringRouteAndReplaceUpdates) {
+  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  ASSERT_TRUE(rt->add({0x08080800, 24}, RouteType::unicast, 0x0a0100fe, "", RouteTable::Origin::cli));
+  rte_mbuf* m = run(0x08080808);
+  EXPECT_EQ(meta(m).out_port, 1);
+  rte_pktmbuf_free(m);
+  ASSERT_TRUE(rt->add({0x08080800, 24}, RouteType::unicast, 0x0a0100fd, "", RouteTable::Origin::cli));
+  m = run(0x08080808);
+  EXPECT_EQ(meta(m).nh_ip, 0x0a0100fdu);
+  rte_pktmbuf_free(m);
+  ASSERT_TRUE(rt->del({0x08080800, 24}));
+  m = run(0x08080808);
+  EXPECT_EQ(meta(m).out_port, 0);
+  rte_pktmbuf_free(m);
+  EXPECT_FALSE(rt->del({0x08080800, 24})) << "already gone";
+  EXPECT_FALSE(rt->del({0x0a010000, 24})) << "connected routes belong to the port";
+  EXPECT_FALSE(rt->add({0x01000000, 8}, RouteType::unicast, 0xac100001, "", RouteTable::Origin::cli)) << "gateway off-link";
+}
