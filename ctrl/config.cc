@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <functional>
 #include <set>
 
@@ -262,10 +263,11 @@ void read_port(Reader& r, const YAML::Node& n, Config& c) {
 void read_route(Reader& r, const YAML::Node& n, Config& c) {
   RouteConfig rt;
   rt.line = n.Mark().line + 1;
-  bool has_prefix = false;
+  bool has_prefix = false, prefix_seen = false;
   YAML::Node port_node;
   r.fields(n, "route", {"prefix", "via", "port", "type"}, [&](const std::string& k, const YAML::Node& v) {
     if (k == "prefix") {
+      prefix_seen = true;
       if (auto s = r.str(v, "route.prefix")) {
         std::string why;
         if (auto p = parse_prefix(*s, true, &why)) {
@@ -293,7 +295,7 @@ void read_route(Reader& r, const YAML::Node& n, Config& c) {
     }
   });
   if (!has_prefix) {
-    r.error(n, "route: missing \"prefix\"");
+    if (!prefix_seen) r.error(n, "route: missing \"prefix\"");
     return;
   }
   if (!rt.port.empty() && !c.port(rt.port)) {
@@ -421,6 +423,9 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
                                      fmt::format("route {}: gateway {} is on no port's subnet", rt.prefix.str(), ipv4_str(rt.via))});
     }
   }
+  std::stable_sort(errors.begin(), errors.end(), [](const ConfigError& a, const ConfigError& b) {
+    return a.line != b.line ? a.line < b.line : a.col < b.col;
+  });
   return c;
 }
 

@@ -77,7 +77,9 @@ tl::expected<void, std::string> RouteTable::install(Route r) {
   auto key = std::make_pair(r.prefix.addr, r.prefix.len);
   r.nh = intern(r.kind, r.port, r.via);
   if (!r.nh) return tl::unexpected(std::string("next-hop table full"));
-  if (int rc = rte_lpm_add(t_.lpm, r.prefix.addr, r.prefix.len, r.nh); rc < 0) {
+  if (r.prefix.len == 0) {
+    t_.default_nh.store(r.nh, std::memory_order_release);
+  } else if (int rc = rte_lpm_add(t_.lpm, r.prefix.addr, r.prefix.len, r.nh); rc < 0) {
     release(r.nh);
     return tl::unexpected(fmt::format("route {}: LPM add failed: {} (table full?)", r.prefix.str(), strerror(-rc)));
   }
@@ -134,7 +136,8 @@ tl::expected<void, std::string> RouteTable::del(const Ipv4Prefix& p, bool allow_
     return tl::unexpected(fmt::format("route {}: is a connected route owned by port {}", p.str(), RouteTable::port_name(it->second.port)));
   // The LPM falls back to the covering prefix atomically: no packet meets a
   // gap between the old and the less specific route.
-  rte_lpm_delete(t_.lpm, p.addr, p.len);
+  if (p.len == 0) t_.default_nh.store(0, std::memory_order_release);
+  else rte_lpm_delete(t_.lpm, p.addr, p.len);
   release(it->second.nh);
   routes_.erase(it);
   return {};

@@ -42,15 +42,16 @@ void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
     dst[i] = rte_be_to_cpu_32(ip->dst_addr);
   }
   rte_lpm_lookup_bulk(t.lpm, dst, hop, b.n);
+  const uint32_t default_nh = t.default_nh.load(std::memory_order_acquire);
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
-    if (!(hop[i] & RTE_LPM_LOOKUP_SUCCESS)) {
+    uint32_t idx = (hop[i] & RTE_LPM_LOOKUP_SUCCESS) ? hop[i] & 0x00ffffff : default_nh;
+    if (!idx) {
       send_icmp_error(w, pt, m, Drop::no_route, kIcmpUnreach, kUnreachNet);
       continue;
     }
-    uint32_t idx = hop[i] & 0x00ffffff;
     const NextHop& nh = t.next_hops[idx];
     switch (nh.kind) {
       case NextHop::local:

@@ -80,6 +80,9 @@ inline rte_ether_addr unpack_mac(uint64_t v) {
 struct Tables {
   rte_lpm* lpm = nullptr;
   NextHop* next_hops = nullptr;  // kMaxNextHops entries
+  // rte_lpm has no depth-0 rule: the default route's next hop lives here
+  // (0: none) and is used when the LPM misses.
+  std::atomic<uint32_t> default_nh{0};
   rte_hash* neigh = nullptr;
   std::atomic<const PortTable*> ports{nullptr};
   rte_rcu_qsbr* qsbr = nullptr;
