@@ -42,9 +42,12 @@ void ArpTable::resolve(const NeighKey& key, void* pkt, uint64_t now, Actions& ou
   e.held.push_back(pkt);
 }
 
-bool ArpTable::learn(const NeighKey& key, const rte_ether_addr& mac, uint64_t now, Actions& out) {
+bool ArpTable::learn(const NeighKey& key, const rte_ether_addr& mac, uint64_t now, Actions& out, bool create) {
   auto it = entries_.find(key);
-  if (it == entries_.end()) return false;
+  if (it == entries_.end()) {
+    if (!create || entries_.size() >= p_.max_entries) return false;
+    it = entries_.emplace(key, Entry{}).first;
+  }
   Entry& e = it->second;
   if (e.state == State::fixed) return true;
   bool changed = e.state == State::incomplete || !rte_is_same_ether_addr(&e.mac, &mac);

@@ -62,11 +62,12 @@ class ArpTable {
 
   // A worker needs key's MAC to send `pkt`.
   void resolve(const NeighKey& key, void* pkt, uint64_t now, Actions& out);
-  // An ARP frame told us sender (ip -> mac) on a port. `solicited`: a reply
-  // or a request aimed at us. Unknown senders are learned only if we asked
-  // (an incomplete entry exists): unrequested replies cannot fill the cache.
-  // Returns false when the information was ignored.
-  bool learn(const NeighKey& key, const rte_ether_addr& mac, uint64_t now, Actions& out);
+  // An ARP frame told us sender (ip -> mac) on a port. Existing entries are
+  // updated. A new entry is created only when `create` (a request aimed at
+  // one of our addresses, RFC 826: the sender is about to talk to us);
+  // replies nobody asked for cannot fill the cache. Returns false when the
+  // information was ignored.
+  bool learn(const NeighKey& key, const rte_ether_addr& mac, uint64_t now, Actions& out, bool create = false);
   // A static entry from the configuration; never ages.
   void add_fixed(const NeighKey& key, const rte_ether_addr& mac, Actions& out);
   // Retries, aging and give-ups due at `now`.

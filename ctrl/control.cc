@@ -438,9 +438,10 @@ void Control::arp_input(rte_mbuf* m) {
     return;
   }
   ArpTable::Actions acts;
-  bool known = sip != 0 && arp_->learn(NeighKey{sip, port}, sha, now_ms(), acts);
+  bool for_us = op == RTE_ARP_OP_REQUEST && pi.addr && tip == pi.addr;
+  bool known = sip != 0 && arp_->learn(NeighKey{sip, port}, sha, now_ms(), acts, for_us);
   apply(acts);
-  if (op == RTE_ARP_OP_REQUEST && pi.addr && tip == pi.addr) {
+  if (for_us) {
     // Answer in the same buffer: swap roles, our MAC as the sender.
     a->arp_opcode = rte_cpu_to_be_16(RTE_ARP_OP_REPLY);
     a->arp_data.arp_tha = sha;
@@ -453,7 +454,10 @@ void Control::arp_input(rte_mbuf* m) {
     inject(m, sip);
     return;
   }
-  if (!known) count(op == RTE_ARP_OP_REPLY ? Drop::arp_unsolicited : Drop::arp_not_for_us);
+  // A request for someone else still refreshed its sender if we knew it;
+  // the frame itself ends here either way.
+  if (op == RTE_ARP_OP_REQUEST) count(Drop::arp_not_for_us);
+  else if (!known) count(Drop::arp_unsolicited);
   rte_pktmbuf_free(m);
 }
 

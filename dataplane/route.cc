@@ -77,21 +77,23 @@ void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
         continue;
     }
     auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
-    if (!md.generated) {
-      if (ip->time_to_live <= 1) {
-        send_icmp_error(w, pt, m, Drop::ttl_expired, kIcmpTimeExceeded, 0);
-        continue;
-      }
-      // RFC 1624 incremental checksum update for TTL - 1.
-      ip->time_to_live--;
-      uint32_t sum = uint32_t(ip->hdr_checksum) + rte_cpu_to_be_16(0x0100);
-      ip->hdr_checksum = uint16_t(sum + (sum >> 16));
+    // Errors quote the packet as it arrived (RFC 1812 §4.3.2.3), so both
+    // checks come before the TTL is touched.
+    if (!md.generated && ip->time_to_live <= 1) {
+      send_icmp_error(w, pt, m, Drop::ttl_expired, kIcmpTimeExceeded, 0);
+      continue;
     }
     uint16_t mtu = pt.port[nh.port].mtu;
     if (rte_be_to_cpu_16(ip->total_length) > mtu &&
         (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG))) {
       send_icmp_error(w, pt, m, Drop::frag_needed, kIcmpUnreach, kUnreachFragNeeded, mtu);
       continue;
+    }
+    if (!md.generated) {
+      // RFC 1624 incremental checksum update for TTL - 1.
+      ip->time_to_live--;
+      uint32_t sum = uint32_t(ip->hdr_checksum) + rte_cpu_to_be_16(0x0100);
+      ip->hdr_checksum = uint16_t(sum + (sum >> 16));
     }
     md.nh = idx;
     md.out_port = nh.port;

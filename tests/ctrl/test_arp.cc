@@ -67,6 +67,14 @@ TEST(Arp, UnrequestedReplyIsNotLearned) {
   EXPECT_TRUE(t.entries().empty()) << "no cache poisoning by unsolicited replies";
 }
 
+TEST(Arp, RequestForUsCreatesTheSendersEntry) {
+  ArpTable t(params());
+  ArpTable::Actions a;
+  EXPECT_TRUE(t.learn(kGw, mac(7), 0, a, /*create=*/true));
+  ASSERT_EQ(count(a, A::publish), 1);
+  EXPECT_EQ(t.entries().at(kGw).state, ArpTable::State::reachable);
+}
+
 TEST(Arp, RetriesThenFailsHeldPackets) {
   ArpTable t(params());
   ArpTable::Actions a;

@@ -15,7 +15,7 @@ import tempfile
 import time
 import unittest
 
-from scapy.all import (ARP, ICMP, IP, UDP, TCP, Ether, Raw, rdpcap, wrpcap, raw,
+from scapy.all import (ARP, ICMP, IP, IPerror, UDP, TCP, Ether, Raw, rdpcap, wrpcap, raw,
                        defragment)
 
 MOATD = os.environ.get("MOATD", "build/ctrl/moatd")
@@ -37,7 +37,7 @@ class Moatd:
         self.cfg = os.path.join(tmp, name + ".yaml")
         with open(self.cfg, "w") as f:
             f.write(config_text.replace("@SOCK@", self.sock).replace("@TMP@", tmp))
-        self.log = open(os.path.join(tmp, name + ".log"), "w+")
+        self.log = open(os.path.join(tmp, name + ".log"), "w+")  # closed in stop()
         self.p = None
 
     def __enter__(self):
@@ -63,8 +63,11 @@ class Moatd:
                 self.p.kill()
                 self.p.wait()
         self.p = None
+        self.log.close()
 
     def logtext(self):
+        if self.log.closed:
+            return ""
         self.log.flush()
         self.log.seek(0)
         return self.log.read()[-3000:]
@@ -158,8 +161,8 @@ class PcapForwarding(unittest.TestCase):
         self.tmpdir.cleanup()
 
     def run_moatd(self, lan_in, wan_in, config, expect_rx=None, settle=0.3):
-        wrpcap(os.path.join(self.tmp, "in_lan.pcap"), lan_in or [])
-        wrpcap(os.path.join(self.tmp, "in_wan.pcap"), wan_in or [])
+        wrpcap(os.path.join(self.tmp, "in_lan.pcap"), lan_in or [], linktype=1)
+        wrpcap(os.path.join(self.tmp, "in_wan.pcap"), wan_in or [], linktype=1)
         with Moatd(self.tmp, config) as m:
             m.wait_rx(expect_rx if expect_rx is not None else len(lan_in) + len(wan_in), settle=settle)
             drops = m.drops()
@@ -258,7 +261,7 @@ class PcapForwarding(unittest.TestCase):
             s = ~s & 0xffff
             b[24], b[25] = s >> 8, s & 0xff
         corpus = {
-            "runt": [Ether(raw(good)[:10])],
+            "runt": [Raw(raw(good)[:10])],
             "not_for_us_l2": [Ether(src=HOST, dst="02:00:00:00:99:99") / IP(src="10.1.0.2", dst="8.8.8.8") / UDP()],
             "multicast_l2": [Ether(src=HOST, dst="01:00:5e:00:00:01") / IP(src="10.1.0.2", dst="224.0.0.1") / UDP()],
             "ethertype_unknown": [Ether(src=HOST, dst=R_LAN, type=0x86dd) / Raw(b"\x60" + b"\x00" * 60)],
@@ -304,10 +307,13 @@ class PcapForwarding(unittest.TestCase):
         self.assertEqual(len(garp), 1, "gratuitous ARP at start")
         wan_req = [p for p in out_wan if ARP in p and p[ARP].pdst == "192.0.2.1"]
         self.assertGreaterEqual(len(wan_req), 1, "the gateway is resolved")
-        self.assertEqual(drops.get("arp_failed"), 1, "10.1.0.77 never answers")
-        # The host is unknown to the router too (no learning from requests):
-        # the host-unreachable error waits for the host's resolution, which
-        # also fails in this closed pcap world, so it is not sent.
+        # The host's request for us taught us its MAC (RFC 826), so the two
+        # failures come back to it as ICMP host unreachable.
+        self.assertEqual(drops.get("arp_failed"), 2, "10.1.0.77 and the gateway never answer")
+        unreach = [p for p in not_arp(out_lan) if ICMP in p and p[ICMP].type == 3 and p[ICMP].code == 1]
+        self.assertEqual(sorted(p[IPerror].dst for p in unreach), ["10.1.0.77", "8.8.8.8"])
+        for p in unreach:
+            self.assertEqual((p.dst, p[IP].src, p[IP].dst), (HOST, "10.1.0.1", "10.1.0.2"))
         self.assertEqual(not_arp(out_wan), [])
 
     def test_route_changes_under_traffic_lose_nothing(self):
@@ -322,9 +328,9 @@ class PcapForwarding(unittest.TestCase):
   no_huge: true
   log_level: "*:error"
 ports:
-  - {{name: lan, device: "net_pcap0,rx_pcap=@TMP@/flow.pcap,tx_drop=1,infinite_rx=1", address: 10.1.0.1/24, mac: "{R_LAN}"}}
-  - {{name: a, device: net_null0, address: 10.3.0.1/24}}
-  - {{name: b, device: net_null1, address: 10.4.0.1/24}}
+  - {{name: lan, device: "net_pcap0,rx_pcap=@TMP@/flow.pcap,infinite_rx=1", address: 10.1.0.1/24, mac: "{R_LAN}"}}
+  - {{name: a, device: "net_null0,no-rx=1", address: 10.3.0.1/24}}
+  - {{name: b, device: "net_null1,no-rx=1", address: 10.4.0.1/24}}
 neighbors:
   - {{ip: 10.3.0.2, mac: "02:00:00:00:03:02", port: a}}
   - {{ip: 10.4.0.2, mac: "02:00:00:00:04:02", port: b}}
