@@ -5,7 +5,7 @@
 
 namespace moat {
 
-using nlohmann::json;
+using json = nlohmann::ordered_json;
 
 namespace {
 

@@ -7,6 +7,6 @@
 
 namespace moat {
 
-std::string render_human(const nlohmann::json& data);
+std::string render_human(const nlohmann::ordered_json& data);
 
 }  // namespace moat

@@ -14,7 +14,7 @@
 
 namespace moat {
 
-using nlohmann::json;
+using json = nlohmann::ordered_json;
 
 CliServer::CliServer(std::string socket_path) : path_(std::move(socket_path)) {}
 

@@ -24,7 +24,7 @@ struct CliError : std::runtime_error {
 
 class CliServer {
  public:
-  using Handler = std::function<nlohmann::json(const std::vector<std::string>& args)>;
+  using Handler = std::function<nlohmann::ordered_json(const std::vector<std::string>& args)>;
   static constexpr size_t kMaxRequest = 64 * 1024;
   static constexpr size_t kMaxClients = 16;
   static constexpr std::chrono::seconds kDeadline{5};

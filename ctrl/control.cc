@@ -21,7 +21,7 @@
 
 namespace moat {
 
-using nlohmann::json;
+using json = nlohmann::ordered_json;
 
 // ---------------------------------------------------------------- routes ---
 

@@ -78,10 +78,10 @@ class Control {
   // Stops workers, stops and closes ports (flushing pcap output).
   void shutdown();
 
-  nlohmann::json show_interfaces() const;
-  nlohmann::json show_routes() const;
-  nlohmann::json show_neighbors() const;
-  nlohmann::json show_stats() const;
+  nlohmann::ordered_json show_interfaces() const;
+  nlohmann::ordered_json show_routes() const;
+  nlohmann::ordered_json show_neighbors() const;
+  nlohmann::ordered_json show_stats() const;
 
  private:
   uint64_t now_ms() const;

@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "moatctl: cannot connect to {}: {} (is moatd running?)\n", path, strerror(errno));
     return 2;
   }
-  std::string req = nlohmann::json{{"args", words}}.dump() + "\n";
+  std::string req = nlohmann::ordered_json{{"args", words}}.dump() + "\n";
   for (size_t off = 0; off < req.size();) {
     ssize_t n = write(fd, req.data() + off, req.size() - off);
     if (n <= 0) {
@@ -94,9 +94,9 @@ int main(int argc, char** argv) {
     reply.append(buf, size_t(n));
   }
   close(fd);
-  nlohmann::json r;
+  nlohmann::ordered_json r;
   try {
-    r = nlohmann::json::parse(reply);
+    r = nlohmann::ordered_json::parse(reply);
   } catch (const std::exception& e) {
     fmt::print(stderr, "moatctl: unreadable answer from {}: {}\n", path, e.what());
     return 2;

@@ -11,7 +11,7 @@
 #include "ctrl/cli_server.hh"
 
 using namespace moat;
-using nlohmann::json;
+using json = nlohmann::ordered_json;
 
 namespace {
 
