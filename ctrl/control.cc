@@ -164,6 +164,13 @@ void RouteTable::add_connected(uint16_t port) {
   put({0xffffffff, 32}, NextHop::local_bcast, Origin::local);
 }
 
+void RouteTable::del_connected(uint16_t port, const Ipv4Prefix& a) {
+  uint32_t mask = ~uint32_t(0) << (32 - a.len);
+  (void)del({a.addr & mask, a.len}, true);
+  (void)del({a.addr, 32}, true);
+  if (a.len <= 30) (void)del({(a.addr & mask) | ~mask, 32}, true);
+}
+
 // --------------------------------------------------------------- control ---
 
 Control::Control(Config c) : c_(std::move(c)) {}
@@ -594,6 +601,45 @@ void Control::shutdown() {
   }
   ports_.clear();
   cli_.reset();
+  tables_.ports.store(nullptr);
+  delete port_table_;
+  port_table_ = nullptr;
+}
+
+tl::expected<void, std::string> Control::set_address(const std::string& name, const Ipv4Prefix& a) {
+  int cfg = -1;
+  for (size_t i = 0; i < c_.ports.size(); i++)
+    if (c_.ports[i].name == name) cfg = int(i);
+  if (cfg < 0) return tl::unexpected(fmt::format("no port named \"{}\"", name));
+  if (a.len == 0 || a.len > 30) return tl::unexpected(fmt::format("{}: subnet length must be 1 to 30", a.str()));
+  for (size_t i = 0; i < c_.ports.size(); i++) {
+    auto& o = c_.ports[i].address;
+    if (int(i) == cfg || !o) continue;
+    uint32_t m = ~uint32_t(0) << (32 - std::min(o->len, a.len));
+    if ((o->addr & m) == (a.addr & m))
+      return tl::unexpected(fmt::format("{} overlaps port {} ({})", a.str(), c_.ports[i].name, o->str()));
+  }
+  uint16_t id = ports_[cfg].id;
+  if (auto& old = c_.ports[cfg].address) routes_->del_connected(id, *old);
+  c_.ports[cfg].address = a;
+  // The workers' port table is immutable: publish a copy, free the old one
+  // once every worker has passed a quiescent point.
+  auto* next = new PortTable(*port_table_);
+  next->port[id].addr = a.addr;
+  next->port[id].plen = a.len;
+  PortTable* old_table = port_table_;
+  port_table_ = next;
+  tables_.ports.store(next, std::memory_order_release);
+  rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
+  delete old_table;
+  routes_->add_connected(id);
+  ArpTable::Actions acts;
+  arp_->flush_port(id, acts);
+  apply(acts);
+  if (taps_[cfg].fd() >= 0)
+    if (auto ok = taps_[cfg].set_address(a.addr, a.len, c_.punt_netns); !ok) return ok;
+  send_arp(id, RTE_ARP_OP_REQUEST, a.addr, {}, {});  // gratuitous
+  return {};
 }
 
 // ------------------------------------------------------------------ views ---
@@ -740,6 +786,14 @@ void Control::register_cli() {
     if (type == RouteType::unicast && !via && port.empty()) throw CliError("route add: needs via GW or port NAME");
     if (auto ok = routes_->add(*p, type, via, port, RouteTable::Origin::cli); !ok) throw CliError(ok.error());
     return json{{"added", p->str()}};
+  });
+  cli_->on("address set", [this](const std::vector<std::string>& a) {
+    if (a.size() != 2) throw CliError("usage: address set PORT A.B.C.D/LEN");
+    std::string why;
+    auto p = parse_prefix(a[1], false, &why);
+    if (!p || a[1].find('/') == std::string::npos) throw CliError("address set: " + (why.empty() ? "needs A.B.C.D/LEN" : why));
+    if (auto ok = set_address(a[0], *p); !ok) throw CliError("address set: " + ok.error());
+    return json{{"port", a[0]}, {"address", p->str()}};
   });
   cli_->on("route del", [this](const std::vector<std::string>& a) {
     if (a.size() != 1) throw CliError("usage: route del PREFIX");

@@ -47,6 +47,7 @@ class RouteTable {
                                       const std::string& port_name, Origin origin);
   tl::expected<void, std::string> del(const Ipv4Prefix& p, bool allow_connected = false);
   void add_connected(uint16_t port);
+  void del_connected(uint16_t port, const Ipv4Prefix& old);
   void reclaim();  // next-hop slots whose grace period has passed become free
   const std::map<std::pair<uint32_t, uint8_t>, Route>& routes() const { return routes_; }
   std::string port_name(uint16_t port) const;
@@ -77,6 +78,11 @@ class Control {
   void run(const std::atomic<bool>& stop);
   // Stops workers, stops and closes ports (flushing pcap output).
   void shutdown();
+
+  // Gives a port a new address at run time (a moat's ISP changed it):
+  // connected routes, ARP entries, the punt TAP and the workers' port table
+  // follow, and a gratuitous ARP announces it.
+  tl::expected<void, std::string> set_address(const std::string& port, const Ipv4Prefix& a);
 
   nlohmann::ordered_json show_interfaces() const;
   nlohmann::ordered_json show_routes() const;

@@ -121,4 +121,23 @@ tl::expected<void, std::string> PuntTap::open(const std::string& name, const rte
   return {};
 }
 
+tl::expected<void, std::string> PuntTap::set_address(uint32_t addr, uint8_t plen, const std::string& netns) {
+  NetnsGuard ns;
+  if (auto r = ns.enter(netns); !r) return r;
+  int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (s < 0) return tl::unexpected(fmt::format("punt TAP {}: socket: {}", name_, strerror(errno)));
+  ifreq r{};
+  std::snprintf(r.ifr_name, IFNAMSIZ, "%s", name_.c_str());
+  r.ifr_addr = in_addr_of(addr);
+  int rc = ioctl(s, SIOCSIFADDR, &r);
+  if (rc == 0) {
+    r.ifr_netmask = in_addr_of(plen ? ~uint32_t(0) << (32 - plen) : 0);
+    rc = ioctl(s, SIOCSIFNETMASK, &r);
+  }
+  int err = errno;
+  close(s);
+  if (rc != 0) return tl::unexpected(fmt::format("punt TAP {}: set address: {}", name_, strerror(err)));
+  return {};
+}
+
 }  // namespace moat

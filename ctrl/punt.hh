@@ -25,6 +25,8 @@ class PuntTap {
   // Creates and configures the TAP. `netns`: a name under /run/netns, or "".
   tl::expected<void, std::string> open(const std::string& name, const rte_ether_addr& mac, uint32_t addr,
                                        uint8_t plen, uint16_t mtu, const std::string& netns, bool default_route);
+  // Moves the interface to a new address (the port's changed).
+  tl::expected<void, std::string> set_address(uint32_t addr, uint8_t plen, const std::string& netns);
   int fd() const { return fd_; }
   const std::string& name() const { return name_; }
 

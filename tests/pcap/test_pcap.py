@@ -316,6 +316,28 @@ class PcapForwarding(unittest.TestCase):
             self.assertEqual((p.dst, p[IP].src, p[IP].dst), (HOST, "10.1.0.1", "10.1.0.2"))
         self.assertEqual(not_arp(out_wan), [])
 
+    def test_address_change_moves_connected_routes_and_announces(self):
+        wrpcap(os.path.join(self.tmp, "in_lan.pcap"), [], linktype=1)
+        wrpcap(os.path.join(self.tmp, "in_wan.pcap"), [], linktype=1)
+        with Moatd(self.tmp, two_port_config(neighbors=False)) as m:
+            r = subprocess.run([MOATCTL, "--socket", m.sock, "address", "set", "lan", "10.5.0.1/16"],
+                               capture_output=True, text=True, timeout=10)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            bad = subprocess.run([MOATCTL, "--socket", m.sock, "address", "set", "lan", "192.0.2.9/24"],
+                                 capture_output=True, text=True, timeout=10)
+            self.assertEqual(bad.returncode, 1)
+            self.assertIn("overlaps port wan", bad.stderr)
+            routes = {r["prefix"]: r for r in m.ctl("show", "routes")}
+            ifs = {i["name"]: i for i in m.ctl("show", "interfaces")}
+            time.sleep(0.3)
+        self.assertIn("10.5.0.0/16", routes)
+        self.assertEqual(routes["10.5.0.0/16"]["origin"], "connected")
+        self.assertNotIn("10.1.0.0/24", routes)
+        self.assertEqual(ifs["lan"]["address"], "10.5.0.1/16")
+        garps = [p for p in frames(os.path.join(self.tmp, "out_lan.pcap"))
+                 if ARP in p and p[ARP].op == 1 and p[ARP].psrc == p[ARP].pdst]
+        self.assertEqual([p[ARP].psrc for p in garps], ["10.1.0.1", "10.5.0.1"], "gratuitous ARP at start and on change")
+
     def test_route_changes_under_traffic_lose_nothing(self):
         # net_pcap replays the input forever; two net_null sinks. Routes flip
         # the flow between the two sinks 40 times while it runs.
