@@ -1,0 +1,139 @@
+// Micro-benchmarks of the worker's stages on real mbufs: one burst of 32
+// UDP packets through parse → route → egress → tx (net_null), against the
+// cost of merely making and freeing the same burst. Read the result as the
+// ratio of the two, measured in the same run.
+//   build/bench/bench_stages --benchmark_format=json
+#include <benchmark/benchmark.h>
+#include <rte_eal.h>
+#include <rte_ethdev.h>
+#include <rte_ip.h>
+#include <rte_malloc.h>
+
+#include <cstring>
+#include <memory>
+
+#include "ctrl/control.hh"
+
+using namespace moat;
+
+namespace {
+
+struct Rig {
+  rte_mempool* mp = nullptr;
+  Tables t;
+  Config c;
+  std::vector<PortState> ports;
+  std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
+  std::unique_ptr<Worker> w = std::make_unique<Worker>();
+  std::unique_ptr<RouteTable> rt;
+  std::vector<uint8_t> frame;
+
+  Rig() {
+    mp = rte_pktmbuf_pool_create("bench_stages", 8191, 256, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE, 0);
+    for (uint16_t p = 0; p < 2; p++) {
+      rte_eth_conf conf{};
+      rte_eth_dev_configure(p, 1, 1, &conf);
+      rte_eth_rx_queue_setup(p, 0, 512, 0, nullptr, mp);
+      rte_eth_tx_queue_setup(p, 0, 512, 0, nullptr);
+      rte_eth_dev_start(p);
+      PortConfig pc;
+      pc.name = p ? "b" : "a";
+      pc.address = Ipv4Prefix{p ? 0x0a000201u : 0x0a000101u, 24};
+      c.ports.push_back(pc);
+      ports.push_back(PortState{p, 1, {}, false});
+      pt->port[p].configured = true;
+      pt->port[p].addr = pc.address->addr;
+      pt->port[p].plen = 24;
+      pt->port[p].mtu = 1500;
+      pt->port[p].mac = rte_ether_addr{{2, 0, 0, 0, 0, uint8_t(p + 1)}};
+    }
+    size_t sz = rte_rcu_qsbr_get_memsize(1);
+    t.qsbr = static_cast<rte_rcu_qsbr*>(rte_zmalloc(nullptr, sz, 64));
+    rte_rcu_qsbr_init(t.qsbr, 1);
+    rte_lpm_config lc{};
+    lc.max_rules = 1024;
+    lc.number_tbl8s = 256;
+    t.lpm = rte_lpm_create("bench_lpm", 0, &lc);
+    t.next_hops = static_cast<NextHop*>(rte_zmalloc(nullptr, sizeof(NextHop) * kMaxNextHops, 64));
+    rte_hash_parameters hp{};
+    hp.name = "bench_neigh";
+    hp.entries = 1024;
+    hp.key_len = sizeof(NeighKey);
+    hp.extra_flag = RTE_HASH_EXTRA_FLAGS_RW_CONCURRENCY_LF;
+    t.neigh = rte_hash_create(&hp);
+    t.ports.store(pt.get());
+    rt = std::make_unique<RouteTable>(t, c, ports);
+    rt->add_connected(0);
+    rt->add_connected(1);
+    rt->add({0, 0}, RouteType::unicast, 0x0a000202, "", RouteTable::Origin::config);
+    NeighKey k{0x0a000202, 1};
+    rte_hash_add_key_data(t.neigh, &k, reinterpret_cast<void*>(uintptr_t(pack_mac({{2, 0, 0, 0, 0, 9}}))));
+    w->burst = 32;
+    w->direct_pool = mp;
+    w->indirect_pool = mp;
+    w->icmp_limiter.configure(100, 20, rte_get_tsc_hz());
+    for (int i = 0; i < 10; i++) rt->add({0x0b000000u + (uint32_t(i) << 16), 16}, RouteType::unicast, 0x0a000202, "", RouteTable::Origin::config);
+  }
+
+  void make(Burst& b, unsigned size) {
+    rte_mbuf* m[32];
+    rte_pktmbuf_alloc_bulk(mp, m, 32);
+    for (int i = 0; i < 32; i++) {
+      char* p = rte_pktmbuf_append(m[i], uint16_t(size - 4));
+      std::memset(p, 0, 64);
+      auto* eth = reinterpret_cast<rte_ether_hdr*>(p);
+      eth->dst_addr = pt->port[0].mac;
+      eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
+      auto* ip = reinterpret_cast<rte_ipv4_hdr*>(eth + 1);
+      ip->version_ihl = 0x45;
+      ip->total_length = rte_cpu_to_be_16(uint16_t(size - 4 - 14));
+      ip->time_to_live = 64;
+      ip->next_proto_id = 17;
+      ip->src_addr = rte_cpu_to_be_32(0x0a000102);
+      ip->dst_addr = rte_cpu_to_be_32(0x0b000001 + uint32_t(i) * 0x10000);
+      ip->hdr_checksum = rte_ipv4_cksum(ip);
+      m[i]->port = 0;
+      b.pkts[i] = m[i];
+    }
+    b.n = 32;
+  }
+};
+
+Rig* rig;
+
+void BM_MakeAndFree(benchmark::State& s) {
+  Burst b;
+  for (auto _ : s) {
+    rig->make(b, unsigned(s.range(0)));
+    rte_pktmbuf_free_bulk(b.pkts, b.n);
+  }
+  s.SetItemsProcessed(int64_t(s.iterations()) * 32);
+}
+
+void BM_WorkerPath(benchmark::State& s) {
+  Burst b;
+  for (auto _ : s) {
+    rig->make(b, unsigned(s.range(0)));
+    process_burst(*rig->w, rig->t, b);
+    tx_flush(*rig->w);
+  }
+  s.SetItemsProcessed(int64_t(s.iterations()) * 32);
+  uint64_t drops = 0;
+  for (unsigned d = 0; d < kDropCount; d++) drops += rig->w->stats.drops[d].load();
+  s.counters["drops"] = double(drops);
+}
+
+BENCHMARK(BM_MakeAndFree)->Arg(64)->Arg(1500);
+BENCHMARK(BM_WorkerPath)->Arg(64)->Arg(1500);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* eal[] = {"bench_stages", "--no-huge", "-m", "512", "--no-pci", "--no-shconf", "-l", "0", "--log-level", "*:error",
+                       "--vdev", "net_null0,no-rx=1", "--vdev", "net_null1,no-rx=1"};
+  if (rte_eal_init(sizeof(eal) / sizeof(eal[0]), const_cast<char**>(eal)) < 0) return 1;
+  rig = new Rig();
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  return 0;
+}
