@@ -574,10 +574,14 @@ void Control::run(const std::atomic<bool>& stop) {
     poll(fds.data(), fds.size(), 1);
     cli_->poll_once();
     from_taps();
+    // Bounded per pass: a flood of punted packets (ARP storms, broadcasts)
+    // must not starve the control socket or the ARP timers.
     rte_mbuf* pkts[256];
-    unsigned n;
-    while ((n = rte_ring_dequeue_burst(punt_ring_, reinterpret_cast<void**>(pkts), 256, nullptr)) > 0)
+    for (int round = 0; round < 8; round++) {
+      unsigned n = rte_ring_dequeue_burst(punt_ring_, reinterpret_cast<void**>(pkts), 256, nullptr);
       for (unsigned i = 0; i < n; i++) handle_punted(pkts[i]);
+      if (n < 256) break;
+    }
     uint64_t now = now_ms();
     if (now - last_tick_ms_ >= 10) {
       last_tick_ms_ = now;
