@@ -10,6 +10,7 @@
 #include <rte_ip.h>
 #include <rte_lcore.h>
 #include <rte_malloc.h>
+#include <rte_telemetry.h>
 
 #include <fmt/format.h>
 
@@ -173,6 +174,41 @@ void RouteTable::del_connected(uint16_t port, const Ipv4Prefix& a) {
 
 // --------------------------------------------------------------- control ---
 
+namespace {
+
+// rte_telemetry callbacks run on DPDK's telemetry thread; they only read
+// the workers' relaxed counters. `/moat/drops` answers the summed drop
+// counters by reason, `/moat/workers` per-worker rx/tx/punted, so
+// dpdk-telemetry.py and metrics scrapers see what `moatctl show stats` shows.
+const std::vector<std::unique_ptr<Worker>>* g_telemetry_workers = nullptr;
+const WorkerStats* g_telemetry_ctrl = nullptr;
+
+int telemetry_drops(const char*, const char*, rte_tel_data* d) {
+  rte_tel_data_start_dict(d);
+  if (!g_telemetry_workers) return 0;
+  for (unsigned r = 0; r < kDropCount; r++) {
+    uint64_t v = g_telemetry_ctrl ? g_telemetry_ctrl->drops[r].load() : 0;
+    for (auto& w : *g_telemetry_workers) v += w->stats.drops[r].load();
+    rte_tel_data_add_dict_u64(d, kDropNames[r], v);
+  }
+  return 0;
+}
+
+int telemetry_workers(const char*, const char*, rte_tel_data* d) {
+  rte_tel_data_start_dict(d);
+  if (!g_telemetry_workers) return 0;
+  for (auto& w : *g_telemetry_workers) {
+    std::string k = fmt::format("w{}_", w->id);
+    rte_tel_data_add_dict_u64(d, (k + "rx").c_str(), w->stats.rx.load());
+    rte_tel_data_add_dict_u64(d, (k + "tx").c_str(), w->stats.tx.load());
+    rte_tel_data_add_dict_u64(d, (k + "punted").c_str(), w->stats.punted.load());
+    rte_tel_data_add_dict_u64(d, (k + "icmp_sent").c_str(), w->stats.icmp_sent.load());
+  }
+  return 0;
+}
+
+}  // namespace
+
 Control::Control(Config c) : c_(std::move(c)) {}
 
 Control::~Control() { shutdown(); }
@@ -334,6 +370,10 @@ tl::expected<void, std::string> Control::start() {
     if (rte_eal_remote_launch(worker_main, w.get(), w->lcore) != 0)
       return tl::unexpected(fmt::format("cannot launch worker on lcore {}", w->lcore));
   workers_running_ = true;
+  g_telemetry_workers = &workers_;
+  g_telemetry_ctrl = &ctrl_stats_;
+  rte_telemetry_register_cmd("/moat/drops", telemetry_drops, "Moat drop counters by reason, all workers summed");
+  rte_telemetry_register_cmd("/moat/workers", telemetry_workers, "Moat per-worker rx, tx, punted, icmp_sent");
 
   // Gratuitous ARP: neighbours replace any stale MAC they had for us.
   for (size_t i = 0; i < ports_.size(); i++)
@@ -594,6 +634,8 @@ void Control::run(const std::atomic<bool>& stop) {
 }
 
 void Control::shutdown() {
+  g_telemetry_workers = nullptr;
+  g_telemetry_ctrl = nullptr;
   if (workers_running_) {
     workers_stop_.store(true);
     rte_eal_mp_wait_lcore();

@@ -89,6 +89,18 @@ class Moatd:
     def rx(self):
         return sum(w["rx"] for w in self.ctl("show", "stats")["workers"])
 
+    def telemetry(self, cmd):
+        """Asks DPDK's telemetry socket (v2 protocol) of this moatd."""
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(5)
+        s.connect("/var/run/dpdk/moat-pcap-test/dpdk_telemetry.v2")
+        s.recv(4096)  # greeting
+        s.send(cmd.encode())
+        out = json.loads(s.recv(65536).decode())
+        s.close()
+        return out[cmd]
+
     def wait_rx(self, n, settle=0.3, timeout=20):
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -108,6 +120,7 @@ def two_port_config(extra_routes="", lan_mtu=1500, wan_mtu=1280, neighbors=True,
   lcores: [0, 1]
   memory_mb: 256
   no_huge: true
+  file_prefix: moat-pcap-test
   log_level: "*:error"
 ports:
   - name: lan
@@ -167,6 +180,7 @@ class PcapForwarding(unittest.TestCase):
             m.wait_rx(expect_rx if expect_rx is not None else len(lan_in) + len(wan_in), settle=settle)
             drops = m.drops()
             stats = m.ctl("show", "stats")
+            self.telemetry_drops = m.telemetry("/moat/drops")
         return (frames(os.path.join(self.tmp, "out_lan.pcap")), frames(os.path.join(self.tmp, "out_wan.pcap")),
                 drops, stats)
 
@@ -282,6 +296,8 @@ class PcapForwarding(unittest.TestCase):
         for reason, pkts in corpus.items():
             self.assertEqual(drops.get(reason, 0), len(pkts), f"drop counter {reason}: {drops}")
         self.assertEqual(not_arp(out_wan), [], "nothing malformed is forwarded")
+        # The same counters are exported over DPDK telemetry.
+        self.assertEqual({k: v for k, v in self.telemetry_drops.items() if v}, drops)
         self.assertEqual(not_arp(out_lan), [])
         # The unsolicited reply did not poison the cache.
         # (moatd is gone now; the counters above and the absence of output prove it.)
