@@ -3,6 +3,8 @@
 // test) and an independent RFC 1071 checksum.
 #include <rte_mbuf.h>
 
+#include "dataplane/packet.hh"
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -60,6 +62,13 @@ inline std::vector<uint8_t> icmp_echo(uint16_t id, uint16_t seq, size_t data_len
   p[2] = c >> 8;
   p[3] = c & 0xff;
   return p;
+}
+
+// One mbuf pool for every test in the binary, with Moat's metadata area.
+inline rte_mempool* test_pool() {
+  static rte_mempool* mp = rte_pktmbuf_pool_create("moat_test", 4095, 0, moat::kMbufPrivSize,
+                                                   RTE_MBUF_DEFAULT_BUF_SIZE, 0);
+  return mp;
 }
 
 inline rte_mbuf* to_mbuf(rte_mempool* mp, const std::vector<uint8_t>& b, uint16_t port = 0) {

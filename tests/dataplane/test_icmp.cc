@@ -12,11 +12,6 @@ using namespace moat::test;
 
 namespace {
 
-rte_mempool* pool() {
-  static rte_mempool* mp = rte_pktmbuf_pool_create("icmp_test", 1023, 0, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE, 0);
-  return mp;
-}
-
 uint16_t be16(const std::vector<uint8_t>& b, size_t o) { return uint16_t(b[o] << 8 | b[o + 1]); }
 uint32_t be32(const std::vector<uint8_t>& b, size_t o) { return uint32_t(be16(b, o)) << 16 | be16(b, o + 2); }
 
@@ -25,7 +20,7 @@ uint32_t be32(const std::vector<uint8_t>& b, size_t o) { return uint32_t(be16(b,
 TEST(IcmpError, TimeExceededQuotesHeaderAndHasValidChecksums) {
   auto udp = std::vector<uint8_t>(100, 0xab);
   Frame f = ipv4_frame(0x0a010002, 0x0a090005, 17, 1, udp);
-  rte_mbuf* m = to_mbuf(pool(), f.b);
+  rte_mbuf* m = to_mbuf(test_pool(), f.b);
   ASSERT_TRUE(icmp_error_in_place(m, 14, kIcmpTimeExceeded, 0, 0x0a010001, 0));
   auto out = bytes(m);
   ASSERT_EQ(out.size(), 14 + 20 + 8 + 120u);  // whole offending datagram fits in 576
@@ -45,7 +40,7 @@ TEST(IcmpError, TimeExceededQuotesHeaderAndHasValidChecksums) {
 
 TEST(IcmpError, QuoteIsCappedSoTheErrorFitsIn576Bytes) {
   Frame f = ipv4_frame(0x0a010002, 0x0a090005, 17, 64, std::vector<uint8_t>(1400, 1));
-  rte_mbuf* m = to_mbuf(pool(), f.b);
+  rte_mbuf* m = to_mbuf(test_pool(), f.b);
   ASSERT_TRUE(icmp_error_in_place(m, 14, kIcmpUnreach, kUnreachFragNeeded, 0x0a010001, 1280));
   auto out = bytes(m);
   EXPECT_EQ(out.size() - 14, 576u);
@@ -60,7 +55,7 @@ TEST(IcmpError, VlanTaggedOffenderIsQuotedFromItsIpHeader) {
   std::vector<uint8_t> tagged(f.b.begin(), f.b.begin() + 12);
   for (uint8_t x : {0x81, 0x00, 0x00, 0x0a}) tagged.push_back(x);
   tagged.insert(tagged.end(), f.b.begin() + 12, f.b.end());
-  rte_mbuf* m = to_mbuf(pool(), tagged);
+  rte_mbuf* m = to_mbuf(test_pool(), tagged);
   ASSERT_TRUE(icmp_error_in_place(m, 18, kIcmpUnreach, kUnreachNet, 0x0a010001, 0));
   auto out = bytes(m);
   EXPECT_TRUE(std::equal(out.begin() + 42, out.end(), f.b.begin() + 14));
@@ -85,7 +80,7 @@ TEST(IcmpError, ForbiddenForErrorsFragmentsAndBroadcastSources) {
 TEST(IcmpEcho, ReplySwapsAddressesAndKeepsChecksumsValid) {
   for (size_t len : {0, 1, 56, 1000}) {
     Frame f = ipv4_frame(0x0a010002, 0x0a010001, 1, 3, icmp_echo(0x4242, 7, len));
-    rte_mbuf* m = to_mbuf(pool(), f.b);
+    rte_mbuf* m = to_mbuf(test_pool(), f.b);
     ASSERT_TRUE(icmp_echo_reply_in_place(m, 14));
     auto out = bytes(m);
     EXPECT_EQ(be32(out, 26), 0x0a010001u);
@@ -102,7 +97,7 @@ TEST(IcmpEcho, ReplySwapsAddressesAndKeepsChecksumsValid) {
 TEST(IcmpEcho, BadChecksumIsRefused) {
   Frame f = ipv4_frame(0x0a010002, 0x0a010001, 1, 3, icmp_echo(1, 1, 16));
   f.b.back() ^= 0xff;
-  rte_mbuf* m = to_mbuf(pool(), f.b);
+  rte_mbuf* m = to_mbuf(test_pool(), f.b);
   EXPECT_FALSE(icmp_echo_reply_in_place(m, 14));
   rte_pktmbuf_free(m);
 }

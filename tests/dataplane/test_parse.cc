@@ -12,11 +12,6 @@ using namespace moat::test;
 
 namespace {
 
-rte_mempool* pool() {
-  static rte_mempool* mp = rte_pktmbuf_pool_create("parse_test", 1023, 0, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE, 0);
-  return mp;
-}
-
 struct ParseTest : testing::Test {
   std::unique_ptr<Worker> w = std::make_unique<Worker>();
   std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
@@ -32,7 +27,7 @@ struct ParseTest : testing::Test {
   // Runs one frame through parse; returns the number of packets passed on.
   uint16_t run(const std::vector<uint8_t>& b) {
     Burst burst;
-    burst.push(to_mbuf(pool(), b));
+    burst.push(to_mbuf(test_pool(), b));
     parse(*w, *pt, burst);
     uint16_t n = burst.n;
     for (uint16_t i = 0; i < n; i++) rte_pktmbuf_free(burst.pkts[i]);
@@ -116,7 +111,7 @@ TEST_F(ParseTest, EthernetPaddingIsTrimmed) {
   size_t ip_len = b.size() - 14;
   b.resize(60, 0);  // minimum Ethernet frame
   Burst burst;
-  burst.push(to_mbuf(pool(), b));
+  burst.push(to_mbuf(test_pool(), b));
   parse(*w, *pt, burst);
   ASSERT_EQ(burst.n, 1);
   EXPECT_EQ(rte_pktmbuf_pkt_len(burst.pkts[0]), 14 + ip_len);

@@ -14,11 +14,6 @@ using namespace moat::test;
 
 namespace {
 
-rte_mempool* pool() {
-  static rte_mempool* mp = rte_pktmbuf_pool_create("route_test", 1023, 0, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE, 0);
-  return mp;
-}
-
 struct RouteTest : testing::Test {
   Tables t;
   Config c;
@@ -66,7 +61,7 @@ struct RouteTest : testing::Test {
   // Routes one packet; returns it if passed on (caller frees), else nullptr.
   rte_mbuf* run(uint32_t dst, uint8_t ttl = 64, uint16_t len = 40, bool df = false) {
     auto f = ipv4_frame(0x0a010002, dst, 17, ttl, std::vector<uint8_t>(len - 20, 0), df ? 0x4000 : 0);
-    rte_mbuf* m = to_mbuf(pool(), f.b, 1);
+    rte_mbuf* m = to_mbuf(test_pool(), f.b, 1);
     meta(m) = PktMeta{};
     meta(m).l3_off = 14;
     meta(m).in_port = 1;
