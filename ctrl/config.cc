@@ -83,6 +83,7 @@ class Reader {
     errors_.push_back(ConfigError{file_, mk.line + 1, mk.column + 1, std::move(what)});
   }
   void error(const YAML::Node& n, std::string what) { error(n.Mark(), std::move(what)); }
+  size_t errors() const { return errors_.size(); }
 
   // Calls `fn(key, value)` for each entry of map `n`; reports keys not in
   // `allowed` and returns false when `n` is not a map.
@@ -178,15 +179,33 @@ void read_eal(Reader& r, const YAML::Node& n, EalConfig& e) {
   r.fields(n, "eal", {"lcores", "memory_mb", "no_huge", "file_prefix", "log_level", "args"},
            [&](const std::string& k, const YAML::Node& v) {
              if (k == "lcores") {
+               size_t errors_before = r.errors();
                e.lcores.clear();
+               e.cpus.clear();
                r.list(v, "eal.lcores", [&](const YAML::Node& x) {
                  unsigned c = 0;
-                 r.uint(x, "eal.lcores", c, 0, RTE_MAX_LCORE - 1);
+                 int cpu = -1;
+                 std::string text = x.IsScalar() ? x.Scalar() : "";
+                 if (auto at = text.find('@'); at != std::string::npos) {
+                   // "L@C": lcore L runs on CPU C.
+                   unsigned l = 0, p = 0;
+                   char tail;
+                   if (std::sscanf(text.c_str(), "%u@%u%c", &l, &p, &tail) != 2 || l >= RTE_MAX_LCORE) {
+                     r.error(x, fmt::format("eal.lcores: \"{}\" is neither an lcore id nor LCORE@CPU", text));
+                     return;
+                   }
+                   c = l;
+                   cpu = int(p);
+                 } else {
+                   r.uint(x, "eal.lcores", c, 0, RTE_MAX_LCORE - 1);
+                 }
                  for (unsigned o : e.lcores)
                    if (o == c) r.error(x, fmt::format("eal.lcores: lcore {} listed twice", c));
                  e.lcores.push_back(c);
+                 e.cpus.push_back(cpu);
                });
-               if (e.lcores.size() < 2) r.error(v, "eal.lcores: need the main lcore and at least one worker");
+               if (e.lcores.size() < 2 && r.errors() == errors_before)
+                 r.error(v, "eal.lcores: need the main lcore and at least one worker");
              } else if (k == "memory_mb") {
                r.uint(v, "eal.memory_mb", e.memory_mb, 64, 1u << 20);
              } else if (k == "no_huge") {
@@ -432,8 +451,16 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
 std::vector<std::string> eal_args(const Config& c, const char* argv0) {
   std::vector<std::string> a{argv0};
   std::string l;
-  for (unsigned x : c.eal.lcores) l += (l.empty() ? "" : ",") + std::to_string(x);
-  a.push_back("-l");
+  bool mapped = false;
+  for (size_t i = 0; i < c.eal.lcores.size(); i++) {
+    int cpu = i < c.eal.cpus.size() ? c.eal.cpus[i] : -1;
+    l += (l.empty() ? "" : ",") + std::to_string(c.eal.lcores[i]);
+    if (cpu >= 0) {
+      l += "@" + std::to_string(cpu);
+      mapped = true;
+    }
+  }
+  a.push_back(mapped ? "--lcores" : "-l");
   a.push_back(l);
   a.push_back("--main-lcore");
   a.push_back(std::to_string(c.eal.lcores.at(0)));

@@ -29,6 +29,9 @@ struct Ipv4Prefix {
 
 struct EalConfig {
   std::vector<unsigned> lcores{0, 1};  // first: main lcore (control thread)
+  // CPU of each lcore when it differs from the lcore id ("L@C" entries):
+  // more workers than CPUs, e.g. to exercise RSS on a 2-CPU lab machine.
+  std::vector<int> cpus;  // -1: the lcore's own id
   unsigned memory_mb = 256;
   bool no_huge = false;
   std::string file_prefix;  // empty: --no-shconf

@@ -147,3 +147,22 @@ TEST(Config, EalArgumentsComeFromTheConfig) {
   EXPECT_NE(s.find("--vdev net_af_packet0,iface=veth0"), std::string::npos) << s;
   EXPECT_NE(s.find("--no-pci"), std::string::npos) << s;
 }
+
+TEST(Config, LcoresMayBeMappedOntoCpus) {
+  std::string t = kGood;
+  t.replace(t.find("lcores: [0, 1]"), 14, "lcores: [0, \"1@1\", \"2@1\"]");
+  std::vector<ConfigError> errs;
+  Config c = load_config(write_tmp(t), errs);
+  ASSERT_TRUE(errs.empty()) << errs[0].str();
+  EXPECT_EQ(c.workers(), 2u);
+  std::string s;
+  for (auto& x : eal_args(c, "moatd")) s += x + " ";
+  EXPECT_NE(s.find("--lcores 0,1@1,2@1 --main-lcore 0"), std::string::npos) << s;
+  t = kGood;
+  t.replace(t.find("lcores: [0, 1]"), 14, "lcores: [0, \"1@x\"]");
+  errs.clear();
+  load_config(write_tmp(t), errs);
+  ASSERT_FALSE(errs.empty());
+  EXPECT_EQ(errs[0].line, 2);
+  EXPECT_NE(errs[0].what.find("LCORE@CPU"), std::string::npos) << errs[0].str();
+}
