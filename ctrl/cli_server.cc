@@ -223,25 +223,8 @@ bool CliServer::flush(Client& c) {
   return true;
 }
 
-void CliServer::poll_once() {
-  if (listen_fd_ < 0) return;
-  auto now = std::chrono::steady_clock::now();
-  for (int i = 0; i < kAcceptsPerPoll; i++) {
-    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) break;  // nothing pending, or out of fds: the next pass retries
-    if (clients_.size() >= kMaxClients) {
-      // Told at once rather than left to time out in the backlog.
-      std::string busy = error_line(fmt::format("busy: {} control connections open; try again", kMaxClients));
-      (void)send(fd, busy.data(), busy.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-      close(fd);
-      continue;
-    }
-    Client c;
-    c.fd = fd;
-    c.deadline = now + deadline_;
-    clients_.push_back(std::move(c));
-  }
-  for (size_t i = 0; i < clients_.size();) {
+void CliServer::serve(size_t from, std::chrono::steady_clock::time_point now) {
+  for (size_t i = from; i < clients_.size();) {
     Client& c = clients_[i];
     bool keep = c.answered || read_request(c);
     if (keep && c.answered) keep = flush(c) && c.sent < c.out.size();
@@ -260,6 +243,32 @@ void CliServer::poll_once() {
     if (i + 1 != clients_.size()) clients_[i] = std::move(clients_.back());
     clients_.pop_back();
   }
+}
+
+void CliServer::poll_once() {
+  if (listen_fd_ < 0) return;
+  auto now = std::chrono::steady_clock::now();
+  // Known connections first, so that those which have finished or gone
+  // free their slots before the cap is applied to new ones.
+  serve(0, now);
+  size_t known = clients_.size();
+  for (int i = 0; i < kAcceptsPerPoll; i++) {
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) break;  // nothing pending, or out of fds: the next pass retries
+    if (clients_.size() >= kMaxClients) {
+      // Told at once rather than left to time out in the backlog.
+      std::string busy = error_line(fmt::format("busy: {} control connections open; try again", kMaxClients));
+      (void)send(fd, busy.data(), busy.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      close(fd);
+      continue;
+    }
+    Client c;
+    c.fd = fd;
+    c.deadline = now + deadline_;
+    clients_.push_back(std::move(c));
+  }
+  // New connections usually carry their request already: answer it now.
+  serve(known, now);
 }
 
 }  // namespace moat

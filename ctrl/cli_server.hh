@@ -83,6 +83,8 @@ class CliServer {
   bool read_request(Client& c);
   // Writes what the socket takes; false when the peer is gone.
   bool flush(Client& c);
+  // Serves clients_[from..], dropping those that are done or past deadline.
+  void serve(size_t from, std::chrono::steady_clock::time_point now);
   nlohmann::ordered_json dispatch(const std::vector<std::string>& args) const;
 
   std::string path_;
