@@ -1,110 +1,246 @@
 #!/usr/bin/env bash
-# End-to-end forwarding benchmark: moat-bench (generator + sink, CPU 0) ⇄ two
-# memif links ⇄ router under test (forwarding on CPU 1). In one run, for each
-# frame size, the ceiling of the harness with dpdk-testpmd --forward-mode=io
-# in the middle, then moatd (full validation, route lookup, ARP table,
-# counters). Prints a markdown table and writes bench/results/fwd-e2e.json.
-# Trials alternate testpmd/moatd and repeat REPEAT times (default 3); the
-# table shows medians, because these shared machines are noisy.
-#   bench/fwd-e2e.sh [BUILD_DIR] [DURATION_S] [REPEAT]
+# End-to-end IPv4 forwarding benchmark (docs/PERFORMANCE.md).
+#
+#   moat-bench (generator + sink, CPU 0) ⇄ two memif links ⇄ router (CPU 1)
+#
+# In one run, for 64- and 1500-byte frames (FCS included, see moat-bench):
+#   testpmd  dpdk-testpmd --forward-mode=io: the harness's ceiling (no lookup,
+#            no validation, no rewrite);
+#   moatd    build/ctrl/moatd from a generated YAML config: full validation,
+#            LPM lookup, static neighbour, TTL and checksum update, MAC rewrite.
+# moat-bench is the memif server of both links, the router the client. Max-rate
+# trials; rounds alternate the routers so drift on a shared machine hits both;
+# the table shows medians. Writes bench/results/fwd-e2e.json (every trial's
+# full moat-bench JSON, moatd's counters) and prints a markdown table and the
+# moatd/testpmd ratio at 64 bytes (goal >= 0.5).
+#
+#   bench/fwd-e2e.sh [BUILD_DIR] [DURATION_S] [ROUNDS]      (defaults: build 5 3)
+# Environment: MOAT_BENCH, MOATD, MOATCTL, TESTPMD (binaries), SIZES ("64 1500"),
+# FLOWS (256), OUT (results file), ROUTERS ("testpmd moatd").
+# Exit status: 0 all trials ran, 1 a trial failed, 2 usage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 dur=${2:-5}
-repeat=${3:-3}
-sizes=(64 1500)
+rounds=${3:-3}
+moat_bench=${MOAT_BENCH:-$build/bench/moat-bench}
+moatd=${MOATD:-$build/ctrl/moatd}
+moatctl=${MOATCTL:-$build/ctrl/moatctl}
+testpmd=${TESTPMD:-dpdk-testpmd}
+read -r -a sizes <<<"${SIZES:-64 1500}"
+read -r -a routers <<<"${ROUTERS:-testpmd moatd}"
+flows=${FLOWS:-256}
+out=${OUT:-bench/results/fwd-e2e.json}
+warmup=1
+# Each process gets this long at most; moat-bench also has its own watchdog.
+limit=$((dur + warmup + 30))
+
+[ -x "$moat_bench" ] || { echo "fwd-e2e: no moat-bench at $moat_bench (ninja -C $build)" >&2; exit 2; }
+command -v "$testpmd" >/dev/null || { echo "fwd-e2e: no $testpmd (apt install dpdk)" >&2; exit 2; }
+if [[ " ${routers[*]} " == *" moatd "* && ! -x "$moatd" ]]; then
+  echo "fwd-e2e: no moatd at $moatd: measuring the testpmd ceiling only" >&2
+  routers=(testpmd)
+fi
+
 run=$(mktemp -d /tmp/moat-fwd.XXXXXX)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
   rm -rf "$run"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-bench_args() {  # $1 size
-  echo --port-a "net_memif0,role=server,socket=$run/a.sock,socket-abstract=no,id=0" \
-       --port-b "net_memif1,role=server,socket=$run/b.sock,socket-abstract=no,id=0" \
-       --lcore 0 --size "$1" --flows 256 --duration "$dur" --warmup 1 \
-       --dst-mac 02:00:00:00:0a:01 --mac-a 02:00:00:00:be:0a --mac-b 02:00:00:00:be:0b \
-       --src-ip 10.0.1.2 --dst-ip 10.0.2.2 --file-prefix moat-bench-gen
+# Addresses: flows 10.0.1.2 → 10.0.2.2; moatd owns 10.0.1.1/24 (port a) and
+# 10.0.2.1/24 (port b) and reaches the sink through a static neighbour.
+gen_mac_a=02:00:00:00:be:0a   # moat-bench port A (generator)
+gen_mac_b=02:00:00:00:be:0b   # moat-bench port B (sink)
+dut_mac_a=02:00:00:00:0a:01   # router port a: the generator's destination MAC
+dut_mac_b=02:00:00:00:0b:01
+memif() {  # $1 index, $2 role, $3 mac
+  echo "net_memif$1,role=$2,id=0,socket=$run/$1.sock,socket-abstract=no,mac=$3"
 }
 
-trial() {  # $1 router (testpmd|moatd) $2 size → JSON line
-  rm -f "$run"/*.sock
-  "$build/bench/moat-bench" $(bench_args "$2") >"$run/gen.json" 2>"$run/gen.err" &
-  local gen=$!
-  pids+=("$gen")
-  sleep 1  # the memif servers listen before the router connects
+# Waits (bounded) until the memif server sockets exist: the router's memif
+# client would otherwise start with a port that never connects.
+wait_sockets() {
+  for _ in $(seq 100); do
+    [ -S "$run/0.sock" ] && [ -S "$run/1.sock" ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+start_dut() {  # $1 router; sets dut
   if [ "$1" = testpmd ]; then
-    timeout $((dur + 30)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-huge -m 512 --no-pci --file-prefix moat-bench-dut \
-      --log-level '*:error' \
-      --vdev "net_memif0,role=client,socket=$run/a.sock,socket-abstract=no,id=0" \
-      --vdev "net_memif1,role=client,socket=$run/b.sock,socket-abstract=no,id=0" \
-      -- --forward-mode=io --nb-cores=1 --auto-start --stats-period=3600 --total-num-mbufs=16384 </dev/null \
-      >"$run/dut.log" 2>&1 &
+    # Main lcore 0 only sleeps (stats period); the io forwarding lcore is 1.
+    timeout -k 5 "$limit" "$testpmd" -l 0,1 --main-lcore 0 --no-huge -m 512 --no-pci \
+      --file-prefix moat-fwd-dut --log-level '*:error' \
+      --vdev "$(memif 0 client $dut_mac_a)" --vdev "$(memif 1 client $dut_mac_b)" \
+      -- --forward-mode=io --nb-cores=1 --auto-start --stats-period=3600 --total-num-mbufs=16384 \
+      </dev/null >"$run/dut.log" 2>&1 &
   else
-    cat >"$run/moatd.yaml" <<EOF2
-eal: {lcores: [0, 1], memory_mb: 512, no_huge: true, file_prefix: moat-bench-dut, log_level: "*:error"}
+    cat >"$run/moatd.yaml" <<EOF
+# Generated by bench/fwd-e2e.sh.
+eal: {lcores: [0, 1], memory_mb: 256, no_huge: true, file_prefix: moat-fwd-dut, log_level: "*:error"}
 mempool: {mbufs: 16383}
 ports:
-  - {name: a, device: "net_memif0,role=client,socket=$run/a.sock,socket-abstract=no,id=0", address: 10.0.1.1/24, mac: "02:00:00:00:0a:01"}
-  - {name: b, device: "net_memif1,role=client,socket=$run/b.sock,socket-abstract=no,id=0", address: 10.0.2.1/24, mac: "02:00:00:00:0b:01"}
+  - {name: a, device: "$(memif 0 client $dut_mac_a)", address: 10.0.1.1/24, mac: "$dut_mac_a"}
+  - {name: b, device: "$(memif 1 client $dut_mac_b)", address: 10.0.2.1/24, mac: "$dut_mac_b"}
 neighbors:
-  - {ip: 10.0.2.2, mac: "02:00:00:00:be:0b", port: b}
-  - {ip: 10.0.2.3, mac: "02:00:00:00:be:0b", port: b}
+  - {ip: 10.0.2.2, mac: "$gen_mac_b", port: b}
 workers: {burst: 32}
 punt: {enabled: false}
 control: {socket: $run/moatd.sock}
-EOF2
-    timeout $((dur + 30)) "$build/ctrl/moatd" --config "$run/moatd.yaml" >"$run/dut.log" 2>&1 &
+EOF
+    timeout -k 5 "$limit" "$moatd" --config "$run/moatd.yaml" </dev/null >"$run/dut.log" 2>&1 &
   fi
-  local dut=$!
+  dut=$!
   pids+=("$dut")
-  wait "$gen" || { echo "moat-bench failed: $(cat "$run/gen.err")" >&2; exit 1; }
-  if [ "$1" = moatd ]; then
-    "$build/ctrl/moatctl" --socket "$run/moatd.sock" --json show stats >"$run/moatd-stats.json" 2>/dev/null || true
-  fi
-  kill "$dut" 2>/dev/null || true
-  wait "$dut" 2>/dev/null || true
-  cat "$run/gen.json"
 }
 
-mkdir -p bench/results
-out=bench/results/fwd-e2e.json
-{
-  echo "{\"machine\": \"$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\","
-  echo " \"dpdk\": \"$(pkg-config --modversion libdpdk)\", \"commit\": \"$(git rev-parse --short HEAD)\", \"duration_s\": $dur,"
-  echo " \"trials\": ["
-  first=1
-  for i in $(seq "$repeat"); do
-    for s in "${sizes[@]}"; do
-      for r in testpmd moatd; do
-        j=$(trial "$r" "$s")
-        [ $first = 1 ] || echo ","
-        first=0
-        echo "  {\"router\": \"$r\", \"round\": $i, \"result\": $j}"
-      done
+stop() {  # $1 pid: SIGTERM, then at most 5 s
+  kill -TERM "$1" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# One trial → $run/trial-N.json: {"router", "size", "round", "result" | "error"}.
+n=0
+trial() {  # $1 router, $2 size, $3 round
+  n=$((n + 1))
+  local t="$run/trial-$n.json" gen err=""
+  rm -f "$run"/*.sock "$run/gen.json" "$run/stats.json"
+  taskset -c 0 timeout -k 5 "$limit" "$moat_bench" \
+    --port-a "$(memif 0 server $gen_mac_a)" --port-b "$(memif 1 server $gen_mac_b)" \
+    --lcore 0 --size "$2" --flows "$flows" --duration "$dur" --warmup "$warmup" \
+    --dst-mac "$dut_mac_a" --mac-a "$gen_mac_a" --mac-b "$gen_mac_b" \
+    --src-ip 10.0.1.2 --dst-ip 10.0.2.2 --file-prefix moat-fwd-gen \
+    >"$run/gen.json" 2>"$run/gen.err" </dev/null &
+  gen=$!
+  pids+=("$gen")
+  wait_sockets || err="moat-bench created no memif sockets"
+  start_dut "$1"
+  if [ "$1" = moatd ]; then
+    # Counters just before the window closes, to explain any loss.
+    (sleep $((warmup + dur)); timeout 5 "$moatctl" --socket "$run/moatd.sock" --json show stats \
+      >"$run/stats.json" 2>/dev/null || true) &
+    pids+=("$!")
+  fi
+  wait "$gen" || err="${err:-moat-bench exited with $?: $(tr '\n' ' ' <"$run/gen.err")}"
+  stop "$dut"
+  wait
+  pids=()  # all waited for: never signal a PID that may have been reused
+  /usr/bin/python3 - "$t" "$1" "$2" "$3" "$run/gen.json" "$run/stats.json" "$err" "$run/dut.log" <<'PY'
+import json, sys
+t, router, size, rnd, gen, stats, err, dutlog = sys.argv[1:]
+d = {"router": router, "size": int(size), "round": int(rnd)}
+try:
+    d["result"] = json.load(open(gen))
+except Exception as e:
+    err = err or f"no JSON from moat-bench ({e})"
+try:
+    d["router_stats"] = json.load(open(stats))
+except Exception:
+    pass
+if not err and not d["result"].get("link_up"):
+    err = d["result"].get("error", "links not up")
+if err:
+    d["error"] = err
+    d["router_log_tail"] = open(dutlog, errors="replace").read()[-2000:]
+json.dump(d, open(t, "w"))
+PY
+  if grep -q '"error"' "$t"; then echo "fwd-e2e: $1 $2 B round $3: $(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["error"])' "$t")" >&2; fi
+}
+
+echo "fwd-e2e: ${routers[*]} × ${sizes[*]} B, $rounds rounds of ${dur} s (+${warmup} s warm-up)" >&2
+for r in $(seq "$rounds"); do
+  for s in "${sizes[@]}"; do
+    for router in "${routers[@]}"; do
+      echo "fwd-e2e: round $r, $s B, $router" >&2
+      trial "$router" "$s" "$r"
     done
   done
-  echo " ]}"
-} >"$out"
+done
 
-/usr/bin/python3 - "$out" <<'EOF3'
-import json, statistics, sys
-d = json.load(open(sys.argv[1]))
-rows = {}
-for t in d["trials"]:
-    rows.setdefault(t["result"]["size"], {}).setdefault(t["router"], []).append(t["result"])
-print(f"| frame | testpmd io Mpps (median) | moatd Mpps (median) | moatd / testpmd | per-round ratios | moatd worst loss |")
-print(f"|---|---|---|---|---|---|")
-for size, r in sorted(rows.items()):
-    tp = [x["rx_mpps"] for x in r["testpmd"]]
-    mo = [x["rx_mpps"] for x in r["moatd"]]
-    ratios = [m / t if t else 0 for m, t in zip(mo, tp)]
-    mt, mm = statistics.median(tp), statistics.median(mo)
-    print(f"| {size} B | {mt:.3f} | {mm:.3f} | {mm / mt if mt else 0:.2f} | {', '.join(f'{x:.2f}' for x in ratios)} | "
-          f"{max(x['loss'] for x in r['moatd']):.4f} |")
-print(f"\n{sys.argv[1]}: {d['machine']}, DPDK {d['dpdk']}, commit {d['commit']}")
-EOF3
+mkdir -p "$(dirname "$out")"
+/usr/bin/python3 - "$out" "$run" "$dur" "$rounds" "$flows" "$moatd" <<'PY'
+import datetime, glob, json, os, platform, statistics, subprocess, sys
+out, run, dur, rounds, flows, moatd = sys.argv[1:]
+trials = [json.load(open(f)) for f in sorted(glob.glob(f"{run}/trial-*.json"), key=lambda f: int(f.split("-")[-1][:-5]))]
+def sh(*a):
+    try:
+        return subprocess.run(a, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+doc = {
+    "benchmark": "fwd-e2e",
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "machine": f"{os.cpu_count()} CPUs, {model}",
+    "kernel": platform.release(),
+    "dpdk": sh("pkg-config", "--modversion", "libdpdk"),
+    "commit": sh("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if sh("git", "status", "--porcelain") else ""),
+    "duration_s": float(dur), "rounds": int(rounds), "flows": int(flows),
+    "moatd_present": os.access(moatd, os.X_OK),
+    "trials": trials,
+}
+ok = [t for t in trials if "error" not in t]
+summary = {}
+for size in sorted({t["size"] for t in trials}):
+    row = {}
+    for router in ("testpmd", "moatd"):
+        rs = [t["result"] for t in ok if t["size"] == size and t["router"] == router]
+        if rs:
+            row[router] = {
+                "rx_mpps_median": statistics.median(r["rx_mpps"] for r in rs),
+                "rx_gbps_l1_median": statistics.median(r["rx_gbps_l1"] for r in rs),
+                "rx_mpps_each": [round(r["rx_mpps"], 3) for r in rs],
+                "loss_max": max(r["loss"] for r in rs),
+                "rx_ttl": sorted({r["rx_ttl"] for r in rs}),
+                "unexpected_max": {k: max(r["unexpected"][k] for r in rs) for k in rs[0]["unexpected"]},
+            }
+    if "testpmd" in row and "moatd" in row and row["testpmd"]["rx_mpps_median"] > 0:
+        row["ratio"] = row["moatd"]["rx_mpps_median"] / row["testpmd"]["rx_mpps_median"]
+        # Each round's two trials ran back to back: their ratio is the least
+        # disturbed by the machine's drift.
+        by_round = {}
+        for t in ok:
+            if t["size"] == size:
+                by_round.setdefault(t["round"], {})[t["router"]] = t["result"]["rx_mpps"]
+        row["ratio_each_round"] = [round(v["moatd"] / v["testpmd"], 3) for _, v in sorted(by_round.items())
+                                   if v.get("testpmd") and "moatd" in v]
+    summary[str(size)] = row
+doc["summary"] = summary
+json.dump(doc, open(out, "w"), indent=1)
+
+def cell(row, router, key, fmt):
+    return fmt.format(row[router][key]) if router in row else "—"
+print("| frame (B, incl. FCS) | testpmd io Mpps | testpmd Gbit/s L1 | moatd Mpps | moatd Gbit/s L1 | moatd / testpmd | per round | moatd max loss | rounds (Mpps testpmd ; moatd) |")
+print("|---|---|---|---|---|---|---|---|---|")
+for size, row in summary.items():
+    each = "; ".join(", ".join(f"{x:.2f}" for x in row[r]["rx_mpps_each"]) for r in ("testpmd", "moatd") if r in row)
+    ratio = f"**{row['ratio']:.2f}**" if "ratio" in row else "—"
+    print(f"| {size} | {cell(row, 'testpmd', 'rx_mpps_median', '{:.3f}')} | {cell(row, 'testpmd', 'rx_gbps_l1_median', '{:.2f}')} "
+          f"| {cell(row, 'moatd', 'rx_mpps_median', '{:.3f}')} | {cell(row, 'moatd', 'rx_gbps_l1_median', '{:.2f}')} "
+          f"| {ratio} | {', '.join(f'{x:.2f}' for x in row.get('ratio_each_round', []))} "
+          f"| {cell(row, 'moatd', 'loss_max', '{:.2e}')} | {each} |")
+print(f"\nMedians of {rounds} rounds of {dur} s; {doc['machine']}; DPDK {doc['dpdk']}; commit {doc['commit']}; {out}")
+r64 = summary.get("64", {}).get("ratio")
+if r64 is None:
+    print("moatd/testpmd at 64 B: not measured" + ("" if doc["moatd_present"] else " (no moatd binary)"))
+else:
+    worst = min(summary["64"].get("ratio_each_round") or [r64])
+    print(f"moatd/testpmd at 64 B: {r64:.2f} of medians, worst round {worst:.2f} "
+          f"(goal >= 0.5: {'met' if r64 >= 0.5 else 'NOT met'})")
+failed = [t for t in trials if "error" in t]
+for t in failed:
+    print(f"FAILED: {t['router']} {t['size']} B round {t['round']}: {t['error']}")
+sys.exit(1 if failed or not trials else 0)
+PY

@@ -4,9 +4,16 @@
 // The generator sends UDP/IPv4 frames of one size over N flows on port A; the
 // sink receives on port B; the router under test (moatd, testpmd, anything)
 // sits between the two. Max-rate mode (the default) offers as much as port A
-// takes; --rate-pps offers a fixed rate. Every run is bounded: warm-up, then
-// --duration seconds measured, then 100 ms of draining, and a watchdog that
-// ends the process if anything hangs. The result is one JSON object on stdout.
+// takes; --rate-pps offers a fixed rate. Every run is bounded: links up within
+// --link-timeout, --warmup seconds, a quiet gap (nothing offered until all
+// has arrived or nothing has for 20 ms, at most 200 ms), --duration seconds
+// measured, 100 ms of draining, and a watchdog that ends the process if
+// anything hangs. Thanks to the quiet gap, loss counts exactly the packets
+// sent in the window that never arrived. The result is one JSON object on
+// stdout (exit status 0; 3 when the links did not come up; 2 usage or EAL).
+//
+// Generator and sink share one lcore (--lcore) unless --sink-lcore names
+// another one.
 //
 //   moat-bench --port-a VDEV --port-b VDEV [--lcore N] [--sink-lcore N]
 //              [--size 64] [--flows 256] [--duration 5] [--warmup 1]
@@ -36,8 +43,12 @@
 //             af_packet, pcap, tap copy them out).
 //   copy      rte_pktmbuf_alloc_bulk, then copy each flow's frame in.
 //   refcnt    one template mbuf per flow, sent with its reference count
-//             raised, so the driver's free never recycles it.
-// prebuilt is the default because it measured fastest (docs/PERFORMANCE.md).
+//             raised, so the driver's free never recycles it. All frames
+//             stay in cache (flows × frame size), which matters at 1500 B.
+// refcnt is the default because it measured fastest (bench/tx-modes.sh,
+// docs/PERFORMANCE.md): about 1.7× prebuilt and 1.5-3.5× copy for the
+// generator alone. The others stay for re-measuring; copy is the only safe
+// one with a driver that writes into transmitted buffers (no vdev here does).
 //
 // Unexpected traffic is counted, never silently mixed into the result:
 // rx_on_a (anything the router sent back towards the generator), rx_on_b_foreign
@@ -103,7 +114,7 @@ struct Options {
   unsigned size = 64, flows = 256, memory_mb = 512;
   double duration = 5, warmup = 1, link_timeout = 10;
   uint64_t rate_pps = 0;  // 0: max rate
-  TxMode tx_mode = TxMode::prebuilt;
+  TxMode tx_mode = TxMode::refcnt;
   rte_ether_addr dst_mac{{0x02, 0, 0, 0, 0x0a, 0x01}};
   rte_ether_addr mac_a{{0x02, 0, 0, 0, 0xbe, 0x0a}};
   rte_ether_addr mac_b{{0x02, 0, 0, 0, 0xbe, 0x0b}};
@@ -269,11 +280,11 @@ Port start_port(const std::string& dev, const rte_ether_addr& mac, rte_mempool* 
   return p;
 }
 
-// When the measured window opens and closes, and until when the sink drains.
+// The generator decides when the measured window opens and closes; a sink on
+// another lcore follows these (0: not yet).
 struct Schedule {
   uint64_t hz = 0;
-  uint64_t measure = 0, end = 0;
-  double drain_s = kDrainS;
+  std::atomic<uint64_t> open_tsc{0}, close_tsc{0};
 };
 
 // A counter's value when the window opened and closed, and the TSC then.
@@ -314,9 +325,12 @@ class Generator {
     }
   }
 
-  void begin(uint64_t tsc, uint64_t hz) {
+  // (Re)starts the rate clock: after the quiet gap before the window, a
+  // fixed-rate run must not try to catch up on the pause.
+  void pace_from(uint64_t tsc, uint64_t hz) {
     start_tsc_ = tsc;
     hz_ = hz;
+    pace_base_ = attempted_;
   }
 
   // One round of the hot loop: top up the burst and offer it to port A.
@@ -331,7 +345,7 @@ class Generator {
       npending_ = uint16_t(npending_ - k);
       return;
     }
-    uint64_t due = uint64_t(double(now - start_tsc_) * double(rate_pps_) / double(hz_));
+    uint64_t due = pace_base_ + uint64_t(double(now - start_tsc_) * double(rate_pps_) / double(hz_));
     if (due <= attempted_) return;
     if (due - attempted_ > max_backlog_) {
       late_ += due - attempted_ - max_backlog_;
@@ -392,8 +406,11 @@ class Generator {
   }
 
   void make_prebuilt_pool(const Options& o) {
-    // A multiple of the flow count, so the FIFO pool cycles through flows evenly.
-    unsigned n = o.flows * ((4 * kRingSize + o.flows - 1) / o.flows);
+    // As small as a full TX ring plus bursts allows (the frames cycled
+    // through should stay in cache), and a multiple of the flow count so the
+    // FIFO pool cycles through the flows evenly.
+    const unsigned need = kRingSize + 2 * kTxBurst;
+    unsigned n = o.flows * ((need + o.flows - 1) / o.flows);
     pool_ = rte_pktmbuf_pool_create_by_ops("bench_tx", n, 0, 0, RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id(),
                                            "ring_sp_sc");
     if (!pool_) die(fmt::format("tx pool of {} mbufs: {}", n, rte_strerror(rte_errno)));
@@ -441,7 +458,7 @@ class Generator {
   rte_mbuf* pending_[kTxBurst] = {};
   uint16_t npending_ = 0;
   unsigned next_flow_ = 0;
-  uint64_t start_tsc_ = 0, hz_ = 1;
+  uint64_t start_tsc_ = 0, hz_ = 1, pace_base_ = 0;
   uint64_t sent_ = 0, attempted_ = 0, rejected_ = 0, late_ = 0, alloc_failed_ = 0;
 };
 
@@ -461,7 +478,9 @@ class Sink {
     if (n) rte_pktmbuf_free_bulk(rx, n);
   }
 
-  uint64_t received() const { return received_; }
+  // Read by the generator's lcore too (the quiet gap), hence atomic; only
+  // this sink writes it.
+  uint64_t received() const { return received_.load(std::memory_order_relaxed); }
   uint64_t received_bytes() const { return bytes_; }
   uint64_t foreign() const { return foreign_; }
   uint64_t rx_on_a() const { return rx_on_a_; }
@@ -491,14 +510,15 @@ class Sink {
     }
     seen_[f] = 1;
     last_ttl_ = ip->time_to_live;
-    received_++;
+    received_.store(received_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     bytes_ += m->pkt_len;
   }
 
   uint16_t port_a_, port_b_;
   uint32_t src_ip_;
   std::vector<uint8_t> seen_;
-  uint64_t received_ = 0, bytes_ = 0, foreign_ = 0, rx_on_a_ = 0;
+  std::atomic<uint64_t> received_{0};
+  uint64_t bytes_ = 0, foreign_ = 0, rx_on_a_ = 0;
   int last_ttl_ = -1;
 };
 
@@ -515,7 +535,7 @@ void sink_close(Sink& s, uint64_t now) {
 // After the window: keep receiving what is still in flight, so loss counts
 // only what the router really dropped.
 void sink_drain(Sink& s, const Schedule& sch) {
-  uint64_t until = rte_rdtsc() + uint64_t(sch.drain_s * double(sch.hz));
+  uint64_t until = rte_rdtsc() + uint64_t(kDrainS * double(sch.hz));
   while (rte_rdtsc() < until) s.poll();
 }
 
@@ -529,11 +549,10 @@ int sink_main(void* arg) {
   auto* t = static_cast<SinkTask*>(arg);
   Sink& s = *t->sink;
   const Schedule& sch = *t->schedule;
-  uint64_t now;
-  while ((now = rte_rdtsc()) < sch.end && !g_stop.load(std::memory_order_relaxed)) {
-    if (!s.window.opened && now >= sch.measure) sink_open(s, now);
-    s.poll();
-  }
+  auto stopped = [] { return g_stop.load(std::memory_order_relaxed); };
+  while (!sch.open_tsc.load(std::memory_order_acquire) && !stopped()) s.poll();
+  if (!stopped()) sink_open(s, rte_rdtsc());
+  while (!sch.close_tsc.load(std::memory_order_acquire) && !stopped()) s.poll();
   sink_close(s, rte_rdtsc());
   sink_drain(s, sch);
   return 0;
@@ -585,25 +604,48 @@ int run(const Options& o) {
   }
   const double link_wait_s = double(rte_rdtsc() - link_t0) / double(sch.hz);
 
+  double quiet_s = 0;
   if (link_up) {
-    const uint64_t t0 = rte_rdtsc();
-    sch.measure = t0 + uint64_t(o.warmup * double(sch.hz));
-    sch.end = sch.measure + uint64_t(o.duration * double(sch.hz));
-    gen.begin(t0, sch.hz);
+    auto stopped = [] { return g_stop.load(std::memory_order_relaxed); };
+    const uint64_t hz = sch.hz;
     SinkTask task{&sink, &sch};
     if (o.split() && rte_eal_remote_launch(sink_main, &task, unsigned(o.sink_lcore)) != 0)
       die(fmt::format("cannot launch the sink on lcore {}", o.sink_lcore));
-    uint64_t now;
-    while ((now = rte_rdtsc()) < sch.end && !g_stop.load(std::memory_order_relaxed)) {
-      if (!gen.window.opened && now >= sch.measure) {
-        gen.window.open(gen.sent(), now);
-        if (!o.split()) sink_open(sink, now);
+    // Warm-up: links, rings, caches and the router settle; its losses (a
+    // peer that restarts its port drops a ring's worth) are reported apart.
+    uint64_t now = rte_rdtsc();
+    gen.pace_from(now, hz);
+    for (const uint64_t until = now + uint64_t(o.warmup * double(hz)); (now = rte_rdtsc()) < until && !stopped();) {
+      gen.step(now);
+      if (!o.split()) sink.poll();
+    }
+    // Quiet gap: stop offering until everything sent has arrived, or the
+    // sink has heard nothing for 20 ms (the warm-up lost some; 20 ms because
+    // vCPU stalls of a few ms happen here), at most 200 ms. Every packet of
+    // the window is then one the window sent: loss is exact rather than off
+    // by whatever was in flight.
+    const uint64_t quiet_t0 = rte_rdtsc();
+    for (uint64_t last = sink.received(), changed = quiet_t0;
+         (now = rte_rdtsc()) < quiet_t0 + hz / 5 && now - changed < hz / 50 && last != gen.sent() && !stopped();) {
+      if (!o.split()) sink.poll();
+      if (uint64_t r = sink.received(); r != last) {
+        last = r;
+        changed = now;
       }
+    }
+    quiet_s = double(rte_rdtsc() - quiet_t0) / double(hz);
+    now = rte_rdtsc();
+    gen.window.open(gen.sent(), now);
+    gen.pace_from(now, hz);
+    if (!o.split()) sink_open(sink, now);
+    sch.open_tsc.store(now, std::memory_order_release);
+    for (const uint64_t end = now + uint64_t(o.duration * double(hz)); (now = rte_rdtsc()) < end && !stopped();) {
       gen.step(now);
       if (!o.split()) sink.poll();
     }
     now = rte_rdtsc();
     gen.window.close(gen.sent(), now);
+    sch.close_tsc.store(now, std::memory_order_release);
     gen.release();
     if (o.split()) {
       rte_eal_mp_wait_lcore();
@@ -617,7 +659,12 @@ int run(const Options& o) {
   const double rx_pps = sink.window.rate(sch.hz);
   const double rx_secs = sink.bytes_window.seconds(sch.hz);
   const double rx_l2_bytes = double(sink.bytes_window.count() + kFcsBytes * sink.window.count());
-  const int64_t lost = int64_t(gen.sent()) - int64_t(sink.received());
+  // The window's packets: sent between open and close, received from open
+  // to the end of the drain.
+  const uint64_t win_tx = gen.window.count();
+  const uint64_t win_rx = sink.received() - sink.window.open_value;
+  const int64_t lost = int64_t(win_tx) - int64_t(win_rx);
+  const uint64_t warm_tx = gen.window.open_value, warm_rx = sink.window.open_value;
   rte_eth_stats stats_b{};
   rte_eth_stats_get(b.id, &stats_b);
 
@@ -636,10 +683,10 @@ int run(const Options& o) {
   r["link_wait_s"] = link_wait_s;
   r["warmup_s"] = o.warmup;
   r["duration_s"] = gen.window.seconds(sch.hz);
-  r["tx_packets"] = gen.sent();
-  r["rx_packets"] = sink.received();
+  r["tx_packets"] = win_tx;
+  r["rx_packets"] = win_rx;
   r["lost_packets"] = lost;
-  r["loss"] = gen.sent() ? double(lost) / double(gen.sent()) : 0.0;
+  r["loss"] = win_tx ? double(lost) / double(win_tx) : 0.0;
   r["tx_pps"] = tx_pps;
   r["rx_pps"] = rx_pps;
   r["tx_mpps"] = tx_pps / 1e6;
@@ -652,6 +699,8 @@ int run(const Options& o) {
   r["rx_gbps_l2"] = r["rx_bps_l2"].get<double>() / 1e9;
   r["rx_ttl"] = sink.last_ttl();
   r["flows_seen"] = sink.flows_seen();
+  r["warmup"] = {{"tx_packets", warm_tx}, {"rx_packets", warm_rx},
+                 {"lost_packets", int64_t(warm_tx) - int64_t(warm_rx)}, {"quiet_gap_s", quiet_s}};
   r["tx_rejected"] = gen.rejected();
   r["tx_late"] = gen.late();
   r["tx_alloc_failed"] = gen.alloc_failed();
