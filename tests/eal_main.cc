@@ -5,7 +5,7 @@
 
 int main(int argc, char** argv) {
   testing::InitGoogleTest(&argc, argv);
-  const char* eal[] = {"moat-test", "--no-huge", "-m", "256", "--no-pci", "--no-shconf", "-l", "0", "--log-level", "error"};
+  const char* eal[] = {"moat-test", "--no-huge", "-m", "2048", "--no-pci", "--no-shconf", "-l", "0", "--log-level", "error"};
   if (rte_eal_init(sizeof(eal) / sizeof(eal[0]), const_cast<char**>(eal)) < 0) {
     fprintf(stderr, "EAL init failed\n");
     return 1;
