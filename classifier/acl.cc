@@ -72,6 +72,7 @@ tl::expected<std::unique_ptr<Classifier>, std::string> compile(const RuleSet& rs
   auto c = std::make_unique<Classifier>();
   c->generation = generation;
   c->categories = opt.categories == 1 ? 1 : kTables;
+  c->tunnel_zone = rs.tunnel_zone;
   uint64_t total = 0;
   for (unsigned t = 0; t < kTables; t++) {
     c->verdict[t].reserve(rs.table[t].rules.size() + 1);

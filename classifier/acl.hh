@@ -40,6 +40,7 @@ struct Classifier {
   uint64_t generation = 0;
   uint32_t acl_rules = 0;  // rules after expanding lists
   unsigned categories = kTables;
+  std::vector<uint8_t> tunnel_zone;  // zone id per tunnel id
   Classifier() = default;
   Classifier(const Classifier&) = delete;
   Classifier& operator=(const Classifier&) = delete;

@@ -79,6 +79,7 @@ struct RuleSet {
   std::vector<std::string> zones{"local"};  // index = zone id
   std::vector<std::string> classes{"default"};  // qos class ids
   std::vector<std::string> tunnels;          // spd tunnel ids
+  std::vector<uint8_t> tunnel_zone;          // zone id per tunnel id
   bool empty() const {
     for (auto& t : table)
       if (!t.rules.empty()) return false;

@@ -33,6 +33,7 @@ const char* route_type_name(RouteType t) {
     case RouteType::blackhole: return "blackhole";
     case RouteType::unreachable: return "unreachable";
     case RouteType::prohibit: return "prohibit";
+    case RouteType::tunnel: return "tunnel";
   }
   return "?";
 }
@@ -184,7 +185,7 @@ void read_route(Reader& r, const YAML::Node& n, Config& c) {
   rt.line = n.Mark().line + 1;
   bool has_prefix = false, prefix_seen = false;
   YAML::Node port_node;
-  r.fields(n, "route", {"prefix", "via", "port", "type"}, [&](const std::string& k, const YAML::Node& v) {
+  r.fields(n, "route", {"prefix", "via", "port", "type", "tunnel"}, [&](const std::string& k, const YAML::Node& v) {
     if (k == "prefix") {
       prefix_seen = true;
       if (auto s = r.str(v, "route.prefix")) {
@@ -198,6 +199,12 @@ void read_route(Reader& r, const YAML::Node& n, Config& c) {
       }
     } else if (k == "via") {
       r.ipv4(v, "route.via", rt.via);
+    } else if (k == "tunnel") {
+      // Checked against the tunnels once the whole file is read.
+      if (auto s = r.str(v, "route.tunnel")) {
+        rt.tunnel = *s;
+        rt.type = RouteType::tunnel;
+      }
     } else if (k == "port") {
       if (auto s = r.str(v, "route.port")) {
         rt.port = *s;
@@ -219,6 +226,10 @@ void read_route(Reader& r, const YAML::Node& n, Config& c) {
   }
   if (!rt.port.empty() && !c.port(rt.port)) {
     r.error(port_node, fmt::format("route.port: no port named \"{}\"", rt.port));
+    return;
+  }
+  if (rt.type == RouteType::tunnel && (rt.via || !rt.port.empty())) {
+    r.error(n, fmt::format("route {}: a route into a tunnel takes no \"via\" or \"port\"", rt.prefix.str()));
     return;
   }
   if (rt.type == RouteType::unicast && rt.via == 0 && rt.port.empty()) {
@@ -278,7 +289,8 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
   else r.error(root, "missing \"ports\": a router needs at least one port");
 
   r.fields(root, "top level",
-           {"eal", "mempool", "ports", "routes", "neighbors", "workers", "arp", "icmp", "punt", "control"},
+           {"eal", "mempool", "ports", "routes", "neighbors", "workers", "arp", "icmp", "punt", "control", "zones",
+            "tunnels", "filter", "nat", "spd", "qos"},
            [&](const std::string& k, const YAML::Node& v) {
              if (k == "eal") {
                read_eal(r, v, c.eal);
@@ -318,6 +330,8 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
                  if (k2 == "enabled") r.boolean(v2, "punt.enabled", c.punt_enabled);
                  else if (auto s = r.str(v2, "punt.netns")) c.punt_netns = *s;
                });
+             } else if (k == "zones" || k == "tunnels" || k == "filter" || k == "nat" || k == "spd" || k == "qos") {
+               // read_policy below: it needs every port first.
              } else if (k == "control") {
                r.fields(v, "control", {"socket", "max_routes"}, [&](const std::string& k2, const YAML::Node& v2) {
                  if (k2 == "socket") {
@@ -328,6 +342,11 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
                });
              }
            });
+  read_policy(r, root, c);
+  for (auto& rt : c.routes)
+    if (rt.type == RouteType::tunnel &&
+        std::none_of(c.tunnels.begin(), c.tunnels.end(), [&](const TunnelConfig& t) { return t.name == rt.tunnel; }))
+      errors.push_back(ConfigError{path, rt.line, 1, fmt::format("route {}: no tunnel named \"{}\"", rt.prefix.str(), rt.tunnel)});
   // Cross-checks that need the whole file.
   for (auto& rt : c.routes) {
     if (rt.via && rt.port.empty()) {

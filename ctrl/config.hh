@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "classifier/rules.hh"
+
 namespace moat {
 
 struct ConfigError {
@@ -53,13 +55,14 @@ struct PortConfig {
   int line = 0;
 };
 
-enum class RouteType : uint8_t { unicast, blackhole, unreachable, prohibit };
+enum class RouteType : uint8_t { unicast, blackhole, unreachable, prohibit, tunnel };
 const char* route_type_name(RouteType t);
 
 struct RouteConfig {
   Ipv4Prefix prefix;
   uint32_t via = 0;  // 0: directly connected through `port`
   std::string port;  // empty: found from `via`
+  std::string tunnel;  // type tunnel: the tunnel's name
   RouteType type = RouteType::unicast;
   int line = 0;
 };
@@ -68,6 +71,14 @@ struct NeighborConfig {
   uint32_t ip = 0;
   rte_ether_addr mac{};
   std::string port;
+  int line = 0;
+};
+
+// A tunnel as the rule tables see it: a name for SPD `protect` and the zone
+// its decrypted packets come from (and protected packets go to).
+struct TunnelConfig {
+  std::string name;
+  std::string zone;
   int line = 0;
 };
 
@@ -98,6 +109,11 @@ struct Config {
   // control
   std::string socket = "/run/moat/moatd.sock";
   unsigned max_routes = 65536;
+  // Policy: zones, tunnels and the four rule tables (docs/CONFIGURATION.md).
+  std::vector<uint8_t> port_zone;  // zone id per port (index as in `ports`)
+  std::vector<TunnelConfig> tunnels;
+  RuleSet rules;
+  bool has_policy = false;  // any of zones/filter/nat/spd/qos given
 
   unsigned workers() const { return eal.lcores.size() > 1 ? unsigned(eal.lcores.size() - 1) : 0; }
   const PortConfig* port(const std::string& name) const;

@@ -114,4 +114,7 @@ class Reader {
   std::vector<ConfigError>& errors_;
 };
 
+// Zones, tunnels and the four rule tables (ctrl/config_policy.cc).
+void read_policy(Reader& r, const YAML::Node& root, Config& c);
+
 }  // namespace moat

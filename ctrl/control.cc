@@ -106,6 +106,14 @@ tl::expected<void, std::string> RouteTable::add(const Ipv4Prefix& p, RouteType t
     case RouteType::blackhole: r.kind = NextHop::blackhole; break;
     case RouteType::unreachable: r.kind = NextHop::unreachable; break;
     case RouteType::prohibit: r.kind = NextHop::prohibit; break;
+    case RouteType::tunnel: {
+      // `port_name` names the tunnel; its id is its place in the config.
+      auto it = std::find_if(c_.tunnels.begin(), c_.tunnels.end(), [&](const TunnelConfig& t) { return t.name == port_name; });
+      if (it == c_.tunnels.end()) return tl::unexpected(fmt::format("route {}: no tunnel named \"{}\"", p.str(), port_name));
+      r.kind = NextHop::tunnel;
+      r.port = uint16_t(it - c_.tunnels.begin());
+      break;
+    }
     case RouteType::unicast: {
       int cfg = -1;
       if (!port_name.empty()) {
@@ -301,15 +309,19 @@ tl::expected<void, std::string> Control::start() {
     pi.mtu = pc.mtu;
     pi.vlan = pc.vlan;
     pi.punt = c_.punt_enabled && pc.punt;
+    pi.zone = i < c_.port_zone.size() ? c_.port_zone[i] : 0;
+    pi.key = uint8_t(i);
   }
   tables_.ports.store(port_table_, std::memory_order_release);
+  if (c_.has_policy)
+    if (auto ok = publish_rules(c_.rules); !ok) return tl::unexpected("rules: " + ok.error());
   tables_.punt_enabled = c_.punt_enabled;
   g_tables = &tables_;
 
   routes_ = std::make_unique<RouteTable>(tables_, c_, ports_);
   for (auto& p : ports_) routes_->add_connected(p.id);
   for (auto& r : c_.routes)
-    if (auto ok = routes_->add(r.prefix, r.type, r.via, r.port, RouteTable::Origin::config); !ok)
+    if (auto ok = routes_->add(r.prefix, r.type, r.via, r.type == RouteType::tunnel ? r.tunnel : r.port, RouteTable::Origin::config); !ok)
       return tl::unexpected(fmt::format("{}:{}: {}", c_.path, r.line, ok.error()));
 
   ArpParams ap;
@@ -650,6 +662,66 @@ void Control::shutdown() {
   tables_.ports.store(nullptr);
   delete port_table_;
   port_table_ = nullptr;
+  tables_.classifier.store(nullptr);
+  classifier_.reset();
+}
+
+tl::expected<void, std::string> Control::publish_rules(const RuleSet& rs) {
+  // Compiled here, off the data path; workers keep classifying with the old
+  // context until the pointer swap, and it is freed only after every worker
+  // has passed a quiescent point, so no packet sees a half-built rule set.
+  uint64_t t0 = rte_get_tsc_cycles();
+  auto next = compile(rs, ++rules_generation_);
+  if (!next) return tl::unexpected(next.error());
+  rules_build_us_ = (rte_get_tsc_cycles() - t0) * 1000000 / rte_get_tsc_hz();
+  std::unique_ptr<Classifier> old = std::move(classifier_);
+  classifier_ = std::move(*next);
+  tables_.classifier.store(classifier_.get(), std::memory_order_release);
+  if (old && workers_running_) rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
+  rules_ = rs;
+  return {};
+}
+
+tl::expected<json, std::string> Control::reload_rules(const std::string& path) {
+  std::vector<ConfigError> errors;
+  Config n = load_config(path, errors);
+  if (!errors.empty()) {
+    std::string all;
+    for (auto& e : errors) all += (all.empty() ? "" : "\n") + e.str();
+    return tl::unexpected(all + "\nthe rules in force are unchanged");
+  }
+  // Zones map to ports: a reload may change rules, not which ports exist.
+  if (n.ports.size() != c_.ports.size() || n.port_zone != c_.port_zone)
+    return tl::unexpected(fmt::format("{}: ports or their zones differ from the running config; restart moatd to "
+                                      "change them (the rules in force are unchanged)", path));
+  for (size_t i = 0; i < n.ports.size(); i++)
+    if (n.ports[i].name != c_.ports[i].name)
+      return tl::unexpected(fmt::format("{}: port {} is now {}; restart moatd to change ports", path,
+                                        c_.ports[i].name, n.ports[i].name));
+  if (auto ok = publish_rules(n.rules); !ok) return tl::unexpected(ok.error() + "\nthe rules in force are unchanged");
+  json out;
+  out["generation"] = rules_generation_;
+  out["acl_rules"] = classifier_->acl_rules;
+  out["build_us"] = rules_build_us_;
+  return out;
+}
+
+json Control::show_rules() const {
+  json out;
+  out["generation"] = rules_generation_;
+  out["acl_rules"] = classifier_ ? classifier_->acl_rules : 0;
+  out["build_us"] = rules_build_us_;
+  json tables = json::object();
+  for (unsigned t = 0; t < kTables; t++) {
+    json rules = json::array();
+    for (auto& r : rules_.table[t].rules) rules.push_back(json{{"name", r.name}, {"line", r.line}});
+    tables[kTableNames[t]] = json{{"rules", rules}};
+  }
+  out["tables"] = tables;
+  json zones = json::array();
+  for (auto& z : rules_.zones) zones.push_back(z);
+  out["zones"] = zones;
+  return out;
 }
 
 tl::expected<void, std::string> Control::set_address(const std::string& name, const Ipv4Prefix& a) {
@@ -728,7 +800,9 @@ json Control::show_routes() const {
     json o = json::object();
     o["prefix"] = r.prefix.str();
     o["via"] = r.via ? ipv4_str(r.via) : "";
-    o["port"] = r.kind == NextHop::connected || r.kind == NextHop::gateway ? routes_->port_name(r.port) : "";
+    o["port"] = r.kind == NextHop::connected || r.kind == NextHop::gateway ? routes_->port_name(r.port)
+                : r.kind == NextHop::tunnel                                 ? "tunnel " + c_.tunnels[r.port].name
+                                                                            : "";
     o["type"] = route_type_name(r.type);
     o["origin"] = origin[int(r.origin)];
     out.push_back(o);
@@ -779,6 +853,7 @@ json Control::show_stats() const {
     o["injected"] = w->stats.injected.load();
     o["icmp_sent"] = w->stats.icmp_sent.load();
     o["fragments"] = w->stats.fragments.load();
+    o["classified"] = w->stats.classified.load();
     uint64_t dropped = 0;
     for (unsigned d = 0; d < kDropCount; d++) dropped += w->stats.drops[d].load();
     o["dropped"] = dropped;
@@ -802,7 +877,7 @@ void Control::register_cli() {
   cli_->on("show stats", [this](const std::vector<std::string>&) { return show_stats(); });
   cli_->on("route add", [this](const std::vector<std::string>& a) {
     // route add PREFIX (via GW)? (port NAME)? (type T)?
-    if (a.empty()) throw CliError("usage: route add PREFIX [via GW] [port NAME] [type unicast|blackhole|unreachable|prohibit]");
+    if (a.empty()) throw CliError("usage: route add PREFIX [via GW] [port NAME] [tunnel NAME] [type unicast|blackhole|unreachable|prohibit]");
     std::string why;
     auto p = parse_prefix(a[0], true, &why);
     if (!p) throw CliError("route add: " + why);
@@ -819,6 +894,9 @@ void Control::register_cli() {
         via = *g;
       } else if (k == "port") {
         port = v;
+      } else if (k == "tunnel") {
+        type = RouteType::tunnel;
+        port = v;
       } else if (k == "type") {
         if (v == "unicast") type = RouteType::unicast;
         else if (v == "blackhole") type = RouteType::blackhole;
@@ -826,7 +904,7 @@ void Control::register_cli() {
         else if (v == "prohibit") type = RouteType::prohibit;
         else throw CliError(fmt::format("route add: unknown type \"{}\"", v));
       } else {
-        throw CliError(fmt::format("route add: unknown word \"{}\" (expected via, port or type)", k));
+        throw CliError(fmt::format("route add: unknown word \"{}\" (expected via, port, tunnel or type)", k));
       }
     }
     if (type == RouteType::unicast && !via && port.empty()) throw CliError("route add: needs via GW or port NAME");
@@ -840,6 +918,13 @@ void Control::register_cli() {
     if (!p || a[1].find('/') == std::string::npos) throw CliError("address set: " + (why.empty() ? "needs A.B.C.D/LEN" : why));
     if (auto ok = set_address(a[0], *p); !ok) throw CliError("address set: " + ok.error());
     return json{{"port", a[0]}, {"address", p->str()}};
+  });
+  cli_->on("show rules", [this](const std::vector<std::string>&) { return show_rules(); });
+  cli_->on("rules reload", [this](const std::vector<std::string>& a) {
+    if (a.size() > 1) throw CliError("usage: rules reload [FILE]");
+    auto r = reload_rules(a.empty() ? c_.path : a[0]);
+    if (!r) throw CliError("rules reload: " + r.error());
+    return *r;
   });
   cli_->on("route del", [this](const std::vector<std::string>& a) {
     if (a.size() != 1) throw CliError("usage: route del PREFIX");

@@ -84,6 +84,13 @@ class Control {
   // follow, and a gratuitous ARP announces it.
   tl::expected<void, std::string> set_address(const std::string& port, const Ipv4Prefix& a);
 
+  // Compiles `rs` and publishes it to the workers (classifier/acl.hh).
+  tl::expected<void, std::string> publish_rules(const RuleSet& rs);
+  // Reads the rule tables from a config file and publishes them; on any
+  // error the rules in force stay. Ports and zones must be unchanged.
+  tl::expected<nlohmann::ordered_json, std::string> reload_rules(const std::string& path);
+  nlohmann::ordered_json show_rules() const;
+
   nlohmann::ordered_json show_interfaces() const;
   nlohmann::ordered_json show_routes() const;
   nlohmann::ordered_json show_neighbors() const;
@@ -122,6 +129,10 @@ class Control {
   uint64_t tap_rx_ = 0, tap_tx_ = 0;
   uint64_t tsc_hz_ = 0;
   uint64_t last_tick_ms_ = 0;
+  std::unique_ptr<Classifier> classifier_;  // what tables_.classifier points to
+  RuleSet rules_;
+  uint64_t rules_generation_ = 0;
+  uint64_t rules_build_us_ = 0;
 };
 
 }  // namespace moat

@@ -38,7 +38,11 @@ namespace moat {
   X(arp_unsolicited, "ARP reply nobody asked for (not cached)")                     \
   X(arp_not_for_us, "ARP request for an address that is not ours")                  \
   X(punt_no_tap, "local packet but the punt path is disabled")                      \
-  X(inject_bad, "packet from the control thread with an invalid port")
+  X(inject_bad, "packet from the control thread with an invalid port")             \
+  X(filter_drop, "filter rule (or default) says drop")                              \
+  X(filter_reject, "filter rule says reject (answered with ICMP admin-prohibited)") \
+  X(spd_discard, "SPD rule says discard")                                           \
+  X(tunnel_down, "tunnel has no outbound SA")
 
 enum class Drop : uint8_t {
 #define MOAT_X(name, what) name,

@@ -11,6 +11,7 @@ namespace moat {
 
 inline constexpr uint16_t kMaxBurst = 64;
 inline constexpr uint16_t kNoPort = 0xffff;
+inline constexpr uint16_t kNoTunnel = 0xffff;
 
 // Why a worker handed a packet to the control thread.
 enum class Punt : uint8_t {
@@ -40,6 +41,13 @@ struct PktMeta {
   Inject inject;
   uint8_t generated;  // 1: built by us (ICMP error/reply): never answer with ICMP
   uint8_t pad_;
+  // The classifier's answer, one per table (filter, nat, spd, qos): rule
+  // index + 1, 0 for the table's default. Index into Classifier::verdict.
+  uint32_t rule[4];
+  // Tunnels (config order): the one a decrypted packet came out of, and the
+  // one its route sends it into. Their zones stand in for a port's.
+  uint16_t in_tunnel = kNoTunnel;
+  uint16_t out_tunnel = kNoTunnel;
 };
 
 inline constexpr uint16_t kMbufPrivSize = RTE_ALIGN(sizeof(PktMeta), RTE_MBUF_PRIV_ALIGN);

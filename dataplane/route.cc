@@ -71,6 +71,7 @@ void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
         continue;
       case NextHop::connected:
       case NextHop::gateway:
+      case NextHop::tunnel:
         break;
       default:
         w.drop(m, Drop::no_route);  // a next hop being torn down
@@ -83,7 +84,9 @@ void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
       send_icmp_error(w, pt, m, Drop::ttl_expired, kIcmpTimeExceeded, 0);
       continue;
     }
-    uint16_t mtu = pt.port[nh.port].mtu;
+    // A tunnel offers a large virtual MTU (ESP fragments the inner packet):
+    // only an egress port's MTU can refuse a DF packet here.
+    uint16_t mtu = nh.kind == NextHop::tunnel ? 0xffff : pt.port[nh.port].mtu;
     if (rte_be_to_cpu_16(ip->total_length) > mtu &&
         (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG))) {
       send_icmp_error(w, pt, m, Drop::frag_needed, kIcmpUnreach, kUnreachFragNeeded, mtu);
@@ -96,8 +99,13 @@ void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
       ip->hdr_checksum = uint16_t(sum + (sum >> 16));
     }
     md.nh = idx;
-    md.out_port = nh.port;
-    md.nh_ip = nh.kind == NextHop::gateway ? nh.gw : dst[i];
+    if (nh.kind == NextHop::tunnel) {
+      md.out_tunnel = nh.port;
+      md.out_port = kNoPort;
+    } else {
+      md.out_port = nh.port;
+      md.nh_ip = nh.kind == NextHop::gateway ? nh.gw : dst[i];
+    }
     b.pkts[kept++] = m;
   }
   b.n = kept;

@@ -12,11 +12,16 @@
 //    with one atomic store.
 //  - ports: immutable PortTable snapshot, swapped whole (address changes),
 //    freed after a grace period.
+//  - classifier: the compiled rule tables (classifier/acl.hh), swapped whole
+//    on a rule change, freed after a grace period. Null: no policy, every
+//    packet passes (a plain router).
 // Workers report a quiescent state on `qsbr` once per loop iteration.
 #include <rte_ether.h>
 #include <rte_hash.h>
 #include <rte_lpm.h>
 #include <rte_rcu_qsbr.h>
+
+#include "classifier/acl.hh"
 
 #include <atomic>
 #include <cstdint>
@@ -36,9 +41,10 @@ struct NextHop {
     blackhole,    // drop silently
     unreachable,  // drop, ICMP net unreachable
     prohibit,     // drop, ICMP communication administratively prohibited
+    tunnel,       // into tunnel `port` (a tunnel id): ESP outbound
   };
   Kind kind = unused;
-  uint16_t port = 0;  // egress port (connected/gateway), owning port (local)
+  uint16_t port = 0;  // egress port (connected/gateway), owning port (local), tunnel id
   uint32_t gw = 0;    // host order
 };
 
@@ -50,6 +56,8 @@ struct PortInfo {
   uint16_t mtu = 1500;
   uint16_t vlan = 0;  // 0: untagged
   bool punt = false;  // has a TAP on the punt path
+  uint8_t zone = 0;   // classifier zone id
+  uint8_t key = 0;    // the port as rules name it (its index in the config)
 };
 
 struct PortTable {
@@ -85,6 +93,7 @@ struct Tables {
   std::atomic<uint32_t> default_nh{0};
   rte_hash* neigh = nullptr;
   std::atomic<const PortTable*> ports{nullptr};
+  std::atomic<const Classifier*> classifier{nullptr};
   rte_rcu_qsbr* qsbr = nullptr;
   bool punt_enabled = false;
 };

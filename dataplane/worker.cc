@@ -28,10 +28,31 @@ static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
   egress(w, t, pt, g);
 }
 
+// The rule tables' verdicts for transit packets and packets for us.
+static void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+  const Classifier* c = t.classifier.load(std::memory_order_acquire);
+  Burst to_tunnel;
+  if (c) {
+    classify(w, *c, pt, b, w.local);
+    filter(w, *c, pt, b);
+    filter(w, *c, pt, w.local);
+    qos_mark(w, *c, b);
+  }
+  spd(w, c, b, to_tunnel);
+  tunnel_out(w, t, to_tunnel);
+}
+
+// Until a tunnel has an outbound SA its packets have nowhere to go.
+void tunnel_out(Worker& w, const Tables&, Burst& b) {
+  for (uint16_t i = 0; i < b.n; i++) w.drop(b.pkts[i], Drop::tunnel_down);
+  b.n = 0;
+}
+
 void process_burst(Worker& w, const Tables& t, Burst& b) {
   const PortTable& pt = *t.ports.load(std::memory_order_acquire);
   parse(w, pt, b);
   route(w, t, pt, b);
+  policy(w, t, pt, b);
   local_deliver(w, t, pt, w.local);
   egress(w, t, pt, b);
   route_generated(w, t, pt);
@@ -71,6 +92,7 @@ static unsigned process_inject(Worker& w, const Tables& t) {
     }
   }
   route(w, t, pt, to_route);
+  policy(w, t, pt, to_route);
   local_deliver(w, t, pt, w.local);
   egress(w, t, pt, to_route);
   egress(w, t, pt, to_egress);

@@ -23,7 +23,7 @@ struct RxQueue {
 };
 
 struct alignas(64) WorkerStats {
-  Counter rx, tx, punted, injected, icmp_sent, fragments;
+  Counter rx, tx, punted, injected, icmp_sent, fragments, classified;
   Counter drops[kDropCount];
 };
 
@@ -63,6 +63,15 @@ struct Worker {
 // the packets it passes on in order, and drops only through Worker::drop.
 void parse(Worker& w, const PortTable& pt, Burst& b);                // L2/L3 validation
 void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b);  // LPM, TTL
+// One rte_acl lookup for the routed burst and the packets for us together.
+void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transit, Burst& local);
+void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b);  // accept/drop/reject
+void qos_mark(Worker& w, const Classifier& c, Burst& b);                      // DSCP rewrite
+// Moves packets the SPD protects (or the route sends into a tunnel) to
+// `to_tunnel`; drops what it discards. `c` may be null (no policy).
+void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel);
+// ESP outbound for packets bound to a tunnel (md.out_tunnel).
+void tunnel_out(Worker& w, const Tables& t, Burst& b);
 void local_deliver(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
 void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b);  // ARP, MTU, L2
 void tx_flush(Worker& w);

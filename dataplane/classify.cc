@@ -1,0 +1,148 @@
+// Stages classify, filter and qos_mark: one rte_acl lookup per burst answers
+// every rule table (classifier/acl.hh); later stages only read the verdicts
+// the lookup left in PktMeta::rule.
+#include <rte_icmp.h>
+#include <rte_ip.h>
+
+#include "dataplane/worker.hh"
+
+namespace moat {
+
+namespace {
+
+// Fills the classifier key from the headers and the route. Ports (or ICMP
+// type and code) only from a packet's first fragment: later fragments carry
+// no L4 header and match with ports 0.
+void make_key(const Classifier& c, const PortTable& pt, rte_mbuf* m, AclKey& k) {
+  const PktMeta& md = meta(m);
+  auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, md.l3_off);
+  k = AclKey{};
+  k.proto = ip->next_proto_id;
+  k.dscp = ip->type_of_service >> 2;
+  k.src = ip->src_addr;
+  k.dst = ip->dst_addr;
+  if (md.in_tunnel < c.tunnel_zone.size()) {
+    k.in_zone = c.tunnel_zone[md.in_tunnel];
+    k.in_port = kNoPortKey;
+  } else if (md.in_port < kMaxPorts) {
+    k.in_zone = pt.port[md.in_port].zone;
+    k.in_port = pt.port[md.in_port].key;
+  } else {
+    k.in_zone = kZoneLocal;
+    k.in_port = kNoPortKey;
+  }
+  if (md.out_tunnel < c.tunnel_zone.size()) {
+    k.out_zone = c.tunnel_zone[md.out_tunnel];
+    k.out_port = kNoPortKey;
+  } else if (md.out_port < kMaxPorts) {
+    k.out_zone = pt.port[md.out_port].zone;
+    k.out_port = pt.port[md.out_port].key;
+  } else {
+    k.out_zone = kZoneLocal;
+    k.out_port = kNoPortKey;
+  }
+  if (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_OFFSET_MASK)) return;
+  uint16_t ihl = uint16_t((ip->version_ihl & 0x0f) * 4);
+  uint16_t total = rte_be_to_cpu_16(ip->total_length);
+  const uint8_t* l4 = reinterpret_cast<const uint8_t*>(ip) + ihl;
+  switch (ip->next_proto_id) {
+    case IPPROTO_TCP:
+    case IPPROTO_UDP:
+    case IPPROTO_SCTP:
+      if (total >= ihl + 4) {
+        memcpy(&k.sport, l4, 2);
+        memcpy(&k.dport, l4 + 2, 2);
+      }
+      break;
+    case IPPROTO_ICMP:
+      if (total >= ihl + 2) {
+        k.sport = rte_cpu_to_be_16(l4[0]);
+        k.dport = rte_cpu_to_be_16(l4[1]);
+      }
+      break;
+  }
+}
+
+}  // namespace
+
+void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transit, Burst& local) {
+  unsigned n = transit.n + local.n;
+  if (!n) return;
+  AclKey keys[2 * kMaxBurst];
+  const AclKey* ptrs[2 * kMaxBurst];
+  uint32_t res[2 * kMaxBurst * kTables];
+  rte_mbuf* pkts[2 * kMaxBurst];
+  for (unsigned i = 0; i < transit.n; i++) pkts[i] = transit.pkts[i];
+  for (unsigned i = 0; i < local.n; i++) pkts[transit.n + i] = local.pkts[i];
+  for (unsigned i = 0; i < n; i++) {
+    make_key(c, pt, pkts[i], keys[i]);
+    ptrs[i] = &keys[i];
+  }
+  moat::classify(c, ptrs, n, res);
+  for (unsigned i = 0; i < n; i++) memcpy(meta(pkts[i]).rule, &res[i * kTables], sizeof(meta(pkts[i]).rule));
+  w.stats.classified.add(n);
+}
+
+void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
+  const Verdict* v = c.verdict[unsigned(Table::filter)].data();
+  uint16_t kept = 0;
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    switch (FilterAction(v[meta(m).rule[unsigned(Table::filter)]].action)) {
+      case FilterAction::accept:
+        b.pkts[kept++] = m;
+        break;
+      case FilterAction::reject:
+        send_icmp_error(w, pt, m, Drop::filter_reject, kIcmpUnreach, kUnreachAdminProhibited);
+        break;
+      default:
+        w.drop(m, Drop::filter_drop);
+        break;
+    }
+  }
+  b.n = kept;
+}
+
+void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel) {
+  const Verdict* v = c ? c->verdict[unsigned(Table::spd)].data() : nullptr;
+  uint16_t kept = 0;
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    SpdAction a = v ? SpdAction(v[md.rule[unsigned(Table::spd)]].action) : SpdAction::bypass;
+    if (a == SpdAction::discard) {
+      w.drop(m, Drop::spd_discard);
+    } else if (a == SpdAction::protect) {
+      // Policy overrides the route: seed 003's funnels protect by selector.
+      md.out_tunnel = uint16_t(v[md.rule[unsigned(Table::spd)]].a);
+      to_tunnel.push(m);
+    } else if (md.out_tunnel != kNoTunnel) {
+      to_tunnel.push(m);  // routed into a tunnel: protected whatever the SPD's default
+    } else {
+      b.pkts[kept++] = m;
+    }
+  }
+  b.n = kept;
+}
+
+void qos_mark(Worker& w, const Classifier& c, Burst& b) {
+  const Verdict* v = c.verdict[unsigned(Table::qos)].data();
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    const Verdict& q = v[meta(m).rule[unsigned(Table::qos)]];
+    if (!(q.flags & Verdict::kMarkDscp)) continue;
+    auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off);
+    uint8_t tos = uint8_t((q.dscp << 2) | (ip->type_of_service & 0x03));  // ECN bits stay
+    if (tos == ip->type_of_service) continue;
+    // RFC 1624: the 16-bit word holding version/IHL and ToS changes.
+    uint16_t old_word = rte_cpu_to_be_16(uint16_t(ip->version_ihl << 8 | ip->type_of_service));
+    uint16_t new_word = rte_cpu_to_be_16(uint16_t(ip->version_ihl << 8 | tos));
+    uint32_t sum = uint16_t(~ip->hdr_checksum) + uint16_t(~old_word) + new_word;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip->hdr_checksum = uint16_t(~sum);
+    ip->type_of_service = tos;
+  }
+}
+
+}  // namespace moat
