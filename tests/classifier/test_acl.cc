@@ -6,6 +6,7 @@
 #include <random>
 
 #include "classifier/acl.hh"
+#include "classifier/synth.hh"
 
 namespace moat {
 namespace {
@@ -117,33 +118,10 @@ TEST(AclVsLinear, RandomRuleSetsAgreeOnEveryTable) {
   for (unsigned round = 0; round < 30; round++) expect_same_as_linear(g.rules(40), g, 2000, round);
 }
 
-// A portal's shape: thousands of moats, each a few funnels (a moat's LAN to
-// corporate prefixes), services by protocol and port; few wildcard patterns.
-RuleSet portal_rules(Gen& g, unsigned per_table) {
-  RuleSet rs;
-  for (unsigned t = 0; t < kTables; t++)
-    for (unsigned i = 0; i < per_table; i++) {
-      Rule r;
-      r.match.in_zones = {uint8_t(g.u(0, 4))};
-      uint8_t slen = uint8_t(std::array{16, 24, 32}[g.u(0, 2)]);
-      uint8_t dlen = uint8_t(std::array{8, 16, 24, 32}[g.u(0, 3)]);
-      r.match.src = {{g.addr() & (~uint32_t(0) << (32 - slen)), slen}};
-      r.match.dst = {{g.addr() & (~uint32_t(0) << (32 - dlen)), dlen}};
-      if (g.coin(50)) {
-        r.match.protos = {uint8_t(g.coin(50) ? 6 : 17)};
-        if (g.coin(70)) {
-          uint16_t p = uint16_t(g.u(0, 45));
-          r.match.dports = {{p, p}};
-        }
-      }
-      rs.table[t].rules.push_back(r);
-    }
-  return rs;
-}
-
 TEST(AclVsLinear, LargeRuleSetsAgree) {
   Gen g(777);
-  expect_same_as_linear(portal_rules(g, 2500), g, 20000, 1000);
+  synth::Rng r(778);
+  expect_same_as_linear(synth::portal_rules(r, 2500), g, 20000, 1000);
 }
 
 TEST(AclVsLinear, EmptyRuleSetGivesEveryDefault) {
