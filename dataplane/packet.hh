@@ -38,8 +38,10 @@ struct PktMeta {
   uint32_t nh_ip;     // neighbour IPv4 (host order) to resolve, for Punt::resolve
   Punt punt;
   Inject inject;
-  uint8_t generated;  // 1: built by us (ICMP error/reply): never answer with ICMP
+  uint8_t generated;  // 1: built by us (ICMP error/reply, ESP): never answer with ICMP
   uint8_t pad_;
+  uint32_t sa;        // SA index: outbound, set by the SPD stage (protect); inbound,
+                      // set by esp_inbound on the decrypted packet
 };
 
 inline constexpr uint16_t kMbufPrivSize = RTE_ALIGN(sizeof(PktMeta), RTE_MBUF_PRIV_ALIGN);
