@@ -72,22 +72,34 @@ inline bool funnels_allow(const Sa& sa, uint32_t src, uint32_t dst) {
   return false;
 }
 
-// Counts a packet against the SA's lifetimes; posts each soft/hard event once.
-void lifetime_count(EspWorker& ew, rte_ring* events, Sa& sa, uint32_t idx, uint64_t bytes, uint64_t now_tsc) {
-  uint64_t p = __atomic_add_fetch(&sa.packets, 1, __ATOMIC_RELAXED);
-  uint64_t b = __atomic_add_fetch(&sa.bytes, bytes, __ATOMIC_RELAXED);
+// Counts packets against the SA's lifetimes; posts each soft/hard event once.
+// Outbound SAs are shared by workers (atomic adds, once per run of packets of
+// one SA in a burst); an inbound SA has one writer (plain relaxed stores).
+// The hard limit is enforced at burst granularity: it may be passed by the
+// rest of the burst that crosses it.
+void lifetime_count(EspWorker& ew, rte_ring* events, Sa& sa, uint32_t idx, uint64_t pkts, uint64_t bytes,
+                    uint64_t now_tsc, bool shared) {
+  uint64_t p, b;
+  if (shared) {
+    p = __atomic_add_fetch(&sa.packets, pkts, __ATOMIC_RELAXED);
+    b = __atomic_add_fetch(&sa.bytes, bytes, __ATOMIC_RELAXED);
+  } else {
+    p = sa.packets + pkts;
+    b = sa.bytes + bytes;
+    __atomic_store_n(&sa.packets, p, __ATOMIC_RELAXED);
+    __atomic_store_n(&sa.bytes, b, __ATOMIC_RELAXED);
+  }
   __atomic_store_n(&sa.last_tsc, now_tsc, __ATOMIC_RELAXED);
   bool hard_b = sa.hard_bytes && b >= sa.hard_bytes, hard_p = sa.hard_packets && p >= sa.hard_packets;
   bool soft_b = sa.soft_bytes && b >= sa.soft_bytes, soft_p = sa.soft_packets && p >= sa.soft_packets;
   if (!(hard_b || hard_p || soft_b || soft_p)) return;
   uint32_t peer = uint32_t(sa.peer.load(std::memory_order_relaxed) >> 16);
-  if (hard_b || hard_p) {
-    if (!(sa.state.fetch_or(kSaHardPosted) & kSaHardPosted)) {
-      SaEvent e{idx, sa.spi, peer, hard_b ? SaEventKind::hard_bytes : SaEventKind::hard_packets, {}};
-      if (!sa_post(events, e)) ew.stats.events_lost.add();
-    }
-  } else if (!(sa.state.fetch_or(kSaSoftPosted) & kSaSoftPosted)) {
+  if ((soft_b || soft_p) && !(sa.state.fetch_or(kSaSoftPosted) & kSaSoftPosted)) {
     SaEvent e{idx, sa.spi, peer, soft_b ? SaEventKind::soft_bytes : SaEventKind::soft_packets, {}};
+    if (!sa_post(events, e)) ew.stats.events_lost.add();
+  }
+  if ((hard_b || hard_p) && !(sa.state.fetch_or(kSaHardPosted) & kSaHardPosted)) {
+    SaEvent e{idx, sa.spi, peer, hard_b ? SaEventKind::hard_bytes : SaEventKind::hard_packets, {}};
     if (!sa_post(events, e)) ew.stats.events_lost.add();
   }
 }
@@ -305,7 +317,10 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     ok[j] = true;
   };
 
+  // Pass 1: refuse what cannot be sent before any sequence number is taken,
+  // so a refused packet leaves no gap for the receiver's loss metric.
   for (uint16_t i = 0; i < b.n && i < kPrefetchAhead; i++) prefetch_sa(sad, meta(b.pkts[i]).sa);
+  uint16_t nv = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     if (i + kPrefetchAhead < b.n) prefetch_sa(sad, meta(b.pkts[i + kPrefetchAhead]).sa);
     rte_mbuf* m = b.pkts[i];
@@ -322,14 +337,45 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     uint8_t nat = sa.nat_t ? sizeof(rte_udp_hdr) : 0;
     uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + nat + 8 + sa.iv_len);
     uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
-    uint8_t pad = uint8_t(padded - inner_len - 2);
-    uint16_t tail = uint16_t(pad + 2 + kIcvLen);
+    uint16_t tail = uint16_t(padded - inner_len + kIcvLen);
     if (rte_pktmbuf_headroom(m) + md.l3_off < head ||
         rte_pktmbuf_tailroom(m) + (rte_pktmbuf_data_len(m) - md.l3_off - inner_len) < tail) {
       drop_sa(w, sad, idx, m, Drop::esp_no_room);
       continue;
     }
-    uint64_t seq = __atomic_add_fetch(&sa.seq, 1, __ATOMIC_RELAXED);
+    b.pkts[nv++] = m;
+  }
+  b.n = nv;
+
+  // Pass 2: a run of packets on one SA takes its sequence numbers and pays
+  // the shared counters' atomics once.
+  uint32_t run_idx = kNoSa;
+  uint64_t run_seq = 0, run_pkts = 0, run_bytes = 0;
+  auto end_run = [&]() {
+    if (run_idx != kNoSa && run_pkts)
+      lifetime_count(ew, events, sad.sa(run_idx), run_idx, run_pkts, run_bytes, w.now_tsc, true);
+    run_pkts = run_bytes = 0;
+  };
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    uint32_t idx = md.sa;
+    Sa& sa = sad.sa(idx);
+    if (idx != run_idx) {
+      end_run();
+      uint16_t len = 1;
+      while (i + len < b.n && meta(b.pkts[i + len]).sa == idx) len++;
+      run_idx = idx;
+      run_seq = __atomic_fetch_add(&sa.seq, len, __ATOMIC_RELAXED);
+    }
+    uint64_t seq = ++run_seq;
+    auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+    uint16_t inner_len = rte_be_to_cpu_16(inner->total_length);
+    uint8_t nat = sa.nat_t ? sizeof(rte_udp_hdr) : 0;
+    uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + nat + 8 + sa.iv_len);
+    uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
+    uint8_t pad = uint8_t(padded - inner_len - 2);
+    uint16_t tail = uint16_t(pad + 2 + kIcvLen);
     if (!sa.esn && seq > 0xffffffffull) {
       // RFC 4303 §3.3.3: without ESN the counter must not cycle; the SA is done.
       if (!(sa.state.fetch_or(kSaHardPosted) & kSaHardPosted)) {
@@ -339,7 +385,8 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       drop_sa(w, sad, idx, m, Drop::esp_seq_overflow);
       continue;
     }
-    lifetime_count(ew, events, sa, idx, inner_len, w.now_tsc);
+    run_pkts++;
+    run_bytes += inner_len;
 
     uint8_t inner_tos = inner->type_of_service;
     bool inner_df = inner->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG);
@@ -476,6 +523,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       job = IMB_GET_COMPLETED_JOB(ew.mb);
     }
   }
+  end_run();
   IMB_JOB* job;
   while ((job = IMB_FLUSH_JOB(ew.mb))) complete(job);
 
@@ -637,7 +685,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     uint64_t seq = replay_seq64(sa, seq_lo);
     Replay r = replay_check(sa, seq);
     if (r != Replay::ok) {
-      if (r == Replay::replayed) sa_add(sa.dups, 1);
+      if (r == Replay::replayed) sa_bump(sa.dups, 1);
       drop_sa(w, sad, sai, m, r == Replay::replayed ? Drop::esp_replayed : Drop::esp_too_old);
       continue;
     }
@@ -736,13 +784,13 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     EspWorker::Scratch& sc = ew.scratch[c];
     if (!j.ok) { drop_sa(w, sad, j.idx, m, Drop::esp_crypto_failed); continue; }
     if (!tag_eq(sc.tag, sc.icv)) {
-      sa_add(sa.auth_fail, 1);
+      sa_bump(sa.auth_fail, 1);
       drop_sa(w, sad, j.idx, m, Drop::esp_bad_icv);
       continue;
     }
     Replay r = replay_update(sa, j.seq);
     if (r != Replay::ok) {  // a copy earlier in this burst got there first
-      if (r == Replay::replayed) sa_add(sa.dups, 1);
+      if (r == Replay::replayed) sa_bump(sa.dups, 1);
       drop_sa(w, sad, j.idx, m, r == Replay::replayed ? Drop::esp_replayed : Drop::esp_too_old);
       continue;
     }
@@ -775,7 +823,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       inner->type_of_service = uint8_t((inner->type_of_service & 0xfc) | ecn);
       ip_cksum(inner);
     }
-    lifetime_count(ew, events, sa, j.idx, total, w.now_tsc);
+    lifetime_count(ew, events, sa, j.idx, 1, total, w.now_tsc, false);
 
     // The inner packet replaces the outer one: Ethernet room in front, the
     // trailer and ICV cut off, metadata as if it had just been parsed.

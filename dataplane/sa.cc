@@ -103,10 +103,10 @@ Replay replay_update(Sa& sa, uint64_t seq) {
     } else {
       for (uint64_t wi = tw + 1; wi <= sw; wi++) sa.bitmap[wi % kReplayWords] = 0;
     }
-    if (t && seq > t + 1) sa_add(sa.gaps, seq - t - 1);
+    if (t && seq > t + 1) sa_bump(sa.gaps, seq - t - 1);
     __atomic_store_n(&sa.seq, seq, __ATOMIC_RELAXED);
   } else {
-    sa_add(sa.late, 1);
+    sa_bump(sa.late, 1);
   }
   sa.bitmap[(seq / 64) % kReplayWords] |= uint64_t(1) << (seq % 64);
   static_assert(kBits >= kMaxReplayWindow + 64);

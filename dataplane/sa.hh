@@ -221,6 +221,8 @@ Replay replay_update(Sa& sa, uint64_t seq);
 // Relaxed add for counters with one writer per SA (inbound) or several (outbound).
 inline void sa_add(uint64_t& c, uint64_t n) { __atomic_fetch_add(&c, n, __ATOMIC_RELAXED); }
 inline uint64_t sa_load(const uint64_t& c) { return __atomic_load_n(&c, __ATOMIC_RELAXED); }
+// For counters of inbound SAs, which have one writer: no locked instruction.
+inline void sa_bump(uint64_t& c, uint64_t n) { __atomic_store_n(&c, c + n, __ATOMIC_RELAXED); }
 
 // A snapshot of one SA for views (moatctl show tunnels) and tests.
 struct SaStats {
