@@ -42,7 +42,28 @@ namespace moat {
   X(filter_drop, "filter rule (or default) says drop")                              \
   X(filter_reject, "filter rule says reject (answered with ICMP admin-prohibited)") \
   X(spd_discard, "SPD rule says discard")                                           \
-  X(tunnel_down, "tunnel has no outbound SA")
+  X(tunnel_down, "tunnel has no outbound SA")                                      \
+  X(esp_not_esp, "packet handed to ESP inbound that is neither ESP nor UDP 4500")   \
+  X(esp_natt_keepalive, "NAT-T keepalive (RFC 3948 §2.3): consumed")               \
+  X(esp_unknown_spi, "ESP for an SPI with no inbound SA")                           \
+  X(esp_truncated, "ESP shorter than header + IV + ICV or not block-aligned")       \
+  X(esp_replayed, "ESP sequence number already received (anti-replay)")             \
+  X(esp_too_old, "ESP sequence number left of the replay window")                   \
+  X(esp_bad_icv, "ESP integrity check failed (wrong key, forged or corrupted)")     \
+  X(esp_bad_padding, "ESP pad length beyond the payload or padding not 1,2,3...")   \
+  X(esp_bad_next_header, "ESP next header is not IPv4 (tunnel mode)")               \
+  X(esp_dummy, "ESP dummy packet, next header 59 (RFC 4303 §2.6): consumed")        \
+  X(esp_inner_malformed, "decrypted inner packet is not a valid IPv4 packet")       \
+  X(esp_selector_mismatch, "inner packet outside its SA's funnels")                 \
+  X(esp_ecn_drop, "outer CE on an inner Not-ECT packet (RFC 6040 §4.2)")            \
+  X(esp_sa_expired, "SA hard lifetime reached or SA deleted")                       \
+  X(esp_seq_overflow, "outbound sequence numbers exhausted (no ESN): rekey needed") \
+  X(esp_no_sa, "packet to protect names no live outbound SA")                       \
+  X(esp_no_room, "mbuf lacks room for ESP headers/trailer or cannot be linearized") \
+  X(esp_crypto_failed, "IPsec-MB refused the job")                                  \
+  X(esp_tunnel_frag_needed, "DF inner packet above the tunnel MTU (honor-df)")      \
+  X(esp_frag_failed, "inner fragmentation failed (no mbufs)")                       \
+  X(esp_reassembly_failed, "inner fragment dropped: table full, overlap or timeout")
 
 enum class Drop : uint8_t {
 #define MOAT_X(name, what) name,

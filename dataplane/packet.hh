@@ -39,7 +39,7 @@ struct PktMeta {
   uint32_t nh_ip;     // neighbour IPv4 (host order) to resolve, for Punt::resolve
   Punt punt;
   Inject inject;
-  uint8_t generated;  // 1: built by us (ICMP error/reply): never answer with ICMP
+  uint8_t generated;  // 1: built by us (ICMP error/reply, ESP): never answer with ICMP
   uint8_t pad_;
   // The classifier's answer, one per table (filter, nat, spd, qos): rule
   // index + 1, 0 for the table's default. Index into Classifier::verdict.
@@ -48,6 +48,8 @@ struct PktMeta {
   // one its route sends it into. Their zones stand in for a port's.
   uint16_t in_tunnel = kNoTunnel;
   uint16_t out_tunnel = kNoTunnel;
+  uint32_t sa;        // SA index: outbound, set by the SPD stage (protect); inbound,
+                      // set by esp_inbound on the decrypted packet
 };
 
 inline constexpr uint16_t kMbufPrivSize = RTE_ALIGN(sizeof(PktMeta), RTE_MBUF_PRIV_ALIGN);

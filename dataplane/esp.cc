@@ -1,0 +1,858 @@
+// ESP tunnel mode: tunnel MTU policy, encapsulation + encryption, and
+// decryption + decapsulation, with Intel IPsec-MB's job API.
+#include "dataplane/esp.hh"
+
+#include <fmt/format.h>
+#include <rte_byteorder.h>
+#include <rte_cycles.h>
+#include <rte_ether.h>
+#include <rte_ip.h>
+#include <rte_prefetch.h>
+#include <rte_tcp.h>
+#include <rte_udp.h>
+
+#include <cstring>
+
+#include "dataplane/icmp.hh"
+#include "dataplane/worker.hh"
+
+namespace moat {
+
+namespace {
+
+constexpr uint16_t kEth = sizeof(rte_ether_hdr);
+constexpr uint8_t kIcvLen = 16;
+constexpr uint8_t kProtoEsp = 50;
+constexpr uint8_t kNextIpv4 = 4;
+constexpr uint8_t kNextNone = 59;
+alignas(16) constexpr uint8_t kZeroIv[16] = {};
+
+inline void drop_sa(Worker& w, const Sad& sad, uint32_t sa, rte_mbuf* m, Drop why) {
+  sa_add(sad.drops(sa).n[static_cast<unsigned>(why)], 1);
+  w.drop(m, why);
+}
+
+inline bool tag_eq(const uint8_t* a, const uint8_t* b) {
+  // Constant time: no early exit on the first differing byte.
+  uint64_t a0, a1, b0, b1;
+  std::memcpy(&a0, a, 8);
+  std::memcpy(&a1, a + 8, 8);
+  std::memcpy(&b0, b, 8);
+  std::memcpy(&b1, b + 8, 8);
+  return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+}
+
+inline void put_be32(uint8_t* p, uint32_t v) {
+  uint32_t be = rte_cpu_to_be_32(v);
+  std::memcpy(p, &be, 4);
+}
+inline void put_be64(uint8_t* p, uint64_t v) {
+  uint64_t be = rte_cpu_to_be_64(v);
+  std::memcpy(p, &be, 8);
+}
+
+inline bool is_aead(Cipher c) {
+  return c != Cipher::aes_cbc_128_sha256 && c != Cipher::aes_cbc_256_sha256;
+}
+
+inline bool is_fragment(const rte_ipv4_hdr* ip) {
+  return (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_MF_FLAG | RTE_IPV4_HDR_OFFSET_MASK)) != 0;
+}
+
+inline bool in_prefix(uint32_t a, uint32_t p, uint8_t plen) {
+  return plen == 0 || ((a ^ p) >> (32 - plen)) == 0;
+}
+
+inline bool funnels_allow(const Sa& sa, uint32_t src, uint32_t dst) {
+  if (sa.n_funnels == 0) return true;
+  for (unsigned f = 0; f < sa.n_funnels; f++) {
+    const Funnel& fu = sa.funnels[f];
+    if (in_prefix(src, fu.remote, fu.remote_plen) && in_prefix(dst, fu.local, fu.local_plen)) return true;
+  }
+  return false;
+}
+
+// Counts packets against the SA's lifetimes; posts each soft/hard event once.
+// Outbound SAs are shared by workers (atomic adds, once per run of packets of
+// one SA in a burst); an inbound SA has one writer (plain relaxed stores).
+// The hard limit is enforced at burst granularity: it may be passed by the
+// rest of the burst that crosses it.
+void lifetime_count(EspWorker& ew, rte_ring* events, Sa& sa, uint32_t idx, uint64_t pkts, uint64_t bytes,
+                    uint64_t now_tsc, bool shared) {
+  uint64_t p, b;
+  if (shared) {
+    p = __atomic_add_fetch(&sa.packets, pkts, __ATOMIC_RELAXED);
+    b = __atomic_add_fetch(&sa.bytes, bytes, __ATOMIC_RELAXED);
+  } else {
+    p = sa.packets + pkts;
+    b = sa.bytes + bytes;
+    __atomic_store_n(&sa.packets, p, __ATOMIC_RELAXED);
+    __atomic_store_n(&sa.bytes, b, __ATOMIC_RELAXED);
+  }
+  __atomic_store_n(&sa.last_tsc, now_tsc, __ATOMIC_RELAXED);
+  bool hard_b = sa.hard_bytes && b >= sa.hard_bytes, hard_p = sa.hard_packets && p >= sa.hard_packets;
+  bool soft_b = sa.soft_bytes && b >= sa.soft_bytes, soft_p = sa.soft_packets && p >= sa.soft_packets;
+  if (!(hard_b || hard_p || soft_b || soft_p)) return;
+  uint32_t peer = uint32_t(sa.peer.load(std::memory_order_relaxed) >> 16);
+  if ((soft_b || soft_p) && !(sa.state.fetch_or(kSaSoftPosted) & kSaSoftPosted)) {
+    SaEvent e{idx, sa.spi, peer, soft_b ? SaEventKind::soft_bytes : SaEventKind::soft_packets, {}};
+    if (!sa_post(events, e)) ew.stats.events_lost.add();
+  }
+  if ((hard_b || hard_p) && !(sa.state.fetch_or(kSaHardPosted) & kSaHardPosted)) {
+    SaEvent e{idx, sa.spi, peer, hard_b ? SaEventKind::hard_bytes : SaEventKind::hard_packets, {}};
+    if (!sa_post(events, e)) ew.stats.events_lost.add();
+  }
+}
+
+
+// Rewrites the MSS option of a TCP SYN down to `mss` (RFC 879/6691), with the
+// TCP checksum recomputed: the option may sit at an odd offset, where an
+// incremental update is easy to get wrong, and SYNs are small.
+bool clamp_mss(rte_ipv4_hdr* ip, uint16_t total, uint16_t mss) {
+  if (ip->next_proto_id != IPPROTO_TCP || is_fragment(ip)) return false;
+  uint16_t ihl = uint16_t((ip->version_ihl & 0xf) * 4);
+  if (total < ihl + sizeof(rte_tcp_hdr)) return false;
+  auto* tcp = reinterpret_cast<rte_tcp_hdr*>(reinterpret_cast<uint8_t*>(ip) + ihl);
+  if (!(tcp->tcp_flags & RTE_TCP_SYN_FLAG)) return false;
+  uint16_t doff = uint16_t((tcp->data_off >> 4) * 4);
+  if (doff < sizeof(rte_tcp_hdr) || ihl + doff > total) return false;
+  uint8_t* o = reinterpret_cast<uint8_t*>(tcp) + sizeof(rte_tcp_hdr);
+  uint8_t* end = reinterpret_cast<uint8_t*>(tcp) + doff;
+  while (o < end) {
+    if (*o == 0) break;                   // end of options
+    if (*o == 1) { o++; continue; }       // NOP
+    if (o + 1 >= end || o[1] < 2 || o + o[1] > end) break;
+    if (o[0] == 2 && o[1] == 4) {
+      uint16_t cur = uint16_t(o[2] << 8 | o[3]);
+      if (cur <= mss) return false;
+      o[2] = uint8_t(mss >> 8);
+      o[3] = uint8_t(mss);
+      tcp->cksum = 0;
+      tcp->cksum = rte_ipv4_udptcp_cksum(ip, tcp);
+      return true;
+    }
+    o += o[1];
+  }
+  return false;
+}
+
+// At 10,000 SAs the per-SA lines and key schedules are cache misses (DPDK
+// fact 7): fetch them a few packets ahead of use.
+inline void prefetch_sa(const Sad& sad, uint32_t idx) {
+  if (idx >= sad.capacity()) return;
+  const Sa* sa = &sad.sa(idx);
+  const auto* k = reinterpret_cast<const uint8_t*>(&sad.keys(idx));
+  rte_prefetch0(sa);
+  rte_prefetch0(reinterpret_cast<const uint8_t*>(sa) + 64);
+  rte_prefetch0(reinterpret_cast<const uint8_t*>(sa) + 128);
+  for (unsigned l = 0; l < sizeof(SaKeys) / 64; l++) rte_prefetch0(k + 64 * l);
+}
+constexpr unsigned kPrefetchAhead = 4;
+
+inline void ip_cksum(rte_ipv4_hdr* ip) {
+  ip->hdr_checksum = 0;
+  ip->hdr_checksum = rte_ipv4_cksum(ip);
+}
+
+// Makes the mbuf one segment (reassembled or fragmented packets are chains);
+// false when the first segment lacks the room.
+inline bool contiguous(rte_mbuf* m) {
+  return rte_pktmbuf_is_contiguous(m) || rte_pktmbuf_linearize(m) == 0;
+}
+
+}  // namespace
+
+tl::expected<void, std::string> esp_worker_init(EspWorker& ew, const std::string& name,
+                                                const EspWorkerConfig& c) {
+  ew.mb = alloc_mb_mgr(0);
+  if (!ew.mb) return tl::unexpected(fmt::format("ESP worker {}: IPsec-MB manager allocation failed", name));
+  // The library picks SSE/AVX/AVX2/AVX-512 code for the CPU it runs on, so
+  // the portable build (no AVX in our code) still gets the fastest path.
+  init_mb_mgr_auto(ew.mb, &ew.arch);
+  if (ew.arch == IMB_ARCH_NONE || imb_get_errno(ew.mb) != 0) {
+    esp_worker_fini(ew);
+    return tl::unexpected(fmt::format("ESP worker {}: IPsec-MB init: {}", name,
+                                      imb_get_strerror(imb_get_errno(ew.mb))));
+  }
+  uint64_t hz = rte_get_tsc_hz();
+  // 16 entries per bucket (the library's maximum associativity); the table
+  // holds frag_flows packets in reassembly at once, older ones time out.
+  uint32_t buckets = rte_align32pow2((c.frag_flows + 15) / 16);
+  ew.frag = rte_ip_frag_table_create(buckets, 16, c.frag_flows, hz / 1000 * c.frag_timeout_ms, SOCKET_ID_ANY);
+  if (!ew.frag) {
+    esp_worker_fini(ew);
+    return tl::unexpected(fmt::format("ESP worker {}: reassembly table of {} flows: allocation failed", name, c.frag_flows));
+  }
+  ew.unknown_event_gap_tsc = hz / 1000 * c.unknown_spi_event_ms;
+  ew.ip_id = uint16_t(rte_rand());
+  return {};
+}
+
+void esp_worker_fini(EspWorker& ew) {
+  if (ew.frag) {
+    rte_ip_frag_free_death_row(&ew.death_row, 0);
+    rte_ip_frag_table_destroy(ew.frag);
+    ew.frag = nullptr;
+  }
+  if (ew.mb) free_mb_mgr(ew.mb);
+  ew.mb = nullptr;
+}
+
+bool esp_to_us(rte_mbuf* m) {
+  auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, meta(m).l3_off);
+  if (ip->next_proto_id == kProtoEsp) return true;
+  if (ip->next_proto_id != IPPROTO_UDP) return false;
+  // A non-first fragment carries no UDP header: ESP's outer fragments are
+  // recognised by their first one only, the rest must follow the same way.
+  if (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_OFFSET_MASK)) return false;
+  uint16_t ihl = uint16_t((ip->version_ihl & 0xf) * 4);
+  if (rte_pktmbuf_data_len(m) < meta(m).l3_off + ihl + sizeof(rte_udp_hdr)) return false;
+  auto* udp = reinterpret_cast<const rte_udp_hdr*>(reinterpret_cast<const uint8_t*>(ip) + ihl);
+  return udp->dst_port == rte_cpu_to_be_16(kNatTPort);
+}
+
+void esp_housekeeping(Worker& w, EspWorker& ew) {
+  rte_ip_frag_table_del_expired_entries(ew.frag, &ew.death_row, w.now_tsc);
+  if (ew.death_row.cnt) {
+    w.stats.drops[static_cast<unsigned>(Drop::esp_reassembly_failed)].add(ew.death_row.cnt);
+    rte_ip_frag_free_death_row(&ew.death_row, 0);
+  }
+}
+
+// ---------------------------------------------------------------- outbound
+
+void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burst& in, Burst& out) {
+  uint16_t i = 0;
+  for (; i < in.n; i++) {
+    rte_mbuf* m = in.pkts[i];
+    PktMeta& md = meta(m);
+    uint32_t idx = md.sa;
+    if (idx >= sad.capacity() || sad.sa(idx).dir != SaDir::outbound ||
+        !(sad.sa(idx).state.load(std::memory_order_relaxed) & kSaLive)) {
+      if (out.n == kMaxBurst) break;
+      w.drop(m, Drop::esp_no_sa);
+      continue;
+    }
+    const Sa& sa = sad.sa(idx);
+    auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+    uint16_t total = rte_be_to_cpu_16(ip->total_length);
+    if (sa.clamp_mss && clamp_mss(ip, total, sa.mss)) ew.stats.mss_clamped.add();
+    if (total <= sa.max_inner) {
+      if (out.n == kMaxBurst) break;
+      out.push(m);
+      continue;
+    }
+    bool df = ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG);
+    if (df && sa.mtu_policy == MtuPolicy::honor_df) {
+      sa_add(sad.drops(idx).n[static_cast<unsigned>(Drop::esp_tunnel_frag_needed)], 1);
+      // RFC 1191: the next-hop MTU is what the tunnel carries unfragmented.
+      send_icmp_error(w, pt, m, Drop::esp_tunnel_frag_needed, kIcmpUnreach, kUnreachFragNeeded, sa.max_inner);
+      continue;
+    }
+    // fragment-inner. Fragment payloads are multiples of 8 bytes.
+    uint16_t ihl = uint16_t((ip->version_ihl & 0xf) * 4);
+    uint16_t frag_mtu = uint16_t(ihl + ((sa.max_inner - ihl) & ~7));
+    unsigned need = (total - ihl + (frag_mtu - ihl) - 1) / (frag_mtu - ihl);
+    if (need > kMaxBurst) { w.drop(m, Drop::esp_frag_failed); continue; }
+    if (out.n + need > kMaxBurst) break;  // the rest waits for the next call
+    if (!contiguous(m)) { drop_sa(w, sad, idx, m, Drop::esp_no_room); continue; }
+    // The tunnel offers a large virtual MTU (seed 000): the inner packet is
+    // fragmented whatever its DF bit says and the far end reassembles it
+    // before it goes on, so the end hosts still see one whole datagram, which
+    // is what DF protects. DPDK's rte_ipv4_fragment_packet refuses DF packets
+    // (-ENOTSUP), hence DF is cleared deliberately before the call.
+    ip->fragment_offset &= rte_cpu_to_be_16(uint16_t(~RTE_IPV4_HDR_DF_FLAG));
+    PktMeta saved = md;
+    rte_pktmbuf_adj(m, md.l3_off);
+    rte_mbuf* frags[kMaxBurst];
+    int n = rte_ipv4_fragment_packet(m, frags, kMaxBurst, frag_mtu, w.direct_pool, w.indirect_pool);
+    rte_pktmbuf_free(m);
+    if (n < 0) {
+      sa_add(sad.drops(idx).n[static_cast<unsigned>(Drop::esp_frag_failed)], 1);
+      w.stats.drops[static_cast<unsigned>(Drop::esp_frag_failed)].add();
+      continue;
+    }
+    for (int f = 0; f < n; f++) {
+      rte_mbuf* fm = frags[f];
+      // Fragments reference the original's data through indirect mbufs; ESP
+      // writes its trailer after each payload, so each gets its own copy.
+      if (!contiguous(fm)) { drop_sa(w, sad, idx, fm, Drop::esp_no_room); continue; }
+      ip_cksum(rte_pktmbuf_mtod(fm, rte_ipv4_hdr*));  // the fragmenter leaves it to offload
+      meta(fm) = saved;
+      meta(fm).l3_off = 0;
+      ew.stats.inner_fragments.add();
+      out.push(fm);
+    }
+  }
+  // Compact what was not taken.
+  uint16_t k = 0;
+  for (; i < in.n; i++) in.pkts[k++] = in.pkts[i];
+  in.n = k;
+}
+
+namespace {
+
+struct OutJob {
+  rte_mbuf* m;
+  uint32_t idx;
+  uint8_t* icv;       // where the ICV goes in the packet
+  bool tag_copy;      // CBC + ESN: the tag was computed into scratch
+};
+
+}  // namespace
+
+void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
+  OutJob jobs[kMaxBurst];
+  bool ok[kMaxBurst];
+  unsigned nj = 0;
+  rte_ring* events = sad.event_ring();
+  auto complete = [&](IMB_JOB* job) {
+    unsigned j = unsigned(uintptr_t(job->user_data2));
+    OutJob& oj = jobs[j];
+    if (job->status != IMB_STATUS_COMPLETED) {
+      ok[j] = false;
+      return;
+    }
+    if (oj.tag_copy) std::memcpy(oj.icv, ew.scratch[j].tag, kIcvLen);
+    ok[j] = true;
+  };
+
+  // Pass 1: refuse what cannot be sent before any sequence number is taken,
+  // so a refused packet leaves no gap for the receiver's loss metric.
+  for (uint16_t i = 0; i < b.n && i < kPrefetchAhead; i++) prefetch_sa(sad, meta(b.pkts[i]).sa);
+  uint16_t nv = 0;
+  for (uint16_t i = 0; i < b.n; i++) {
+    if (i + kPrefetchAhead < b.n) prefetch_sa(sad, meta(b.pkts[i + kPrefetchAhead]).sa);
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    uint32_t idx = md.sa;
+    if (idx >= sad.capacity()) { w.drop(m, Drop::esp_no_sa); continue; }
+    Sa& sa = sad.sa(idx);
+    uint32_t st = sa.state.load(std::memory_order_relaxed);
+    if (sa.dir != SaDir::outbound || !(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); continue; }
+    if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); continue; }
+    if (!contiguous(m)) { drop_sa(w, sad, idx, m, Drop::esp_no_room); continue; }
+    auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+    uint16_t inner_len = rte_be_to_cpu_16(inner->total_length);
+    uint8_t nat = sa.nat_t ? sizeof(rte_udp_hdr) : 0;
+    uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + nat + 8 + sa.iv_len);
+    uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
+    uint16_t tail = uint16_t(padded - inner_len + kIcvLen);
+    if (rte_pktmbuf_headroom(m) + md.l3_off < head ||
+        rte_pktmbuf_tailroom(m) + (rte_pktmbuf_data_len(m) - md.l3_off - inner_len) < tail) {
+      drop_sa(w, sad, idx, m, Drop::esp_no_room);
+      continue;
+    }
+    b.pkts[nv++] = m;
+  }
+  b.n = nv;
+
+  // Pass 2: a run of packets on one SA takes its sequence numbers and pays
+  // the shared counters' atomics once.
+  uint32_t run_idx = kNoSa;
+  uint64_t run_seq = 0, run_pkts = 0, run_bytes = 0;
+  auto end_run = [&]() {
+    if (run_idx != kNoSa && run_pkts)
+      lifetime_count(ew, events, sad.sa(run_idx), run_idx, run_pkts, run_bytes, w.now_tsc, true);
+    run_pkts = run_bytes = 0;
+  };
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    uint32_t idx = md.sa;
+    Sa& sa = sad.sa(idx);
+    if (idx != run_idx) {
+      end_run();
+      uint16_t len = 1;
+      while (i + len < b.n && meta(b.pkts[i + len]).sa == idx) len++;
+      run_idx = idx;
+      run_seq = __atomic_fetch_add(&sa.seq, len, __ATOMIC_RELAXED);
+    }
+    uint64_t seq = ++run_seq;
+    auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+    uint16_t inner_len = rte_be_to_cpu_16(inner->total_length);
+    uint8_t nat = sa.nat_t ? sizeof(rte_udp_hdr) : 0;
+    uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + nat + 8 + sa.iv_len);
+    uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
+    uint8_t pad = uint8_t(padded - inner_len - 2);
+    uint16_t tail = uint16_t(pad + 2 + kIcvLen);
+    if (!sa.esn && seq > 0xffffffffull) {
+      // RFC 4303 §3.3.3: without ESN the counter must not cycle; the SA is done.
+      if (!(sa.state.fetch_or(kSaHardPosted) & kSaHardPosted)) {
+        uint32_t peer = uint32_t(sa.peer.load(std::memory_order_relaxed) >> 16);
+        if (!sa_post(events, SaEvent{idx, sa.spi, peer, SaEventKind::seq_overflow, {}})) ew.stats.events_lost.add();
+      }
+      drop_sa(w, sad, idx, m, Drop::esp_seq_overflow);
+      continue;
+    }
+    run_pkts++;
+    run_bytes += inner_len;
+
+    uint8_t inner_tos = inner->type_of_service;
+    bool inner_df = inner->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG);
+    // Inner packet at the front; trailer (padding 1, 2, 3..., pad length,
+    // next header, ICV) appended, outer headers prepended.
+    rte_pktmbuf_adj(m, md.l3_off);
+    rte_pktmbuf_trim(m, uint16_t(rte_pktmbuf_data_len(m) - inner_len));
+    auto* t = reinterpret_cast<uint8_t*>(rte_pktmbuf_append(m, tail));
+    for (uint8_t k = 0; k < pad; k++) t[k] = uint8_t(k + 1);
+    t[pad] = pad;
+    t[pad + 1] = kNextIpv4;
+    auto* p = reinterpret_cast<uint8_t*>(rte_pktmbuf_prepend(m, head));
+    auto* eth = reinterpret_cast<rte_ether_hdr*>(p);
+    eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
+    auto* ip = reinterpret_cast<rte_ipv4_hdr*>(p + kEth);
+    uint64_t peer = sa.peer.load(std::memory_order_acquire);
+    uint16_t outer_len = uint16_t(rte_pktmbuf_pkt_len(m) - kEth);
+    ip->version_ihl = 0x45;
+    ip->type_of_service = uint8_t((inner_tos & 0xfc) | ecn_encap(inner_tos & 3));
+    ip->total_length = rte_cpu_to_be_16(outer_len);
+    ip->packet_id = rte_cpu_to_be_16(ew.ip_id++);
+    bool df = sa.df == OuterDf::set || (sa.df == OuterDf::copy && inner_df);
+    ip->fragment_offset = df ? rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG) : 0;
+    ip->time_to_live = sa.ttl;
+    ip->next_proto_id = sa.nat_t ? uint8_t(IPPROTO_UDP) : kProtoEsp;
+    ip->src_addr = rte_cpu_to_be_32(sa.local);
+    ip->dst_addr = rte_cpu_to_be_32(uint32_t(peer >> 16));
+    ip_cksum(ip);
+    uint8_t* esp = p + kEth + sizeof(rte_ipv4_hdr);
+    if (sa.nat_t) {
+      auto* udp = reinterpret_cast<rte_udp_hdr*>(esp);
+      udp->src_port = rte_cpu_to_be_16(sa.local_port);
+      udp->dst_port = rte_cpu_to_be_16(uint16_t(peer));
+      udp->dgram_len = rte_cpu_to_be_16(uint16_t(outer_len - sizeof(rte_ipv4_hdr)));
+      udp->dgram_cksum = 0;  // RFC 3948 §2.1: zero for ESP in UDP over IPv4
+      esp += sizeof(rte_udp_hdr);
+    }
+    put_be32(esp, sa.spi);
+    put_be32(esp + 4, uint32_t(seq));
+    uint8_t* iv = esp + 8;
+    uint8_t* payload = iv + sa.iv_len;
+    uint8_t* icv = payload + padded;
+    EspWorker::Scratch& sc = ew.scratch[nj];
+    const SaKeys& k = sad.keys(idx);
+
+    IMB_JOB* job = IMB_GET_NEXT_JOB(ew.mb);
+    job->src = esp;
+    job->dst = payload;
+    job->cipher_direction = IMB_DIR_ENCRYPT;
+    job->chain_order = IMB_ORDER_CIPHER_HASH;
+    job->auth_tag_output_len_in_bytes = kIcvLen;
+    job->user_data = m;
+    job->user_data2 = reinterpret_cast<void*>(uintptr_t(nj));
+    OutJob& oj = jobs[nj];
+    oj = OutJob{m, idx, icv, false};
+    if (is_aead(sa.cipher)) {
+      // RFC 4106 §3.1 / RFC 7634 §2: the 8-byte IV only has to be unique per
+      // key; the sequence number is (and reveals nothing new).
+      put_be64(iv, seq);
+      std::memcpy(sc.iv, sa.salt, 4);
+      std::memcpy(sc.iv + 4, iv, 8);
+      // AAD (RFC 4106 §5): SPI, [high 32 bits of the ESN,] low 32 bits.
+      std::memcpy(sc.aad, esp, 4);
+      uint64_t aad_len = 8;
+      if (sa.esn) {
+        put_be32(sc.aad + 4, uint32_t(seq >> 32));
+        std::memcpy(sc.aad + 8, esp + 4, 4);
+        aad_len = 12;
+      } else {
+        std::memcpy(sc.aad + 4, esp + 4, 4);
+      }
+      job->cipher_start_src_offset_in_bytes = uint64_t(payload - esp);
+      job->msg_len_to_cipher_in_bytes = padded;
+      job->hash_start_src_offset_in_bytes = uint64_t(payload - esp);
+      job->msg_len_to_hash_in_bytes = padded;
+      job->iv = sc.iv;
+      job->iv_len_in_bytes = 12;
+      job->auth_tag_output = icv;
+      if (sa.cipher == Cipher::chacha20_poly1305) {
+        job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
+        job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
+        job->enc_keys = k.chacha;
+        job->dec_keys = k.chacha;
+        job->key_len_in_bytes = 32;
+        job->u.CHACHA20_POLY1305.aad = sc.aad;
+        job->u.CHACHA20_POLY1305.aad_len_in_bytes = aad_len;
+      } else {
+        job->cipher_mode = IMB_CIPHER_GCM;
+        job->hash_alg = IMB_AUTH_AES_GMAC;
+        job->enc_keys = &k.gcm;
+        job->dec_keys = &k.gcm;
+        job->key_len_in_bytes = sa.cipher == Cipher::aes_gcm_128 ? 16 : 32;
+        job->u.GCM.aad = sc.aad;
+        job->u.GCM.aad_len_in_bytes = aad_len;
+      }
+    } else {
+      // CBC needs an unpredictable IV (RFC 3602 §2.4). NIST SP 800-38A
+      // App. C: encrypt a nonce. Ciphering the IV field itself, holding the
+      // nonce (per-SA random || sequence number), with a zero IV makes its
+      // ciphertext that IV: the one job yields IV and payload, no extra AES call.
+      std::memcpy(iv, sa.cbc_nonce, 8);
+      put_be64(iv + 8, seq);
+      job->dst = iv;
+      job->cipher_start_src_offset_in_bytes = 8;
+      job->msg_len_to_cipher_in_bytes = uint64_t(16 + padded);
+      job->iv = kZeroIv;
+      job->iv_len_in_bytes = 16;
+      job->cipher_mode = IMB_CIPHER_CBC;
+      job->enc_keys = k.cbc.enc;
+      job->dec_keys = k.cbc.dec;
+      job->key_len_in_bytes = sa.cipher == Cipher::aes_cbc_128_sha256 ? 16 : 32;
+      job->hash_alg = IMB_AUTH_HMAC_SHA_256;
+      job->u.HMAC._hashed_auth_key_xor_ipad = k.cbc.ipad;
+      job->u.HMAC._hashed_auth_key_xor_opad = k.cbc.opad;
+      job->hash_start_src_offset_in_bytes = 0;
+      job->msg_len_to_hash_in_bytes = uint64_t(8 + 16 + padded);
+      job->auth_tag_output = icv;
+      if (sa.esn) {
+        // RFC 4303 §2.2.1: the ICV also covers the high 32 bits of the ESN,
+        // appended to the data but not sent. They sit where the ICV will go.
+        put_be32(icv, uint32_t(seq >> 32));
+        job->msg_len_to_hash_in_bytes += 4;
+        job->auth_tag_output = sc.tag;
+        oj.tag_copy = true;
+      }
+    }
+    md.l3_off = kEth;
+    md.generated = 1;
+    ok[nj] = false;
+    nj++;
+    job = IMB_SUBMIT_JOB(ew.mb);
+    while (job) {
+      complete(job);
+      job = IMB_GET_COMPLETED_JOB(ew.mb);
+    }
+  }
+  end_run();
+  IMB_JOB* job;
+  while ((job = IMB_FLUSH_JOB(ew.mb))) complete(job);
+
+  uint16_t n = 0;
+  for (unsigned j = 0; j < nj; j++) {
+    if (!ok[j]) { drop_sa(w, sad, jobs[j].idx, jobs[j].m, Drop::esp_crypto_failed); continue; }
+    b.pkts[n++] = jobs[j].m;
+  }
+  ew.stats.encrypted.add(n);
+  b.n = n;
+}
+
+// ----------------------------------------------------------------- inbound
+
+namespace {
+
+struct InJob {
+  rte_mbuf* m;
+  uint32_t idx;
+  uint64_t seq;
+  uint16_t esp_off;   // ESP header, from the data start
+  uint16_t ct_len;    // ciphertext (payload + trailer) bytes
+  uint8_t outer_ecn;
+  bool ok;
+};
+
+// Counts an unknown SPI against its source and posts a rate-limited event:
+// it is how the control thread learns of a peer using a stale SA (seed 003).
+void unknown_spi(Worker& w, EspWorker& ew, rte_ring* events, uint32_t src, uint32_t spi) {
+  UnknownSpi& u = ew.unknown[(src * 2654435761u) >> 24];
+  if (u.src != src) {
+    u.src = src;
+    u.count.v = 0;
+    u.last_event_tsc = 0;
+  }
+  u.spi = spi;
+  u.count.add();
+  if (u.last_event_tsc == 0 || w.now_tsc - u.last_event_tsc >= ew.unknown_event_gap_tsc) {
+    u.last_event_tsc = w.now_tsc ? w.now_tsc : 1;
+    if (sa_post(events, SaEvent{kNoSa, spi, src, SaEventKind::unknown_spi, {}})) ew.stats.unknown_spi_events.add();
+    else ew.stats.events_lost.add();
+  }
+}
+
+// Hands a fragment to the reassembly table; returns the whole packet (one
+// segment when it fits) or nullptr while fragments are missing. The table
+// wants the L2 header in front and l2_len/l3_len set; it leaves the checksum
+// of the result to offload, so it is recomputed.
+rte_mbuf* reassemble(Worker& w, EspWorker& ew, rte_mbuf* m, uint16_t l3_off) {
+  auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, l3_off);
+  m->l2_len = l3_off;
+  m->l3_len = uint16_t((ip->version_ihl & 0xf) * 4);
+  rte_mbuf* r = rte_ipv4_frag_reassemble_packet(ew.frag, &ew.death_row, m, w.now_tsc, ip);
+  if (ew.death_row.cnt > RTE_IP_FRAG_DEATH_ROW_MBUF_LEN / 2) {
+    w.stats.drops[static_cast<unsigned>(Drop::esp_reassembly_failed)].add(ew.death_row.cnt);
+    rte_ip_frag_free_death_row(&ew.death_row, 0);
+  }
+  if (!r) {
+    ew.stats.frag_held.add();
+    return nullptr;
+  }
+  ip_cksum(rte_pktmbuf_mtod_offset(r, rte_ipv4_hdr*, r->l2_len));
+  rte_pktmbuf_linearize(r);  // best effort: a chain stays valid for later stages
+  return r;
+}
+
+}  // namespace
+
+void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
+  rte_ring* events = sad.event_ring();
+  InJob jobs[kMaxBurst];
+  uint32_t spi_be[kMaxBurst] = {};
+  uint32_t idx[kMaxBurst];
+  unsigned nc = 0;  // candidates for SPI lookup
+
+  // 1. Outer checks: NAT-T demux, outer reassembly, ESP header in reach.
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+    if (is_fragment(ip)) {
+      // Outer fragments (a path that fragmented our peer's ESP): whole first.
+      PktMeta saved = md;
+      rte_mbuf* r = reassemble(w, ew, m, md.l3_off);
+      if (!r) continue;
+      meta(r) = saved;
+      meta(r).l3_off = uint16_t(r->l2_len);
+      ew.stats.outer_reassembled.add();
+      m = r;
+      ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off);
+    }
+    if (!contiguous(m)) { w.drop(m, Drop::esp_no_room); continue; }
+    uint16_t l3 = meta(m).l3_off;
+    uint16_t ihl = uint16_t((ip->version_ihl & 0xf) * 4);
+    uint16_t total = rte_be_to_cpu_16(ip->total_length);
+    uint16_t off = uint16_t(l3 + ihl);
+    uint16_t end = uint16_t(l3 + total);
+    if (end > rte_pktmbuf_data_len(m)) { w.drop(m, Drop::esp_truncated); continue; }
+    if (ip->next_proto_id == IPPROTO_UDP) {
+      if (end < off + sizeof(rte_udp_hdr)) { w.drop(m, Drop::esp_truncated); continue; }
+      auto* udp = rte_pktmbuf_mtod_offset(m, rte_udp_hdr*, off);
+      if (udp->dst_port != rte_cpu_to_be_16(kNatTPort)) { w.drop(m, Drop::esp_not_esp); continue; }
+      off = uint16_t(off + sizeof(rte_udp_hdr));
+      const uint8_t* pl = rte_pktmbuf_mtod_offset(m, const uint8_t*, off);
+      // RFC 3948 §2.2/§2.3: a lone 0xff is a keepalive; four zero bytes
+      // (the non-ESP marker) introduce IKE, which the control thread owns.
+      if (end - off == 1 && pl[0] == 0xff) { w.drop(m, Drop::esp_natt_keepalive); continue; }
+      if (end - off >= 4 && pl[0] == 0 && pl[1] == 0 && pl[2] == 0 && pl[3] == 0) {
+        meta(m).punt = Punt::local;
+        w.punt.push(m);
+        ew.stats.ike_punted.add();
+        continue;
+      }
+    } else if (ip->next_proto_id != kProtoEsp) {
+      w.drop(m, Drop::esp_not_esp);
+      continue;
+    }
+    if (end < off + 8) { w.drop(m, Drop::esp_truncated); continue; }
+    InJob& j = jobs[nc];
+    j.m = m;
+    j.esp_off = off;
+    j.ct_len = uint16_t(end - off);  // whole ESP for now; narrowed once the SA is known
+    j.outer_ecn = ip->type_of_service & 3;
+    std::memcpy(&spi_be[nc], rte_pktmbuf_mtod_offset(m, const uint8_t*, off), 4);
+    nc++;
+  }
+
+  // 2. SA by SPI, one bulk lookup.
+  sad.lookup_spis(spi_be, nc, idx);
+
+  // 3. Per SA: lifetime, lengths, anti-replay before any crypto; submit.
+  unsigned nj = 0;
+  auto complete = [&](IMB_JOB* job) {
+    unsigned j = unsigned(uintptr_t(job->user_data2));
+    jobs[j].ok = job->status == IMB_STATUS_COMPLETED;
+  };
+  for (unsigned c = 0; c < nc && c < kPrefetchAhead; c++) prefetch_sa(sad, idx[c]);
+  for (unsigned c = 0; c < nc; c++) {
+    if (c + kPrefetchAhead < nc) prefetch_sa(sad, idx[c + kPrefetchAhead]);
+    InJob j = jobs[c];
+    rte_mbuf* m = j.m;
+    uint32_t sai = idx[c];
+    if (sai == kNoSa) {
+      auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, meta(m).l3_off);
+      unknown_spi(w, ew, events, rte_be_to_cpu_32(ip->src_addr), rte_be_to_cpu_32(spi_be[c]));
+      w.drop(m, Drop::esp_unknown_spi);
+      continue;
+    }
+    Sa& sa = sad.sa(sai);
+    uint32_t st = sa.state.load(std::memory_order_relaxed);
+    if (!(st & kSaLive) || (st & kSaHardPosted)) { drop_sa(w, sad, sai, m, Drop::esp_sa_expired); continue; }
+    uint16_t esp_len = j.ct_len;
+    int ct = int(esp_len) - 8 - sa.iv_len - kIcvLen;
+    if (ct < sa.align || ct % sa.align) { drop_sa(w, sad, sai, m, Drop::esp_truncated); continue; }
+    uint8_t* esp = rte_pktmbuf_mtod_offset(m, uint8_t*, j.esp_off);
+    uint32_t seq_lo;
+    std::memcpy(&seq_lo, esp + 4, 4);
+    seq_lo = rte_be_to_cpu_32(seq_lo);
+    uint64_t seq = replay_seq64(sa, seq_lo);
+    Replay r = replay_check(sa, seq);
+    if (r != Replay::ok) {
+      if (r == Replay::replayed) sa_bump(sa.dups, 1);
+      drop_sa(w, sad, sai, m, r == Replay::replayed ? Drop::esp_replayed : Drop::esp_too_old);
+      continue;
+    }
+    j.idx = sai;
+    j.seq = seq;
+    j.ct_len = uint16_t(ct);
+    j.ok = false;
+    jobs[nj] = j;
+
+    uint8_t* iv = esp + 8;
+    uint8_t* payload = iv + sa.iv_len;
+    uint8_t* icv = payload + ct;
+    EspWorker::Scratch& sc = ew.scratch[nj];
+    const SaKeys& k = sad.keys(sai);
+    IMB_JOB* job = IMB_GET_NEXT_JOB(ew.mb);
+    job->src = esp;
+    job->dst = payload;
+    job->cipher_direction = IMB_DIR_DECRYPT;
+    job->chain_order = IMB_ORDER_HASH_CIPHER;
+    job->auth_tag_output = sc.tag;
+    job->auth_tag_output_len_in_bytes = kIcvLen;
+    job->user_data = m;
+    job->user_data2 = reinterpret_cast<void*>(uintptr_t(nj));
+    job->cipher_start_src_offset_in_bytes = uint64_t(payload - esp);
+    job->msg_len_to_cipher_in_bytes = uint64_t(ct);
+    if (is_aead(sa.cipher)) {
+      std::memcpy(sc.iv, sa.salt, 4);
+      std::memcpy(sc.iv + 4, iv, 8);
+      std::memcpy(sc.aad, esp, 4);
+      uint64_t aad_len = 8;
+      if (sa.esn) {
+        put_be32(sc.aad + 4, uint32_t(seq >> 32));
+        std::memcpy(sc.aad + 8, esp + 4, 4);
+        aad_len = 12;
+      } else {
+        std::memcpy(sc.aad + 4, esp + 4, 4);
+      }
+      job->hash_start_src_offset_in_bytes = uint64_t(payload - esp);
+      job->msg_len_to_hash_in_bytes = uint64_t(ct);
+      job->iv = sc.iv;
+      job->iv_len_in_bytes = 12;
+      if (sa.cipher == Cipher::chacha20_poly1305) {
+        job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
+        job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
+        job->enc_keys = k.chacha;
+        job->dec_keys = k.chacha;
+        job->key_len_in_bytes = 32;
+        job->u.CHACHA20_POLY1305.aad = sc.aad;
+        job->u.CHACHA20_POLY1305.aad_len_in_bytes = aad_len;
+      } else {
+        job->cipher_mode = IMB_CIPHER_GCM;
+        job->hash_alg = IMB_AUTH_AES_GMAC;
+        job->enc_keys = &k.gcm;
+        job->dec_keys = &k.gcm;
+        job->key_len_in_bytes = sa.cipher == Cipher::aes_gcm_128 ? 16 : 32;
+        job->u.GCM.aad = sc.aad;
+        job->u.GCM.aad_len_in_bytes = aad_len;
+      }
+      std::memcpy(sc.icv, icv, kIcvLen);
+    } else {
+      job->iv = iv;
+      job->iv_len_in_bytes = 16;
+      job->cipher_mode = IMB_CIPHER_CBC;
+      job->enc_keys = k.cbc.enc;
+      job->dec_keys = k.cbc.dec;
+      job->key_len_in_bytes = sa.cipher == Cipher::aes_cbc_128_sha256 ? 16 : 32;
+      job->hash_alg = IMB_AUTH_HMAC_SHA_256;
+      job->u.HMAC._hashed_auth_key_xor_ipad = k.cbc.ipad;
+      job->u.HMAC._hashed_auth_key_xor_opad = k.cbc.opad;
+      job->hash_start_src_offset_in_bytes = 0;
+      job->msg_len_to_hash_in_bytes = uint64_t(8 + 16 + ct);
+      std::memcpy(sc.icv, icv, kIcvLen);
+      if (sa.esn) {
+        // The ICV covers the ESN's high half after the payload (RFC 4303
+        // §2.2.1); it is written over the received ICV, saved above.
+        put_be32(icv, uint32_t(seq >> 32));
+        job->msg_len_to_hash_in_bytes += 4;
+      }
+    }
+    nj++;
+    job = IMB_SUBMIT_JOB(ew.mb);
+    while (job) {
+      complete(job);
+      job = IMB_GET_COMPLETED_JOB(ew.mb);
+    }
+  }
+  IMB_JOB* fj;
+  while ((fj = IMB_FLUSH_JOB(ew.mb))) complete(fj);
+
+  // 4. Authenticated? Then the window, the trailer, the inner packet.
+  uint16_t n = 0;
+  for (unsigned c = 0; c < nj; c++) {
+    InJob& j = jobs[c];
+    rte_mbuf* m = j.m;
+    Sa& sa = sad.sa(j.idx);
+    EspWorker::Scratch& sc = ew.scratch[c];
+    if (!j.ok) { drop_sa(w, sad, j.idx, m, Drop::esp_crypto_failed); continue; }
+    if (!tag_eq(sc.tag, sc.icv)) {
+      sa_bump(sa.auth_fail, 1);
+      drop_sa(w, sad, j.idx, m, Drop::esp_bad_icv);
+      continue;
+    }
+    Replay r = replay_update(sa, j.seq);
+    if (r != Replay::ok) {  // a copy earlier in this burst got there first
+      if (r == Replay::replayed) sa_bump(sa.dups, 1);
+      drop_sa(w, sad, j.idx, m, r == Replay::replayed ? Drop::esp_replayed : Drop::esp_too_old);
+      continue;
+    }
+    uint8_t* payload = rte_pktmbuf_mtod_offset(m, uint8_t*, j.esp_off + 8 + sa.iv_len);
+    uint8_t pad = payload[j.ct_len - 2];
+    uint8_t nh = payload[j.ct_len - 1];
+    if (pad + 2 > j.ct_len) { drop_sa(w, sad, j.idx, m, Drop::esp_bad_padding); continue; }
+    uint16_t inner_len = uint16_t(j.ct_len - 2 - pad);
+    bool pad_ok = true;
+    for (uint8_t k = 0; k < pad; k++) pad_ok &= payload[inner_len + k] == uint8_t(k + 1);
+    if (!pad_ok) { drop_sa(w, sad, j.idx, m, Drop::esp_bad_padding); continue; }
+    if (nh == kNextNone) { drop_sa(w, sad, j.idx, m, Drop::esp_dummy); continue; }
+    if (nh != kNextIpv4) { drop_sa(w, sad, j.idx, m, Drop::esp_bad_next_header); continue; }
+    auto* inner = reinterpret_cast<rte_ipv4_hdr*>(payload);
+    uint16_t ihl = uint16_t((inner->version_ihl & 0xf) * 4);
+    uint16_t total = inner_len >= sizeof(rte_ipv4_hdr) ? rte_be_to_cpu_16(inner->total_length) : 0;
+    // TFC padding (RFC 4303 §2.7) may follow the inner packet: total ≤ inner_len.
+    if (inner_len < sizeof(rte_ipv4_hdr) || (inner->version_ihl >> 4) != 4 || ihl < 20 ||
+        total < ihl || total > inner_len || inet_sum(inner, ihl) != 0xffff) {
+      drop_sa(w, sad, j.idx, m, Drop::esp_inner_malformed);
+      continue;
+    }
+    if (!funnels_allow(sa, rte_be_to_cpu_32(inner->src_addr), rte_be_to_cpu_32(inner->dst_addr))) {
+      drop_sa(w, sad, j.idx, m, Drop::esp_selector_mismatch);
+      continue;
+    }
+    int ecn = ecn_decap(j.outer_ecn, inner->type_of_service & 3);
+    if (ecn < 0) { drop_sa(w, sad, j.idx, m, Drop::esp_ecn_drop); continue; }
+    if (ecn != (inner->type_of_service & 3)) {
+      inner->type_of_service = uint8_t((inner->type_of_service & 0xfc) | ecn);
+      ip_cksum(inner);
+    }
+    lifetime_count(ew, events, sa, j.idx, 1, total, w.now_tsc, false);
+
+    // The inner packet replaces the outer one: Ethernet room in front, the
+    // trailer and ICV cut off, metadata as if it had just been parsed.
+    uint16_t in_port = meta(m).in_port;
+    uint16_t vlan = meta(m).vlan;
+    uint16_t inner_off = uint16_t(j.esp_off + 8 + sa.iv_len);
+    rte_pktmbuf_adj(m, uint16_t(inner_off - kEth));
+    rte_pktmbuf_trim(m, uint16_t(rte_pktmbuf_pkt_len(m) - kEth - total));
+    auto* eth = rte_pktmbuf_mtod(m, rte_ether_hdr*);
+    eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
+    PktMeta& md = meta(m);
+    md = PktMeta{};
+    md.l3_off = kEth;
+    md.in_port = in_port;
+    md.vlan = vlan;
+    md.out_port = kNoPort;
+    md.sa = j.idx;
+    if (is_fragment(inner)) {
+      PktMeta saved = md;
+      rte_mbuf* whole = reassemble(w, ew, m, kEth);
+      if (!whole) continue;
+      meta(whole) = saved;
+      ew.stats.inner_reassembled.add();
+      m = whole;
+    }
+    b.pkts[n++] = m;
+  }
+  ew.stats.decrypted.add(n);
+  b.n = n;
+}
+
+}  // namespace moat

@@ -1,0 +1,426 @@
+// The SAD: SA records, SPI and tunnel lookups, lifecycle under RCU, replay window.
+#include "dataplane/sa.hh"
+
+#include <fmt/format.h>
+#include <rte_byteorder.h>
+#include <rte_cycles.h>
+#include <rte_errno.h>
+#include <rte_malloc.h>
+#include <rte_random.h>
+
+#include <cstring>
+
+#include "dataplane/drop.hh"
+
+namespace moat {
+
+static_assert(kDropCount <= sizeof(SaDrops::n) / sizeof(uint64_t), "SaDrops too small");
+
+const char* cipher_name(Cipher c) {
+  switch (c) {
+    case Cipher::aes_gcm_128: return "aes-gcm-128";
+    case Cipher::aes_gcm_256: return "aes-gcm-256";
+    case Cipher::aes_cbc_128_sha256: return "aes-cbc-128-sha256";
+    case Cipher::aes_cbc_256_sha256: return "aes-cbc-256-sha256";
+    case Cipher::chacha20_poly1305: return "chacha20-poly1305";
+  }
+  return "?";
+}
+
+bool cipher_from_name(const std::string& s, Cipher& out) {
+  for (Cipher c : {Cipher::aes_gcm_128, Cipher::aes_gcm_256, Cipher::aes_cbc_128_sha256,
+                   Cipher::aes_cbc_256_sha256, Cipher::chacha20_poly1305}) {
+    if (s == cipher_name(c)) { out = c; return true; }
+  }
+  return false;
+}
+
+unsigned cipher_key_len(Cipher c) {
+  switch (c) {
+    case Cipher::aes_gcm_128: return 16 + 4;
+    case Cipher::aes_gcm_256: return 32 + 4;
+    case Cipher::aes_cbc_128_sha256: return 16;
+    case Cipher::aes_cbc_256_sha256: return 32;
+    case Cipher::chacha20_poly1305: return 32 + 4;
+  }
+  return 0;
+}
+
+const char* sa_event_name(SaEventKind k) {
+  switch (k) {
+    case SaEventKind::soft_bytes: return "soft-bytes";
+    case SaEventKind::soft_packets: return "soft-packets";
+    case SaEventKind::soft_seconds: return "soft-seconds";
+    case SaEventKind::hard_bytes: return "hard-bytes";
+    case SaEventKind::hard_packets: return "hard-packets";
+    case SaEventKind::hard_seconds: return "hard-seconds";
+    case SaEventKind::seq_overflow: return "seq-overflow";
+    case SaEventKind::unknown_spi: return "unknown-spi";
+  }
+  return "?";
+}
+
+// ---- replay window (RFC 4303 Appendix A) ----
+
+uint64_t replay_seq64(const Sa& sa, uint32_t seql) {
+  if (!sa.esn) return seql;
+  uint64_t t = sa.seq;
+  uint32_t tl = uint32_t(t), th = uint32_t(t >> 32);
+  uint32_t w = sa.window;
+  uint32_t seqh;
+  // A2.2: which 2^32 subspace the packet belongs to, judged from T and W.
+  if (tl >= w - 1) {
+    seqh = seql >= tl - w + 1 ? th : th + 1;
+  } else {
+    seqh = seql >= tl - w + 1 ? th - 1 : th;  // tl - w + 1 wraps on purpose
+  }
+  if (th == 0 && seqh == 0xffffffff) return 0;  // "before" the first subspace: invalid
+  return uint64_t(seqh) << 32 | seql;
+}
+
+static constexpr uint64_t kBits = 64 * kReplayWords;
+
+Replay replay_check(const Sa& sa, uint64_t seq) {
+  if (seq == 0) return Replay::too_old;  // sequence numbers start at 1
+  uint64_t t = sa.seq;
+  if (seq > t) return Replay::ok;
+  if (t - seq >= sa.window) return Replay::too_old;
+  uint64_t word = sa.bitmap[(seq / 64) % kReplayWords];
+  return (word >> (seq % 64)) & 1 ? Replay::replayed : Replay::ok;
+}
+
+Replay replay_update(Sa& sa, uint64_t seq) {
+  Replay r = replay_check(sa, seq);
+  if (r != Replay::ok) return r;
+  uint64_t t = sa.seq;
+  if (seq > t) {
+    // Clear the words between the old top and the new one: they now hold
+    // sequence numbers not yet seen. The ring has one word more than the
+    // largest window needs, so live bits are never cleared.
+    uint64_t tw = t / 64, sw = seq / 64;
+    if (sw - tw >= kReplayWords) {
+      std::memset(sa.bitmap, 0, sizeof(sa.bitmap));
+    } else {
+      for (uint64_t wi = tw + 1; wi <= sw; wi++) sa.bitmap[wi % kReplayWords] = 0;
+    }
+    if (t && seq > t + 1) sa_bump(sa.gaps, seq - t - 1);
+    __atomic_store_n(&sa.seq, seq, __ATOMIC_RELAXED);
+  } else {
+    sa_bump(sa.late, 1);
+  }
+  sa.bitmap[(seq / 64) % kReplayWords] |= uint64_t(1) << (seq % 64);
+  static_assert(kBits >= kMaxReplayWindow + 64);
+  return Replay::ok;
+}
+
+// ---- the SAD ----
+
+tl::expected<Sad*, std::string> Sad::create(const std::string& name, uint32_t capacity,
+                                            rte_rcu_qsbr* qsbr) {
+  auto fail = [&](const std::string& what) -> tl::expected<Sad*, std::string> {
+    return tl::unexpected(fmt::format("SAD {}: {}", name, what));
+  };
+  if (capacity == 0 || capacity >= kNoSa) return fail("capacity must be 1..2^32-2");
+  auto* s = new Sad();
+  s->name_ = name;
+  s->cap_ = capacity;
+  s->qsbr_ = qsbr;
+  s->sas_ = static_cast<Sa*>(rte_zmalloc(nullptr, sizeof(Sa) * capacity, 64));
+  s->keys_ = static_cast<SaKeys*>(rte_zmalloc(nullptr, sizeof(SaKeys) * capacity, 64));
+  s->drops_ = static_cast<SaDrops*>(rte_zmalloc(nullptr, sizeof(SaDrops) * capacity, 64));
+  s->tunnel_out_ = static_cast<std::atomic<uint32_t>*>(
+      rte_zmalloc(nullptr, sizeof(std::atomic<uint32_t>) * capacity, 64));
+  if (!s->sas_ || !s->keys_ || !s->drops_ || !s->tunnel_out_) {
+    delete s;
+    return fail(fmt::format("cannot allocate {} SA slots ({} MB)", capacity,
+                            (sizeof(Sa) + sizeof(SaKeys) + sizeof(SaDrops)) * capacity >> 20));
+  }
+  for (uint32_t i = 0; i < capacity; i++) s->tunnel_out_[i].store(kNoSa, std::memory_order_relaxed);
+  std::string hn = "sad_" + name;
+  rte_hash_parameters hp{};
+  hp.name = hn.c_str();
+  hp.entries = capacity < 8 ? 16 : capacity * 2;
+  hp.key_len = sizeof(uint32_t);
+  hp.socket_id = SOCKET_ID_ANY;
+  hp.extra_flag = RTE_HASH_EXTRA_FLAGS_RW_CONCURRENCY_LF;
+  s->spi_ = rte_hash_create(&hp);
+  if (!s->spi_) { delete s; return fail(fmt::format("SPI hash: {}", rte_strerror(rte_errno))); }
+  if (qsbr) {
+    rte_hash_rcu_config hrc{};
+    hrc.v = qsbr;
+    hrc.mode = RTE_HASH_QSBR_MODE_DQ;
+    if (rte_hash_rcu_qsbr_add(s->spi_, &hrc) != 0) { delete s; return fail("SPI hash: RCU attach failed"); }
+  }
+  std::string rn = "sadev_" + name;
+  s->events_ = rte_ring_create_elem(rn.c_str(), sizeof(SaEvent), 4096, SOCKET_ID_ANY, RING_F_SC_DEQ);
+  if (!s->events_) { delete s; return fail(fmt::format("event ring: {}", rte_strerror(rte_errno))); }
+  s->mb_ = alloc_mb_mgr(0);
+  if (!s->mb_) { delete s; return fail("IPsec-MB manager allocation failed"); }
+  init_mb_mgr_auto(s->mb_, nullptr);
+  s->cfg_.resize(capacity);
+  s->free_.reserve(capacity);
+  for (uint32_t i = capacity; i-- > 0;) s->free_.push_back(i);
+  return s;
+}
+
+Sad::~Sad() {
+  if (sas_) {
+    // Key material does not outlive the SAD.
+    std::memset(static_cast<void*>(keys_), 0, sizeof(SaKeys) * cap_);
+  }
+  if (spi_) rte_hash_free(spi_);
+  if (events_) rte_ring_free(events_);
+  if (mb_) free_mb_mgr(mb_);
+  rte_free(sas_);
+  rte_free(keys_);
+  rte_free(drops_);
+  rte_free(tunnel_out_);
+}
+
+static bool plen_ok(uint8_t p) { return p <= 32; }
+
+tl::expected<uint32_t, std::string> Sad::add_sa(const SaConfig& c, uint64_t now_s) {
+  auto fail = [&](const std::string& what) -> tl::expected<uint32_t, std::string> {
+    return tl::unexpected(fmt::format("SA \"{}\" (SPI 0x{:08x}): {}", c.name, c.spi, what));
+  };
+  if (c.spi < 256) return fail("SPIs 0..255 are reserved (RFC 4303 §2.1)");
+  if (c.tunnel >= cap_) return fail(fmt::format("tunnel {} beyond the SAD's {} slots", c.tunnel, cap_));
+  if (c.key.size() != cipher_key_len(c.cipher))
+    return fail(fmt::format("{} wants a {}-byte key, got {}", cipher_name(c.cipher),
+                            cipher_key_len(c.cipher), c.key.size()));
+  bool cbc = c.cipher == Cipher::aes_cbc_128_sha256 || c.cipher == Cipher::aes_cbc_256_sha256;
+  if (cbc && c.auth_key.size() != 32)
+    return fail(fmt::format("HMAC-SHA-256-128 wants a 32-byte auth key, got {}", c.auth_key.size()));
+  if (c.dir == SaDir::inbound &&
+      (c.replay_window < 64 || c.replay_window > kMaxReplayWindow || c.replay_window % 64))
+    return fail(fmt::format("replay window {} not a multiple of 64 in 64..{}", c.replay_window, kMaxReplayWindow));
+  if (c.funnels.size() > kMaxFunnels)
+    return fail(fmt::format("{} funnels, at most {} per SA", c.funnels.size(), kMaxFunnels));
+  for (const Funnel& f : c.funnels)
+    if (!plen_ok(f.local_plen) || !plen_ok(f.remote_plen)) return fail("funnel prefix length above 32");
+  if (c.ttl == 0) return fail("outer TTL 0");
+  if (c.mtu < 576 || c.mtu > 9000) return fail(fmt::format("tunnel MTU {} outside 576..9000", c.mtu));
+  uint32_t spi_be = rte_cpu_to_be_32(c.spi);
+  if (c.dir == SaDir::inbound && rte_hash_lookup(spi_, &spi_be) >= 0)
+    return fail("an inbound SA with this SPI exists");
+  if (free_.empty()) return fail(fmt::format("SAD full ({} SAs)", cap_));
+
+  uint32_t i = free_.back();
+  Sa& s = sas_[i];
+  std::memset(static_cast<void*>(&s), 0, sizeof(Sa));
+  std::memset(static_cast<void*>(&drops_[i]), 0, sizeof(SaDrops));
+  s.spi = c.spi;
+  s.tunnel = c.tunnel;
+  s.local = c.local;
+  s.local_port = c.local_port;
+  s.mtu = c.mtu;
+  s.peer.store(uint64_t(c.peer) << 16 | c.peer_port, std::memory_order_relaxed);
+  s.dir = c.dir;
+  s.cipher = c.cipher;
+  s.esn = c.esn;
+  s.nat_t = c.nat_t;
+  s.clamp_mss = c.clamp_mss;
+  s.df = c.df;
+  s.mtu_policy = c.mtu_policy;
+  s.ttl = c.ttl;
+  s.iv_len = cbc ? 16 : 8;
+  s.align = cbc ? 16 : 4;
+  s.window = c.replay_window;
+  s.n_funnels = uint8_t(c.funnels.size());
+  for (size_t f = 0; f < c.funnels.size(); f++) s.funnels[f] = c.funnels[f];
+  // The largest inner packet one ESP packet carries within the MTU:
+  // outer IPv4 (20) [+ UDP 8] + ESP header 8 + IV + payload padded + ICV 16.
+  int room = int(c.mtu) - 20 - (c.nat_t ? 8 : 0) - 8 - s.iv_len - 16;
+  room -= room % s.align;
+  s.max_inner = uint16_t(room - 2);
+  s.mss = uint16_t(s.max_inner - 40);
+  s.soft_bytes = c.soft.bytes;
+  s.soft_packets = c.soft.packets;
+  s.hard_bytes = c.hard.bytes;
+  s.hard_packets = c.hard.packets;
+  s.soft_seconds = c.soft.seconds;
+  s.hard_seconds = c.hard.seconds;
+  s.created_s = now_s;
+  // Replay state starts empty: T = 0, every bit clear.
+
+  SaKeys& k = keys_[i];
+  std::memset(static_cast<void*>(&k), 0, sizeof(SaKeys));
+  const uint8_t* key = c.key.data();
+  switch (c.cipher) {
+    case Cipher::aes_gcm_128:
+      IMB_AES128_GCM_PRE(mb_, key, &k.gcm);
+      std::memcpy(s.salt, key + 16, 4);
+      break;
+    case Cipher::aes_gcm_256:
+      IMB_AES256_GCM_PRE(mb_, key, &k.gcm);
+      std::memcpy(s.salt, key + 32, 4);
+      break;
+    case Cipher::chacha20_poly1305:
+      std::memcpy(k.chacha, key, 32);
+      std::memcpy(s.salt, key + 32, 4);
+      break;
+    case Cipher::aes_cbc_128_sha256:
+    case Cipher::aes_cbc_256_sha256: {
+      if (c.cipher == Cipher::aes_cbc_128_sha256) IMB_AES_KEYEXP_128(mb_, key, k.cbc.enc, k.cbc.dec);
+      else IMB_AES_KEYEXP_256(mb_, key, k.cbc.enc, k.cbc.dec);
+      // HMAC (RFC 2104): the inner and outer hash states after one block of
+      // key ^ ipad / key ^ opad are per-SA constants.
+      alignas(16) uint8_t blk[64];
+      std::memset(blk, 0x36, 64);
+      for (unsigned b = 0; b < 32; b++) blk[b] ^= c.auth_key[b];
+      IMB_SHA256_ONE_BLOCK(mb_, blk, k.cbc.ipad);
+      std::memset(blk, 0x5c, 64);
+      for (unsigned b = 0; b < 32; b++) blk[b] ^= c.auth_key[b];
+      IMB_SHA256_ONE_BLOCK(mb_, blk, k.cbc.opad);
+      std::memset(blk, 0, sizeof(blk));
+      uint64_t r = rte_rand();
+      std::memcpy(s.cbc_nonce, &r, 8);
+      break;
+    }
+  }
+  s.state.store(kSaLive, std::memory_order_relaxed);
+
+  // Publication: everything above is visible before the index is.
+  std::atomic_thread_fence(std::memory_order_release);
+  if (c.dir == SaDir::inbound) {
+    int rc = rte_hash_add_key_data(spi_, &spi_be, reinterpret_cast<void*>(uintptr_t(i) + 1));
+    if (rc != 0) return fail(fmt::format("SPI hash insert: {}", rte_strerror(-rc)));
+  } else if (tunnel_out_[c.tunnel].load(std::memory_order_relaxed) == kNoSa) {
+    tunnel_out_[c.tunnel].store(i, std::memory_order_release);
+  }
+  free_.pop_back();
+  cfg_[i] = c;
+  cfg_[i].key.assign(c.key.size(), 0);  // the schedules are enough; keep no raw key
+  cfg_[i].auth_key.assign(c.auth_key.size(), 0);
+  live_++;
+  return i;
+}
+
+tl::expected<uint32_t, std::string> Sad::replace_outbound(uint32_t tunnel, uint32_t sa) {
+  if (tunnel >= cap_) return tl::unexpected(fmt::format("replace_outbound: tunnel {} beyond {}", tunnel, cap_));
+  if (sa >= cap_ || !(sas_[sa].state.load() & kSaLive) || sas_[sa].dir != SaDir::outbound)
+    return tl::unexpected(fmt::format("replace_outbound: tunnel {}: SA {} is not a live outbound SA", tunnel, sa));
+  if (sas_[sa].tunnel != tunnel)
+    return tl::unexpected(fmt::format("replace_outbound: SA {} belongs to tunnel {}, not {}", sa, sas_[sa].tunnel, tunnel));
+  uint32_t old = tunnel_out_[tunnel].exchange(sa, std::memory_order_acq_rel);
+  if (old != kNoSa && old != sa) retire(old);
+  return old == sa ? kNoSa : old;
+}
+
+tl::expected<void, std::string> Sad::delete_sa(uint32_t sa) {
+  if (sa >= cap_ || !(sas_[sa].state.load() & kSaLive))
+    return tl::unexpected(fmt::format("delete_sa: SA {} is not live", sa));
+  Sa& s = sas_[sa];
+  if (s.dir == SaDir::inbound) {
+    uint32_t spi_be = rte_cpu_to_be_32(s.spi);
+    rte_hash_del_key(spi_, &spi_be);  // the RCU hook defers the key slot's reuse
+  } else {
+    uint32_t cur = sa;
+    tunnel_out_[s.tunnel].compare_exchange_strong(cur, kNoSa, std::memory_order_acq_rel);
+  }
+  retire(sa);
+  return {};
+}
+
+void Sad::retire(uint32_t sa) {
+  sas_[sa].state.fetch_or(kSaDeleted);
+  sas_[sa].state.fetch_and(~kSaLive);
+  uint64_t token = qsbr_ ? rte_rcu_qsbr_start(qsbr_) : 0;
+  retired_.emplace_back(sa, token);
+  live_--;
+}
+
+void Sad::reclaim() {
+  size_t keep = 0;
+  for (auto& [sa, token] : retired_) {
+    if (!qsbr_ || rte_rcu_qsbr_check(qsbr_, token, false) == 1) {
+      std::memset(static_cast<void*>(&keys_[sa]), 0, sizeof(SaKeys));
+      sas_[sa].state.store(0);
+      cfg_[sa] = SaConfig{};
+      free_.push_back(sa);
+    } else {
+      retired_[keep++] = {sa, token};
+    }
+  }
+  retired_.resize(keep);
+}
+
+tl::expected<void, std::string> Sad::set_peer(uint32_t sa, uint32_t addr, uint16_t port) {
+  if (sa >= cap_ || !(sas_[sa].state.load() & kSaLive))
+    return tl::unexpected(fmt::format("set_peer: SA {} is not live", sa));
+  sas_[sa].peer.store(uint64_t(addr) << 16 | port, std::memory_order_release);
+  cfg_[sa].peer = addr;
+  cfg_[sa].peer_port = port;
+  return {};
+}
+
+void Sad::post(const SaEvent& e) { sa_post(events_, e); }
+
+void Sad::tick(uint64_t now_s) {
+  for (uint32_t i = 0; i < cap_; i++) {
+    Sa& s = sas_[i];
+    uint32_t st = s.state.load(std::memory_order_relaxed);
+    if (!(st & kSaLive)) continue;
+    uint64_t age = now_s - s.created_s;
+    uint32_t peer = uint32_t(s.peer.load(std::memory_order_relaxed) >> 16);
+    if (s.hard_seconds && age >= s.hard_seconds && !(st & kSaHardPosted)) {
+      s.state.fetch_or(kSaHardPosted);
+      post(SaEvent{i, s.spi, peer, SaEventKind::hard_seconds, {}});
+    } else if (s.soft_seconds && age >= s.soft_seconds && !(st & kSaSoftPosted)) {
+      s.state.fetch_or(kSaSoftPosted);
+      post(SaEvent{i, s.spi, peer, SaEventKind::soft_seconds, {}});
+    }
+  }
+}
+
+unsigned Sad::events(SaEvent* out, unsigned n) {
+  return rte_ring_sc_dequeue_burst_elem(events_, out, sizeof(SaEvent), n, nullptr);
+}
+
+SaStats Sad::stats(uint32_t i) const {
+  const Sa& s = sas_[i];
+  SaStats v{};
+  v.index = i;
+  v.spi = s.spi;
+  v.tunnel = s.tunnel;
+  uint64_t p = s.peer.load(std::memory_order_relaxed);
+  v.peer = uint32_t(p >> 16);
+  v.peer_port = uint16_t(p);
+  v.dir = s.dir;
+  v.cipher = s.cipher;
+  v.state = s.state.load(std::memory_order_relaxed);
+  v.seq = sa_load(s.seq);
+  v.packets = sa_load(s.packets);
+  v.bytes = sa_load(s.bytes);
+  v.last_tsc = sa_load(s.last_tsc);
+  v.gaps = sa_load(s.gaps);
+  v.late = sa_load(s.late);
+  v.dups = sa_load(s.dups);
+  v.auth_fail = sa_load(s.auth_fail);
+  for (unsigned d = 0; d < kDropCount; d++) v.drops_total += sa_load(drops_[i].n[d]);
+  double lost = double(v.gaps) - double(v.late);
+  if (lost < 0) lost = 0;
+  v.loss_estimate = v.packets + lost > 0 ? lost / (double(v.packets) + lost) : 0.0;
+  return v;
+}
+
+const SaConfig* Sad::config(uint32_t i) const {
+  if (i >= cap_ || !(sas_[i].state.load() & (kSaLive | kSaDeleted))) return nullptr;
+  return &cfg_[i];
+}
+
+void Sad::lookup_spis(const uint32_t* spi_be, unsigned n, uint32_t* idx) const {
+  constexpr unsigned kMaxBurstLookup = RTE_HASH_LOOKUP_BULK_MAX;
+  const void* keys[kMaxBurstLookup];
+  void* data[kMaxBurstLookup];
+  for (unsigned base = 0; base < n; base += kMaxBurstLookup) {
+    unsigned k = n - base < kMaxBurstLookup ? n - base : kMaxBurstLookup;
+    for (unsigned j = 0; j < k; j++) keys[j] = &spi_be[base + j];
+    uint64_t hits = 0;
+    rte_hash_lookup_bulk_data(spi_, keys, k, &hits, data);
+    for (unsigned j = 0; j < k; j++)
+      idx[base + j] = (hits >> j) & 1 ? uint32_t(reinterpret_cast<uintptr_t>(data[j]) - 1) : kNoSa;
+  }
+}
+
+}  // namespace moat

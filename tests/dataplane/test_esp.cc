@@ -1,0 +1,581 @@
+// ESP stages: behaviour checked from outside. Packets to decrypt are sealed
+// with OpenSSL (not Moat's code) where a test needs a malformed-but-
+// authentic packet; interop with scapy/tshark/strongSwan is tests/esp.
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <rte_cycles.h>
+#include <rte_ip.h>
+
+#include <memory>
+
+#include "dataplane/esp.hh"
+#include "dataplane/worker.hh"
+#include "tests/test_util.hh"
+
+using namespace moat;
+using namespace moat::test;
+
+namespace {
+
+constexpr uint32_t kLocal = 0xc0000201;  // 192.0.2.1
+constexpr uint32_t kPeer = 0xc0000202;   // 192.0.2.2
+constexpr uint32_t kHostA = 0x0a01000a;  // 10.1.0.10 (behind us)
+constexpr uint32_t kHostB = 0x0a02000a;  // 10.2.0.10 (behind the peer)
+
+uint16_t be16(const std::vector<uint8_t>& b, size_t o) { return uint16_t(b[o] << 8 | b[o + 1]); }
+uint32_t be32(const std::vector<uint8_t>& b, size_t o) { return uint32_t(be16(b, o)) << 16 | be16(b, o + 2); }
+
+std::vector<uint8_t> key_of(Cipher c) {
+  std::vector<uint8_t> k(cipher_key_len(c));
+  for (size_t i = 0; i < k.size(); i++) k[i] = uint8_t(0x11 * (i + 1));
+  return k;
+}
+
+SaConfig sa_cfg(SaDir dir, uint32_t spi, Cipher c = Cipher::aes_gcm_128, uint32_t tunnel = 0) {
+  SaConfig s;
+  s.name = "test";
+  s.spi = spi;
+  s.dir = dir;
+  s.tunnel = tunnel;
+  s.local = dir == SaDir::outbound ? kLocal : kLocal;
+  s.peer = kPeer;
+  s.cipher = c;
+  s.key = key_of(c);
+  if (c == Cipher::aes_cbc_128_sha256 || c == Cipher::aes_cbc_256_sha256) s.auth_key.assign(32, 0x5a);
+  return s;
+}
+
+// One worker with its ESP state and a SAD: both ends of a tunnel can share
+// one SAD (outbound SAs are not in the SPI table).
+struct Rig {
+  std::unique_ptr<Sad> sad;
+  std::unique_ptr<Worker> w = std::make_unique<Worker>();
+  std::unique_ptr<EspWorker> ew = std::make_unique<EspWorker>();
+  std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
+
+  Rig() {
+    static int n = 0;
+    std::string name = "esp" + std::to_string(n++);
+    auto r = Sad::create(name, 64, nullptr);
+    EXPECT_TRUE(r) << r.error();
+    sad.reset(*r);
+    w->direct_pool = test_pool();
+    w->indirect_pool = test_pool();
+    w->icmp_limiter.configure(1000, 1000, rte_get_tsc_hz());
+    w->now_tsc = rte_rdtsc();
+    auto e = esp_worker_init(*ew, name);
+    EXPECT_TRUE(e) << e.error();
+    pt->port[0].configured = true;
+    pt->port[0].addr = kLocal;
+  }
+  ~Rig() {
+    for (Burst* b : {&w->punt, &w->generated}) {
+      for (uint16_t i = 0; i < b->n; i++) rte_pktmbuf_free(b->pkts[i]);
+      b->n = 0;
+    }
+    esp_worker_fini(*ew);
+  }
+  uint32_t add(const SaConfig& c) {
+    auto r = sad->add_sa(c);
+    EXPECT_TRUE(r) << r.error();
+    return r ? *r : kNoSa;
+  }
+  uint64_t drops(Drop d) const { return w->stats.drops[static_cast<unsigned>(d)].load(); }
+
+  // Inner frames through esp_mtu + esp_outbound of SA `sa`: outer frames.
+  std::vector<std::vector<uint8_t>> seal(const std::vector<std::vector<uint8_t>>& inner, uint32_t sa) {
+    std::vector<std::vector<uint8_t>> out;
+    for (size_t base = 0; base < inner.size(); base += 32) {
+      Burst b;
+      for (size_t i = base; i < inner.size() && i < base + 32; i++) {
+        rte_mbuf* m = to_mbuf(test_pool(), inner[i]);
+        meta(m) = PktMeta{};
+        meta(m).l3_off = 14;
+        meta(m).sa = sa;
+        b.push(m);
+      }
+      while (b.n) {
+        Burst o;
+        esp_mtu(*w, *ew, *sad, *pt, b, o);
+        esp_outbound(*w, *ew, *sad, o);
+        for (uint16_t k = 0; k < o.n; k++) {
+          EXPECT_EQ(meta(o.pkts[k]).l3_off, 14);
+          out.push_back(bytes(o.pkts[k]));
+          rte_pktmbuf_free(o.pkts[k]);
+        }
+      }
+    }
+    return out;
+  }
+  // Outer frames through esp_inbound: inner frames.
+  std::vector<std::vector<uint8_t>> open(const std::vector<std::vector<uint8_t>>& outer) {
+    std::vector<std::vector<uint8_t>> out;
+    for (size_t base = 0; base < outer.size(); base += 32) {
+      Burst b;
+      for (size_t i = base; i < outer.size() && i < base + 32; i++) {
+        rte_mbuf* m = to_mbuf(test_pool(), outer[i]);
+        meta(m) = PktMeta{};
+        meta(m).l3_off = 14;
+        meta(m).in_port = 0;
+        b.push(m);
+      }
+      esp_inbound(*w, *ew, *sad, b);
+      for (uint16_t k = 0; k < b.n; k++) {
+        EXPECT_EQ(meta(b.pkts[k]).l3_off, 14);
+        out.push_back(bytes(b.pkts[k]));
+        rte_pktmbuf_free(b.pkts[k]);
+      }
+      esp_housekeeping(*w, *ew);
+    }
+    return out;
+  }
+};
+
+std::vector<uint8_t> udp_payload(size_t n, uint8_t seed = 0) {
+  std::vector<uint8_t> p(8 + n);
+  p[0] = 0xc3; p[1] = 0x50; p[2] = 0xc7; p[3] = 0x38;
+  p[4] = uint8_t((8 + n) >> 8); p[5] = uint8_t(8 + n);
+  for (size_t i = 0; i < n; i++) p[8 + i] = uint8_t(seed + i);
+  return p;
+}
+
+std::vector<uint8_t> inner_frame(size_t n, uint8_t tos = 0, uint16_t frag = 0, uint32_t src = kHostA,
+                                 uint32_t dst = kHostB) {
+  Frame f = ipv4_frame(src, dst, 17, 64, udp_payload(n, uint8_t(n)), frag);
+  f.b[15] = tos;
+  f.b[24] = f.b[25] = 0;
+  uint16_t c = ref_checksum(&f.b[14], 20);
+  f.b[24] = uint8_t(c >> 8);
+  f.b[25] = uint8_t(c);
+  return f.b;
+}
+
+// IPv4 part of a frame.
+std::vector<uint8_t> l3(const std::vector<uint8_t>& f) { return {f.begin() + 14, f.end()}; }
+
+// An ESP packet sealed by OpenSSL's AES-128-GCM from an arbitrary plaintext
+// (payload + trailer as the test wants it), in an outer frame peer → us.
+std::vector<uint8_t> openssl_gcm(const std::vector<uint8_t>& key20, uint32_t spi, uint32_t seq,
+                                 const std::vector<uint8_t>& pt) {
+  std::vector<uint8_t> esp{uint8_t(spi >> 24), uint8_t(spi >> 16), uint8_t(spi >> 8), uint8_t(spi),
+                           uint8_t(seq >> 24), uint8_t(seq >> 16), uint8_t(seq >> 8), uint8_t(seq)};
+  uint8_t iv[8] = {1, 2, 3, 4, 5, 6, 7, uint8_t(seq)};
+  esp.insert(esp.end(), iv, iv + 8);
+  uint8_t nonce[12];
+  std::memcpy(nonce, key20.data() + 16, 4);
+  std::memcpy(nonce + 4, iv, 8);
+  EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
+  EVP_EncryptInit_ex(c, EVP_aes_128_gcm(), nullptr, nullptr, nullptr);
+  EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_IVLEN, 12, nullptr);
+  EVP_EncryptInit_ex(c, nullptr, nullptr, key20.data(), nonce);
+  int len = 0;
+  EVP_EncryptUpdate(c, nullptr, &len, esp.data(), 8);
+  std::vector<uint8_t> ct(pt.size() + 16);
+  EVP_EncryptUpdate(c, ct.data(), &len, pt.data(), int(pt.size()));
+  EVP_EncryptFinal_ex(c, ct.data() + len, &len);
+  EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, ct.data() + pt.size());
+  EVP_CIPHER_CTX_free(c);
+  esp.insert(esp.end(), ct.begin(), ct.end());
+  return ipv4_frame(kPeer, kLocal, 50, 64, esp).b;
+}
+
+// Payload + RFC 4303 trailer with monotonic padding to a multiple of 4.
+std::vector<uint8_t> with_trailer(std::vector<uint8_t> inner, uint8_t nh = 4) {
+  uint8_t pad = uint8_t((4 - (inner.size() + 2) % 4) % 4);
+  for (uint8_t i = 1; i <= pad; i++) inner.push_back(i);
+  inner.push_back(pad);
+  inner.push_back(nh);
+  return inner;
+}
+
+}  // namespace
+
+TEST(Esp, RoundTripEveryCipherWithAndWithoutNatTAndEsn) {
+  for (Cipher c : {Cipher::aes_gcm_128, Cipher::aes_gcm_256, Cipher::aes_cbc_128_sha256,
+                   Cipher::aes_cbc_256_sha256, Cipher::chacha20_poly1305}) {
+    for (int variant = 0; variant < 4; variant++) {
+      Rig r;
+      SaConfig o = sa_cfg(SaDir::outbound, 0x1234, c);
+      o.nat_t = variant & 1;
+      o.esn = variant & 2;
+      SaConfig i = o;
+      i.dir = SaDir::inbound;
+      uint32_t out = r.add(o);
+      r.add(i);
+      if (o.esn) r.sad->sa(out).seq = 0xfffffff0ull;  // cross 2^32 on the way
+      if (o.esn) r.sad->sa(out + 1).seq = 0xffffffe0ull;
+      std::vector<std::vector<uint8_t>> inner;
+      for (size_t n : {0, 1, 2, 3, 14, 15, 16, 17, 31, 100, 1300}) inner.push_back(inner_frame(n));
+      for (int k = 0; k < 20; k++) inner.push_back(inner_frame(64 + k));
+      auto outer = r.seal(inner, out);
+      ASSERT_EQ(outer.size(), inner.size()) << cipher_name(c) << " variant " << variant;
+      auto back = r.open(outer);
+      ASSERT_EQ(back.size(), inner.size()) << cipher_name(c) << " variant " << variant;
+      for (size_t k = 0; k < inner.size(); k++)
+        EXPECT_EQ(l3(back[k]), l3(inner[k])) << cipher_name(c) << " variant " << variant << " #" << k;
+      for (unsigned d = 0; d < kDropCount; d++) EXPECT_EQ(r.w->stats.drops[d].load(), 0u) << kDropNames[d];
+    }
+  }
+}
+
+TEST(Esp, OuterHeaderFollowsTheSa) {
+  Rig r;
+  SaConfig o = sa_cfg(SaDir::outbound, 0x2222);
+  o.ttl = 17;
+  o.df = OuterDf::set;
+  o.nat_t = true;
+  uint32_t out = r.add(o);
+  auto outer = r.seal({inner_frame(50, 0xb8 | 3)}, out);  // DSCP EF, ECN CE
+  ASSERT_EQ(outer.size(), 1u);
+  const auto& f = outer[0];
+  EXPECT_EQ(be16(f, 12), 0x0800);
+  EXPECT_EQ(f[14], 0x45);
+  EXPECT_EQ(f[15], 0xb8 | 2) << "DSCP copied; CE becomes ECT(0) outside (RFC 6040 §4.1)";
+  EXPECT_EQ(be16(f, 16), f.size() - 14);
+  EXPECT_EQ(be16(f, 20), 0x4000) << "DF set by policy";
+  EXPECT_EQ(f[22], 17) << "fresh outer TTL";
+  EXPECT_EQ(f[23], 17) << "UDP (NAT-T)";
+  EXPECT_EQ(be32(f, 26), kLocal);
+  EXPECT_EQ(be32(f, 30), kPeer);
+  EXPECT_EQ(ref_checksum(&f[14], 20), 0);
+  EXPECT_EQ(be16(f, 34), 4500);
+  EXPECT_EQ(be16(f, 36), 4500);
+  EXPECT_EQ(be16(f, 38), f.size() - 34);
+  EXPECT_EQ(be16(f, 40), 0) << "UDP checksum zero (RFC 3948 §2.1)";
+  EXPECT_EQ(be32(f, 42), 0x2222u);
+  EXPECT_EQ(be32(f, 46), 1u) << "first sequence number is 1";
+
+  // set_peer: the next packet goes to the new address and port.
+  ASSERT_TRUE(r.sad->set_peer(out, 0xcb007101, 31000));
+  auto moved = r.seal({inner_frame(50)}, out);
+  ASSERT_EQ(moved.size(), 1u);
+  EXPECT_EQ(be32(moved[0], 30), 0xcb007101u);
+  EXPECT_EQ(be16(moved[0], 36), 31000);
+  EXPECT_EQ(be32(moved[0], 46), 2u);
+  EXPECT_EQ(ref_checksum(&moved[0][14], 20), 0);
+}
+
+TEST(Esp, EcnDecapsulationPerRfc6040) {
+  // Table of RFC 6040 §4.2: rows inner, columns outer.
+  EXPECT_EQ(ecn_decap(0, 0), 0);
+  EXPECT_EQ(ecn_decap(3, 0), -1) << "CE outside Not-ECT inside: drop";
+  EXPECT_EQ(ecn_decap(3, 2), 3);
+  EXPECT_EQ(ecn_decap(3, 1), 3);
+  EXPECT_EQ(ecn_decap(1, 2), 1);
+  EXPECT_EQ(ecn_decap(2, 1), 1);
+  EXPECT_EQ(ecn_decap(0, 3), 3);
+  EXPECT_EQ(ecn_encap(3), 2);
+  EXPECT_EQ(ecn_encap(1), 1);
+
+  Rig r;
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0x3333));
+  r.add(sa_cfg(SaDir::inbound, 0x3333));
+  auto outer = r.seal({inner_frame(40, 0x02), inner_frame(40, 0x00)}, out);  // ECT(0), Not-ECT
+  for (auto& f : outer) f[15] |= 3;  // congestion experienced on the way
+  auto back = r.open(outer);
+  ASSERT_EQ(back.size(), 1u);
+  EXPECT_EQ(back[0][15] & 3, 3) << "CE reaches the inner ECT packet";
+  EXPECT_EQ(ref_checksum(&back[0][14], 20), 0);
+  EXPECT_EQ(r.drops(Drop::esp_ecn_drop), 1u);
+}
+
+TEST(Esp, BadInputIsCountedByReason) {
+  Rig r;
+  SaConfig in = sa_cfg(SaDir::inbound, 0x4444);
+  in.funnels.push_back(Funnel{0x0a010000, 0x0a020000, 16, 16});
+  uint32_t sai = r.add(in);
+  const auto key = key_of(Cipher::aes_gcm_128);
+  auto inner_pkt = l3(inner_frame(30, 0, 0, kHostB, kHostA));  // from behind the peer to us
+  std::vector<std::vector<uint8_t>> pk;
+  pk.push_back(openssl_gcm(key, 0x4444, 1, with_trailer(inner_pkt)));              // good
+  auto flipped = openssl_gcm(key, 0x4444, 2, with_trailer(inner_pkt));
+  flipped[50] ^= 0x40;
+  pk.push_back(flipped);                                                            // esp_bad_icv
+  auto cut = openssl_gcm(key, 0x4444, 3, with_trailer(inner_pkt));
+  cut.resize(14 + 20 + 8 + 8 + 10);
+  cut[16] = 0; cut[17] = uint8_t(20 + 8 + 8 + 10);
+  pk.push_back(cut);                                                                // esp_truncated
+  auto badpad = with_trailer(inner_pkt);
+  badpad[badpad.size() - 3] ^= 0x7;  // padding byte no longer 1, 2, 3...
+  if (badpad[badpad.size() - 2] == 0) badpad.insert(badpad.end() - 2, {1, 2, 3, 4}), badpad[badpad.size() - 2] = 4, badpad[badpad.size() - 4] = 9;
+  pk.push_back(openssl_gcm(key, 0x4444, 4, badpad));                               // esp_bad_padding
+  auto hugepad = with_trailer(inner_pkt);
+  hugepad[hugepad.size() - 2] = 250;
+  pk.push_back(openssl_gcm(key, 0x4444, 5, hugepad));                              // esp_bad_padding
+  pk.push_back(openssl_gcm(key, 0x4444, 6, with_trailer(inner_pkt, 41)));          // esp_bad_next_header
+  pk.push_back(openssl_gcm(key, 0x4444, 7, with_trailer(inner_pkt, 59)));          // esp_dummy
+  auto garbage = inner_pkt;
+  garbage[0] = 0x65;
+  pk.push_back(openssl_gcm(key, 0x4444, 8, with_trailer(garbage)));                // esp_inner_malformed
+  pk.push_back(openssl_gcm(key, 0x4444, 9, with_trailer(l3(inner_frame(30, 0, 0, 0x0a090001, kHostA)))));  // esp_selector_mismatch
+  pk.push_back(openssl_gcm(key, 0x4444, 1, with_trailer(inner_pkt)));              // esp_replayed
+  pk.push_back(openssl_gcm(key, 0x9999, 1, with_trailer(inner_pkt)));              // esp_unknown_spi
+  pk.push_back(openssl_gcm(key, 0x4444, 10, with_trailer(inner_pkt)));             // good
+  auto back = r.open(pk);
+  EXPECT_EQ(back.size(), 2u);
+  EXPECT_EQ(r.drops(Drop::esp_bad_icv), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_truncated), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_bad_padding), 2u);
+  EXPECT_EQ(r.drops(Drop::esp_bad_next_header), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_dummy), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_inner_malformed), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_selector_mismatch), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_replayed), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_unknown_spi), 1u);
+  // The same, per SA.
+  EXPECT_EQ(r.sad->drops(sai).n[static_cast<unsigned>(Drop::esp_bad_icv)], 1u);
+  SaStats st = r.sad->stats(sai);
+  EXPECT_EQ(st.packets, 2u);
+  EXPECT_EQ(st.auth_fail, 1u);
+  EXPECT_EQ(st.dups, 1u);
+  EXPECT_EQ(st.seq, 10u);
+  // Too old: 1024 behind the top.
+  auto back2 = r.open({openssl_gcm(key, 0x4444, 5000, with_trailer(inner_pkt)),
+                       openssl_gcm(key, 0x4444, 5000 - 1024, with_trailer(inner_pkt)),
+                       openssl_gcm(key, 0x4444, 5000 - 1023, with_trailer(inner_pkt))});
+  EXPECT_EQ(back2.size(), 2u);
+  EXPECT_EQ(r.drops(Drop::esp_too_old), 1u);
+}
+
+TEST(Esp, DuplicateInOneBurstPassesOnce) {
+  Rig r;
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0x5555));
+  r.add(sa_cfg(SaDir::inbound, 0x5555));
+  auto outer = r.seal({inner_frame(10), inner_frame(11)}, out);
+  auto back = r.open({outer[0], outer[1], outer[0], outer[1], outer[0]});
+  EXPECT_EQ(back.size(), 2u);
+  EXPECT_EQ(r.drops(Drop::esp_replayed), 3u);
+}
+
+TEST(Esp, UnknownSpiIsCountedPerSourceWithRateLimitedEvents) {
+  Rig r;
+  const auto key = key_of(Cipher::aes_gcm_128);
+  auto inner_pkt = l3(inner_frame(30, 0, 0, kHostB, kHostA));
+  std::vector<std::vector<uint8_t>> pk;
+  for (uint32_t k = 1; k <= 50; k++) pk.push_back(openssl_gcm(key, 0xdead0000 + k, k, with_trailer(inner_pkt)));
+  auto back = r.open(pk);
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.drops(Drop::esp_unknown_spi), 50u);
+  SaEvent ev[64];
+  unsigned n = r.sad->events(ev, 64);
+  ASSERT_EQ(n, 1u) << "one event per source per second";
+  EXPECT_EQ(ev[0].kind, SaEventKind::unknown_spi);
+  EXPECT_EQ(ev[0].addr, kPeer);
+  uint64_t counted = 0;
+  for (const UnknownSpi& u : r.ew->unknown)
+    if (u.src == kPeer) counted = u.count.load();
+  EXPECT_EQ(counted, 50u);
+}
+
+TEST(Esp, FloodOnOneSaLeavesAnotherSaAlone) {
+  Rig r;
+  uint32_t out_a = r.add(sa_cfg(SaDir::outbound, 0xa000, Cipher::aes_gcm_128, 1));
+  uint32_t in_a = r.add(sa_cfg(SaDir::inbound, 0xa000, Cipher::aes_gcm_128, 1));
+  uint32_t out_b = r.add(sa_cfg(SaDir::outbound, 0xb000, Cipher::chacha20_poly1305, 2));
+  uint32_t in_b = r.add(sa_cfg(SaDir::inbound, 0xb000, Cipher::chacha20_poly1305, 2));
+  std::vector<std::vector<uint8_t>> good_b, inner_b;
+  for (int k = 0; k < 300; k++) inner_b.push_back(inner_frame(41 + k % 50));
+  good_b = r.seal(inner_b, out_b);
+  auto a = r.seal({inner_frame(40)}, out_a);
+  // Interleave: per good B packet, forged, replayed, truncated and unknown-SPI A packets.
+  std::vector<std::vector<uint8_t>> mix;
+  for (size_t k = 0; k < good_b.size(); k++) {
+    auto forged = a[0];
+    forged[14 + 20 + 4 + 2] = uint8_t((k + 2) >> 8);  // sequence number moves, ICV no longer matches
+    forged[14 + 20 + 4 + 3] = uint8_t(k + 2);
+    forged[60] ^= 1;
+    mix.push_back(forged);
+    mix.push_back(a[0]);                       // replay after the first copy
+    auto cut = a[0];
+    cut.resize(14 + 20 + 20);
+    cut[16] = 0; cut[17] = 40;
+    mix.push_back(cut);
+    auto unk = a[0];
+    unk[14 + 20 + 3] ^= 0x55;
+    mix.push_back(unk);
+    mix.push_back(good_b[k]);
+  }
+  auto back = r.open(mix);
+  // Every B packet arrives, in order; one A packet (the first copy) too.
+  ASSERT_EQ(back.size(), good_b.size() + 1);
+  size_t kb = 0;
+  for (const auto& p : back)
+    if (kb < inner_b.size() && l3(p) == l3(inner_b[kb])) kb++;
+  EXPECT_EQ(kb, inner_b.size());
+  SaStats sb = r.sad->stats(in_b);
+  EXPECT_EQ(sb.packets, inner_b.size());
+  EXPECT_EQ(sb.drops_total, 0u);
+  EXPECT_EQ(sb.dups + sb.auth_fail + sb.gaps, 0u);
+  SaStats sa = r.sad->stats(in_a);
+  EXPECT_EQ(sa.auth_fail, good_b.size());
+  EXPECT_GE(sa.drops_total, 3 * good_b.size() - 1);
+  (void)out_a;
+}
+
+TEST(Esp, FragmentInnerDeliversADfPacketWholeAtTheFarEnd) {
+  Rig r;
+  SaConfig o = sa_cfg(SaDir::outbound, 0x6666);
+  o.mtu = 1400;
+  uint32_t out = r.add(o);
+  r.add(sa_cfg(SaDir::inbound, 0x6666));
+  auto big = inner_frame(1472 - 0, 0, 0x4000);  // 1500-byte IPv4 with DF
+  ASSERT_EQ(big.size(), 14u + 1500u);
+  auto outer = r.seal({big, inner_frame(100)}, out);
+  ASSERT_EQ(outer.size(), 3u) << "two ESP packets for the big one";
+  for (const auto& f : outer) EXPECT_LE(f.size() - 14, 1400u) << "each ESP packet fits the tunnel MTU";
+  EXPECT_EQ(r.ew->stats.inner_fragments.load(), 2u);
+  auto back = r.open(outer);
+  ASSERT_EQ(back.size(), 2u) << "reassembled at the far end";
+  auto want = l3(big);
+  auto got = l3(back[0]);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(ref_checksum(got.data(), 20), 0);
+  // Same datagram; the DF bit was cleared to fragment (and so the checksum).
+  got[6] = want[6];
+  got[10] = want[10];
+  got[11] = want[11];
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(r.ew->stats.inner_reassembled.load(), 1u);
+  EXPECT_EQ(l3(back[1]), l3(inner_frame(100)));
+}
+
+TEST(Esp, HonorDfAnswersFragNeededWithTheTunnelMtu) {
+  Rig r;
+  SaConfig o = sa_cfg(SaDir::outbound, 0x7777);
+  o.mtu = 1400;
+  o.mtu_policy = MtuPolicy::honor_df;
+  uint32_t out = r.add(o);
+  uint16_t max_inner = r.sad->sa(out).max_inner;
+  // 1400 - 20 (IP) - 8 (ESP) - 8 (IV) - 16 (ICV) = 1348, payload+2 aligned to 4.
+  EXPECT_EQ(max_inner, 1346);
+  auto outer = r.seal({inner_frame(1472, 0, 0x4000), inner_frame(1472, 0, 0)}, out);
+  EXPECT_EQ(outer.size(), 2u) << "the DF-clear packet is fragmented into two ESP packets";
+  EXPECT_EQ(r.drops(Drop::esp_tunnel_frag_needed), 1u);
+  ASSERT_EQ(r.w->generated.n, 1u);
+  auto icmp = bytes(r.w->generated.pkts[0]);
+  EXPECT_EQ(be32(icmp, 26), kLocal);
+  EXPECT_EQ(be32(icmp, 30), kHostA);
+  EXPECT_EQ(icmp[34], 3);
+  EXPECT_EQ(icmp[35], 4);
+  EXPECT_EQ(be16(icmp, 40), max_inner) << "next-hop MTU (RFC 1191) is what the tunnel carries";
+  EXPECT_EQ(ref_checksum(&icmp[34], icmp.size() - 34), 0);
+}
+
+TEST(Esp, ClampMssRewritesSynsWithACorrectChecksum) {
+  Rig r;
+  SaConfig o = sa_cfg(SaDir::outbound, 0x8888);
+  o.mtu = 1400;
+  o.clamp_mss = true;
+  uint32_t out = r.add(o);
+  // TCP SYN with NOP, MSS 1460 (at an odd offset), window scale.
+  std::vector<uint8_t> tcp = {0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x80, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+                              0x01, 0x02, 0x04, 0x05, 0xb4, 0x03, 0x03, 0x07, 0x00, 0x00, 0x00, 0x00};
+  auto pseudo = [](const std::vector<uint8_t>& ip) {
+    std::vector<uint8_t> ps(ip.begin() + 12, ip.begin() + 20);
+    size_t len = ip.size() - 20;
+    ps.insert(ps.end(), {0, 6, uint8_t(len >> 8), uint8_t(len)});
+    ps.insert(ps.end(), ip.begin() + 20, ip.end());
+    return ps;
+  };
+  Frame f = ipv4_frame(kHostA, kHostB, 6, 64, tcp);
+  auto ip = l3(f.b);
+  auto ps = pseudo(ip);
+  uint16_t c = ref_checksum(ps.data(), ps.size());
+  f.b[14 + 20 + 16] = uint8_t(c >> 8);
+  f.b[14 + 20 + 17] = uint8_t(c);
+  rte_mbuf* m = to_mbuf(test_pool(), f.b);
+  meta(m) = PktMeta{};
+  meta(m).l3_off = 14;
+  meta(m).sa = out;
+  Burst in, o2;
+  in.push(m);
+  esp_mtu(*r.w, *r.ew, *r.sad, *r.pt, in, o2);
+  ASSERT_EQ(o2.n, 1u);
+  auto got = l3(bytes(o2.pkts[0]));
+  rte_pktmbuf_free(o2.pkts[0]);
+  EXPECT_EQ(be16(got, 20 + 20 + 3), r.sad->sa(out).mss) << "MSS value after NOP, kind, length";
+  EXPECT_EQ(r.sad->sa(out).mss, 1346 - 40);
+  auto ps2 = pseudo(got);
+  EXPECT_EQ(ref_checksum(ps2.data(), ps2.size()), 0) << "TCP checksum still valid";
+  EXPECT_EQ(r.ew->stats.mss_clamped.load(), 1u);
+}
+
+TEST(Esp, MakeBeforeBreakRekeyLosesNothing) {
+  Rig tx, rx;  // two routers
+  uint32_t old_out = tx.add(sa_cfg(SaDir::outbound, 0x1001, Cipher::aes_gcm_128, 7));
+  rx.add(sa_cfg(SaDir::inbound, 0x1001, Cipher::aes_gcm_128, 7));
+  uint32_t new_in = kNoSa;
+  size_t sent = 0, got = 0;
+  for (int round = 0; round < 40; round++) {
+    if (round == 20) {
+      // Rekey: the receiver learns the new SA first, then the sender switches.
+      SaConfig ni = sa_cfg(SaDir::inbound, 0x2002, Cipher::aes_gcm_256, 7);
+      new_in = rx.add(ni);
+      SaConfig no = sa_cfg(SaDir::outbound, 0x2002, Cipher::aes_gcm_256, 7);
+      uint32_t n = tx.add(no);
+      auto old = tx.sad->replace_outbound(7, n);
+      ASSERT_TRUE(old);
+      EXPECT_EQ(*old, old_out);
+    }
+    std::vector<std::vector<uint8_t>> inner;
+    for (int k = 0; k < 16; k++) inner.push_back(inner_frame(60 + k));
+    auto outer = tx.seal(inner, tx.sad->tunnel_sa(7));
+    sent += inner.size();
+    got += rx.open(outer).size();
+  }
+  EXPECT_EQ(got, sent);
+  EXPECT_EQ(rx.sad->stats(new_in).packets, 20u * 16u);
+  // Deleting the old inbound SA: its SPI is unknown from then on.
+  ASSERT_TRUE(rx.sad->delete_sa(0));
+  auto late = tx.sad->sa(old_out).state.load();
+  EXPECT_FALSE(late & kSaLive);
+  const auto key = key_of(Cipher::aes_gcm_128);
+  rx.open({openssl_gcm(key, 0x1001, 9999, with_trailer(l3(inner_frame(30))))});
+  EXPECT_EQ(rx.drops(Drop::esp_unknown_spi), 1u);
+}
+
+TEST(Esp, NatTDemuxPuntsIkeAndConsumesKeepalives) {
+  Rig r;
+  std::vector<uint8_t> ike = {0xc3, 0x94 /*src 50068*/, 0x11, 0x94, 0, 8 + 8, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4};
+  ike[0] = 0x11; ike[1] = 0x94;
+  std::vector<uint8_t> ka = {0x11, 0x94, 0x11, 0x94, 0, 9, 0, 0, 0xff};
+  auto back = r.open({ipv4_frame(kPeer, kLocal, 17, 64, ike).b, ipv4_frame(kPeer, kLocal, 17, 64, ka).b});
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.w->punt.n, 1u);
+  EXPECT_EQ(meta(r.w->punt.pkts[0]).punt, Punt::local);
+  EXPECT_EQ(r.ew->stats.ike_punted.load(), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_natt_keepalive), 1u);
+}
+
+TEST(Esp, PacketLifetimesPostSoftAndHardOnceThenRefuse) {
+  Rig r;
+  SaConfig o = sa_cfg(SaDir::outbound, 0x9090);
+  o.soft.packets = 3;
+  o.hard.packets = 5;
+  uint32_t out = r.add(o);
+  // One packet per burst: the hard limit is enforced at burst granularity.
+  size_t sent = 0;
+  for (int k = 0; k < 8; k++) sent += r.seal({inner_frame(20)}, out).size();
+  EXPECT_EQ(sent, 5u);
+  EXPECT_EQ(r.drops(Drop::esp_sa_expired), 3u);
+  SaEvent ev[8];
+  unsigned n = r.sad->events(ev, 8);
+  ASSERT_EQ(n, 2u);
+  EXPECT_EQ(ev[0].kind, SaEventKind::soft_packets);
+  EXPECT_EQ(ev[1].kind, SaEventKind::hard_packets);
+}
+
+TEST(Esp, SequenceNumbersWithoutEsnNeverCycle) {
+  Rig r;
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0x9191));
+  r.sad->sa(out).seq = 0xfffffffeull;
+  auto outer = r.seal({inner_frame(20), inner_frame(20), inner_frame(20)}, out);
+  ASSERT_EQ(outer.size(), 1u);
+  EXPECT_EQ(be32(outer[0], 14 + 20 + 4), 0xffffffffu);
+  EXPECT_EQ(r.drops(Drop::esp_seq_overflow), 2u);
+  EXPECT_TRUE(r.seal({inner_frame(20)}, out).empty());
+  EXPECT_EQ(r.drops(Drop::esp_sa_expired), 1u) << "the next burst finds the SA expired";
+  SaEvent ev[4];
+  ASSERT_EQ(r.sad->events(ev, 4), 1u);
+  EXPECT_EQ(ev[0].kind, SaEventKind::seq_overflow);
+}
