@@ -333,9 +333,11 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
              } else if (k == "zones" || k == "tunnels" || k == "filter" || k == "nat" || k == "spd" || k == "qos") {
                // read_policy below: it needs every port first.
              } else if (k == "control") {
-               r.fields(v, "control", {"socket", "max_routes"}, [&](const std::string& k2, const YAML::Node& v2) {
+               r.fields(v, "control", {"socket", "max_routes", "max_sas"}, [&](const std::string& k2, const YAML::Node& v2) {
                  if (k2 == "socket") {
                    if (auto s = r.str(v2, "control.socket")) c.socket = *s;
+                 } else if (k2 == "max_sas") {
+                   r.uint(v2, "control.max_sas", c.max_sas, 16, 1u << 20);
                  } else {
                    r.uint(v2, "control.max_routes", c.max_routes, 16, 1u << 24);
                  }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "classifier/rules.hh"
+#include "dataplane/sa.hh"
 
 namespace moat {
 
@@ -80,6 +81,10 @@ struct TunnelConfig {
   std::string name;
   std::string zone;
   int line = 0;
+  // Static SAs (keys in the file, no IKE): one outbound, one or more inbound.
+  // Every SaConfig carries the tunnel's outer addresses, funnels and MTU
+  // policy, as the SAD wants them.
+  std::vector<SaConfig> sas;
 };
 
 struct Config {
@@ -109,6 +114,7 @@ struct Config {
   // control
   std::string socket = "/run/moat/moatd.sock";
   unsigned max_routes = 65536;
+  unsigned max_sas = 4096;  // SAD capacity: SA slots and tunnel ids
   // Policy: zones, tunnels and the four rule tables (docs/CONFIGURATION.md).
   std::vector<uint8_t> port_zone;  // zone id per port (index as in `ports`)
   std::vector<TunnelConfig> tunnels;

@@ -138,17 +138,137 @@ struct PolicyReader {
     }
   }
 
+  // "0x0a0b..." or "0a0b..." → bytes.
+  std::optional<std::vector<uint8_t>> hex(const YAML::Node& v, const char* what) {
+    auto s = r.str(v, what);
+    if (!s) return std::nullopt;
+    std::string h = s->rfind("0x", 0) == 0 ? s->substr(2) : *s;
+    std::vector<uint8_t> out;
+    if (h.empty() || h.size() % 2 || h.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos) {
+      r.error(v, fmt::format("{}: expected hex bytes (0x0011aabb...)", what));
+      return std::nullopt;
+    }
+    for (size_t i = 0; i < h.size(); i += 2) out.push_back(uint8_t(std::stoul(h.substr(i, 2), nullptr, 16)));
+    return out;
+  }
+
+  // One static SA of a tunnel: {spi, key, auth_key}.
+  void static_sa(const YAML::Node& n, const std::string& tname, SaDir dir, const SaConfig& tmpl, TunnelConfig& tc) {
+    SaConfig sa = tmpl;
+    sa.dir = dir;
+    sa.name = fmt::format("tunnel {} {}", tname, dir == SaDir::outbound ? "out" : "in");
+    bool spi = false, key = false;
+    const char* where = dir == SaDir::outbound ? "tunnel.sa.out" : "tunnel.sa.in";
+    r.fields(n, where, {"spi", "key", "auth_key"}, [&](const std::string& k, const YAML::Node& v) {
+      if (k == "spi") {
+        const std::string& s = v.IsScalar() ? v.Scalar() : "";
+        try {
+          size_t used = 0;
+          unsigned long x = std::stoul(s, &used, 0);
+          if (used != s.size() || x < 256 || x > 0xffffffffUL) throw std::out_of_range("spi");
+          sa.spi = uint32_t(x);
+          spi = true;
+        } catch (...) {
+          r.error(v, fmt::format("{}.spi: \"{}\" is not an SPI (256 to 0xffffffff; 0-255 are reserved, RFC 4303)", where, s));
+        }
+      } else if (k == "key") {
+        if (auto b = hex(v, "key")) {
+          if (b->size() != cipher_key_len(sa.cipher))
+            r.error(v, fmt::format("{}.key: {} bytes; {} wants {} (AEAD ciphers: key and 4-byte salt)", where, b->size(),
+                                   cipher_name(sa.cipher), cipher_key_len(sa.cipher)));
+          else sa.key = *b, key = true;
+        }
+      } else if (auto b = hex(v, "auth_key")) {
+        if (b->size() != 32) r.error(v, fmt::format("{}.auth_key: {} bytes; HMAC-SHA-256 wants 32", where, b->size()));
+        else sa.auth_key = *b;
+      }
+    });
+    bool cbc = sa.cipher == Cipher::aes_cbc_128_sha256 || sa.cipher == Cipher::aes_cbc_256_sha256;
+    if (!spi || !key) {
+      r.error(n, fmt::format("{}: needs spi and key", where));
+      return;
+    }
+    if (cbc != !sa.auth_key.empty()) {
+      r.error(n, fmt::format("{}: auth_key is {} with {}", where, cbc ? "required" : "not used", cipher_name(sa.cipher)));
+      return;
+    }
+    for (auto& o : tc.sas)
+      if (o.dir == sa.dir && o.spi == sa.spi) {
+        r.error(n, fmt::format("{}: SPI 0x{:08x} used twice in this tunnel", where, sa.spi));
+        return;
+      }
+    tc.sas.push_back(std::move(sa));
+  }
+
   void tunnels(const YAML::Node& n) {
     r.list(n, "tunnels", [&](const YAML::Node& t) {
       TunnelConfig tc;
       tc.line = t.Mark().line + 1;
-      YAML::Node zone_node;
-      r.fields(t, "tunnel", {"name", "zone"}, [&](const std::string& k, const YAML::Node& v) {
+      YAML::Node zone_node, sa_node;
+      SaConfig tmpl;  // what every SA of the tunnel shares
+      bool have_local = false, have_peer = false, have_sa = false;
+      r.fields(t, "tunnel", {"name", "zone", "local", "peer", "nat_t", "mtu", "mtu_policy", "clamp_mss", "df", "ttl",
+                             "esn", "replay_window", "funnels", "sa"},
+               [&](const std::string& k, const YAML::Node& v) {
         if (k == "name") {
           if (auto s = r.str(v, "tunnel.name")) tc.name = *s;
-        } else if (auto s = r.str(v, "tunnel.zone")) {
-          tc.zone = *s;
-          zone_node = v;
+        } else if (k == "zone") {
+          if (auto s = r.str(v, "tunnel.zone")) {
+            tc.zone = *s;
+            zone_node = v;
+          }
+        } else if (k == "local") {
+          r.ipv4(v, "tunnel.local", tmpl.local);
+          have_local = true;
+        } else if (k == "peer") {
+          r.ipv4(v, "tunnel.peer", tmpl.peer);
+          have_peer = true;
+        } else if (k == "nat_t") {
+          r.boolean(v, "tunnel.nat_t", tmpl.nat_t);
+        } else if (k == "mtu") {
+          r.uint(v, "tunnel.mtu", tmpl.mtu, 576, 9000);
+        } else if (k == "mtu_policy") {
+          auto s = r.str(v, "tunnel.mtu_policy");
+          if (s && *s == "fragment-inner") tmpl.mtu_policy = MtuPolicy::fragment_inner;
+          else if (s && *s == "honor-df") tmpl.mtu_policy = MtuPolicy::honor_df;
+          else if (s) r.error(v, fmt::format("tunnel.mtu_policy: \"{}\" is not fragment-inner or honor-df", *s));
+        } else if (k == "clamp_mss") {
+          r.boolean(v, "tunnel.clamp_mss", tmpl.clamp_mss);
+        } else if (k == "df") {
+          auto s = r.str(v, "tunnel.df");
+          if (s && *s == "clear") tmpl.df = OuterDf::clear;
+          else if (s && *s == "set") tmpl.df = OuterDf::set;
+          else if (s && *s == "copy") tmpl.df = OuterDf::copy;
+          else if (s) r.error(v, fmt::format("tunnel.df: \"{}\" is not clear, set or copy", *s));
+        } else if (k == "ttl") {
+          r.uint(v, "tunnel.ttl", tmpl.ttl, 1, 255);
+        } else if (k == "esn") {
+          r.boolean(v, "tunnel.esn", tmpl.esn);
+        } else if (k == "replay_window") {
+          r.uint(v, "tunnel.replay_window", tmpl.replay_window, 64, kMaxReplayWindow);
+          if (tmpl.replay_window % 64) r.error(v, "tunnel.replay_window: must be a multiple of 64");
+        } else if (k == "funnels") {
+          r.list(v, "tunnel.funnels", [&](const YAML::Node& f) {
+            Funnel fn;
+            bool l = false, rm = false;
+            r.fields(f, "tunnel.funnel", {"local", "remote"}, [&](const std::string& k2, const YAML::Node& v2) {
+              std::string why;
+              auto p = v2.IsScalar() ? parse_prefix(v2.Scalar(), true, &why) : std::nullopt;
+              if (!p) {
+                r.error(v2, fmt::format("tunnel.funnel.{}: {}", k2, why.empty() ? "expected a prefix" : why));
+              } else if (k2 == "local") {
+                fn.local = p->addr, fn.local_plen = p->len, l = true;
+              } else {
+                fn.remote = p->addr, fn.remote_plen = p->len, rm = true;
+              }
+            });
+            if (!l || !rm) r.error(f, "tunnel.funnel: needs local and remote prefixes");
+            else if (tmpl.funnels.size() >= kMaxFunnels) r.error(f, fmt::format("tunnel.funnels: at most {}", kMaxFunnels));
+            else tmpl.funnels.push_back(fn);
+          });
+        } else if (k == "sa") {
+          sa_node = v;
+          have_sa = true;
         }
       });
       if (tc.name.empty()) {
@@ -160,6 +280,10 @@ struct PolicyReader {
         return;
       }
       if (tc.zone.empty()) tc.zone = "vpn";
+      if (tc.zone == "local") {
+        r.error(zone_node, fmt::format("tunnel {}: zone local is the router itself", tc.name));
+        return;
+      }
       if (!zone_id.count(tc.zone)) {
         if (port_zone_name(tc.zone)) {
           r.error(zone_node, fmt::format("tunnel {}: zone {} holds ports; a tunnel needs a zone of its own", tc.name, tc.zone));
@@ -167,11 +291,32 @@ struct PolicyReader {
         }
         zone_id[tc.zone] = uint8_t(c.rules.zones.size());
         c.rules.zones.push_back(tc.zone);
+      } else if (port_zone_name(tc.zone)) {
+        r.error(zone_node, fmt::format("tunnel {}: zone {} holds ports; a tunnel needs a zone of its own", tc.name, tc.zone));
+        return;
       }
-      tunnel_id[tc.name] = uint32_t(c.tunnels.size());
+      uint32_t id = uint32_t(c.tunnels.size());
+      tmpl.tunnel = id;
+      if (have_sa) {
+        if (!have_local || !have_peer) r.error(t, fmt::format("tunnel {}: static SAs need \"local\" and \"peer\"", tc.name));
+        r.fields(sa_node, "tunnel.sa", {"cipher", "out", "in"}, [&](const std::string& k, const YAML::Node& v) {
+          if (k == "cipher") {
+            auto s = r.str(v, "tunnel.sa.cipher");
+            if (s && !cipher_from_name(*s, tmpl.cipher))
+              r.error(v, fmt::format("tunnel.sa.cipher: \"{}\" is not one of aes-gcm-128, aes-gcm-256, "
+                                     "aes-cbc-128-sha256, aes-cbc-256-sha256, chacha20-poly1305", *s));
+          }
+        });
+        if (auto o = sa_node["out"]) static_sa(o, tc.name, SaDir::outbound, tmpl, tc);
+        if (auto i = sa_node["in"]) {
+          if (i.IsSequence()) for (const auto& e : i) static_sa(e, tc.name, SaDir::inbound, tmpl, tc);
+          else static_sa(i, tc.name, SaDir::inbound, tmpl, tc);
+        }
+      }
+      tunnel_id[tc.name] = id;
       c.rules.tunnels.push_back(tc.name);
       c.rules.tunnel_zone.push_back(zone_id[tc.zone]);
-      c.tunnels.push_back(tc);
+      c.tunnels.push_back(std::move(tc));
     });
   }
 

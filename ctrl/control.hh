@@ -19,6 +19,8 @@
 #include "ctrl/config.hh"
 #include "ctrl/punt.hh"
 #include "dataplane/port.hh"
+#include "dataplane/esp.hh"
+#include "dataplane/sa.hh"
 #include "dataplane/worker.hh"
 
 namespace moat {
@@ -91,6 +93,13 @@ class Control {
   tl::expected<nlohmann::ordered_json, std::string> reload_rules(const std::string& path);
   nlohmann::ordered_json show_rules() const;
 
+  // The SA lifecycle interface static SAs and IKE both use: install into the
+  // SAD (an outbound SA becomes its tunnel's when the tunnel has none, else
+  // replace_outbound switches make-before-break), remove.
+  tl::expected<uint32_t, std::string> install_sa(const SaConfig& sa);
+  tl::expected<void, std::string> remove_sa(uint32_t sa);
+  nlohmann::ordered_json show_tunnels() const;
+
   nlohmann::ordered_json show_interfaces() const;
   nlohmann::ordered_json show_routes() const;
   nlohmann::ordered_json show_neighbors() const;
@@ -129,6 +138,12 @@ class Control {
   uint64_t tap_rx_ = 0, tap_tx_ = 0;
   uint64_t tsc_hz_ = 0;
   uint64_t last_tick_ms_ = 0;
+  void drain_sa_events();
+  std::unique_ptr<Sad> sad_;
+  std::vector<std::unique_ptr<EspWorker>> esp_workers_;
+  std::vector<std::vector<uint32_t>> tunnel_sas_;  // SA indexes per tunnel id
+  std::map<std::string, uint64_t> sa_events_;      // by kind, for show tunnels
+  uint64_t last_sa_tick_s_ = 0;
   std::unique_ptr<Classifier> classifier_;  // what tables_.classifier points to
   RuleSet rules_;
   uint64_t rules_generation_ = 0;

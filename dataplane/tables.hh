@@ -28,6 +28,8 @@
 
 namespace moat {
 
+class Sad;
+
 inline constexpr uint32_t kMaxNextHops = 1u << 16;
 inline constexpr uint16_t kMaxPorts = RTE_MAX_ETHPORTS;
 
@@ -94,6 +96,7 @@ struct Tables {
   rte_hash* neigh = nullptr;
   std::atomic<const PortTable*> ports{nullptr};
   std::atomic<const Classifier*> classifier{nullptr};
+  Sad* sad = nullptr;  // SAs (dataplane/sa.hh): its own lock-free protocol
   rte_rcu_qsbr* qsbr = nullptr;
   bool punt_enabled = false;
 };

@@ -5,6 +5,8 @@
 #include <rte_ethdev.h>
 
 #include "dataplane/egress.hh"
+#include "dataplane/esp.hh"
+#include "dataplane/sa.hh"
 
 namespace moat {
 
@@ -28,33 +30,77 @@ static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
   egress(w, t, pt, g);
 }
 
-// The rule tables' verdicts for transit packets and packets for us.
-static void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+// The rule tables' verdicts for transit packets and packets for us; what
+// the SPD protects leaves here for its tunnel.
+static void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& local) {
   const Classifier* c = t.classifier.load(std::memory_order_acquire);
   Burst to_tunnel;
   if (c) {
-    classify(w, *c, pt, b, w.local);
+    classify(w, *c, pt, b, local);
     filter(w, *c, pt, b);
-    filter(w, *c, pt, w.local);
+    filter(w, *c, pt, local);
     qos_mark(w, *c, b);
   }
   spd(w, c, b, to_tunnel);
-  tunnel_out(w, t, to_tunnel);
+  tunnel_out(w, t, pt, to_tunnel);
 }
 
-// Until a tunnel has an outbound SA its packets have nowhere to go.
-void tunnel_out(Worker& w, const Tables&, Burst& b) {
-  for (uint16_t i = 0; i < b.n; i++) w.drop(b.pkts[i], Drop::tunnel_down);
-  b.n = 0;
+void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+  if (!b.n) return;
+  uint16_t kept = 0;
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    uint32_t sa = t.sad && w.esp ? t.sad->tunnel_sa(meta(m).out_tunnel) : kNoSa;
+    if (sa == kNoSa) { w.drop(m, Drop::tunnel_down); continue; }
+    meta(m).sa = sa;
+    b.pkts[kept++] = m;
+  }
+  b.n = kept;
+  // esp_mtu stops early when inner fragments would overflow a burst.
+  while (b.n) {
+    Burst out;
+    esp_mtu(w, *w.esp, *t.sad, pt, b, out);
+    esp_outbound(w, *w.esp, *t.sad, out);
+    route(w, t, pt, out);  // outer packets: generated, so no TTL change, no ICMP about them
+    egress(w, t, pt, out);
+  }
+}
+
+void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner) {
+  inner.n = 0;
+  if (!t.sad || !w.esp) return;
+  uint16_t kept = 0;
+  for (uint16_t i = 0; i < local.n; i++) {
+    rte_mbuf* m = local.pkts[i];
+    // No ESP inside ESP: what a tunnel carries to us goes to local services.
+    if (meta(m).in_tunnel == kNoTunnel && t.next_hops[meta(m).nh].kind == NextHop::local && esp_to_us(m))
+      inner.push(m);
+    else
+      local.pkts[kept++] = m;
+  }
+  local.n = kept;
+  if (!inner.n) return;
+  esp_inbound(w, *w.esp, *t.sad, inner);
+  for (uint16_t i = 0; i < inner.n; i++) meta(inner.pkts[i]).in_tunnel = uint16_t(t.sad->sa(meta(inner.pkts[i]).sa).tunnel);
 }
 
 void process_burst(Worker& w, const Tables& t, Burst& b) {
   const PortTable& pt = *t.ports.load(std::memory_order_acquire);
   parse(w, pt, b);
   route(w, t, pt, b);
-  policy(w, t, pt, b);
+  policy(w, t, pt, b, w.local);
+  Burst inner;
+  tunnel_in(w, t, w.local, inner);
   local_deliver(w, t, pt, w.local);
   egress(w, t, pt, b);
+  // Decrypted packets: from their tunnel's zone, routed and classified like
+  // any received packet.
+  if (inner.n) {
+    route(w, t, pt, inner);
+    policy(w, t, pt, inner, w.local);
+    local_deliver(w, t, pt, w.local);
+    egress(w, t, pt, inner);
+  }
   route_generated(w, t, pt);
   punt_flush(w);
 }
@@ -92,7 +138,7 @@ static unsigned process_inject(Worker& w, const Tables& t) {
     }
   }
   route(w, t, pt, to_route);
-  policy(w, t, pt, to_route);
+  policy(w, t, pt, to_route, w.local);
   local_deliver(w, t, pt, w.local);
   egress(w, t, pt, to_route);
   egress(w, t, pt, to_egress);
@@ -119,6 +165,7 @@ int worker_main(void* arg) {
       process_burst(w, t, b);
     }
     work += process_inject(w, t);
+    if (w.esp) esp_housekeeping(w, *w.esp);
     tx_flush(w);
     rte_rcu_qsbr_quiescent(t.qsbr, w.id);
     // Labs and edge boxes share cores: after a run of empty polls, nap.

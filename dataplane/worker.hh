@@ -17,6 +17,8 @@ struct rte_mempool;
 
 namespace moat {
 
+struct EspWorker;
+
 struct RxQueue {
   uint16_t port;
   uint16_t queue;
@@ -43,6 +45,7 @@ struct Worker {
   rte_ring* inject_ring = nullptr;  // from the control thread (single consumer: us)
   rte_mempool* direct_pool = nullptr;
   rte_mempool* indirect_pool = nullptr;
+  EspWorker* esp = nullptr;  // this worker's IPsec-MB manager and reassembly table
   const std::atomic<bool>* stop = nullptr;
 
   WorkerStats stats;
@@ -70,8 +73,12 @@ void qos_mark(Worker& w, const Classifier& c, Burst& b);                      //
 // Moves packets the SPD protects (or the route sends into a tunnel) to
 // `to_tunnel`; drops what it discards. `c` may be null (no policy).
 void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel);
-// ESP outbound for packets bound to a tunnel (md.out_tunnel).
-void tunnel_out(Worker& w, const Tables& t, Burst& b);
+// ESP outbound for packets bound to a tunnel (md.out_tunnel): the tunnel's
+// SA, inner fragmentation, encryption, then route → egress of the outer packets.
+void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
+// Moves the ESP (and UDP 4500) packets for us out of `local`, decrypts them
+// and leaves the inner packets, from their tunnel's zone, in `inner`.
+void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner);
 void local_deliver(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
 void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b);  // ARP, MTU, L2
 void tx_flush(Worker& w);
