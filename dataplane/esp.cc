@@ -200,11 +200,13 @@ void esp_worker_fini(EspWorker& ew) {
 
 bool esp_to_us(rte_mbuf* m) {
   auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, meta(m).l3_off);
+  // ESP's protocol number is in every fragment: esp_inbound reassembles.
   if (ip->next_proto_id == kProtoEsp) return true;
   if (ip->next_proto_id != IPPROTO_UDP) return false;
-  // A non-first fragment carries no UDP header: ESP's outer fragments are
-  // recognised by their first one only, the rest must follow the same way.
-  if (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_OFFSET_MASK)) return false;
+  // A fragmented datagram to port 4500 is almost always IKE (large
+  // certificates): only its first fragment shows the port, so all of them
+  // stay on the local path, which reassembles for the control thread.
+  if (is_fragment(ip)) return false;
   uint16_t ihl = uint16_t((ip->version_ihl & 0xf) * 4);
   if (rte_pktmbuf_data_len(m) < meta(m).l3_off + ihl + sizeof(rte_udp_hdr)) return false;
   auto* udp = reinterpret_cast<const rte_udp_hdr*>(reinterpret_cast<const uint8_t*>(ip) + ihl);
@@ -633,6 +635,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       if (end - off == 1 && pl[0] == 0xff) { w.drop(m, Drop::esp_natt_keepalive); continue; }
       if (end - off >= 4 && pl[0] == 0 && pl[1] == 0 && pl[2] == 0 && pl[3] == 0) {
         meta(m).punt = Punt::local;
+        if (w.punt.n == kMaxBurst) punt_flush(w);
         w.punt.push(m);
         ew.stats.ike_punted.add();
         continue;

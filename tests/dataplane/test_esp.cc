@@ -527,8 +527,7 @@ TEST(Esp, MakeBeforeBreakRekeyLosesNothing) {
   EXPECT_EQ(rx.sad->stats(new_in).packets, 20u * 16u);
   // Deleting the old inbound SA: its SPI is unknown from then on.
   ASSERT_TRUE(rx.sad->delete_sa(0));
-  auto late = tx.sad->sa(old_out).state.load();
-  EXPECT_FALSE(late & kSaLive);
+  EXPECT_TRUE(tx.sad->sa(old_out).state.load() & kSaDeleted);
   const auto key = key_of(Cipher::aes_gcm_128);
   rx.open({openssl_gcm(key, 0x1001, 9999, with_trailer(l3(inner_frame(30))))});
   EXPECT_EQ(rx.drops(Drop::esp_unknown_spi), 1u);
@@ -633,4 +632,24 @@ TEST(Esp, InnerFragmentFloodIsBoundedCountedAndTimesOut) {
   EXPECT_EQ(be16(ip, 6) & 0x3fff, 0) << "a whole datagram";
   EXPECT_EQ(ref_checksum(ip.data(), 20), 0);
   for (size_t i = 0; i < 104; i++) ASSERT_EQ(ip[20 + i], uint8_t(i)) << i;
+}
+
+TEST(Esp, PacketsThatReadTheOldSaBeforeAReplaceStillGo) {
+  // The SPD stage read the tunnel's SA, then the control thread replaced it
+  // before esp_outbound ran: the packet must still be sealed with the old SA
+  // (valid until the grace period) and decrypt at the far end.
+  Rig tx, rx;
+  uint32_t old_out = tx.add(sa_cfg(SaDir::outbound, 0x3003, Cipher::aes_gcm_128, 4));
+  uint32_t old_in = rx.add(sa_cfg(SaDir::inbound, 0x3003, Cipher::aes_gcm_128, 4));
+  uint32_t read_by_spd = tx.sad->tunnel_sa(4);
+  rx.add(sa_cfg(SaDir::inbound, 0x4004, Cipher::aes_gcm_128, 4));
+  uint32_t n = tx.add(sa_cfg(SaDir::outbound, 0x4004, Cipher::aes_gcm_128, 4));
+  ASSERT_TRUE(tx.sad->replace_outbound(4, n));
+  auto outer = tx.seal({inner_frame(33)}, read_by_spd);
+  ASSERT_EQ(outer.size(), 1u);
+  EXPECT_EQ(be32(outer[0], 14 + 20), 0x3003u) << "sealed with the SA the SPD chose";
+  // Likewise an SPI looked up just before its SA was deleted.
+  ASSERT_TRUE(rx.sad->delete_sa(old_in));
+  EXPECT_TRUE(rx.sad->sa(old_in).state.load() & kSaLive) << "until reclaim()";
+  (void)old_out;
 }
