@@ -406,17 +406,28 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     auto* ip = reinterpret_cast<rte_ipv4_hdr*>(p + kEth);
     uint64_t peer = sa.peer.load(std::memory_order_acquire);
     uint16_t outer_len = uint16_t(rte_pktmbuf_pkt_len(m) - kEth);
-    ip->version_ihl = 0x45;
-    ip->type_of_service = uint8_t((inner_tos & 0xfc) | ecn_encap(inner_tos & 3));
-    ip->total_length = rte_cpu_to_be_16(outer_len);
-    ip->packet_id = rte_cpu_to_be_16(ew.ip_id++);
+    uint8_t tos = uint8_t((inner_tos & 0xfc) | ecn_encap(inner_tos & 3));
+    uint16_t id = ew.ip_id++;
     bool df = sa.df == OuterDf::set || (sa.df == OuterDf::copy && inner_df);
-    ip->fragment_offset = df ? rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG) : 0;
+    uint16_t frag = df ? RTE_IPV4_HDR_DF_FLAG : 0;
+    uint8_t proto = sa.nat_t ? uint8_t(IPPROTO_UDP) : kProtoEsp;
+    uint32_t dst = uint32_t(peer >> 16);
+    // The checksum is summed from the values, not read back from the header
+    // just written: byte stores read back as words stall store forwarding.
+    uint32_t sum = (0x4500u | tos) + outer_len + id + frag + (uint32_t(sa.ttl) << 8 | proto) +
+                   (sa.local >> 16) + (sa.local & 0xffff) + (dst >> 16) + (dst & 0xffff);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip->version_ihl = 0x45;
+    ip->type_of_service = tos;
+    ip->total_length = rte_cpu_to_be_16(outer_len);
+    ip->packet_id = rte_cpu_to_be_16(id);
+    ip->fragment_offset = rte_cpu_to_be_16(frag);
     ip->time_to_live = sa.ttl;
-    ip->next_proto_id = sa.nat_t ? uint8_t(IPPROTO_UDP) : kProtoEsp;
+    ip->next_proto_id = proto;
+    ip->hdr_checksum = rte_cpu_to_be_16(uint16_t(~sum));
     ip->src_addr = rte_cpu_to_be_32(sa.local);
-    ip->dst_addr = rte_cpu_to_be_32(uint32_t(peer >> 16));
-    ip_cksum(ip);
+    ip->dst_addr = rte_cpu_to_be_32(dst);
     uint8_t* esp = p + kEth + sizeof(rte_ipv4_hdr);
     if (sa.nat_t) {
       auto* udp = reinterpret_cast<rte_udp_hdr*>(esp);
