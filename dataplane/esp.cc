@@ -200,11 +200,13 @@ void esp_worker_fini(EspWorker& ew) {
 
 bool esp_to_us(rte_mbuf* m) {
   auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, meta(m).l3_off);
+  // ESP's protocol number is in every fragment: esp_inbound reassembles.
   if (ip->next_proto_id == kProtoEsp) return true;
   if (ip->next_proto_id != IPPROTO_UDP) return false;
-  // A non-first fragment carries no UDP header: ESP's outer fragments are
-  // recognised by their first one only, the rest must follow the same way.
-  if (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_OFFSET_MASK)) return false;
+  // A fragmented datagram to port 4500 is almost always IKE (large
+  // certificates): only its first fragment shows the port, so all of them
+  // stay on the local path, which reassembles for the control thread.
+  if (is_fragment(ip)) return false;
   uint16_t ihl = uint16_t((ip->version_ihl & 0xf) * 4);
   if (rte_pktmbuf_data_len(m) < meta(m).l3_off + ihl + sizeof(rte_udp_hdr)) return false;
   auto* udp = reinterpret_cast<const rte_udp_hdr*>(reinterpret_cast<const uint8_t*>(ip) + ihl);
@@ -404,17 +406,28 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     auto* ip = reinterpret_cast<rte_ipv4_hdr*>(p + kEth);
     uint64_t peer = sa.peer.load(std::memory_order_acquire);
     uint16_t outer_len = uint16_t(rte_pktmbuf_pkt_len(m) - kEth);
-    ip->version_ihl = 0x45;
-    ip->type_of_service = uint8_t((inner_tos & 0xfc) | ecn_encap(inner_tos & 3));
-    ip->total_length = rte_cpu_to_be_16(outer_len);
-    ip->packet_id = rte_cpu_to_be_16(ew.ip_id++);
+    uint8_t tos = uint8_t((inner_tos & 0xfc) | ecn_encap(inner_tos & 3));
+    uint16_t id = ew.ip_id++;
     bool df = sa.df == OuterDf::set || (sa.df == OuterDf::copy && inner_df);
-    ip->fragment_offset = df ? rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG) : 0;
+    uint16_t frag = df ? RTE_IPV4_HDR_DF_FLAG : 0;
+    uint8_t proto = sa.nat_t ? uint8_t(IPPROTO_UDP) : kProtoEsp;
+    uint32_t dst = uint32_t(peer >> 16);
+    // The checksum is summed from the values, not read back from the header
+    // just written: byte stores read back as words stall store forwarding.
+    uint32_t sum = (0x4500u | tos) + outer_len + id + frag + (uint32_t(sa.ttl) << 8 | proto) +
+                   (sa.local >> 16) + (sa.local & 0xffff) + (dst >> 16) + (dst & 0xffff);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip->version_ihl = 0x45;
+    ip->type_of_service = tos;
+    ip->total_length = rte_cpu_to_be_16(outer_len);
+    ip->packet_id = rte_cpu_to_be_16(id);
+    ip->fragment_offset = rte_cpu_to_be_16(frag);
     ip->time_to_live = sa.ttl;
-    ip->next_proto_id = sa.nat_t ? uint8_t(IPPROTO_UDP) : kProtoEsp;
+    ip->next_proto_id = proto;
+    ip->hdr_checksum = rte_cpu_to_be_16(uint16_t(~sum));
     ip->src_addr = rte_cpu_to_be_32(sa.local);
-    ip->dst_addr = rte_cpu_to_be_32(uint32_t(peer >> 16));
-    ip_cksum(ip);
+    ip->dst_addr = rte_cpu_to_be_32(dst);
     uint8_t* esp = p + kEth + sizeof(rte_ipv4_hdr);
     if (sa.nat_t) {
       auto* udp = reinterpret_cast<rte_udp_hdr*>(esp);
@@ -633,6 +646,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       if (end - off == 1 && pl[0] == 0xff) { w.drop(m, Drop::esp_natt_keepalive); continue; }
       if (end - off >= 4 && pl[0] == 0 && pl[1] == 0 && pl[2] == 0 && pl[3] == 0) {
         meta(m).punt = Punt::local;
+        if (w.punt.n == kMaxBurst) punt_flush(w);
         w.punt.push(m);
         ew.stats.ike_punted.add();
         continue;

@@ -21,11 +21,12 @@
 //
 // Crypto: Intel IPsec-MB's job API on one IMB_MGR per worker. A burst is
 // submitted job by job and flushed once, so the multi-buffer lanes fill across
-// the burst; completions come back in submission order. Why not librte_ipsec
-// with the aesni_mb cryptodev: each burst would cross a cryptodev queue
-// (enqueue, dequeue, rte_crypto_op per packet) for work the same library does
-// synchronously here; why not the burst API: in 1.3 it wants one cipher/hash
-// per call, while a burst here mixes SAs and ciphers. See docs/ARCHITECTURE.md.
+// the burst; completions come back in submission order and a burst may mix
+// SAs and ciphers. Why not librte_ipsec with the aesni_mb cryptodev: each
+// burst would also cross a cryptodev queue (an rte_crypto_op per packet) for
+// work the same library does synchronously here. The generic burst API
+// (IMB_SUBMIT_BURST) is the close alternative; bench_esp measures both
+// (docs/ARCHITECTURE.md "ESP crypto", docs/PERFORMANCE.md).
 //
 // Thread: each EspWorker belongs to one worker lcore. Per packet: no
 // allocation (mbufs aside), no lock, no log.

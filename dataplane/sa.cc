@@ -298,7 +298,7 @@ tl::expected<uint32_t, std::string> Sad::add_sa(const SaConfig& c, uint64_t now_
 
 tl::expected<uint32_t, std::string> Sad::replace_outbound(uint32_t tunnel, uint32_t sa) {
   if (tunnel >= cap_) return tl::unexpected(fmt::format("replace_outbound: tunnel {} beyond {}", tunnel, cap_));
-  if (sa >= cap_ || !(sas_[sa].state.load() & kSaLive) || sas_[sa].dir != SaDir::outbound)
+  if (!usable(sa) || sas_[sa].dir != SaDir::outbound)
     return tl::unexpected(fmt::format("replace_outbound: tunnel {}: SA {} is not a live outbound SA", tunnel, sa));
   if (sas_[sa].tunnel != tunnel)
     return tl::unexpected(fmt::format("replace_outbound: SA {} belongs to tunnel {}, not {}", sa, sas_[sa].tunnel, tunnel));
@@ -308,8 +308,7 @@ tl::expected<uint32_t, std::string> Sad::replace_outbound(uint32_t tunnel, uint3
 }
 
 tl::expected<void, std::string> Sad::delete_sa(uint32_t sa) {
-  if (sa >= cap_ || !(sas_[sa].state.load() & kSaLive))
-    return tl::unexpected(fmt::format("delete_sa: SA {} is not live", sa));
+  if (!usable(sa)) return tl::unexpected(fmt::format("delete_sa: SA {} is not live", sa));
   Sa& s = sas_[sa];
   if (s.dir == SaDir::inbound) {
     uint32_t spi_be = rte_cpu_to_be_32(s.spi);
@@ -323,8 +322,10 @@ tl::expected<void, std::string> Sad::delete_sa(uint32_t sa) {
 }
 
 void Sad::retire(uint32_t sa) {
+  // Still live for the data path: a worker that looked the index up a moment
+  // ago (SPD before a replace, SPI lookup before a delete) processes its
+  // packet normally. reclaim() ends it after the grace period.
   sas_[sa].state.fetch_or(kSaDeleted);
-  sas_[sa].state.fetch_and(~kSaLive);
   uint64_t token = qsbr_ ? rte_rcu_qsbr_start(qsbr_) : 0;
   retired_.emplace_back(sa, token);
   live_--;
@@ -346,8 +347,7 @@ void Sad::reclaim() {
 }
 
 tl::expected<void, std::string> Sad::set_peer(uint32_t sa, uint32_t addr, uint16_t port) {
-  if (sa >= cap_ || !(sas_[sa].state.load() & kSaLive))
-    return tl::unexpected(fmt::format("set_peer: SA {} is not live", sa));
+  if (!usable(sa)) return tl::unexpected(fmt::format("set_peer: SA {} is not live", sa));
   sas_[sa].peer.store(uint64_t(addr) << 16 | port, std::memory_order_release);
   cfg_[sa].peer = addr;
   cfg_[sa].peer_port = port;
@@ -360,7 +360,7 @@ void Sad::tick(uint64_t now_s) {
   for (uint32_t i = 0; i < cap_; i++) {
     Sa& s = sas_[i];
     uint32_t st = s.state.load(std::memory_order_relaxed);
-    if (!(st & kSaLive)) continue;
+    if (!(st & kSaLive) || (st & kSaDeleted)) continue;
     uint64_t age = now_s - s.created_s;
     uint32_t peer = uint32_t(s.peer.load(std::memory_order_relaxed) >> 16);
     if (s.hard_seconds && age >= s.hard_seconds && !(st & kSaHardPosted)) {

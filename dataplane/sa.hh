@@ -182,10 +182,10 @@ struct alignas(64) Sa {
 };
 
 // State flags.
-inline constexpr uint32_t kSaLive = 1u << 0;
+inline constexpr uint32_t kSaLive = 1u << 0;      // data path may use it (until reclaimed)
 inline constexpr uint32_t kSaSoftPosted = 1u << 1;
 inline constexpr uint32_t kSaHardPosted = 1u << 2;  // also: the SA refuses packets
-inline constexpr uint32_t kSaDeleted = 1u << 3;
+inline constexpr uint32_t kSaDeleted = 1u << 3;   // deleted/replaced: no new lookups find it
 
 // Precomputed IPsec-MB key schedules, apart from Sa so parameters and
 // counters stay on few lines; ~1 KB for GCM (AVX-512 GHASH tables).
@@ -289,6 +289,12 @@ class Sad {
   Sad() = default;
   void retire(uint32_t sa);
   void post(const SaEvent& e);
+  // Installed and not deleted or replaced: what the control side may act on.
+  bool usable(uint32_t sa) const {
+    if (sa >= cap_) return false;
+    uint32_t st = sas_[sa].state.load();
+    return (st & kSaLive) && !(st & kSaDeleted);
+  }
 
   std::string name_;
   uint32_t cap_ = 0;

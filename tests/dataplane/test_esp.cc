@@ -53,7 +53,7 @@ struct Rig {
   std::unique_ptr<EspWorker> ew = std::make_unique<EspWorker>();
   std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
 
-  Rig() {
+  explicit Rig(const EspWorkerConfig& ec = {}) {
     static int n = 0;
     std::string name = "esp" + std::to_string(n++);
     auto r = Sad::create(name, 64, nullptr);
@@ -63,7 +63,7 @@ struct Rig {
     w->indirect_pool = test_pool();
     w->icmp_limiter.configure(1000, 1000, rte_get_tsc_hz());
     w->now_tsc = rte_rdtsc();
-    auto e = esp_worker_init(*ew, name);
+    auto e = esp_worker_init(*ew, name, ec);
     EXPECT_TRUE(e) << e.error();
     pt->port[0].configured = true;
     pt->port[0].addr = kLocal;
@@ -527,8 +527,7 @@ TEST(Esp, MakeBeforeBreakRekeyLosesNothing) {
   EXPECT_EQ(rx.sad->stats(new_in).packets, 20u * 16u);
   // Deleting the old inbound SA: its SPI is unknown from then on.
   ASSERT_TRUE(rx.sad->delete_sa(0));
-  auto late = tx.sad->sa(old_out).state.load();
-  EXPECT_FALSE(late & kSaLive);
+  EXPECT_TRUE(tx.sad->sa(old_out).state.load() & kSaDeleted);
   const auto key = key_of(Cipher::aes_gcm_128);
   rx.open({openssl_gcm(key, 0x1001, 9999, with_trailer(l3(inner_frame(30))))});
   EXPECT_EQ(rx.drops(Drop::esp_unknown_spi), 1u);
@@ -578,4 +577,79 @@ TEST(Esp, SequenceNumbersWithoutEsnNeverCycle) {
   SaEvent ev[4];
   ASSERT_EQ(r.sad->events(ev, 4), 1u);
   EXPECT_EQ(ev[0].kind, SaEventKind::seq_overflow);
+}
+
+namespace {
+
+// An inner IPv4 fragment (RFC 791): `off8` in 8-byte units, `len` payload bytes.
+std::vector<uint8_t> inner_fragment(uint16_t id, uint16_t off8, bool more, size_t len) {
+  std::vector<uint8_t> payload(len);
+  for (size_t i = 0; i < len; i++) payload[i] = uint8_t(off8 * 8 + i);
+  Frame f = ipv4_frame(kHostA, kHostB, 17, 64, payload, uint16_t((more ? 0x2000 : 0) | off8));
+  f.b[18] = uint8_t(id >> 8);
+  f.b[19] = uint8_t(id);
+  f.b[24] = f.b[25] = 0;
+  uint16_t c = ref_checksum(&f.b[14], 20);
+  f.b[24] = uint8_t(c >> 8);
+  f.b[25] = uint8_t(c);
+  return f.b;
+}
+
+}  // namespace
+
+TEST(Esp, InnerFragmentFloodIsBoundedCountedAndTimesOut) {
+  EspWorkerConfig ec;
+  ec.frag_flows = 64;
+  ec.frag_timeout_ms = 100;
+  Rig r(ec);
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0xf00));
+  r.add(sa_cfg(SaDir::inbound, 0xf00));
+  // 300 first fragments that never complete: more than the table holds.
+  std::vector<std::vector<uint8_t>> flood;
+  for (uint16_t id = 1; id <= 300; id++) flood.push_back(inner_fragment(id, 0, true, 64));
+  auto back = r.open(r.seal(flood, out));
+  EXPECT_TRUE(back.empty());
+  uint64_t failed = r.drops(Drop::esp_reassembly_failed);
+  EXPECT_GE(failed, 300u - 64u) << "what does not fit the bounded table is dropped and counted";
+  // Overlapping fragments of one datagram are refused, not glued.
+  auto overlap = r.seal({inner_fragment(900, 0, true, 64), inner_fragment(900, 4, true, 64),
+                         inner_fragment(900, 12, false, 16)}, out);
+  // After the timeout the held fragments are freed and counted too.
+  r.w->now_tsc += rte_get_tsc_hz();  // one second later
+  esp_housekeeping(*r.w, *r.ew);
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 300u) << "every flood fragment accounted for";
+  back = r.open(overlap);
+  EXPECT_TRUE(back.empty()) << "overlapping fragments never make a packet";
+  r.w->now_tsc += rte_get_tsc_hz();
+  esp_housekeeping(*r.w, *r.ew);
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 303u);
+  // The table is free again: a datagram in two fragments is reassembled.
+  auto good = r.seal({inner_fragment(77, 0, true, 64), inner_fragment(77, 8, false, 40)}, out);
+  back = r.open(good);
+  ASSERT_EQ(back.size(), 1u);
+  auto ip = l3(back[0]);
+  EXPECT_EQ(ip.size(), 20u + 104u);
+  EXPECT_EQ(be16(ip, 6) & 0x3fff, 0) << "a whole datagram";
+  EXPECT_EQ(ref_checksum(ip.data(), 20), 0);
+  for (size_t i = 0; i < 104; i++) ASSERT_EQ(ip[20 + i], uint8_t(i)) << i;
+}
+
+TEST(Esp, PacketsThatReadTheOldSaBeforeAReplaceStillGo) {
+  // The SPD stage read the tunnel's SA, then the control thread replaced it
+  // before esp_outbound ran: the packet must still be sealed with the old SA
+  // (valid until the grace period) and decrypt at the far end.
+  Rig tx, rx;
+  uint32_t old_out = tx.add(sa_cfg(SaDir::outbound, 0x3003, Cipher::aes_gcm_128, 4));
+  uint32_t old_in = rx.add(sa_cfg(SaDir::inbound, 0x3003, Cipher::aes_gcm_128, 4));
+  uint32_t read_by_spd = tx.sad->tunnel_sa(4);
+  rx.add(sa_cfg(SaDir::inbound, 0x4004, Cipher::aes_gcm_128, 4));
+  uint32_t n = tx.add(sa_cfg(SaDir::outbound, 0x4004, Cipher::aes_gcm_128, 4));
+  ASSERT_TRUE(tx.sad->replace_outbound(4, n));
+  auto outer = tx.seal({inner_frame(33)}, read_by_spd);
+  ASSERT_EQ(outer.size(), 1u);
+  EXPECT_EQ(be32(outer[0], 14 + 20), 0x3003u) << "sealed with the SA the SPD chose";
+  // Likewise an SPI looked up just before its SA was deleted.
+  ASSERT_TRUE(rx.sad->delete_sa(old_in));
+  EXPECT_TRUE(rx.sad->sa(old_in).state.load() & kSaLive) << "until reclaim()";
+  (void)old_out;
 }
