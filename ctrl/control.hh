@@ -90,6 +90,8 @@ class Control {
   // error the rules in force stay. Ports and zones must be unchanged.
   tl::expected<nlohmann::ordered_json, std::string> reload_rules(const std::string& path);
   nlohmann::ordered_json show_rules() const;
+  // Connection tracking: counts and up to `limit` connections.
+  nlohmann::ordered_json show_conntrack(size_t limit) const;
 
   nlohmann::ordered_json show_interfaces() const;
   nlohmann::ordered_json show_routes() const;
@@ -129,6 +131,7 @@ class Control {
   uint64_t tap_rx_ = 0, tap_tx_ = 0;
   uint64_t tsc_hz_ = 0;
   uint64_t last_tick_ms_ = 0;
+  std::unique_ptr<Conntrack> conntrack_;    // what tables_.conntrack points to
   std::unique_ptr<Classifier> classifier_;  // what tables_.classifier points to
   RuleSet rules_;
   uint64_t rules_generation_ = 0;

@@ -15,6 +15,9 @@
 //  - classifier: the compiled rule tables (classifier/acl.hh), swapped whole
 //    on a rule change, freed after a grace period. Null: no policy, every
 //    packet passes (a plain router).
+//  - conntrack: the connection/NAT table (dataplane/conntrack.hh): shared
+//    by every worker, lock-free lookups, entries reused after a grace
+//    period; the control thread expires idle connections. Null: stateless.
 // Workers report a quiescent state on `qsbr` once per loop iteration.
 #include <rte_ether.h>
 #include <rte_hash.h>
@@ -27,6 +30,8 @@
 #include <cstdint>
 
 namespace moat {
+
+class Conntrack;
 
 inline constexpr uint32_t kMaxNextHops = 1u << 16;
 inline constexpr uint16_t kMaxPorts = RTE_MAX_ETHPORTS;
@@ -94,6 +99,7 @@ struct Tables {
   rte_hash* neigh = nullptr;
   std::atomic<const PortTable*> ports{nullptr};
   std::atomic<const Classifier*> classifier{nullptr};
+  Conntrack* conntrack = nullptr;
   rte_rcu_qsbr* qsbr = nullptr;
   bool punt_enabled = false;
 };

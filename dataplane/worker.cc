@@ -29,13 +29,18 @@ static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
 }
 
 // The rule tables' verdicts for transit packets and packets for us.
-static void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   const Classifier* c = t.classifier.load(std::memory_order_acquire);
   Burst to_tunnel;
   if (c) {
     classify(w, *c, pt, b, w.local);
+    if (t.conntrack) dnat(w, t, *c, pt, b);
     filter(w, *c, pt, b);
     filter(w, *c, pt, w.local);
+    if (t.conntrack) {
+      nat(w, *t.conntrack, *c, pt, b);
+      nat(w, *t.conntrack, *c, pt, w.local);
+    }
     qos_mark(w, *c, b);
   }
   spd(w, c, b, to_tunnel);
@@ -51,6 +56,8 @@ void tunnel_out(Worker& w, const Tables&, Burst& b) {
 void process_burst(Worker& w, const Tables& t, Burst& b) {
   const PortTable& pt = *t.ports.load(std::memory_order_acquire);
   parse(w, pt, b);
+  // Connections are tracked only under a rule set (a plain router has none).
+  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, b);
   route(w, t, pt, b);
   policy(w, t, pt, b);
   local_deliver(w, t, pt, w.local);
@@ -91,6 +98,7 @@ static unsigned process_inject(Worker& w, const Tables& t) {
         break;
     }
   }
+  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, to_route);
   route(w, t, pt, to_route);
   policy(w, t, pt, to_route);
   local_deliver(w, t, pt, w.local);
