@@ -264,6 +264,27 @@ void read_neighbor(Reader& r, const YAML::Node& n, Config& c) {
   c.neighbors.push_back(nb);
 }
 
+void read_conntrack(Reader& r, const YAML::Node& n, CtConfig& ct) {
+  r.fields(n, "conntrack", {"max_connections", "timeouts"}, [&](const std::string& k, const YAML::Node& v) {
+    if (k == "max_connections") {
+      r.uint(v, "conntrack.max_connections", ct.max_connections, 64, 1u << 24);
+      return;
+    }
+    CtTimeouts& t = ct.timeouts;
+    const std::pair<const char*, uint32_t*> keys[] = {
+        {"tcp_syn", &t.tcp_syn},         {"tcp_syn_recv", &t.tcp_syn_recv}, {"tcp_established", &t.tcp_established},
+        {"tcp_closing", &t.tcp_closing}, {"tcp_time_wait", &t.tcp_time_wait}, {"tcp_close", &t.tcp_close},
+        {"udp", &t.udp},                 {"udp_stream", &t.udp_stream},     {"icmp", &t.icmp},
+        {"other", &t.other}};
+    std::set<std::string> names;
+    for (auto& [name, _] : keys) names.insert(name);
+    r.fields(v, "conntrack.timeouts", names, [&](const std::string& k2, const YAML::Node& v2) {
+      for (auto& [name, field] : keys)
+        if (k2 == name) r.uint(v2, fmt::format("conntrack.timeouts.{}", name).c_str(), *field, 1, 30u * 86400);
+    });
+  });
+}
+
 }  // namespace
 
 Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
@@ -290,7 +311,7 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
 
   r.fields(root, "top level",
            {"eal", "mempool", "ports", "routes", "neighbors", "workers", "arp", "icmp", "punt", "control", "zones",
-            "tunnels", "filter", "nat", "spd", "qos"},
+            "tunnels", "filter", "nat", "spd", "qos", "conntrack"},
            [&](const std::string& k, const YAML::Node& v) {
              if (k == "eal") {
                read_eal(r, v, c.eal);
@@ -332,6 +353,8 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
                });
              } else if (k == "zones" || k == "tunnels" || k == "filter" || k == "nat" || k == "spd" || k == "qos") {
                // read_policy below: it needs every port first.
+             } else if (k == "conntrack") {
+               read_conntrack(r, v, c.conntrack);
              } else if (k == "control") {
                r.fields(v, "control", {"socket", "max_routes", "max_sas"}, [&](const std::string& k2, const YAML::Node& v2) {
                  if (k2 == "socket") {

@@ -13,6 +13,7 @@
 
 #include "classifier/rules.hh"
 #include "dataplane/sa.hh"
+#include "dataplane/conntrack.hh"
 
 namespace moat {
 
@@ -120,6 +121,8 @@ struct Config {
   std::vector<TunnelConfig> tunnels;
   RuleSet rules;
   bool has_policy = false;  // any of zones/filter/nat/spd/qos given
+  // Connection tracking and NAT state (docs/CONFIGURATION.md "conntrack").
+  CtConfig conntrack;
 
   unsigned workers() const { return eal.lcores.size() > 1 ? unsigned(eal.lcores.size() - 1) : 0; }
   const PortConfig* port(const std::string& name) const;

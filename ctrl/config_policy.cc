@@ -86,6 +86,10 @@ struct PolicyReader {
   std::map<std::string, uint8_t> port_index;
   std::map<std::string, uint32_t> tunnel_id;
   std::map<std::string, uint16_t> class_id;
+  // filter.stateful: accepted connections are tracked and their replies
+  // (and related ICMP errors) admitted without a rule. A rule may say
+  // otherwise with its own `stateful`.
+  bool filter_stateful = true;
 
   void zones(const YAML::Node* n) {
     c.rules.zones = {"local"};
@@ -464,7 +468,7 @@ struct PolicyReader {
     std::set<std::string> keys = {"name", "from", "to", "in", "out", "src", "dst", "proto", "sport",
                                   "dport", "dscp", "icmp_type", "icmp_code"};
     switch (t) {
-      case Table::filter: keys.insert("action"); break;
+      case Table::filter: keys.insert({"action", "stateful"}); break;
       case Table::nat: keys.insert({"action", "pool", "to_addr", "to_port"}); break;
       case Table::spd: keys.insert({"action", "tunnel"}); break;
       case Table::qos: keys.insert({"class", "mark"}); break;
@@ -567,13 +571,19 @@ struct PolicyReader {
     for (auto& [k, v] : args) {
       bool used = (t == Table::nat && ((k == "pool" && action_node.Scalar() == "snat") ||
                                         ((k == "to_addr" || k == "to_port") && action_node.Scalar() == "dnat"))) ||
-                  (t == Table::spd && k == "tunnel" && action_node.Scalar() == "protect") || (t == Table::qos && k == "mark");
+                  (t == Table::spd && k == "tunnel" && action_node.Scalar() == "protect") || (t == Table::qos && k == "mark") ||
+                  (t == Table::filter && k == "stateful" && action_node.Scalar() == "accept");
       if (!used) {
         r.error(v, fmt::format("{}: \"{}\" does not apply to action {}", where, k, action_node.Scalar()));
         ok = false;
       }
     }
     if (!action(t, action_node, args, rule.verdict, where.c_str())) ok = false;
+    if (t == Table::filter && FilterAction(rule.verdict.action) == FilterAction::accept) {
+      bool st = filter_stateful;
+      if (auto it = args.find("stateful"); it != args.end()) r.boolean(it->second, "filter rule stateful", st);
+      if (st) rule.verdict.flags |= Verdict::kStateful;
+    }
     if (!rule.name.empty())
       for (auto& o : table.rules)
         if (o.name == rule.name) {
@@ -588,14 +598,19 @@ struct PolicyReader {
     RuleTable& table = c.rules.table[unsigned(t)];
     std::set<std::string> keys = {"default", "rules"};
     if (t == Table::qos) keys.insert("classes");
-    // Classes first: rules and the default refer to them.
+    if (t == Table::filter) keys.insert("stateful");
+    // Classes first: rules and the default refer to them; so for the
+    // filter's table-wide `stateful`.
     if (t == Table::qos && n.IsMap() && n["classes"]) classes(n["classes"]);
+    if (t == Table::filter && n.IsMap() && n["stateful"]) r.boolean(n["stateful"], "filter.stateful", filter_stateful);
     r.fields(n, tname, keys, [&](const std::string& k, const YAML::Node& v) {
       if (k == "default") {
         std::map<std::string, YAML::Node> none;
         std::string where = fmt::format("{}.default", tname);
         if (!v.IsScalar()) r.error(v, fmt::format("{}: expected an action", where));
         else action(t, v, none, table.deflt, where.c_str());
+        if (t == Table::filter && filter_stateful && FilterAction(table.deflt.action) == FilterAction::accept)
+          table.deflt.flags |= Verdict::kStateful;
       } else if (k == "rules") {
         r.list(v, fmt::format("{}.rules", tname).c_str(), [&](const YAML::Node& e) { rule(t, e, table); });
       }

@@ -313,6 +313,14 @@ tl::expected<void, std::string> Control::start() {
     pi.key = uint8_t(i);
   }
   tables_.ports.store(port_table_, std::memory_order_release);
+  // The connection table exists with a policy: the stateful filter and NAT
+  // live in it. A plain router tracks nothing.
+  if (c_.has_policy) {
+    auto ct = Conntrack::create(c_.conntrack, tables_.qsbr, nworkers, tsc_hz_, "moat_ct");
+    if (!ct) return tl::unexpected(ct.error() + " (lower conntrack.max_connections or raise eal.memory_mb)");
+    conntrack_ = std::move(*ct);
+    tables_.conntrack = conntrack_.get();
+  }
   if (c_.has_policy)
     if (auto ok = publish_rules(c_.rules); !ok) return tl::unexpected("rules: " + ok.error());
   tables_.punt_enabled = c_.punt_enabled;
@@ -661,6 +669,13 @@ void Control::run(const std::atomic<bool>& stop) {
       }
       sad_->reclaim();
       drain_sa_events();
+      if (conntrack_) {
+        // Expiry without stopping anyone: a slice of the table per tick,
+        // the whole table about once a second; entries return to the free
+        // ring only after every worker passed a quiescent point.
+        conntrack_->sweep(rte_get_tsc_cycles(), std::max(1024u, conntrack_->capacity() / 100));
+        conntrack_->reclaim();
+      }
     }
   }
 }
@@ -688,6 +703,8 @@ void Control::shutdown() {
   port_table_ = nullptr;
   tables_.classifier.store(nullptr);
   classifier_.reset();
+  tables_.conntrack = nullptr;
+  conntrack_.reset();
 }
 
 tl::expected<uint32_t, std::string> Control::install_sa(const SaConfig& sa) {
@@ -856,7 +873,14 @@ tl::expected<void, std::string> Control::set_address(const std::string& name, co
       return tl::unexpected(fmt::format("{} overlaps port {} ({})", a.str(), c_.ports[i].name, o->str()));
   }
   uint16_t id = ports_[cfg].id;
-  if (auto& old = c_.ports[cfg].address) routes_->del_connected(id, *old);
+  if (auto& old = c_.ports[cfg].address) {
+    routes_->del_connected(id, *old);
+    // Connections masqueraded to (or forwarded from) the old address
+    // cannot continue: their replies would go to an address we no longer
+    // have. New connections take the new address (masquerade reads it per
+    // connection from the port table).
+    if (conntrack_ && old->addr != a.addr) conntrack_->expire_addr(rte_cpu_to_be_32(old->addr));
+  }
   c_.ports[cfg].address = a;
   // The workers' port table is immutable: publish a copy, free the old one
   // once every worker has passed a quiescent point.
@@ -879,6 +903,48 @@ tl::expected<void, std::string> Control::set_address(const std::string& name, co
 }
 
 // ------------------------------------------------------------------ views ---
+
+json Control::show_conntrack(size_t limit) const {
+  json out = json::object();
+  if (!conntrack_) {
+    out["capacity"] = 0;
+    return out;
+  }
+  uint64_t created = 0, hits = 0;
+  for (auto& w : workers_) {
+    created += w->stats.ct_new.load();
+    hits += w->stats.ct_hit.load();
+  }
+  uint64_t refused = 0;
+  for (auto& w : workers_) refused += w->stats.drops[unsigned(Drop::ct_full)].load();
+  out["capacity"] = conntrack_->capacity();
+  out["in_use"] = conntrack_->in_use();
+  out["created"] = created;
+  out["expired"] = conntrack_->expired();
+  out["refused_full"] = refused;
+  out["packets_tracked"] = hits;
+  uint64_t now = rte_get_tsc_cycles();
+  auto ep = [](uint32_t a, uint16_t p) { return fmt::format("{}:{}", ipv4_str(rte_be_to_cpu_32(a)), rte_be_to_cpu_16(p)); };
+  json conns = json::array();
+  size_t live = 0;
+  conntrack_->for_each([&](uint32_t, const Conn& c) {
+    live++;
+    if (conns.size() >= limit) return;
+    json o = json::object();
+    o["proto"] = c.key[0].proto;
+    o["state"] = ct_state_name(conntrack_->state(c));
+    o["orig"] = ep(c.key[0].src, c.key[0].sport) + " > " + ep(c.key[0].dst, c.key[0].dport);
+    o["reply"] = ep(c.key[1].src, c.key[1].sport) + " > " + ep(c.key[1].dst, c.key[1].dport);
+    o["nat"] = (c.nat & kNatSrc) && (c.nat & kNatDst) ? "src+dst" : (c.nat & kNatSrc) ? "src" : (c.nat & kNatDst) ? "dst" : "";
+    uint64_t last = __atomic_load_n(&c.last_tsc, __ATOMIC_RELAXED);
+    o["idle_s"] = now > last ? (now - last) / tsc_hz_ : 0;
+    o["timeout_s"] = conntrack_->timeout_tsc(c) / tsc_hz_;
+    conns.push_back(o);
+  });
+  out["live"] = live;
+  out["connections"] = conns;
+  return out;
+}
 
 json Control::show_interfaces() const {
   json out = json::array();
@@ -972,6 +1038,9 @@ json Control::show_stats() const {
     o["icmp_sent"] = w->stats.icmp_sent.load();
     o["fragments"] = w->stats.fragments.load();
     o["classified"] = w->stats.classified.load();
+    o["ct_new"] = w->stats.ct_new.load();
+    o["ct_hit"] = w->stats.ct_hit.load();
+    o["rst_sent"] = w->stats.rst_sent.load();
     uint64_t dropped = 0;
     for (unsigned d = 0; d < kDropCount; d++) dropped += w->stats.drops[d].load();
     o["dropped"] = dropped;
@@ -1039,6 +1108,16 @@ void Control::register_cli() {
   });
   cli_->on("show tunnels", [this](const std::vector<std::string>&) { return show_tunnels(); });
   cli_->on("show rules", [this](const std::vector<std::string>&) { return show_rules(); });
+  cli_->on("show conntrack", [this](const std::vector<std::string>& a) {
+    size_t limit = 100;
+    if (a.size() == 2 && a[0] == "limit") limit = std::stoul(a[1]);
+    else if (!a.empty()) throw CliError("usage: show conntrack [limit N]");
+    return show_conntrack(limit);
+  });
+  cli_->on("conntrack flush", [this](const std::vector<std::string>&) {
+    // Every connection is forgotten; their next packets meet the rules again.
+    return json{{"expired", conntrack_ ? conntrack_->expire_all() : 0}};
+  });
   cli_->on("rules reload", [this](const std::vector<std::string>& a) {
     if (a.size() > 1) throw CliError("usage: rules reload [FILE]");
     auto r = reload_rules(a.empty() ? c_.path : a[0]);

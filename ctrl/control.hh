@@ -92,6 +92,8 @@ class Control {
   // error the rules in force stay. Ports and zones must be unchanged.
   tl::expected<nlohmann::ordered_json, std::string> reload_rules(const std::string& path);
   nlohmann::ordered_json show_rules() const;
+  // Connection tracking: counts and up to `limit` connections.
+  nlohmann::ordered_json show_conntrack(size_t limit) const;
 
   // The SA lifecycle interface static SAs and IKE both use: install into the
   // SAD (an outbound SA becomes its tunnel's when the tunnel has none, else
@@ -144,6 +146,7 @@ class Control {
   std::vector<std::vector<uint32_t>> tunnel_sas_;  // SA indexes per tunnel id
   std::map<std::string, uint64_t> sa_events_;      // by kind, for show tunnels
   uint64_t last_sa_tick_s_ = 0;
+  std::unique_ptr<Conntrack> conntrack_;    // what tables_.conntrack points to
   std::unique_ptr<Classifier> classifier_;  // what tables_.classifier points to
   RuleSet rules_;
   uint64_t rules_generation_ = 0;

@@ -88,13 +88,26 @@ void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
-    switch (FilterAction(v[meta(m).rule[unsigned(Table::filter)]].action)) {
+    PktMeta& md = meta(m);
+    // A packet of a known connection (either way, or an ICMP error about
+    // one) was admitted when the connection was: no rule is consulted.
+    if (md.conn) {
+      b.pkts[kept++] = m;
+      continue;
+    }
+    const Verdict& fv = v[md.rule[unsigned(Table::filter)]];
+    switch (FilterAction(fv.action)) {
       case FilterAction::accept:
+        if (fv.flags & Verdict::kStateful) md.ct |= kCtCommit;
         b.pkts[kept++] = m;
         break;
-      case FilterAction::reject:
-        send_icmp_error(w, pt, m, Drop::filter_reject, kIcmpUnreach, kUnreachAdminProhibited);
+      case FilterAction::reject: {
+        // TCP is refused the way TCP refuses (RST), the rest with ICMP.
+        auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, md.l3_off);
+        if (ip->next_proto_id == IPPROTO_TCP) send_tcp_reset(w, pt, m, Drop::filter_reject);
+        else send_icmp_error(w, pt, m, Drop::filter_reject, kIcmpUnreach, kUnreachAdminProhibited);
         break;
+      }
       default:
         w.drop(m, Drop::filter_drop);
         break;

@@ -40,7 +40,11 @@ namespace moat {
   X(punt_no_tap, "local packet but the punt path is disabled")                      \
   X(inject_bad, "packet from the control thread with an invalid port")             \
   X(filter_drop, "filter rule (or default) says drop")                              \
-  X(filter_reject, "filter rule says reject (answered with ICMP admin-prohibited)") \
+  X(filter_reject, "filter rule says reject (answered with TCP RST or ICMP admin-prohibited)") \
+  X(ct_full, "connection table full: new connection refused (existing kept)")    \
+  X(ct_not_syn, "TCP packet of no tracked connection that is not a SYN")           \
+  X(nat_no_port, "NAT found no free port/identifier for a new connection")        \
+  X(nat_no_address, "masquerade out of a port that has no address")                \
   X(spd_discard, "SPD rule says discard")                                           \
   X(tunnel_down, "tunnel has no outbound SA")                                      \
   X(esp_not_esp, "packet handed to ESP inbound that is neither ESP nor UDP 4500")   \

@@ -50,7 +50,21 @@ struct PktMeta {
   uint16_t out_tunnel = kNoTunnel;
   uint32_t sa;        // SA index: outbound, set by the SPD stage (protect); inbound,
                       // set by esp_inbound on the decrypted packet
+  // Connection tracking (dataplane/conntrack.hh): the connection's ref
+  // (entry index * 2 + direction + 1; 0: not part of a tracked connection)
+  // and what the stages decided for a connection's first packet.
+  uint32_t conn = 0;
+  uint8_t ct = 0;            // kCt* bits
+  uint8_t pad2_ = 0;
+  uint16_t orig_dport = 0;   // before DNAT (network order), with kCtDnat
+  uint32_t orig_dst = 0;     // before DNAT (network order), with kCtDnat
 };
+
+// PktMeta::ct bits.
+inline constexpr uint8_t kCtCommit = 1;   // first packet accepted by a stateful rule (or NATed): create the entry
+inline constexpr uint8_t kCtDnat = 2;     // destination rewritten by a DNAT rule (orig_* hold the old one)
+inline constexpr uint8_t kCtRelated = 4;  // ICMP error about a tracked connection, already translated
+inline constexpr uint8_t kCtNoTrack = 8;  // no trackable tuple (non-first fragment, unknown ICMP type)
 
 inline constexpr uint16_t kMbufPrivSize = RTE_ALIGN(sizeof(PktMeta), RTE_MBUF_PRIV_ALIGN);
 

@@ -15,6 +15,9 @@
 //  - classifier: the compiled rule tables (classifier/acl.hh), swapped whole
 //    on a rule change, freed after a grace period. Null: no policy, every
 //    packet passes (a plain router).
+//  - conntrack: the connection/NAT table (dataplane/conntrack.hh): shared
+//    by every worker, lock-free lookups, entries reused after a grace
+//    period; the control thread expires idle connections. Null: stateless.
 // Workers report a quiescent state on `qsbr` once per loop iteration.
 #include <rte_ether.h>
 #include <rte_hash.h>
@@ -29,6 +32,7 @@
 namespace moat {
 
 class Sad;
+class Conntrack;
 
 inline constexpr uint32_t kMaxNextHops = 1u << 16;
 inline constexpr uint16_t kMaxPorts = RTE_MAX_ETHPORTS;
@@ -97,6 +101,7 @@ struct Tables {
   std::atomic<const PortTable*> ports{nullptr};
   std::atomic<const Classifier*> classifier{nullptr};
   Sad* sad = nullptr;  // SAs (dataplane/sa.hh): its own lock-free protocol
+  Conntrack* conntrack = nullptr;
   rte_rcu_qsbr* qsbr = nullptr;
   bool punt_enabled = false;
 };

@@ -32,13 +32,18 @@ static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
 
 // The rule tables' verdicts for transit packets and packets for us; what
 // the SPD protects leaves here for its tunnel.
-static void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& local) {
+void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& local) {
   const Classifier* c = t.classifier.load(std::memory_order_acquire);
   Burst to_tunnel;
   if (c) {
     classify(w, *c, pt, b, local);
+    if (t.conntrack) dnat(w, t, *c, pt, b);
     filter(w, *c, pt, b);
     filter(w, *c, pt, local);
+    if (t.conntrack) {
+      nat(w, *t.conntrack, *c, pt, b);
+      nat(w, *t.conntrack, *c, pt, local);
+    }
     qos_mark(w, *c, b);
   }
   spd(w, c, b, to_tunnel);
@@ -87,6 +92,8 @@ void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner) {
 void process_burst(Worker& w, const Tables& t, Burst& b) {
   const PortTable& pt = *t.ports.load(std::memory_order_acquire);
   parse(w, pt, b);
+  // Connections are tracked only under a rule set (a plain router has none).
+  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, b);
   route(w, t, pt, b);
   policy(w, t, pt, b, w.local);
   Burst inner;
@@ -96,6 +103,7 @@ void process_burst(Worker& w, const Tables& t, Burst& b) {
   // Decrypted packets: from their tunnel's zone, routed and classified like
   // any received packet.
   if (inner.n) {
+    if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, inner);
     route(w, t, pt, inner);
     policy(w, t, pt, inner, w.local);
     local_deliver(w, t, pt, w.local);
@@ -137,6 +145,7 @@ static unsigned process_inject(Worker& w, const Tables& t) {
         break;
     }
   }
+  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, to_route);
   route(w, t, pt, to_route);
   policy(w, t, pt, to_route, w.local);
   local_deliver(w, t, pt, w.local);

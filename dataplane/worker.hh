@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dataplane/conntrack.hh"
 #include "dataplane/drop.hh"
 #include "dataplane/icmp.hh"
 #include "dataplane/packet.hh"
@@ -26,6 +27,7 @@ struct RxQueue {
 
 struct alignas(64) WorkerStats {
   Counter rx, tx, punted, injected, icmp_sent, fragments, classified;
+  Counter ct_new, ct_hit, rst_sent;  // connections created, packets of known connections, TCP resets sent
   Counter drops[kDropCount];
 };
 
@@ -68,7 +70,16 @@ void parse(Worker& w, const PortTable& pt, Burst& b);                // L2/L3 va
 void route(Worker& w, const Tables& t, const PortTable& pt, Burst& b);  // LPM, TTL
 // One rte_acl lookup for the routed burst and the packets for us together.
 void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transit, Burst& local);
-void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b);  // accept/drop/reject
+// Stateful firewall and NAPT44 (dataplane/stateful.cc, dataplane/conntrack.hh):
+// before route, packets of known connections are marked and their
+// destination translated; after classify, DNAT for new connections (routed
+// and classified again); after the filter, new connections are committed
+// and sources translated.
+void conntrack(Worker& w, Conntrack& ct, Burst& b);
+void dnat(Worker& w, const Tables& t, const Classifier& c, const PortTable& pt, Burst& b);
+// Packets of known connections pass; accept/drop/reject for the rest.
+void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b);
+void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Burst& b);
 void qos_mark(Worker& w, const Classifier& c, Burst& b);                      // DSCP rewrite
 // Moves packets the SPD protects (or the route sends into a tunnel) to
 // `to_tunnel`; drops what it discards. `c` may be null (no policy).
@@ -88,6 +99,14 @@ void punt_flush(Worker& w);
 // when RFC 1812 or the rate limit says no error may be sent.
 void send_icmp_error(Worker& w, const PortTable& pt, rte_mbuf* m, Drop why, uint8_t type,
                      uint8_t code, uint16_t mtu = 0);
+
+// Answers a refused TCP segment with a RST (filter action reject), or drops
+// it when it may not be answered; counts `why` either way.
+void send_tcp_reset(Worker& w, const PortTable& pt, rte_mbuf* m, Drop why);
+
+// The policy stages, classify to spd, over a routed burst and the packets
+// for us (`local`); protected packets leave through tunnel_out.
+void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& local);
 
 // Processes one received (or injected-for-routing) burst to the tx buffers.
 void process_burst(Worker& w, const Tables& t, Burst& b);

@@ -139,8 +139,11 @@ def rules_file(path, block_port):
                         for i in range(100))
     block = f"    - {{name: block, proto: udp, dport: {block_port}, action: drop}}\n" if block_port else ""
     with open(path, "w") as f:
+        # Stateless: a stateful filter would let the flows A accepted go on
+        # under B (established connections skip the rules, as they should).
         f.write(f"""filter:
   default: drop
+  stateful: false
   rules:
 {decoys}
 {block}    - {{name: flow, from: lan, to: sink, dst: 10.2.0.0/16, action: accept}}
@@ -160,7 +163,7 @@ class CtlSocket:
 
     def __call__(self, *args):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
+        s.settimeout(60)  # a loaded CI machine; correctness, not speed, is tested here
         s.connect(self.path)
         s.sendall((json.dumps({"args": list(args)}) + "\n").encode())
         buf = b""

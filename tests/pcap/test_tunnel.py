@@ -126,7 +126,7 @@ class Tunnel(unittest.TestCase):
         # path: plain forwarding would answer "fragmentation needed"; the
         # tunnel fragments the inner packet and the portal reassembles it.
         office = Ether(src=HOST["office"][1], dst=MAC["office"])
-        big = IP(src=OFFICE_HOST, dst=CORP_HOST, id=77, ttl=64, flags="DF") / TCP(sport=40000, dport=80, flags="A") / Raw(bytes(range(256)) * 5 + b"z" * 180)
+        big = IP(src=OFFICE_HOST, dst=CORP_HOST, id=77, ttl=64, flags="DF") / UDP(sport=40000, dport=80) / Raw(bytes(range(256)) * 5 + b"z" * 192)
         self.assertEqual(len(big), 1500)
         out, drops, _ = self.run_moatd({"office": [office / big]}, mtu=1400)
         esp = [p for p in out["wan"] if ESP in p]
@@ -138,7 +138,7 @@ class Tunnel(unittest.TestCase):
             inner.append(rx.decrypt(p[IP]))
         whole = defragment(inner)
         self.assertEqual(len(whole), 1)
-        self.assertEqual(bytes(whole[0][TCP].payload), bytes(big[TCP].payload))
+        self.assertEqual(bytes(whole[0][UDP].payload), bytes(big[UDP].payload))
         self.assertEqual(drops.get("frag_needed", 0), 0)
         self.assertEqual([p for p in out["office"] if ICMP in p], [], "no ICMP frag-needed to the sender")
 

@@ -1,0 +1,68 @@
+#pragma once
+// NAPT44 packet rewriting (RFC 3022, RFC 5508 for ICMP) and the tuple a
+// packet is tracked by. Pure functions over one packet's bytes: any thread,
+// no allocation. Checksums are updated incrementally (RFC 1624 eqn. 3) —
+// the IPv4 header, TCP and UDP (pseudo header included; a zero UDP checksum
+// means "none" and stays zero), ICMP, and inside an ICMP error the quoted
+// header's own checksums together with the error's ICMP checksum that
+// covers them. Addresses and ports are in network order throughout.
+#include <rte_mbuf.h>
+
+#include <cstdint>
+
+#include "dataplane/conntrack.hh"
+
+namespace moat {
+
+// RFC 1624 eqn. 3: the checksum `sum` after a 16-bit word changed from
+// `old_w` to `new_w`. Byte order does not matter as long as all three are
+// taken from memory the same way.
+inline uint16_t csum_update(uint16_t sum, uint16_t old_w, uint16_t new_w) {
+  uint32_t s = uint32_t(uint16_t(~sum)) + uint16_t(~old_w) + new_w;
+  s = (s & 0xffff) + (s >> 16);
+  s = (s & 0xffff) + (s >> 16);
+  return uint16_t(~s);
+}
+
+enum class CtKind : uint8_t {
+  none,        // nothing to track by: a non-first fragment, an ICMP type we do not follow
+  plain,       // k is the packet's own tuple
+  icmp_error,  // k is the reverse of the quoted packet's tuple: the key of
+               // the connection in the direction the error travels
+};
+
+// ICMP queries whose identifier NAT translates (RFC 5508 §3.1).
+inline bool icmp_is_request(uint8_t type) { return type == 8 || type == 13; }
+inline bool icmp_is_reply(uint8_t type) { return type == 0 || type == 14; }
+inline bool icmp_is_error(uint8_t type) { return type == 3 || type == 11 || type == 12; }
+
+// The tuple a packet is tracked by. `l3` is a validated IPv4 header and
+// `len` the bytes from it that belong to the packet.
+CtKind ct_tuple(const uint8_t* l3, uint16_t len, CtKey& k);
+
+// Rewrites the source (`src`) or destination address and, where the
+// protocol has one in that slot, the port (TCP, UDP) or ICMP query
+// identifier. `len` bounds what may be touched (a quote in an ICMP error is
+// truncated: fields beyond it are left alone). `outer`: when non-null, the
+// ICMP checksum of an error quoting this packet, kept right for every byte
+// changed here.
+void nat_rewrite(uint8_t* l3, uint16_t len, bool src, uint32_t addr, uint16_t port, uint8_t* outer = nullptr);
+
+// Translates a packet of connection `c` travelling in direction `dir` to
+// how it leaves: its destination half (before routing) or its source half
+// (after the filter). Returns whether anything had to change.
+bool nat_dst_half(uint8_t* l3, uint16_t len, const Conn& c, unsigned dir);
+bool nat_src_half(uint8_t* l3, uint16_t len, const Conn& c, unsigned dir);
+
+// Translates an ICMP error travelling in direction `dir` of `c`: the outer
+// destination (and source, when the error comes from the connection's own
+// endpoint) and the quoted packet back to the addresses its sender knows.
+void nat_icmp_error(uint8_t* l3, uint16_t len, const Conn& c, unsigned dir);
+
+// Turns a TCP segment into the RST that refuses it (RFC 9293 §3.10.7.1),
+// from its destination back to its source, in place: IPv4 + 20-byte TCP.
+// Returns false for a segment that must not be answered (a RST) or is
+// truncated. The mbuf keeps its link header room at `l3_off`.
+bool tcp_reset_in_place(rte_mbuf* m, uint16_t l3_off);
+
+}  // namespace moat
