@@ -40,8 +40,9 @@ struct PktMeta {
   Inject inject;
   uint8_t generated;  // 1: built by us (ICMP error/reply, ESP): never answer with ICMP
   uint8_t pad_;
-  uint32_t sa;        // SA index: outbound, set by the SPD stage (protect); inbound,
-                      // set by esp_inbound on the decrypted packet
+  uint32_t sa = 0xffffffff;  // SA index (kNoSa: none): outbound, set by the SPD stage
+                             // (protect); inbound, set by esp_inbound on the decrypted
+                             // packet. Not 0 by default: 0 is a valid SA index.
 };
 
 inline constexpr uint16_t kMbufPrivSize = RTE_ALIGN(sizeof(PktMeta), RTE_MBUF_PRIV_ALIGN);
