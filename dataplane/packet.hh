@@ -48,8 +48,9 @@ struct PktMeta {
   // one its route sends it into. Their zones stand in for a port's.
   uint16_t in_tunnel = kNoTunnel;
   uint16_t out_tunnel = kNoTunnel;
-  uint32_t sa;        // SA index: outbound, set by the SPD stage (protect); inbound,
-                      // set by esp_inbound on the decrypted packet
+  uint32_t sa = 0xffffffff;  // SA index (kNoSa: none): outbound, set by the SPD stage
+                             // (protect); inbound, set by esp_inbound on the decrypted
+                             // packet. Not 0 by default: 0 is a valid SA index.
   // Connection tracking (dataplane/conntrack.hh): the connection's ref
   // (entry index * 2 + direction + 1; 0: not part of a tracked connection)
   // and what the stages decided for a connection's first packet.

@@ -8,6 +8,7 @@
 #include <rte_malloc.h>
 #include <rte_random.h>
 
+#include <cstddef>
 #include <cstring>
 
 #include "dataplane/drop.hh"
@@ -15,6 +16,9 @@
 namespace moat {
 
 static_assert(kDropCount <= sizeof(SaDrops::n) / sizeof(uint64_t), "SaDrops too small");
+// The layout the header promises: parameters, per-packet counters and
+// lifetimes on one line each, then the replay bitmap.
+static_assert(offsetof(Sa, seq) == 64 && offsetof(Sa, soft_bytes) == 128 && offsetof(Sa, bitmap) == 192);
 
 const char* cipher_name(Cipher c) {
   switch (c) {

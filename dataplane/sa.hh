@@ -171,9 +171,14 @@ struct alignas(64) Sa {
   uint64_t auth_fail;   // inbound: bad ICV
 
   // ---- lifetimes (read per packet, rarely hit) ----
-  alignas(64) uint64_t soft_bytes, soft_packets, hard_bytes, hard_packets;
+  // (alignas on the first member only: on a list it would align every one)
+  alignas(64) uint64_t soft_bytes;
+  uint64_t soft_packets;
+  uint64_t hard_bytes;
+  uint64_t hard_packets;
   uint64_t created_s;   // control thread's clock, for seconds lifetimes
-  uint64_t soft_seconds, hard_seconds;
+  uint64_t soft_seconds;
+  uint64_t hard_seconds;
 
   // ---- inbound replay bitmap: bit s % (64*kReplayWords) for sequence s ----
   alignas(64) uint64_t bitmap[kReplayWords];
