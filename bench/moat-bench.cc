@@ -405,7 +405,15 @@ int run(const Cli& cli) {
           doc["trials"] = trials;
           write_output(cli.output, doc);
           if (r.interrupted) return std::nullopt;
-          return Outcome{r.offered_pps(), r.offered, r.received, r.verdict == "excess"};
+          Outcome o{r.offered_pps(), r.offered, r.received, r.verdict == "excess", ""};
+          if (r.received > r.accepted)
+            o.excess_why = fmt::format("the sink received {} of our frames for {} sent (duplicates or a loop)",
+                                       r.received, r.accepted);
+          else if (o.excess)
+            o.excess_why = fmt::format("the router flooded: {} frames came back on the generator's port and {} "
+                                       "foreign frames reached the sink, for {} sent",
+                                       r.reflected, r.foreign, r.accepted);
+          return o;
         };
         SearchResult sr = run_search(p, fn);
         auto point = [&](const std::optional<double>& pps) -> Json {

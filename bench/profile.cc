@@ -5,11 +5,13 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <set>
+#include <tuple>
 
 namespace moat::bench {
 
@@ -496,7 +498,7 @@ void read(Reader& r, const YAML::Node& root, Profile& p) {
   // Only the ports the generator and sink use are probed: a declared port
   // nobody uses is a mistake, not a third port to send to.
   for (auto& ps : p.ports)
-    if (ps.name != p.gen_port && ps.name != p.sink_port && mk.have_gen && mk.have_sink)
+    if (ps.name != p.gen_port && ps.name != p.sink_port && known(p.gen_port) && known(p.sink_port))
       r.error(root["ports"], fmt::format("ports: \"{}\" is used by neither generator nor sink", ps.name));
 
   if (mk.have_flows && p.flows == 0) r.error(mk.flows, "traffic.flows: 0 flows: need at least 1");
@@ -557,6 +559,9 @@ LoadResult load_profile_text(const std::string& text, const std::string& name) {
     return out;
   }
   read(r, root, p);
+  std::stable_sort(out.errors.begin(), out.errors.end(), [](const ProfileError& a, const ProfileError& b) {
+    return std::tie(a.line, a.col) < std::tie(b.line, b.col);
+  });
   if (out.errors.empty()) out.profile = std::move(p);
   return out;
 }

@@ -46,9 +46,7 @@ SearchResult run_search(const Profile& p, const TrialFn& trial) {
   };
   auto excess = [&](const Outcome& o) {
     res.verdict = "excess";
-    res.notes.push_back(fmt::format("the router delivered {} frames for {} offered (duplicates, a loop or a flood): "
-                                    "no loss figure is meaningful",
-                                    o.received, o.offered));
+    res.notes.push_back(fmt::format("{}: no loss figure is meaningful", o.excess_why));
     return res;
   };
 

@@ -19,6 +19,7 @@ struct Outcome {
   double offered_pps = 0;  // what the generator really offered (<= the target)
   uint64_t offered = 0, received = 0;
   bool excess = false;  // more came back than was sent: no loss figure means anything
+  std::string excess_why;
   double loss() const { return offered ? double(int64_t(offered) - int64_t(received)) / double(offered) : 0; }
 };
 
