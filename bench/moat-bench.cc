@@ -201,6 +201,7 @@ Json trial_json(const Profile& p, const TrialResult& r) {
               {"tx_accepted", r.accepted},
               {"tx_rejected", r.rejected},
               {"tx_late", r.late},
+              {"tx_pushback", r.pushback},
               // The generator could not keep the pace (preempted, or the
               // rate is beyond it): the offered rate is below the target.
               {"generator_short", r.spec.rate_pps > 0 && double(r.late) > 0.001 * double(r.offered + r.late)},
@@ -405,7 +406,7 @@ int run(const Cli& cli) {
           doc["trials"] = trials;
           write_output(cli.output, doc);
           if (r.interrupted) return std::nullopt;
-          Outcome o{r.offered_pps(), r.offered, r.received, r.verdict == "excess", ""};
+          Outcome o{r.offered_pps(), r.offered, r.received, r.verdict == "excess", r.pushback > 0, ""};
           if (r.received > r.accepted)
             o.excess_why = fmt::format("the sink received {} of our frames for {} sent (duplicates or a loop)",
                                        r.received, r.accepted);

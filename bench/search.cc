@@ -85,6 +85,19 @@ SearchResult run_search(const Profile& p, const TrialFn& trial) {
     first = low;
   }
 
+  const bool pushed_back = first->pushed_back;
+  if (pushed_back) {
+    // The link pushed back: no frame was lost because none was dropped, the
+    // generator waited. What the router carries without loss is found at
+    // fixed rates, where a refused frame is a lost one, starting from there.
+    res.notes.push_back(fmt::format("the link pushed back at {:.0f} pps (max rate): the search runs at fixed rates "
+                                    "below that",
+                                    top));
+    auto o = run(top, "top");
+    if (!o) return stopped();
+    if (o->excess) return excess(*o);
+    first = o;
+  }
   Bracket ndr, pdr;
   auto classify = [&](const Outcome& o) {
     const double r = o.offered_pps, loss = o.loss();
@@ -94,7 +107,7 @@ SearchResult run_search(const Profile& p, const TrialFn& trial) {
     else pdr.fail(r);
   };
   classify(*first);
-  if (!ndr.failed && !pdr.failed) {
+  if (!ndr.failed && !pdr.failed && !pushed_back) {
     res.harness_bound = true;
     res.notes.push_back(fmt::format("no loss at {:.0f} pps, the most the generator offered: the harness, not the "
                                     "router, is the limit here (NDR is at least this)",

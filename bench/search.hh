@@ -19,6 +19,9 @@ struct Outcome {
   double offered_pps = 0;  // what the generator really offered (<= the target)
   uint64_t offered = 0, received = 0;
   bool excess = false;  // more came back than was sent: no loss figure means anything
+  // Max rate only: the port refused frames (a full ring), so the far side,
+  // not the generator, set the rate, and refusals were retried, not lost.
+  bool pushed_back = false;
   std::string excess_why;
   double loss() const { return offered ? double(int64_t(offered) - int64_t(received)) / double(offered) : 0; }
 };

@@ -127,7 +127,7 @@ class Generator {
   }
 
   void reset_counters() {
-    attempted_ = accepted_ = rejected_ = late_ = alloc_failed_ = bytes_ = 0;
+    attempted_ = accepted_ = rejected_ = late_ = alloc_failed_ = bytes_ = pushback_ = 0;
   }
 
   void step(uint64_t now) {
@@ -139,7 +139,9 @@ class Generator {
       attempted_ += k;
       accepted_ += k;
       for (uint16_t i = 0; i < k; i++) bytes_ += pending_[i]->pkt_len + kFcsBytes;
-      // Ring full: keep the rest for the next round instead of dropping them.
+      // Ring full: keep the rest for the next round instead of dropping
+      // them, and count the push-back: the rate is then the far side's.
+      if (k < npending_) pushback_ += npending_ - k;
       if (k < npending_) std::memmove(pending_, pending_ + k, (npending_ - k) * sizeof(pending_[0]));
       npending_ = uint16_t(npending_ - k);
       return;
@@ -171,6 +173,7 @@ class Generator {
   uint64_t accepted() const { return accepted_; }
   uint64_t rejected() const { return rejected_; }
   uint64_t late() const { return late_; }
+  uint64_t pushback() const { return pushback_; }
   uint64_t alloc_failed() const { return alloc_failed_; }
   uint64_t bytes() const { return bytes_; }
   const std::vector<unsigned>& sizes() const { return sizes_; }
@@ -214,7 +217,7 @@ class Generator {
   rte_mbuf* pending_[kTxBurst] = {};
   uint16_t npending_ = 0;
   uint64_t start_tsc_ = 0, hz_ = 1, pace_base_ = 0;
-  uint64_t attempted_ = 0, accepted_ = 0, rejected_ = 0, late_ = 0, alloc_failed_ = 0, bytes_ = 0;
+  uint64_t attempted_ = 0, accepted_ = 0, rejected_ = 0, late_ = 0, alloc_failed_ = 0, bytes_ = 0, pushback_ = 0;
 };
 
 class Sink {
@@ -447,6 +450,7 @@ TrialResult Harness::run(const TrialSpec& spec, const ProgressFn& progress) {
   r.accepted = gen_->accepted();
   r.rejected = gen_->rejected();
   r.late = gen_->late();
+  r.pushback = gen_->pushback();
   r.alloc_failed = gen_->alloc_failed();
   r.offered_bytes = gen_->bytes();
   ctl.tx_final.store(r.accepted, std::memory_order_relaxed);

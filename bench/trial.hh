@@ -50,6 +50,7 @@ struct TrialResult {
   uint64_t accepted = 0;      // ... that the port took
   uint64_t rejected = 0;      // fixed rate: refused by a full TX ring (lost offer)
   uint64_t late = 0;          // fixed rate: not offered at all (generator behind)
+  uint64_t pushback = 0;      // max rate: frames the port refused and the generator retried
   uint64_t alloc_failed = 0;  // mempool empty (bursts)
   uint64_t offered_bytes = 0, received_bytes = 0;  // frames incl. FCS
   uint64_t received = 0;      // our frames of this window at the sink

@@ -230,10 +230,14 @@ struct FakeRouter {
   double capacity, gen_max;
   double duration = 1;
   std::vector<double> rates;
+  bool flow_control = false;  // like memif: at max rate the link holds the generator back to capacity
   std::optional<Outcome> operator()(double rate, const std::string&) {
-    const double offered_pps = rate > 0 ? std::min(rate, gen_max) : gen_max;
+    double offered_pps = rate > 0 ? std::min(rate, gen_max) : gen_max;
+    const bool pushed = rate == 0 && flow_control && capacity < gen_max;
+    if (pushed) offered_pps = capacity;
     rates.push_back(offered_pps);
     Outcome o;
+    o.pushed_back = pushed;
     o.offered_pps = offered_pps;
     o.offered = uint64_t(offered_pps * duration);
     o.received = uint64_t(std::min(offered_pps, capacity) * duration);
@@ -271,6 +275,18 @@ TEST(BenchSearch, RouterFasterThanTheGeneratorIsReportedAsHarnessBound) {
   EXPECT_EQ(res.trials, 1u);
 }
 
+TEST(BenchSearch, PushBackAtMaxRateIsNotTakenForNoLoss) {
+  FakeRouter dut{5e6, 20e6};
+  dut.flow_control = true;
+  auto res = run_search(search_profile(), std::ref(dut));
+  EXPECT_FALSE(res.harness_bound);
+  ASSERT_GE(dut.rates.size(), 2u);
+  EXPECT_EQ(dut.rates[1], 5e6);  // then a fixed-rate trial where the max-rate trial ended
+  ASSERT_TRUE(res.ndr_pps);
+  EXPECT_LE(*res.ndr_pps, 5e6);
+  EXPECT_GE(*res.ndr_pps, 5e6 * 0.98);
+}
+
 TEST(BenchSearch, BlackHoleSaysNothingWasForwarded) {
   FakeRouter dut{0, 20e6};
   auto res = run_search(search_profile(), std::ref(dut));
@@ -285,7 +301,7 @@ TEST(BenchSearch, FloodStopsTheSearchWithExcess) {
   unsigned calls = 0;
   auto res = run_search(p, [&](double, const std::string&) -> std::optional<Outcome> {
     calls++;
-    return Outcome{1e6, 1000000, 3000000, true, "the sink received 3000000 of our frames for 1000000 sent"};
+    return Outcome{1e6, 1000000, 3000000, true, false, "the sink received 3000000 of our frames for 1000000 sent"};
   });
   EXPECT_EQ(res.verdict, "excess");
   EXPECT_EQ(calls, 1u);
