@@ -213,6 +213,7 @@ Json trial_json(const Profile& p, const TrialResult& r) {
               {"flows_seen", r.flows_seen},
               {"rx_ttl", r.rx_ttl},
               {"unexpected", {{"stale", r.stale}, {"foreign", r.foreign}, {"reflected", r.reflected}}},
+              {"esp", {{"checked", r.esp_checked}, {"failed", r.esp_check_failed}}},
               {"verdict", r.verdict},
               {"interrupted", r.interrupted}};
 }
@@ -316,10 +317,6 @@ int run(const Cli& cli) {
   if (cli.check) {
     fmt::print("{}: ok\n", p.path);
     return 0;
-  }
-  if (p.esp.direction != EspDirection::none) {
-    fmt::print(stderr, "moat-bench: {}: traffic.esp is not implemented in this build yet\n", p.path);
-    return 2;
   }
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);

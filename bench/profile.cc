@@ -21,8 +21,11 @@ unsigned min_frame_for(const Profile& p) {
   const unsigned l4 = p.protocol == Protocol::udp ? kUdpBytes + kStampBytes : kTcpBytes;
   const unsigned clear = kEthBytes + kIpv4Bytes + l4 + kFcsBytes;
   if (p.esp.direction != EspDirection::inbound) return clear;
-  // The generator's frame is the ESP packet around that cleartext.
-  return clear + kIpv4Bytes + kEspHdrBytes + kEspIvBytes + kEspTrailerBytes + kEspIcvBytes;
+  // The generator's frame is the ESP packet around that cleartext's IP
+  // packet, whose payload + trailer GCM pads to a multiple of 4 (RFC 4303).
+  const unsigned inner = clear - kEthBytes - kFcsBytes;
+  const unsigned payload = (inner + kEspTrailerBytes + 3) & ~3u;
+  return kEthBytes + kIpv4Bytes + kEspHdrBytes + kEspIvBytes + payload + kEspIcvBytes + kFcsBytes;
 }
 
 namespace {
@@ -510,12 +513,12 @@ void read(Reader& r, const YAML::Node& root, Profile& p) {
                         p.flows, tuples));
 
   const unsigned need = min_frame_for(p);
-  const char* what = p.esp.direction == EspDirection::inbound ? "ESP" : p.protocol == Protocol::udp ? "UDP" : "TCP";
+  const char* what = p.esp.direction == EspDirection::inbound ? "an ESP" : p.protocol == Protocol::udp ? "a UDP" : "a TCP";
   for (size_t i = 0; i < p.sizes.size(); i++) {
     const YAML::Mark at = i < mk.size_marks.size() ? mk.size_marks[i] : mk.sizes;
     for (auto& slot : p.sizes[i].mix) {
       if (slot.size < need)
-        r.error(at, fmt::format("traffic.sizes: {} bytes is smaller than its headers: a {} frame with the "
+        r.error(at, fmt::format("traffic.sizes: {} bytes is smaller than its headers: {} frame with the "
                                 "harness's stamp needs at least {} (FCS included)",
                                 slot.size, what, need));
       else if (slot.size < kMinFrame)

@@ -43,13 +43,13 @@ FlowSpace::FlowSpace(const Profile& p)
 FlowKey FlowSpace::key(uint32_t f) const {
   FlowKey k;
   uint64_t r = f;
+  k.dst_ip = uint32_t(dip_.first + r % dip_.count);
+  r /= dip_.count;
   k.src_port = uint16_t(sp_.first + r % sp_.count);
   r /= sp_.count;
   k.src_ip = uint32_t(sip_.first + r % sip_.count);
   r /= sip_.count;
   k.dst_port = uint16_t(dp_.first + r % dp_.count);
-  r /= dp_.count;
-  k.dst_ip = uint32_t(dip_.first + r % dip_.count);
   // DSCP belongs to the flow, as in real traffic (a flow keeps its class).
   k.dscp = dscp_of_slot_[f % dscp_of_slot_.size()];
   return k;
@@ -124,6 +124,7 @@ Template make_template(const Profile& p, const FlowKey& k, uint32_t flow, unsign
   uint32_t s = sum16(ip + 12, 8) + (udp ? 17u : 6u) + l4_len + sum16(l4, l4_len);
   t.csum_sum = s;
   t.len = uint16_t(len);
+  t.rx_len = uint16_t(len);
   t.copy_len = uint16_t(std::min<unsigned>(len, kCopyBytes));
   t.flow = flow;
   t.udp = udp;

@@ -19,10 +19,11 @@ struct FlowKey {
   uint8_t dscp = 0;
 };
 
-// Flow f is a mixed-radix number over the ranges, source port fastest:
-// src_port, then src_ip, dst_port, dst_ip. So the default profile (256
-// flows, one source address) varies only the source port, and the sink maps
-// headers back to f with multiplications only.
+// Flow f is a mixed-radix number over the ranges, fastest first: dst_ip,
+// src_port, src_ip, dst_port. So the default profile (256 flows, one
+// address each side) varies only the source port; with N destination
+// addresses (N tunnels' selectors) flow f goes to address f % N; and the
+// sink maps headers back to f with multiplications only.
 class FlowSpace {
  public:
   explicit FlowSpace(const Profile& p);
@@ -31,7 +32,7 @@ class FlowSpace {
   int64_t index(uint32_t src_ip, uint32_t dst_ip, uint16_t src_port, uint16_t dst_port) const {
     const uint32_t a = src_port - sp_.first, b = src_ip - sip_.first, c = dst_port - dp_.first, d = dst_ip - dip_.first;
     if (a >= sp_.count || b >= sip_.count || c >= dp_.count || d >= dip_.count) return -1;
-    const uint64_t f = a + uint64_t(sp_.count) * (b + uint64_t(sip_.count) * (c + uint64_t(dp_.count) * d));
+    const uint64_t f = d + uint64_t(dip_.count) * (a + uint64_t(sp_.count) * (b + uint64_t(sip_.count) * c));
     return f < flows_ ? int64_t(f) : -1;
   }
   uint32_t flows() const { return flows_; }
@@ -63,6 +64,8 @@ constexpr unsigned kCopyBytes = 64;
 // are filled with it once, templates compute their checksums with it.
 inline uint8_t pattern_byte(size_t offset) { return uint8_t(offset * 7 + 1); }
 
+struct TagFix;
+
 struct alignas(64) Template {
   uint8_t head[kCopyBytes];
   uint16_t len = 0;         // bytes in the mbuf (frame without FCS)
@@ -73,6 +76,12 @@ struct alignas(64) Template {
   uint32_t flow = 0;
   bool udp = true;
   std::vector<uint8_t> whole;  // the full frame when copy_len > kCopyBytes
+  uint16_t rx_len = 0;         // the frame the sink should get back: len, or the decapsulated inner frame
+  // ESP (inbound) only: see esp.hh.
+  const TagFix* esp_fix = nullptr;
+  uint16_t esp_tag_off = 0;
+  uint16_t esp_csum0 = 0;      // the inner checksum the template was encrypted with
+  uint32_t esp_sa = 0;
 };
 
 // The cleartext frame of flow `k` at `size` (FCS included) as the generator

@@ -1,5 +1,7 @@
 #include "bench/trial.hh"
 
+#include "bench/esp.hh"
+
 #include <rte_cycles.h>
 #include <rte_errno.h>
 #include <rte_launch.h>
@@ -79,11 +81,13 @@ struct TrialCtl {
 
 class Generator {
  public:
-  Generator(const Profile& p, const PortState& port) : p_(p), port_(port.id), mac_(port.mac), space_(p) {
+  Generator(const Profile& p, const PortState& port, Esp* esp)
+      : p_(p), port_(port.id), mac_(port.mac), space_(p), esp_(esp) {
     pool_ = rte_pktmbuf_pool_create("bench_tx", kTxPoolMbufs, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());
     if (!pool_) fail(fmt::format("tx pool: {}", rte_strerror(rte_errno)));
     rte_mempool_obj_iter(pool_, fill_pattern, nullptr);
     seq_.assign(p.flows, 0);
+    if (esp_) esp_seq_.assign(esp_->sas(), 0);
   }
   ~Generator() {
     release();
@@ -104,8 +108,10 @@ class Generator {
     for (uint32_t f = 0; f < p_.flows; f++) {
       const FlowKey k = space_.key(f);
       for (unsigned size : sizes_) {
-        Template t = make_template(p_, k, f, size);
+        const bool inbound = p_.esp.direction == EspDirection::inbound;
+        Template t = inbound ? esp_->make_inbound(p_, k, f, size) : make_template(p_, k, f, size);
         std::memcpy(t.head + 6, mac_.data(), 6);
+        if (!t.whole.empty()) std::memcpy(t.whole.data() + 6, mac_.data(), 6);
         templates_.push_back(std::move(t));
       }
     }
@@ -177,6 +183,12 @@ class Generator {
   uint64_t alloc_failed() const { return alloc_failed_; }
   uint64_t bytes() const { return bytes_; }
   const std::vector<unsigned>& sizes() const { return sizes_; }
+  // What the sink should receive for each frame sent, without FCS.
+  std::vector<unsigned> rx_lengths() const {
+    std::vector<unsigned> v;
+    for (size_t i = 0; i < sizes_.size() && i < templates_.size(); i++) v.push_back(templates_[i].rx_len);
+    return v;
+  }
 
  private:
   uint16_t fill(rte_mbuf** pkts, uint16_t n, uint32_t ts) {
@@ -191,7 +203,10 @@ class Generator {
       auto* d = rte_pktmbuf_mtod(pkts[i], uint8_t*);
       if (t.copy_len > kCopyBytes) rte_memcpy(d, t.whole.data(), t.copy_len);
       else rte_memcpy(d, t.head, kCopyBytes);  // a constant size compiles to a few moves
-      if (t.stamp_off) stamp(d, t, seq_[flow_]++, ts);
+      // ESP: sequence numbers per SA from 1 and never reused, so a router's
+      // anti-replay check passes every frame honestly.
+      if (t.esp_fix) esp_stamp(d, t, ++esp_seq_[t.esp_sa], seq_[flow_]++, ts);
+      else if (t.stamp_off) stamp(d, t, seq_[flow_]++, ts);
       pkts[i]->data_len = t.len;
       pkts[i]->pkt_len = t.len;
       if (++flow_ == p_.flows) {
@@ -209,7 +224,9 @@ class Generator {
   rte_mempool* pool_ = nullptr;
   std::vector<Template> templates_;
   std::vector<unsigned> sizes_, slot_size_;
+  Esp* esp_;
   std::vector<uint32_t> seq_;  // next sequence number per flow, never reset
+  std::vector<uint32_t> esp_seq_;  // last ESP sequence number per SA, never reset
   uint32_t flow_ = 0;
   size_t slot_ = 0;
   double rate_pps_ = 0;
@@ -222,13 +239,13 @@ class Generator {
 
 class Sink {
  public:
-  Sink(const Profile& p, uint16_t gen_port, uint16_t sink_port)
+  Sink(const Profile& p, uint16_t gen_port, uint16_t sink_port, Esp* esp)
       : p_(p), gen_port_(gen_port), sink_port_(sink_port), space_(p), max_seq_(p.flows, 0), seen_(p.flows, 0),
-        udp_(p.protocol == Protocol::udp) {}
+        udp_(p.protocol == Protocol::udp), esp_(esp) {}
 
-  void expect_sizes(const std::vector<unsigned>& sizes) {
+  void expect_lengths(const std::vector<unsigned>& lengths) {
     size_ok_.assign(kMaxFrame + 1, 0);
-    for (unsigned s : sizes) size_ok_[s - kFcsBytes] = 1;
+    for (unsigned l : lengths) size_ok_[l] = 1;
   }
 
   void begin(TrialResult* r) {
@@ -249,6 +266,7 @@ class Sink {
       for (uint16_t i = 0; i < n; i++) classify(rx[i], open, open_ts, now_ts);
       rte_pktmbuf_free_bulk(rx, n);
       last_rx_tsc_ = now;
+      last_any_rx_.store(now, std::memory_order_relaxed);
     }
     if (gen_port_ != sink_port_) {
       // The router should send nothing back towards the generator.
@@ -279,35 +297,72 @@ class Sink {
   }
 
   uint64_t received() const { return received_.load(std::memory_order_relaxed); }
+  uint64_t last_rx_tsc() const { return last_any_rx_.load(std::memory_order_relaxed); }
 
  private:
+  static uint16_t be16(const uint8_t* d, unsigned o) { return uint16_t((d[o] << 8) | d[o + 1]); }
+  static uint32_t be32(const uint8_t* d, unsigned o) { return (uint32_t(be16(d, o)) << 16) | be16(d, o + 2); }
+
+  void count_received(uint32_t pkt_len) {
+    received_.store(received_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    r_->received_bytes += pkt_len + kFcsBytes;
+  }
+
   void classify(rte_mbuf* m, bool open, uint32_t open_ts, uint32_t now_ts) {
     const auto* d = rte_pktmbuf_mtod(m, const uint8_t*);
     const uint32_t len = m->data_len;
-    const unsigned stamp_end = kEthBytes + kIpv4Bytes + (udp_ ? kUdpBytes + kStampBytes : kTcpBytes);
     if (!open) return;  // before the window: ARP, a router's gratuitous ARP, warm-up traffic
-    if (len < stamp_end || d[12] != 0x08 || d[13] != 0x00 || d[14] != 0x45 || d[23] != (udp_ ? 17 : 6)) {
+    if (len < kEthBytes + kIpv4Bytes || d[12] != 0x08 || d[13] != 0x00 || d[14] != 0x45) {
       r_->foreign++;
       return;
     }
-    auto be16 = [&](unsigned o) { return uint16_t((d[o] << 8) | d[o + 1]); };
-    auto be32 = [&](unsigned o) { return (uint32_t(be16(o)) << 16) | be16(o + 2); };
-    const int64_t f = space_.index(be32(26), be32(30), be16(34), be16(36));
-    if (f < 0) {
-      r_->foreign++;
+    if (esp_ && d[23] == 50) return classify_esp(m, d + kEthBytes, len - kEthBytes, open_ts, now_ts);
+    const auto got = inner(d + kEthBytes, len - kEthBytes, open_ts, now_ts, true);
+    if (got == Inner::foreign) r_->foreign++;
+    if (got != Inner::ours) return;
+    count_received(m->pkt_len);
+    // The frame must be one we expect back (a size sent, or its decapsulated
+    // inner frame), and hold exactly its IP packet (Ethernet may pad a
+    // short one to 60 bytes).
+    const uint32_t ip_end = be16(d, 16) + kEthBytes;
+    if (m->pkt_len > kMaxFrame || (!size_ok_[m->pkt_len] && !(m->pkt_len == 60 && size_ok_[ip_end])) ||
+        (ip_end != m->pkt_len && !(m->pkt_len == 60 && ip_end < 60)))
+      r_->wrong_size++;
+  }
+
+  // Tunnel traffic reaching the sink (a router's outbound ESP, or the
+  // generator's own in a loop): counted on arrival; one in verify_every is
+  // decrypted with the profile's keys, its ICV checked and its inner frame
+  // measured like cleartext.
+  void classify_esp(rte_mbuf* m, const uint8_t* ip, uint32_t len, uint32_t open_ts, uint32_t now_ts) {
+    count_received(m->pkt_len);
+    if (++esp_seen_ % p_.esp.verify_every) return;
+    auto dec = esp_->decrypt(ip, len);
+    if (!dec) {
+      r_->esp_check_failed++;
       return;
     }
-    const unsigned so = kEthBytes + kIpv4Bytes + (udp_ ? kUdpBytes : 4);
-    const uint32_t seq = be32(so), ts = be32(so + 4);
+    r_->esp_checked++;
+    if (inner(dec->inner.data(), uint32_t(dec->inner.size()), open_ts, now_ts, false) != Inner::ours)
+      r_->esp_check_failed++;
+  }
+
+  enum class Inner { ours, foreign, stale };
+
+  // An IPv4 packet of ours? Then its stamp gives latency and order.
+  Inner inner(const uint8_t* ip, uint32_t len, uint32_t open_ts, uint32_t now_ts, bool cleartext) {
+    const unsigned stamp_end = kIpv4Bytes + (udp_ ? kUdpBytes + kStampBytes : kTcpBytes);
+    if (len < stamp_end || ip[0] != 0x45 || ip[9] != (udp_ ? 17 : 6)) return Inner::foreign;
+    const int64_t f = space_.index(be32(ip, 12), be32(ip, 16), be16(ip, 20), be16(ip, 22));
+    if (f < 0) return Inner::foreign;
+    if (!cleartext && be16(ip, 2) != len) r_->wrong_size++;
+    const unsigned so = kIpv4Bytes + (udp_ ? kUdpBytes : 4);
+    const uint32_t seq = be32(ip, so), ts = be32(ip, so + 4);
     if (int32_t(ts - open_ts) < 0) {
       r_->stale++;
-      return;
+      return Inner::stale;
     }
-    received_.store(received_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-    r_->received_bytes += m->pkt_len + kFcsBytes;
-    // The frame must be one of the sizes sent, and hold exactly its IP packet.
-    if (m->pkt_len > kMaxFrame || !size_ok_[m->pkt_len] || be16(16) + kEthBytes != m->pkt_len) r_->wrong_size++;
-    r_->rx_ttl = d[22];
+    r_->rx_ttl = ip[8];
     r_->latency.add(now_ts - ts);
     uint32_t& mx = max_seq_[size_t(f)];
     uint8_t& s = seen_[size_t(f)];
@@ -319,6 +374,7 @@ class Sink {
       mx = seq;
       s = 1;
     }
+    return Inner::ours;
   }
 
   const Profile& p_;
@@ -327,11 +383,14 @@ class Sink {
   std::vector<uint32_t> max_seq_;
   std::vector<uint8_t> seen_, size_ok_;
   bool udp_;
+  Esp* esp_;
+  uint64_t esp_seen_ = 0;
   TrialResult* r_ = nullptr;
   // Read by the generator's lcore for progress and the drain; only the
   // sink writes it.
   std::atomic<uint64_t> received_{0};
   uint64_t last_rx_tsc_ = 0;
+  std::atomic<uint64_t> last_any_rx_{0};  // for the quiet gap, read by the generator's lcore
 };
 
 Harness::Harness(const Profile& p) : p_(p) {
@@ -344,8 +403,9 @@ Harness::Harness(const Profile& p) : p_(p) {
   };
   ports_.push_back(start_port(spec(p.gen_port), rx_pool_));
   if (p.sink_port != p.gen_port) ports_.push_back(start_port(spec(p.sink_port), rx_pool_));
-  gen_ = std::make_unique<Generator>(p, ports_[0]);
-  sink_ = std::make_unique<Sink>(p, ports_[0].id, sink_port().id);
+  if (p.esp.direction != EspDirection::none) esp_ = std::make_unique<Esp>(p);
+  gen_ = std::make_unique<Generator>(p, ports_[0], esp_.get());
+  sink_ = std::make_unique<Sink>(p, ports_[0].id, sink_port().id, esp_.get());
 }
 
 Harness::~Harness() {
@@ -398,7 +458,7 @@ TrialResult Harness::run(const TrialSpec& spec, const ProgressFn& progress) {
   r.tsc_hz = rte_get_tsc_hz();
   if (built_series_ != spec.series) {
     gen_->build(p_.sizes[spec.series]);
-    sink_->expect_sizes(gen_->sizes());
+    sink_->expect_lengths(gen_->rx_lengths());
     built_series_ = spec.series;
   }
   TrialCtl ctl;
@@ -428,6 +488,21 @@ TrialResult Harness::run(const TrialSpec& spec, const ProgressFn& progress) {
     gen_->step(now);
     if (!split) sink_->poll(ctl);
     tick("warm-up", now, t0, spec.warmup_s);
+  }
+
+  // Tunnel traffic: the sink cannot read the stamp of every ESP frame (it
+  // decrypts a sample), so it counts them by arrival; a quiet gap before
+  // the window keeps warm-up stragglers out of it: nothing is sent until
+  // the sink has heard nothing for 20 ms (at most 200 ms).
+  if (p_.esp.direction != EspDirection::none && spec.warmup_s > 0) {
+    gen_->release();
+    const uint64_t t0 = rte_rdtsc();
+    while (!stopped()) {
+      if (!split) sink_->poll(ctl);
+      now = rte_rdtsc();
+      const uint64_t last = std::max(sink_->last_rx_tsc(), t0);
+      if (now - last > hz / 50 || now - t0 > hz / 5) break;
+    }
   }
 
   // The window: only frames stamped from here on count, on both sides.

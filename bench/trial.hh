@@ -85,6 +85,7 @@ using ProgressFn = std::function<void(const TrialProgress&)>;
 
 class Generator;
 class Sink;
+class Esp;
 
 class Harness {
  public:
@@ -103,6 +104,7 @@ class Harness {
   const Profile& p_;
   std::vector<PortState> ports_;  // [0] generator, [1] sink unless they share one
   rte_mempool* rx_pool_ = nullptr;
+  std::unique_ptr<Esp> esp_;
   std::unique_ptr<Generator> gen_;
   std::unique_ptr<Sink> sink_;
   size_t built_series_ = SIZE_MAX;

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <set>
 
+#include "bench/esp.hh"
 #include "bench/profile.hh"
 #include "bench/search.hh"
 #include "bench/traffic.hh"
@@ -57,8 +58,8 @@ TEST(BenchProfile, EspFrameMustHoldOuterHeadersAndIcv) {
   auto r = load("traffic:\n  sizes: 100\n  esp: {direction: inbound, outer_src: 192.0.2.1, outer_dst: 192.0.2.2, "
                 "key: 0x000102030405060708090a0b0c0d0e0f10111213}\n");
   EXPECT_EQ(only_error(r),
-            "7:10: traffic.sizes: 100 bytes is smaller than its headers: a ESP frame with the harness's stamp needs "
-            "at least 108 (FCS included)");
+            "7:10: traffic.sizes: 100 bytes is smaller than its headers: an ESP frame with the harness's stamp needs "
+            "at least 110 (FCS included)");
 }
 
 TEST(BenchProfile, SizeBelowEthernetMinimumAndAboveMaximum) {
@@ -222,6 +223,85 @@ TEST(BenchLatency, QuantilesOfAKnownDistribution) {
     EXPECT_LE(LatencyHist::bucket_low(b), v);
     EXPECT_GT(LatencyHist::bucket_high(b), v);
   }
+}
+
+Profile esp_profile(const char* proto, unsigned sas) {
+  auto r = load(fmt::format("traffic:\n  protocol: {}\n  sizes: 200\n  flows: 8\n  esp: {{direction: inbound, sas: {}, spi: 0x1000, "
+                            "outer_src: 192.0.2.10, outer_dst: 192.0.2.1, key: 0x00112233445566778899aabbccddeeff01020304}}\n",
+                            proto, sas));
+  EXPECT_TRUE(r.profile) << only_error(r);
+  return *r.profile;
+}
+
+// Frames stamped without AES must be exactly what GCM makes: they decrypt
+// with the key (IPsec-MB's own decryption checks the ICV), and carry the
+// ESP sequence number and inner stamp written, with a valid inner checksum.
+TEST(BenchEsp, StampedFramesDecryptWithTheKey) {
+  for (const char* proto : {"udp", "tcp"}) {
+    Profile p = esp_profile(proto, 3);
+    Esp esp(p);
+    FlowSpace fs(p);
+    for (unsigned size : {110u, 111u, 113u, 128u, 594u, 1518u}) {
+      if (std::string(proto) == "tcp" && size < 114) continue;
+      for (uint32_t flow : {0u, 4u}) {
+        Template t = esp.make_inbound(p, fs.key(flow), flow, size);
+        ASSERT_EQ(t.len, size - 4);
+        ASSERT_EQ(t.whole.size(), size - 4);
+        for (auto [esp_seq, seq, ts] : {std::tuple<uint32_t, uint32_t, uint32_t>{1, 0, 0}, {2, 1, 0x12345678},
+                                        {0xffffffff, 0xfffffffe, 0xffffffff}, {77, 0x80000001, 3}}) {
+          auto f = t.whole;
+          esp_stamp(f.data(), t, esp_seq, seq, ts);
+          auto dec = esp.decrypt(f.data() + 14, f.size() - 14);
+          ASSERT_TRUE(dec) << proto << " size " << size << " esp_seq " << esp_seq;
+          EXPECT_EQ(dec->sa, flow % 3);
+          EXPECT_EQ(dec->esp_seq, esp_seq);
+          const auto& in = dec->inner;
+          ASSERT_EQ(in.size(), Esp::inner_len(size));
+          EXPECT_EQ(size_t((in[2] << 8) | in[3]), in.size());
+          const unsigned so = 20 + (std::string(proto) == "udp" ? 8 : 4);
+          EXPECT_EQ((uint32_t(in[so]) << 24 | in[so + 1] << 16 | in[so + 2] << 8 | in[so + 3]), seq);
+          EXPECT_EQ((uint32_t(in[so + 4]) << 24 | in[so + 5] << 16 | in[so + 6] << 8 | in[so + 7]), ts);
+          std::vector<uint8_t> frame(14, 0);
+          frame.insert(frame.end(), in.begin(), in.end());
+          check_frame(frame, std::string(proto) == "udp" ? 17 : 6);
+          // Any other bit changed, and the ICV no longer matches.
+          f[14 + 20 + 16 + 5] ^= 0x10;
+          EXPECT_FALSE(esp.decrypt(f.data() + 14, f.size() - 14));
+        }
+      }
+    }
+  }
+}
+
+TEST(BenchEsp, EachSaHasItsSpiAndOuterSource) {
+  Profile p = esp_profile("udp", 4);
+  Esp esp(p);
+  FlowSpace fs(p);
+  for (uint32_t flow = 0; flow < 8; flow++) {
+    Template t = esp.make_inbound(p, fs.key(flow), flow, 200);
+    const uint8_t* ip = t.whole.data() + 14;
+    EXPECT_EQ(ip[9], 50);
+    EXPECT_EQ(ref_sum(t.whole, 14, 20), 0xffff);
+    EXPECT_EQ((uint32_t(ip[20]) << 24 | ip[21] << 16 | ip[22] << 8 | ip[23]), 0x1000u + flow % 4);
+    EXPECT_EQ((uint32_t(ip[12]) << 24 | ip[13] << 16 | ip[14] << 8 | ip[15]), 0xc000020au + flow % 4);
+  }
+}
+
+TEST(BenchEsp, ForeignSpiOrWrongKeyIsNotDecrypted) {
+  Profile p = esp_profile("udp", 2);
+  Esp esp(p);
+  FlowSpace fs(p);
+  Template t = esp.make_inbound(p, fs.key(1), 1, 300);
+  auto f = t.whole;
+  esp_stamp(f.data(), t, 5, 5, 5);
+  Profile q = p;
+  q.esp.keys[0][3] ^= 1;
+  Esp other(q);
+  EXPECT_FALSE(other.decrypt(f.data() + 14, f.size() - 14));
+  q = p;
+  q.esp.spi = 0x2000;
+  Esp elsewhere(q);
+  EXPECT_FALSE(elsewhere.decrypt(f.data() + 14, f.size() - 14));
 }
 
 // A router that forwards everything up to `capacity` pps and drops the
