@@ -457,7 +457,7 @@ void read(Reader& r, const YAML::Node& root, Profile& p) {
                                  else if (s && *s == "max") p.mode = SearchMode::max;
                                  else if (s) r.error(x, fmt::format("search.mode: \"{}\": expected ndr, fixed or max", *s));
                                } else if (sk == "rate_pps") {
-                                 r.number(x, "search.rate_pps", p.rate_pps, 1, 1e10);
+                                 r.number(x, "search.rate_pps", p.rate_pps, 0, 1e10);
                                } else if (sk == "max_rate_pps") {
                                  r.number(x, "search.max_rate_pps", p.max_rate_pps, 0, 1e10);
                                } else if (sk == "min_rate_pps") {

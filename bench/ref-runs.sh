@@ -7,16 +7,18 @@
 #            ⇄ two memif links ⇄ moatd (worker on CPU 1), NDR/PDR search per size
 #            (bench/profiles/router-memif.yaml.in, bench/configs/moatd-memif.yaml.in);
 #   testpmd  the same with dpdk-testpmd --forward-mode=io as the router (no
-#            lookup, no rewrite): what memif itself allows.
+#            lookup, no rewrite): what memif itself allows;
+#   esp-1, esp-10000  the harness's ESP generator looped to the sink, 1 and
+#            10,000 SAs (bench/profiles/loop-esp.yaml.in), max rate.
 # Rounds alternate the routers so drift on a shared machine hits all alike.
 # Then the speed check of issue 6: the harness's 64-byte loop rate against
 # 2 × Moat's 64-byte rate (NDR, and the most it forwarded in any trial).
 #
 #   bench/ref-runs.sh [BUILD_DIR] [OUT_DIR]       (defaults: build bench/results/ref)
 # Environment: SIZES ("[64, 1518]"), DURATION (1), MAX_TRIALS (10), ROUNDS (1),
-# ROUTERS ("moatd testpmd"), TIME_LIMIT (per moat-bench run, 200),
+# ROUTERS ("moatd testpmd"), ESP_SAS ("1 10000"), TIME_LIMIT (per moat-bench run, 200),
 # MOAT_BENCH, MOATD, TESTPMD (binaries).
-# Writes OUT_DIR/{loop,moatd,testpmd}-rN.json (moat-bench's results),
+# Writes OUT_DIR/{loop,moatd,testpmd,esp-1,esp-10000}-rN.json (moat-bench's results),
 # OUT_DIR/summary.json, OUT_DIR/ref.png; prints a markdown summary.
 # Exit status: 0 every run completed; 1 a run failed; 2 usage.
 set -euo pipefail
@@ -34,6 +36,7 @@ moatd=${MOATD:-$build/ctrl/moatd}
 testpmd=${TESTPMD:-dpdk-testpmd}
 [ -x "$moat_bench" ] || { echo "ref-runs: no moat-bench at $moat_bench (ninja -C $build)" >&2; exit 2; }
 mkdir -p "$out"
+rm -f "$out"/*-r[0-9]*.json  # this script's own results: the summary must not mix runs
 
 run=$(mktemp -d /tmp/moat-ref.XXXXXX)
 pids=()
@@ -97,9 +100,19 @@ router() {  # $1 moatd|testpmd, $2 round
   pids=()  # all waited for: never signal a PID that may have been reused
 }
 
+esp_loop() {  # $1 SAs, $2 round
+  rm -f "$run/esp.sock"
+  sed -e "s|@SAS@|$1|g" -e "s|@RUN@|$run|g" -e "s|@DURATION@|$dur|g" -e "s|@TIME_LIMIT@|$limit|g" \
+    bench/profiles/loop-esp.yaml.in >"$run/esp.yaml"
+  echo "ref-runs: round $2: ESP loop, $1 SAs" >&2
+  taskset -c 0 timeout -k 5 $((limit + 30)) "$moat_bench" "$run/esp.yaml" --output "$out/esp-$1-r$2.json" \
+    --progress </dev/null || status=1
+}
+
 for r in $(seq "$rounds"); do
   loop "$r"
   for x in "${routers[@]}"; do router "$x" "$r"; done
+  if [ -n "${ESP_SAS:-1 10000}" ]; then for n in ${ESP_SAS:-1 10000}; do esp_loop "$n" "$r"; done; fi
 done
 
 /usr/bin/python3 - "$out" <<'PY'
@@ -120,12 +133,19 @@ summary = {"runs": {k: [os.path.basename(d.get("profile", {}).get("path", "")) f
            "sizes": {}}
 first = next(iter(runs.values()))[0]
 summary["versions"] = first["versions"]
-sizes = [r["size"] for r in first["results"]]
+sizes = []
+for docs in runs.values():
+    for d in docs:
+        for r in d["results"]:
+            if r["size"] not in sizes:
+                sizes.append(r["size"])
 print("| frame | run | NDR Mpps | NDR Gbit/s L1 | PDR (0.1 %) Mpps | most received Mpps | p99 at NDR (us) | verdict | notes |")
 print("|---|---|---|---|---|---|---|---|---|")
 for size in sizes:
     row = {}
     for name, docs in runs.items():
+        if not any(res(d, size) for d in docs):
+            continue
         ndr = [res(d, size)["ndr"]["pps"] / 1e6 for d in docs if res(d, size) and res(d, size)["ndr"]]
         pdr = [res(d, size)["pdr"]["pps"] / 1e6 for d in docs if res(d, size) and res(d, size)["pdr"]]
         gbps = [res(d, size)["ndr"]["bps_l1"] / 1e9 for d in docs if res(d, size) and res(d, size)["ndr"]]
@@ -160,5 +180,6 @@ else:
 summary["speed_check"] = check
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
 PY
-/usr/bin/python3 bench/plot.py "$out"/*-r1.json -o "$out/ref.png" >/dev/null || status=1
+mapfile -t figs < <(ls "$out"/loop-r1.json "$out"/moatd-r1.json "$out"/testpmd-r1.json 2>/dev/null)
+((${#figs[@]})) && { /usr/bin/python3 bench/plot.py "${figs[@]}" -o "$out/ref.png" >/dev/null || status=1; }
 exit $status

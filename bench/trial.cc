@@ -250,6 +250,7 @@ class Sink {
 
   void begin(TrialResult* r) {
     r_ = r;
+    esp_seen_ = 0;
     std::fill(seen_.begin(), seen_.end(), 0);
     received_.store(0, std::memory_order_relaxed);
   }
@@ -410,10 +411,10 @@ Harness::Harness(const Profile& p) : p_(p) {
 
 Harness::~Harness() {
   gen_.reset();
-  for (auto& port : ports_) {
-    rte_eth_dev_stop(port.id);
-    rte_eth_dev_close(port.id);
-  }
+  // Both ports stopped before either is closed: a memif loop has the two
+  // ends of one link in this process.
+  for (auto& port : ports_) rte_eth_dev_stop(port.id);
+  for (auto& port : ports_) rte_eth_dev_close(port.id);
 }
 
 bool Harness::wait_links(double* waited_s) {
