@@ -11,6 +11,10 @@
 #   esp-1, esp-10000  the harness's ESP generator looped to the sink, 1 and
 #            10,000 SAs (bench/profiles/loop-esp.yaml.in), max rate.
 # Rounds alternate the routers so drift on a shared machine hits all alike.
+# The routers' memif rings are 16384 frames (rsize=14, the client side sets
+# them) for both routers: on shared vCPUs a router loses its CPU for
+# milliseconds, and a 1024-frame ring then overflows at any rate worth
+# measuring.
 # Then the speed check of issue 6: the harness's 64-byte loop rate against
 # 2 × Moat's 64-byte rate (NDR, and the most it forwarded in any trial).
 #
@@ -85,8 +89,8 @@ router() {  # $1 moatd|testpmd, $2 round
   else
     timeout -k 5 $((limit + 30)) "$testpmd" -l 0,1 --main-lcore 0 --no-huge -m 512 --no-pci \
       --file-prefix moat-ref-dut --log-level '*:error' \
-      --vdev "net_memif0,role=client,id=0,socket=$run/a.sock,socket-abstract=no,mac=02:00:00:00:0a:01" \
-      --vdev "net_memif1,role=client,id=0,socket=$run/b.sock,socket-abstract=no,mac=02:00:00:00:0b:01" \
+      --vdev "net_memif0,role=client,id=0,socket=$run/a.sock,socket-abstract=no,rsize=14,mac=02:00:00:00:0a:01" \
+      --vdev "net_memif1,role=client,id=0,socket=$run/b.sock,socket-abstract=no,rsize=14,mac=02:00:00:00:0b:01" \
       -- --forward-mode=io --nb-cores=1 --auto-start --stats-period=3600 --total-num-mbufs=16384 \
       </dev/null >"$run/dut.log" 2>&1 &
   fi
