@@ -227,6 +227,15 @@ Json port_json(const PortState& ps) {
           {"rx_nombuf", st.rx_nombuf}};
 }
 
+// The 1, 5 and 15-minute load averages: on a shared machine they say how
+// far an absolute rate can be trusted.
+std::string load_avg() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
+
 std::string utc_now() {
   std::time_t t = std::time(nullptr);
   char b[32];
@@ -306,6 +315,7 @@ int run(const Cli& cli) {
   const auto t_start = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count(); };
 
+  const std::string load_start = load_avg();
   LoadResult loaded = load_profile(cli.profile);
   for (auto& e : loaded.errors) fmt::print(stderr, "{}\n", e.str());
   if (!loaded.profile) {
@@ -462,6 +472,7 @@ int run(const Cli& cli) {
   }
   doc["status"] = status_text;
   doc["elapsed_s"] = elapsed();
+  doc["load_avg"] = {{"start", load_start}, {"end", load_avg()}};
   doc["results"] = results;
   doc["trials"] = trials;
   // Status and results first, for a reader of the raw file.

@@ -137,12 +137,15 @@ summary = {"runs": {k: [os.path.basename(d.get("profile", {}).get("path", "")) f
            "sizes": {}}
 first = next(iter(runs.values()))[0]
 summary["versions"] = first["versions"]
+# The machine is shared: how busy it was says how far to trust absolute rates.
+summary["load_avg"] = {n: [d.get("load_avg") for d in docs] for n, docs in runs.items()}
 sizes = []
 for docs in runs.values():
     for d in docs:
         for r in d["results"]:
             if r["size"] not in sizes:
                 sizes.append(r["size"])
+sizes.sort(key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
 print("| frame | run | NDR Mpps | NDR Gbit/s L1 | PDR (0.1 %) Mpps | most received Mpps | p99 at NDR (us) | verdict | notes |")
 print("|---|---|---|---|---|---|---|---|---|")
 for size in sizes:
