@@ -4,7 +4,9 @@
 - a memif loop (generator port = memif server, sink port = a client of the
   same socket) finds an NDR > 0 and loses nothing at a low fixed rate;
 - a black hole (net_null ports that receive nothing) gives the verdict
-  "no_forwarding" and the run ends within its time limit;
+  "no_forwarding" and the run ends within its time limit; a port that floods
+  frames back gives "excess";
+- the sink on its own lcore loses nothing at a low fixed rate;
 - a run that cannot finish in its time limit stops, says so, keeps its trials;
 - a bad profile is refused with file:line:col before anything is sent;
 - ESP (inbound tunnel traffic): scapy decrypts every frame the generator
@@ -125,6 +127,17 @@ class MoatBench(unittest.TestCase):
             self.assertEqual(q.returncode, 0, q.stderr)
             self.assertGreater(os.path.getsize(fig), 1000)
 
+    def test_sink_on_its_own_lcore(self):
+        text = loop_profile(self.tmp, "split", "{mode: fixed, rate_pps: 5000}").replace(
+            "sink: {port: sink, lcore: 0}", "sink: {port: sink, lcore: 1}")
+        p, doc, _ = run(text, self.tmp, "split")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(doc["profile"]["sink"]["lcore"], 1)
+        (t,) = doc["trials"]
+        self.assertGreater(t["received"]["packets"], 0)
+        self.assertEqual(t["lost_packets"], 0, t)
+        self.assertEqual(t["latency_ns"]["samples"], t["received"]["packets"])
+
     def test_black_hole_says_nothing_was_forwarded(self):
         text = f"""
 ports:
@@ -147,6 +160,29 @@ time_limit_s: 20
         self.assertLess(doc["elapsed_s"], 20)
         # The sink's port never transmits: the harness sends only where told.
         self.assertEqual(doc["ports"]["sink"]["opackets"], 0)
+
+    def test_flood_back_is_reported_as_excess(self):
+        # net_null without no-rx "receives" a full burst on every poll: a
+        # router that sends back far more than it was given.
+        text = f"""
+ports:
+  - {{name: gen, device: "net_null0"}}
+  - {{name: sink, device: "net_null1,no-rx=1"}}
+generator: {{port: gen}}
+sink: {{port: sink}}
+eal: {{memory_mb: 256, file_prefix: moat-bench-test-flood-{os.getpid()}}}
+trial: {{duration_s: 0.2, warmup_s: 0, drain_s: 0.1}}
+search: {{mode: ndr, max_rate_pps: 10000}}
+time_limit_s: 20
+"""
+        p, doc, _ = run(text, self.tmp, "flood")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        (r,) = doc["results"]
+        self.assertEqual(r["verdict"], "excess")
+        self.assertEqual(len(r["trials"]), 1)  # the search stops at once
+        (t,) = doc["trials"]
+        self.assertGreater(t["unexpected"]["reflected"], t["tx_accepted"])
+        self.assertIn("came back on the generator's port", r["notes"][0])
 
     def test_time_limit_stops_the_run_and_keeps_finished_trials(self):
         # Six one-second trials cannot fit in four seconds.
