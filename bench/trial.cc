@@ -326,7 +326,8 @@ class Sink {
     // inner frame), and hold exactly its IP packet (Ethernet may pad a
     // short one to 60 bytes).
     const uint32_t ip_end = be16(d, 16) + kEthBytes;
-    if (m->pkt_len > kMaxFrame || (!size_ok_[m->pkt_len] && !(m->pkt_len == 60 && size_ok_[ip_end])) ||
+    if (m->pkt_len > kMaxFrame || ip_end > kMaxFrame ||
+        (!size_ok_[m->pkt_len] && !(m->pkt_len == 60 && size_ok_[ip_end])) ||
         (ip_end != m->pkt_len && !(m->pkt_len == 60 && ip_end < 60)))
       r_->wrong_size++;
   }
