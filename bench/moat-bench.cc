@@ -27,6 +27,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <sstream>
 
 #include "bench/profile.hh"
@@ -368,6 +369,8 @@ int run(const Cli& cli) {
     ss << f.rdbuf();
     profile_text = ss.str();
   }
+  // Results get shared; ESP keys must not travel with them.
+  profile_text = std::regex_replace(profile_text, std::regex("(0x)?[0-9a-fA-F]{40}"), "<key>");
   Json doc{{"tool", "moat-bench"}, {"schema", 1}, {"started_utc", utc_now()}, {"versions", versions()},
            {"eal_args", eal},      {"profile", profile_json(p)}, {"profile_text", profile_text}};
   Json trials = Json::array(), results = Json::array();

@@ -257,6 +257,7 @@ time_limit_s: 20
             "flows: 64}", "flows: 64, " + self.ESP.format(sas=16, every=4) + "}")
         p, doc, _ = run(text, self.tmp, "esp")
         self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("00112233445566778899aabbccddeeff01020304", json.dumps(doc))  # keys stay out of results
         self.assertEqual(len(doc["trials"]), 2)
         for t in doc["trials"]:
             self.assertEqual(t["lost_packets"], 0, t)
