@@ -1,9 +1,11 @@
 #include "bench/esp.hh"
 
+#include <immintrin.h>
 #include <intel-ipsec-mb.h>
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -78,8 +80,7 @@ void Esp::encrypt(const EspSa& sa, const uint8_t* iv8, const uint8_t* aad8, cons
 
 const TagFix* Esp::tag_fix(unsigned sa_index, unsigned size) {
   const uint64_t key = (uint64_t(sa_index) << 16) | size;
-  for (auto& [k, f] : fix_index_)
-    if (k == key) return f;
+  if (auto it = fix_index_.find(key); it != fix_index_.end()) return it->second;
   // GHASH is linear and the keystream does not depend on the data, so the
   // content and IV used here do not matter, only the key and the lengths.
   const EspSa& sa = sas_[sa_index];
@@ -103,9 +104,98 @@ const TagFix* Esp::tag_fix(unsigned sa_index, unsigned size) {
     std::memcpy(&fix->delta[bit][0], tag, 8);
     std::memcpy(&fix->delta[bit][1], tag + 8, 8);
   }
+  // The fast path's multipliers: the tag's change when the first bit of
+  // the AAD block, and of each ciphertext block holding a changed byte,
+  // flips.
+  const unsigned first_block = std::min(fix_csum_pos_, fix_stamp_pos_) / 16;
+  for (unsigned j = 0; j < 4; j++) {
+    uint8_t* where = j == 0 ? aad : (first_block + j - 1) * 16 < payload ? plain.data() + (first_block + j - 1) * 16 : nullptr;
+    if (!where) {
+      std::memset(fix->p[j], 0, 16);
+      continue;
+    }
+    *where ^= 0x80;
+    encrypt(sa, iv, aad, plain.data(), payload, out.data(), tag);
+    *where ^= 0x80;
+    for (int i = 0; i < 16; i++) fix->p[j][i] = tag[15 - i] ^ tag0[15 - i];
+  }
   fixes_.push_back(std::move(fix));
-  fix_index_.push_back({key, fixes_.back().get()});
+  fix_index_[key] = fixes_.back().get();
   return fixes_.back().get();
+}
+
+void tag_delta_bits(const TagFix& fx, uint32_t esp_seq, uint16_t dc, uint32_t seq, uint32_t ts, uint8_t out[16]) {
+  const uint64_t hi = (uint64_t(esp_seq) << 32) | (uint64_t(dc) << 16) | (seq >> 16);
+  const uint64_t lo = (uint64_t(seq & 0xffff) << 32) | ts;  // 48 bits
+  uint64_t t0 = 0, t1 = 0;
+  // Bit i of the 112 counts from the MSB of `hi` (bits 0..63) into `lo`.
+  for (uint64_t m = hi; m; m &= m - 1) {
+    const unsigned i = 63u - unsigned(__builtin_ctzll(m));
+    t0 ^= fx.delta[i][0];
+    t1 ^= fx.delta[i][1];
+  }
+  for (uint64_t m = lo; m; m &= m - 1) {
+    const unsigned i = 64u + 47u - unsigned(__builtin_ctzll(m));
+    t0 ^= fx.delta[i][0];
+    t1 ^= fx.delta[i][1];
+  }
+  std::memcpy(out, &t0, 8);
+  std::memcpy(out + 8, &t1, 8);
+}
+
+bool clmul_available() { return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("ssse3"); }
+
+namespace {
+
+// GF(2^128) product in GCM's bit order, operands and result byte-reversed
+// (the carry-less multiplication method of Intel's "Carry-Less
+// Multiplication and Its Usage for Computing the GCM Mode", algorithm 5:
+// a 256-bit product, shifted left by one for the reflected bit order, then
+// reduced modulo x^128 + x^7 + x^2 + x + 1).
+__attribute__((target("pclmul,ssse3"))) __m128i gf_mul(__m128i a, __m128i b) {
+  __m128i lo = _mm_clmulepi64_si128(a, b, 0x00);
+  __m128i mid = _mm_xor_si128(_mm_clmulepi64_si128(a, b, 0x10), _mm_clmulepi64_si128(a, b, 0x01));
+  __m128i hi = _mm_clmulepi64_si128(a, b, 0x11);
+  lo = _mm_xor_si128(lo, _mm_slli_si128(mid, 8));
+  hi = _mm_xor_si128(hi, _mm_srli_si128(mid, 8));
+  __m128i c_lo = _mm_srli_epi32(lo, 31), c_hi = _mm_srli_epi32(hi, 31);
+  lo = _mm_slli_epi32(lo, 1);
+  hi = _mm_slli_epi32(hi, 1);
+  const __m128i top = _mm_srli_si128(c_lo, 12);
+  hi = _mm_or_si128(_mm_or_si128(hi, _mm_slli_si128(c_hi, 4)), top);
+  lo = _mm_or_si128(lo, _mm_slli_si128(c_lo, 4));
+  __m128i r = _mm_xor_si128(_mm_xor_si128(_mm_slli_epi32(lo, 31), _mm_slli_epi32(lo, 30)), _mm_slli_epi32(lo, 25));
+  const __m128i r_hi = _mm_srli_si128(r, 4);
+  lo = _mm_xor_si128(lo, _mm_slli_si128(r, 12));
+  __m128i s = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi32(lo, 1), _mm_srli_epi32(lo, 2)), _mm_srli_epi32(lo, 7));
+  s = _mm_xor_si128(s, r_hi);
+  lo = _mm_xor_si128(lo, s);
+  return _mm_xor_si128(hi, lo);
+}
+
+__attribute__((target("pclmul,ssse3"))) __m128i reversed(const uint8_t* p) {
+  const __m128i rev = _mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), rev);
+}
+
+}  // namespace
+
+__attribute__((target("pclmul,ssse3"))) void tag_delta_clmul(const TagFix& fx, unsigned csum_pos, unsigned stamp_pos,
+                                                             uint32_t esp_seq, uint16_t dc, uint32_t seq, uint32_t ts,
+                                                             uint8_t out[16]) {
+  alignas(16) uint8_t a[16] = {}, c[48] = {};
+  put32(a + 4, esp_seq);
+  const unsigned base = std::min(csum_pos, stamp_pos) & ~15u;
+  put16(c + csum_pos - base, dc);
+  put32(c + stamp_pos - base, seq);
+  put32(c + stamp_pos - base + 4, ts);
+  auto p = [&](int j) { return _mm_load_si128(reinterpret_cast<const __m128i*>(fx.p[j])); };
+  __m128i acc = gf_mul(reversed(a), p(0));
+  acc = _mm_xor_si128(acc, gf_mul(reversed(c), p(1)));
+  acc = _mm_xor_si128(acc, gf_mul(reversed(c + 16), p(2)));
+  acc = _mm_xor_si128(acc, gf_mul(reversed(c + 32), p(3)));
+  const __m128i rev = _mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_shuffle_epi8(acc, rev));
 }
 
 Template Esp::make_inbound(const Profile& p, const FlowKey& k, uint32_t flow, unsigned size) {

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "bench/profile.hh"
@@ -41,12 +42,30 @@ constexpr unsigned kEspOuterBytes = kIpv4Bytes + kEspHdrBytes + kEspIvBytes;  //
 constexpr unsigned kEspOverhead = kEspOuterBytes + kEspTrailerBytes + kEspIcvBytes;  // around the inner packet, no padding
 constexpr unsigned kEspFixBits = 112;
 
-// Per (SA, frame size): the tag's change for each bit that may change, in
-// the order ESP sequence (32), inner L4 checksum (16), stamp (64); each bit
-// MSB first within its byte.
-struct TagFix {
+// Per (SA, frame size): how the ICV changes when the ESP sequence number,
+// the inner L4 checksum and the stamp change.
+struct alignas(64) TagFix {
+  // Fast path (PCLMULQDQ, one cache line per frame): a changed block B
+  // changes the tag by B·P in GF(2^128), P being the tag's change when the
+  // block's first bit flips (that bit is the field's 1). [0]: the AAD
+  // block; [1..3]: ciphertext blocks first_block .. first_block + 2, which
+  // hold the checksum and the stamp. Byte-reversed, as the instruction
+  // wants them.
+  uint8_t p[4][16];
+  // Portable path, and the fast path's test oracle: the tag's change for
+  // each bit that may change, in the order ESP sequence (32), inner
+  // checksum (16), stamp (64), MSB first within each byte.
   uint64_t delta[kEspFixBits][2];
 };
+
+// The ICV's change for these field values (TagFix order, in big-endian
+// bytes: esp_seq 4, checksum change 2, stamp 8), by the bit table.
+void tag_delta_bits(const TagFix& fx, uint32_t esp_seq, uint16_t dc, uint32_t seq, uint32_t ts, uint8_t out[16]);
+// The same with PCLMULQDQ; csum_pos and stamp_pos count from the first
+// ciphertext byte. Only when clmul_available().
+void tag_delta_clmul(const TagFix& fx, unsigned csum_pos, unsigned stamp_pos, uint32_t esp_seq, uint16_t dc,
+                     uint32_t seq, uint32_t ts, uint8_t out[16]);
+bool clmul_available();
 
 struct EspSa {
   uint32_t spi = 0;
@@ -94,22 +113,21 @@ class Esp {
   std::vector<EspSa> sas_;
   IMB_MGR* mgr_ = nullptr;
   std::vector<std::unique_ptr<TagFix>> fixes_;
-  std::vector<std::pair<uint64_t, const TagFix*>> fix_index_;  // (sa << 16 | size) -> table
+  std::unordered_map<uint64_t, const TagFix*> fix_index_;  // (sa << 16 | size) -> table
   void* key_mem_ = nullptr;
   unsigned fix_csum_pos_ = 0, fix_stamp_pos_ = 0;  // in the inner packet, set by make_inbound
 };
 
 // Writes ESP sequence `esp_seq` and the inner stamp (seq, ts) into an ESP
 // frame built by Esp::make_inbound, and fixes its ICV.
-inline void esp_stamp(uint8_t* d, const Template& t, uint32_t esp_seq, uint32_t seq, uint32_t ts) {
+inline void esp_stamp(uint8_t* d, const Template& t, uint32_t esp_seq, uint32_t seq, uint32_t ts, bool clmul) {
   // The inner checksum for this stamp, as stamp() computes it in cleartext.
   uint32_t sum = t.csum_sum + (seq >> 16) + (seq & 0xffff) + (ts >> 16) + (ts & 0xffff);
   uint16_t c = uint16_t(~fold_csum(sum));
   if (c == 0 && t.udp) c = 0xffff;
   const uint16_t dc = uint16_t(c ^ t.esp_csum0);
-  // The changes, in TagFix order; the template holds zeros in seq and stamp.
-  const uint64_t hi = (uint64_t(esp_seq) << 32) | (uint64_t(dc) << 16) | (seq >> 16);
-  const uint64_t lo = (uint64_t(seq & 0xffff) << 48) | (uint64_t(ts) << 16);
+  // The template holds zeros in the sequence number and the stamp, so the
+  // change is the value itself (CTR mode: ciphertext XOR change).
   uint8_t* s = d + kEthBytes + kIpv4Bytes + 4;
   s[0] = uint8_t(esp_seq >> 24), s[1] = uint8_t(esp_seq >> 16), s[2] = uint8_t(esp_seq >> 8), s[3] = uint8_t(esp_seq);
   d[t.csum_off] ^= uint8_t(dc >> 8);
@@ -117,27 +135,12 @@ inline void esp_stamp(uint8_t* d, const Template& t, uint32_t esp_seq, uint32_t 
   uint8_t* st = d + t.stamp_off;
   st[0] ^= uint8_t(seq >> 24), st[1] ^= uint8_t(seq >> 16), st[2] ^= uint8_t(seq >> 8), st[3] ^= uint8_t(seq);
   st[4] ^= uint8_t(ts >> 24), st[5] ^= uint8_t(ts >> 16), st[6] ^= uint8_t(ts >> 8), st[7] ^= uint8_t(ts);
-  uint64_t t0 = 0, t1 = 0;
-  const TagFix& fx = *t.esp_fix;
-  // Bit i of the 112 counts from the MSB of `hi` (bits 0..63) into `lo`.
-  for (uint64_t m = hi; m; m &= m - 1) {
-    const unsigned i = 63u - unsigned(__builtin_ctzll(m));
-    t0 ^= fx.delta[i][0];
-    t1 ^= fx.delta[i][1];
-  }
-  for (uint64_t m = lo >> 16; m; m &= m - 1) {
-    const unsigned i = 64u + 47u - unsigned(__builtin_ctzll(m));
-    t0 ^= fx.delta[i][0];
-    t1 ^= fx.delta[i][1];
-  }
+  uint8_t delta[16];
+  constexpr unsigned ct = kEthBytes + kEspOuterBytes;
+  if (clmul) tag_delta_clmul(*t.esp_fix, t.csum_off - ct, t.stamp_off - ct, esp_seq, dc, seq, ts, delta);
+  else tag_delta_bits(*t.esp_fix, esp_seq, dc, seq, ts, delta);
   uint8_t* tag = d + t.esp_tag_off;
-  uint64_t a, b;
-  std::memcpy(&a, tag, 8);
-  std::memcpy(&b, tag + 8, 8);
-  a ^= t0;
-  b ^= t1;
-  std::memcpy(tag, &a, 8);
-  std::memcpy(tag + 8, &b, 8);
+  for (int i = 0; i < 16; i++) tag[i] ^= delta[i];
 }
 
 }  // namespace moat::bench

@@ -205,7 +205,7 @@ class Generator {
       else rte_memcpy(d, t.head, kCopyBytes);  // a constant size compiles to a few moves
       // ESP: sequence numbers per SA from 1 and never reused, so a router's
       // anti-replay check passes every frame honestly.
-      if (t.esp_fix) esp_stamp(d, t, ++esp_seq_[t.esp_sa], seq_[flow_]++, ts);
+      if (t.esp_fix) esp_stamp(d, t, ++esp_seq_[t.esp_sa], seq_[flow_]++, ts, clmul_);
       else if (t.stamp_off) stamp(d, t, seq_[flow_]++, ts);
       pkts[i]->data_len = t.len;
       pkts[i]->pkt_len = t.len;
@@ -227,6 +227,7 @@ class Generator {
   Esp* esp_;
   std::vector<uint32_t> seq_;  // next sequence number per flow, never reset
   std::vector<uint32_t> esp_seq_;  // last ESP sequence number per SA, never reset
+  bool clmul_ = clmul_available();
   uint32_t flow_ = 0;
   size_t slot_ = 0;
   double rate_pps_ = 0;
