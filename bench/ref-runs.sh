@@ -34,7 +34,7 @@ dur=${DURATION:-1}
 max_trials=${MAX_TRIALS:-10}
 rounds=${ROUNDS:-1}
 limit=${TIME_LIMIT:-200}
-read -r -a routers <<<"${ROUTERS:-moatd testpmd}"
+read -r -a routers <<<"${ROUTERS-moatd testpmd}"  # ROUTERS="": harness-only runs
 moat_bench=${MOAT_BENCH:-$build/bench/moat-bench}
 moatd=${MOATD:-$build/ctrl/moatd}
 testpmd=${TESTPMD:-dpdk-testpmd}
