@@ -495,9 +495,10 @@ TrialResult Harness::run(const TrialSpec& spec, const ProgressFn& progress) {
 
   // Tunnel traffic: the sink cannot read the stamp of every ESP frame (it
   // decrypts a sample), so it counts them by arrival; a quiet gap before
-  // the window keeps warm-up stragglers out of it: nothing is sent until
-  // the sink has heard nothing for 20 ms (at most 200 ms).
-  if (p_.esp.direction != EspDirection::none && spec.warmup_s > 0) {
+  // the window keeps stragglers of the warm-up or of the last trial out of
+  // it: nothing is sent until the sink has heard nothing for 20 ms (at
+  // most 200 ms).
+  if (p_.esp.direction != EspDirection::none) {
     gen_->release();
     const uint64_t t0 = rte_rdtsc();
     while (!stopped()) {
