@@ -1,732 +1,498 @@
-// moat-bench: traffic generator and sink for router benchmarks, the seed of
-// the project's throughput harness (issue 6).
+// moat-bench: the throughput harness. A generator and a sink on DPDK ports
+// (any ethdev by its devargs), the router under test between them; RFC 2544
+// searches for the no-drop and partial-drop rates, fixed-rate and max-rate
+// trials; JSON results (bench/plot.py draws them). docs/PERFORMANCE.md is
+// the manual.
 //
-// The generator sends UDP/IPv4 frames of one size over N flows on port A; the
-// sink receives on port B; the router under test (moatd, testpmd, anything)
-// sits between the two. Max-rate mode (the default) offers as much as port A
-// takes; --rate-pps offers a fixed rate. Every run is bounded: links up within
-// --link-timeout, --warmup seconds, a quiet gap (nothing offered until all
-// has arrived or nothing has for 20 ms, at most 200 ms), --duration seconds
-// measured, 100 ms of draining, and a watchdog that ends the process if
-// anything hangs. Thanks to the quiet gap, loss counts exactly the packets
-// sent in the window that never arrived. The result is one JSON object on
-// stdout (exit status 0; 3 when the links did not come up; 2 usage or EAL).
+//   moat-bench PROFILE.yaml [--output FILE] [--progress | --no-progress] [--check]
 //
-// Generator and sink share one lcore (--lcore) unless --sink-lcore names
-// another one.
-//
-//   moat-bench --port-a VDEV --port-b VDEV [--lcore N] [--sink-lcore N]
-//              [--size 64] [--flows 256] [--duration 5] [--warmup 1]
-//              [--rate-pps 0] [--tx-mode prebuilt|copy|refcnt]
-//              [--dst-mac MAC] [--mac-a MAC] [--mac-b MAC]
-//              [--src-ip 10.0.1.2] [--dst-ip 10.0.2.2]
-//              [--memory-mb 512] [--file-prefix P] [--link-timeout 10]
-//              [--eal-arg ARG]...
-//
-// Frame size: --size counts the Ethernet frame *including* its 4-byte FCS,
-// as RFC 2544 does, and excludes preamble and gap. So --size 64 puts 60
-// bytes in the mbuf (the virtual devices add no FCS), and rates count 64
-// bytes per frame at L2 and 64 + 20 (preamble + SFD 8, inter-frame gap 12)
-// at L1. 64..1518, i.e. IPv4 packets of 46..1500 bytes.
-//
-// Flows: flow f has source address --src-ip + f / 256 and UDP source port
-// 1024 + f % 256, to --dst-ip port 9. 256 flows (the default) therefore
-// share one source address. Checksums (IPv4 and UDP) are valid and TTL is
-// 64, so a validating router forwards every frame.
-//
-// Transmit modes (no packet is built in the hot loop in any of them):
-//   prebuilt  a pool whose every mbuf already holds its flow's frame; the hot
-//             loop allocates, sets two lengths and sends. The pool has no
-//             per-lcore cache and a single-producer/consumer ring, so it is
-//             FIFO and frames leave in flow order. Valid only because no
-//             driver here writes into transmitted buffers (memif, null,
-//             af_packet, pcap, tap copy them out).
-//   copy      rte_pktmbuf_alloc_bulk, then copy each flow's frame in.
-//   refcnt    one template mbuf per flow, sent with its reference count
-//             raised, so the driver's free never recycles it. All frames
-//             stay in cache (flows × frame size), which matters at 1500 B.
-// refcnt is the default because it measured fastest (bench/tx-modes.sh,
-// docs/PERFORMANCE.md): about 1.7× prebuilt and 1.5-3.5× copy for the
-// generator alone. The others stay for re-measuring; copy is the only safe
-// one with a driver that writes into transmitted buffers (no vdev here does).
-//
-// Unexpected traffic is counted, never silently mixed into the result:
-// rx_on_a (anything the router sent back towards the generator), rx_on_b_foreign
-// (frames at the sink that are not our UDP flows: ARP, ICMP, ...), tx_on_b
-// (frames port B transmitted: must stay 0, the sink never sends).
-#include <arpa/inet.h>
+// Exit status: 0 the run completed (the JSON's verdicts say what the router
+// did, including "forwarded nothing"); 2 usage, profile or EAL error; 3 the
+// links did not come up within trial.link_timeout_s; 4 the time limit or a
+// signal stopped the run early (the JSON holds every finished trial).
 #include <rte_cycles.h>
 #include <rte_eal.h>
 #include <rte_errno.h>
-#include <rte_ethdev.h>
-#include <rte_ip.h>
-#include <rte_launch.h>
 #include <rte_lcore.h>
-#include <rte_mbuf.h>
-#include <rte_memcpy.h>
-#include <rte_udp.h>
+#include <rte_version.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
 
-#include <algorithm>
-#include <atomic>
+#include <chrono>
 #include <csignal>
-#include <cstdlib>
-#include <cstring>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
-#include <string>
-#include <vector>
+#include <regex>
+#include <sstream>
 
-namespace moat {
+#include "bench/profile.hh"
+#include "bench/search.hh"
+#include "bench/trial.hh"
+#include "bench/version.hh"
+
+namespace moat::bench {
 namespace {
 
-constexpr uint16_t kTxBurst = 32;
-constexpr uint16_t kRxBurst = 64;
-constexpr uint16_t kRingSize = 1024;
-constexpr uint16_t kUdpDstPort = 9;  // discard
-constexpr uint16_t kSrcPortBase = 1024;
-constexpr unsigned kPortsPerAddr = 256;
-constexpr unsigned kFcsBytes = 4;
-constexpr unsigned kL1Overhead = 20;  // preamble + SFD (8) + inter-frame gap (12)
-constexpr unsigned kMinSize = 64, kMaxSize = 1518;
-constexpr unsigned kMaxFlows = 65536;
-constexpr double kDrainS = 0.1;
-constexpr unsigned kRxPoolMbufs = 8191;
+using Json = nlohmann::ordered_json;
 
-enum class TxMode { prebuilt, copy, refcnt };
-
-const char* tx_mode_name(TxMode m) {
-  switch (m) {
-    case TxMode::prebuilt: return "prebuilt";
-    case TxMode::copy: return "copy";
-    case TxMode::refcnt: return "refcnt";
-  }
-  return "?";
-}
-
-struct Options {
-  std::string port_a, port_b;
-  std::string file_prefix = "moat-bench";
-  std::vector<std::string> eal_args;
-  unsigned lcore = 0;
-  int sink_lcore = -1;  // -1: the generator's lcore
-  unsigned size = 64, flows = 256, memory_mb = 512;
-  double duration = 5, warmup = 1, link_timeout = 10;
-  uint64_t rate_pps = 0;  // 0: max rate
-  TxMode tx_mode = TxMode::refcnt;
-  rte_ether_addr dst_mac{{0x02, 0, 0, 0, 0x0a, 0x01}};
-  rte_ether_addr mac_a{{0x02, 0, 0, 0, 0xbe, 0x0a}};
-  rte_ether_addr mac_b{{0x02, 0, 0, 0, 0xbe, 0x0b}};
-  uint32_t src_ip = 0x0a000102, dst_ip = 0x0a000202;  // host order
-
-  unsigned wire_bytes() const { return size - kFcsBytes; }
-  bool split() const { return sink_lcore >= 0 && unsigned(sink_lcore) != lcore; }
+struct Cli {
+  std::string profile, output;
+  int progress = -1;  // -1: when stderr is a terminal
+  bool check = false;
 };
 
-std::atomic<bool> g_stop{false};
+[[noreturn]] void usage(const std::string& why) {
+  if (!why.empty()) fmt::print(stderr, "moat-bench: {}\n", why);
+  fmt::print(stderr, "usage: moat-bench PROFILE.yaml [--output FILE] [--progress | --no-progress] [--check]\n");
+  std::exit(2);
+}
+
+Cli parse_cli(int argc, char** argv) {
+  Cli c;
+  for (int i = 1; i < argc; i++) {
+    std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      fmt::print("usage: moat-bench PROFILE.yaml [--output FILE] [--progress | --no-progress] [--check]\n"
+                 "The profile format and the results are described in docs/PERFORMANCE.md.\n");
+      std::exit(0);
+    } else if (a == "--output" || a == "-o") {
+      if (++i >= argc) usage(a + " needs a file name");
+      c.output = argv[i];
+    } else if (a == "--progress") {
+      c.progress = 1;
+    } else if (a == "--no-progress") {
+      c.progress = 0;
+    } else if (a == "--check") {
+      c.check = true;
+    } else if (!a.empty() && a[0] == '-') {
+      usage("unknown option " + a);
+    } else if (c.profile.empty()) {
+      c.profile = a;
+    } else {
+      usage("one profile only");
+    }
+  }
+  if (c.profile.empty()) usage("no profile given");
+  return c;
+}
+
 void on_signal(int) { g_stop.store(true, std::memory_order_relaxed); }
 
 // Last resort if EAL, a driver or a peer hangs: the run must always end.
 void on_watchdog(int) {
-  static const char kMsg[] = "moat-bench: watchdog expired, exiting\n";
+  static const char kMsg[] = "moat-bench: watchdog expired (time_limit_s + 20 s), exiting\n";
   ssize_t r = write(STDERR_FILENO, kMsg, sizeof kMsg - 1);
   (void)r;
   _exit(124);
 }
 
-[[noreturn]] void die(const std::string& m) {
-  fmt::print(stderr, "moat-bench: {}\n", m);
-  std::exit(2);
+bool is_pci(const std::string& device) {
+  const std::string name = device.substr(0, device.find(','));
+  return name.find(':') != std::string::npos && name.find('.') != std::string::npos;
 }
 
-rte_ether_addr parse_mac(const std::string& s) {
-  rte_ether_addr a;
-  if (rte_ether_unformat_addr(s.c_str(), &a) != 0) die(fmt::format("\"{}\" is not a MAC address", s));
-  return a;
+const char* mode_name(SearchMode m) {
+  switch (m) {
+    case SearchMode::ndr: return "ndr";
+    case SearchMode::fixed: return "fixed";
+    case SearchMode::max: return "max";
+  }
+  return "?";
 }
 
-uint32_t parse_ip(const std::string& s) {
-  in_addr a;
-  if (inet_pton(AF_INET, s.c_str(), &a) != 1) die(fmt::format("\"{}\" is not an IPv4 address", s));
-  return ntohl(a.s_addr);
+Json profile_json(const Profile& p) {
+  Json ports = Json::array();
+  for (auto& ps : p.ports) {
+    Json e{{"name", ps.name}, {"device", ps.device}};
+    if (ps.mac) e["mac"] = mac_str(*ps.mac);
+    ports.push_back(e);
+  }
+  Json sizes = Json::array();
+  for (auto& s : p.sizes) {
+    Json mix = Json::array();
+    for (auto& slot : s.mix) mix.push_back({{"size", slot.size}, {"weight", slot.weight}});
+    sizes.push_back({{"label", s.label}, {"mix", mix}});
+  }
+  auto range_ip = [](const Range& r) { return ipv4_str(r.first) + (r.count > 1 ? "-" + ipv4_str(r.first + r.count - 1) : ""); };
+  auto range_port = [](const Range& r) {
+    return r.count > 1 ? fmt::format("{}-{}", r.first, r.first + r.count - 1) : std::to_string(r.first);
+  };
+  Json dscp = Json::array();
+  for (auto& d : p.dscp) dscp.push_back({{"value", d.dscp}, {"weight", d.weight}});
+  Json j{{"path", p.path},
+         {"ports", ports},
+         {"generator", {{"port", p.gen_port}, {"lcore", p.gen_lcore}}},
+         {"sink", {{"port", p.sink_port}, {"lcore", p.sink_lcore}}},
+         {"eal", {{"memory_mb", p.memory_mb}, {"no_huge", p.no_huge}, {"file_prefix", p.file_prefix}, {"args", p.eal_args}}},
+         {"traffic",
+          {{"protocol", p.protocol == Protocol::udp ? "udp" : "tcp"},
+           {"sizes", sizes},
+           {"flows", p.flows},
+           {"dst_mac", mac_str(p.dst_mac)},
+           {"src_ip", range_ip(p.src_ip)},
+           {"dst_ip", range_ip(p.dst_ip)},
+           {"src_port", range_port(p.src_port)},
+           {"dst_port", range_port(p.dst_port)},
+           {"dscp", dscp},
+           {"ttl", p.ttl}}},
+         {"trial",
+          {{"duration_s", p.duration_s}, {"warmup_s", p.warmup_s}, {"drain_s", p.drain_s}, {"link_timeout_s", p.link_timeout_s}}},
+         {"search",
+          {{"mode", mode_name(p.mode)},
+           {"rate_pps", p.rate_pps},
+           {"max_rate_pps", p.max_rate_pps},
+           {"min_rate_pps", p.min_rate_pps},
+           {"ndr_loss", p.ndr_loss},
+           {"pdr_loss", p.pdr_loss},
+           {"resolution", p.resolution},
+           {"max_trials", p.max_trials}}},
+         {"time_limit_s", p.time_limit_s}};
+  if (p.esp.direction != EspDirection::none) {
+    j["traffic"]["esp"] = {{"direction", p.esp.direction == EspDirection::inbound ? "inbound" : "outbound"},
+                           {"sas", p.esp.sas},
+                           {"spi", p.esp.spi},
+                           {"outer_src", ipv4_str(p.esp.outer_src)},
+                           {"outer_dst", ipv4_str(p.esp.outer_dst)},
+                           {"keys", p.esp.keys.size()},
+                           {"verify_every", p.esp.verify_every}};
+  }
+  return j;
 }
 
-template <typename T, typename F>
-T parse_number(const std::string& key, const std::string& v, F f) {
-  try {
-    size_t used = 0;
-    T r = f(v, &used);
-    if (used != v.size()) throw std::invalid_argument(v);
-    return r;
-  } catch (const std::exception&) {
-    die(fmt::format("{} \"{}\": not a number", key, v));
-  }
+Json rates(uint64_t packets, uint64_t bytes, double secs) {
+  if (secs <= 0) return {{"packets", packets}, {"pps", 0}, {"bps_l2", 0}, {"bps_l1", 0}};
+  return {{"packets", packets},
+          {"pps", double(packets) / secs},
+          {"bps_l2", double(bytes) * 8 / secs},
+          {"bps_l1", double(bytes + kL1Overhead * packets) * 8 / secs}};
 }
 
-unsigned to_unsigned(const std::string& k, const std::string& v) {
-  return parse_number<unsigned>(k, v, [](const std::string& s, size_t* u) { return unsigned(std::stoul(s, u)); });
-}
-double to_double(const std::string& k, const std::string& v) {
-  return parse_number<double>(k, v, [](const std::string& s, size_t* u) { return std::stod(s, u); });
-}
-
-std::string format_mac(const rte_ether_addr& a) {
-  char b[RTE_ETHER_ADDR_FMT_SIZE];
-  rte_ether_format_addr(b, sizeof b, &a);
-  return b;
-}
-
-std::string format_ip(uint32_t host) {
-  return fmt::format("{}.{}.{}.{}", host >> 24, (host >> 16) & 0xff, (host >> 8) & 0xff, host & 0xff);
-}
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; i++) {
-    std::string k = argv[i];
-    if (k == "--help" || k == "-h") {
-      fmt::print("see the header of bench/moat-bench.cc or docs/PERFORMANCE.md\n");
-      std::exit(0);
-    }
-    if (i + 1 >= argc) die("option " + k + " needs a value");
-    std::string v = argv[++i];
-    if (k == "--port-a") o.port_a = v;
-    else if (k == "--port-b") o.port_b = v;
-    else if (k == "--lcore") o.lcore = to_unsigned(k, v);
-    else if (k == "--sink-lcore") o.sink_lcore = int(to_unsigned(k, v));
-    else if (k == "--size") o.size = to_unsigned(k, v);
-    else if (k == "--flows") o.flows = to_unsigned(k, v);
-    else if (k == "--duration") o.duration = to_double(k, v);
-    else if (k == "--warmup") o.warmup = to_double(k, v);
-    else if (k == "--link-timeout") o.link_timeout = to_double(k, v);
-    else if (k == "--rate-pps") o.rate_pps = uint64_t(to_double(k, v));
-    else if (k == "--memory-mb") o.memory_mb = to_unsigned(k, v);
-    else if (k == "--dst-mac") o.dst_mac = parse_mac(v);
-    else if (k == "--mac-a") o.mac_a = parse_mac(v);
-    else if (k == "--mac-b") o.mac_b = parse_mac(v);
-    else if (k == "--src-ip") o.src_ip = parse_ip(v);
-    else if (k == "--dst-ip") o.dst_ip = parse_ip(v);
-    else if (k == "--file-prefix") o.file_prefix = v;
-    else if (k == "--eal-arg") o.eal_args.push_back(v);
-    else if (k == "--tx-mode") {
-      if (v == "prebuilt") o.tx_mode = TxMode::prebuilt;
-      else if (v == "copy") o.tx_mode = TxMode::copy;
-      else if (v == "refcnt") o.tx_mode = TxMode::refcnt;
-      else die("--tx-mode must be prebuilt, copy or refcnt");
-    } else die("unknown option " + k);
+Json trial_json(const Profile& p, const TrialResult& r) {
+  Json lat{{"samples", r.latency.count()}};
+  if (r.latency.count()) {
+    lat["min"] = r.ns_of(r.latency.min());
+    lat["mean"] = r.ns_of(double(r.latency.sum()) / double(r.latency.count()));
+    lat["p50"] = r.ns_of(r.latency.quantile(0.5));
+    lat["p90"] = r.ns_of(r.latency.quantile(0.9));
+    lat["p99"] = r.ns_of(r.latency.quantile(0.99));
+    lat["p999"] = r.ns_of(r.latency.quantile(0.999));
+    lat["max"] = r.ns_of(r.latency.max());
+    Json h = Json::array();
+    for (unsigned i = 0; i < LatencyHist::kBuckets; i++)
+      if (uint64_t c = r.latency.at(i))
+        h.push_back({r.ns_of(double(LatencyHist::bucket_low(i))), r.ns_of(double(LatencyHist::bucket_high(i))), c});
+    lat["histogram"] = h;  // [from_ns, to_ns, count], non-empty buckets only
   }
-  if (o.port_a.empty() || o.port_b.empty()) die("--port-a and --port-b are required");
-  if (o.size < kMinSize || o.size > kMaxSize)
-    die(fmt::format("--size {}: must be {} to {} (Ethernet frame including FCS)", o.size, kMinSize, kMaxSize));
-  if (o.flows == 0 || o.flows > kMaxFlows) die(fmt::format("--flows must be 1 to {}", kMaxFlows));
-  if (!(o.duration > 0 && o.duration <= 3600)) die("--duration must be in (0, 3600] seconds");
-  if (!(o.warmup >= 0 && o.warmup <= 60)) die("--warmup must be in [0, 60] seconds");
-  if (!(o.link_timeout > 0 && o.link_timeout <= 300)) die("--link-timeout must be in (0, 300] seconds");
-  return o;
+  return Json{{"index", r.spec.index},
+              {"size", p.sizes[r.spec.series].label},
+              {"purpose", r.spec.purpose},
+              {"target_pps", r.spec.rate_pps},
+              {"duration_s", r.duration_s},
+              {"warmup_s", r.spec.warmup_s},
+              {"drain_s", r.drain_s},
+              {"offered", rates(r.offered, r.offered_bytes, r.duration_s)},
+              {"received", rates(r.received, r.received_bytes, r.duration_s)},
+              {"lost_packets", int64_t(r.offered) - int64_t(r.received)},
+              {"loss", r.loss()},
+              {"tx_accepted", r.accepted},
+              {"tx_rejected", r.rejected},
+              {"tx_late", r.late},
+              {"tx_pushback", r.pushback},
+              // The generator could not keep the pace (preempted, or the
+              // rate is beyond it): the offered rate is below the target.
+              {"generator_short", r.spec.rate_pps > 0 && double(r.late) > 0.001 * double(r.offered + r.late)},
+              {"tx_alloc_failed", r.alloc_failed},
+              {"latency_ns", lat},
+              {"reordered", r.reordered},
+              {"duplicates", r.duplicates},
+              {"wrong_size", r.wrong_size},
+              {"flows_seen", r.flows_seen},
+              {"rx_ttl", r.rx_ttl},
+              {"unexpected", {{"stale", r.stale}, {"foreign", r.foreign}, {"reflected", r.reflected}}},
+              {"esp", {{"checked", r.esp_checked}, {"failed", r.esp_check_failed}}},
+              {"verdict", r.verdict},
+              {"interrupted", r.interrupted}};
 }
 
-// The frame of flow f, exactly as it goes into the mbuf (no FCS).
-std::vector<uint8_t> build_frame(const Options& o, unsigned f) {
-  const unsigned len = o.wire_bytes();
-  std::vector<uint8_t> b(len, 0);
-  auto* eth = reinterpret_cast<rte_ether_hdr*>(b.data());
-  eth->dst_addr = o.dst_mac;
-  eth->src_addr = o.mac_a;
-  eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
-  auto* ip = reinterpret_cast<rte_ipv4_hdr*>(eth + 1);
-  ip->version_ihl = RTE_IPV4_VHL_DEF;
-  ip->total_length = rte_cpu_to_be_16(uint16_t(len - sizeof(*eth)));
-  ip->packet_id = rte_cpu_to_be_16(uint16_t(f));
-  ip->time_to_live = 64;
-  ip->next_proto_id = IPPROTO_UDP;
-  ip->src_addr = rte_cpu_to_be_32(o.src_ip + f / kPortsPerAddr);
-  ip->dst_addr = rte_cpu_to_be_32(o.dst_ip);
-  auto* udp = reinterpret_cast<rte_udp_hdr*>(ip + 1);
-  udp->src_port = rte_cpu_to_be_16(uint16_t(kSrcPortBase + f % kPortsPerAddr));
-  udp->dst_port = rte_cpu_to_be_16(kUdpDstPort);
-  udp->dgram_len = rte_cpu_to_be_16(uint16_t(len - sizeof(*eth) - sizeof(*ip)));
-  // A recognisable payload, so a capture shows what the bytes are.
-  auto* payload = reinterpret_cast<uint8_t*>(udp + 1);
-  for (size_t i = 0; payload + i < b.data() + len; i++) payload[i] = uint8_t(i);
-  ip->hdr_checksum = rte_ipv4_cksum(ip);
-  udp->dgram_cksum = rte_ipv4_udptcp_cksum(ip, udp);
-  return b;
-}
-
-struct Port {
-  uint16_t id = 0;
-  std::string device;
-  rte_ether_addr mac{};
-  bool mac_set = false;
-};
-
-Port start_port(const std::string& dev, const rte_ether_addr& mac, rte_mempool* rx_pool) {
-  Port p;
-  p.device = dev;
-  std::string name = dev.substr(0, dev.find(','));
-  if (rte_eth_dev_get_port_by_name(name.c_str(), &p.id) != 0) die("port " + dev + " was not probed");
-  rte_eth_conf conf{};
-  int socket = rte_eth_dev_socket_id(p.id);
-  if (rte_eth_dev_configure(p.id, 1, 1, &conf) != 0) die("configure " + dev);
-  if (rte_eth_rx_queue_setup(p.id, 0, kRingSize, socket, nullptr, rx_pool) != 0) die("rx queue " + dev);
-  if (rte_eth_tx_queue_setup(p.id, 0, kRingSize, socket, nullptr) != 0) die("tx queue " + dev);
-  rte_ether_addr m = mac;
-  // Not every driver lets us choose; the JSON then shows the MAC in use.
-  p.mac_set = rte_eth_dev_default_mac_addr_set(p.id, &m) == 0;
-  if (rte_eth_dev_start(p.id) != 0) die("start " + dev);
-  rte_eth_promiscuous_enable(p.id);
-  rte_eth_macaddr_get(p.id, &p.mac);
-  return p;
-}
-
-// The generator decides when the measured window opens and closes; a sink on
-// another lcore follows these (0: not yet).
-struct Schedule {
-  uint64_t hz = 0;
-  std::atomic<uint64_t> open_tsc{0}, close_tsc{0};
-};
-
-// A counter's value when the window opened and closed, and the TSC then.
-struct Window {
-  uint64_t open_value = 0, close_value = 0, open_tsc = 0, close_tsc = 0;
-  bool opened = false, closed = false;
-
-  void open(uint64_t value, uint64_t tsc) {
-    open_value = value;
-    open_tsc = tsc;
-    opened = true;
-  }
-  void close(uint64_t value, uint64_t tsc) {
-    if (!opened) open(value, tsc);  // interrupted during warm-up: empty window
-    close_value = value;
-    close_tsc = tsc;
-    closed = true;
-  }
-  uint64_t count() const { return close_value - open_value; }
-  double seconds(uint64_t hz) const { return double(close_tsc - open_tsc) / double(hz); }
-  double rate(uint64_t hz) const {
-    double s = seconds(hz);
-    return s > 0 ? double(count()) / s : 0;
-  }
-};
-
-class Generator {
- public:
-  Generator(const Options& o, uint16_t port) : port_(port), mode_(o.tx_mode), flows_(o.flows),
-                                               len_(uint16_t(o.wire_bytes())), rate_pps_(o.rate_pps) {
-    // A rate run may fall behind (preemption); catching up is capped at 1 ms
-    // of traffic so a stall does not become a line-rate burst.
-    max_backlog_ = std::max<uint64_t>(kTxBurst, rate_pps_ / 1000);
-    switch (mode_) {
-      case TxMode::prebuilt: make_prebuilt_pool(o); break;
-      case TxMode::copy: make_copy_pool(o); break;
-      case TxMode::refcnt: make_refcnt_templates(o); break;
-    }
-  }
-
-  // (Re)starts the rate clock: after the quiet gap before the window, a
-  // fixed-rate run must not try to catch up on the pause.
-  void pace_from(uint64_t tsc, uint64_t hz) {
-    start_tsc_ = tsc;
-    hz_ = hz;
-    pace_base_ = attempted_;
-  }
-
-  // One round of the hot loop: top up the burst and offer it to port A.
-  void step(uint64_t now) {
-    if (rate_pps_ == 0) {
-      if (npending_ < kTxBurst) npending_ += fill(pending_ + npending_, uint16_t(kTxBurst - npending_));
-      if (npending_ == 0) return;
-      uint16_t k = rte_eth_tx_burst(port_, 0, pending_, npending_);
-      sent_ += k;
-      // Ring full: keep the rest for the next round instead of freeing them.
-      if (k < npending_) std::memmove(pending_, pending_ + k, (npending_ - k) * sizeof(pending_[0]));
-      npending_ = uint16_t(npending_ - k);
-      return;
-    }
-    uint64_t due = pace_base_ + uint64_t(double(now - start_tsc_) * double(rate_pps_) / double(hz_));
-    if (due <= attempted_) return;
-    if (due - attempted_ > max_backlog_) {
-      late_ += due - attempted_ - max_backlog_;
-      attempted_ = due - max_backlog_;
-    }
-    uint16_t n = fill(pending_, uint16_t(std::min<uint64_t>(due - attempted_, kTxBurst)));
-    if (n == 0) return;
-    uint16_t k = rte_eth_tx_burst(port_, 0, pending_, n);
-    attempted_ += n;
-    sent_ += k;
-    if (k < n) {  // a fixed rate does not wait: what the port refused is lost offer
-      rejected_ += n - k;
-      rte_pktmbuf_free_bulk(pending_ + k, n - k);
-    }
-  }
-
-  void release() {
-    if (npending_) rte_pktmbuf_free_bulk(pending_, npending_);
-    npending_ = 0;
-  }
-
-  uint64_t sent() const { return sent_; }
-  uint64_t rejected() const { return rejected_; }
-  uint64_t late() const { return late_; }
-  uint64_t alloc_failed() const { return alloc_failed_; }
-  Window window;
-
- private:
-  uint16_t fill(rte_mbuf** pkts, uint16_t n) {
-    switch (mode_) {
-      case TxMode::prebuilt:
-        if (rte_pktmbuf_alloc_bulk(pool_, pkts, n) != 0) {
-          alloc_failed_++;
-          return 0;
-        }
-        for (uint16_t i = 0; i < n; i++) pkts[i]->data_len = pkts[i]->pkt_len = len_;
-        return n;
-      case TxMode::copy:
-        if (rte_pktmbuf_alloc_bulk(pool_, pkts, n) != 0) {
-          alloc_failed_++;
-          return 0;
-        }
-        for (uint16_t i = 0; i < n; i++) {
-          rte_memcpy(rte_pktmbuf_mtod(pkts[i], void*), frames_.data() + size_t(next_flow_) * len_, len_);
-          pkts[i]->data_len = pkts[i]->pkt_len = len_;
-          if (++next_flow_ == flows_) next_flow_ = 0;
-        }
-        return n;
-      case TxMode::refcnt:
-        for (uint16_t i = 0; i < n; i++) {
-          pkts[i] = templates_[next_flow_];
-          rte_mbuf_refcnt_update(pkts[i], 1);
-          if (++next_flow_ == flows_) next_flow_ = 0;
-        }
-        return n;
-    }
-    return 0;
-  }
-
-  void make_prebuilt_pool(const Options& o) {
-    // As small as a full TX ring plus bursts allows (the frames cycled
-    // through should stay in cache), and a multiple of the flow count so the
-    // FIFO pool cycles through the flows evenly.
-    const unsigned need = kRingSize + 2 * kTxBurst;
-    unsigned n = o.flows * ((need + o.flows - 1) / o.flows);
-    pool_ = rte_pktmbuf_pool_create_by_ops("bench_tx", n, 0, 0, RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id(),
-                                           "ring_sp_sc");
-    if (!pool_) die(fmt::format("tx pool of {} mbufs: {}", n, rte_strerror(rte_errno)));
-    std::vector<rte_mbuf*> all(n);
-    if (rte_pktmbuf_alloc_bulk(pool_, all.data(), n) != 0) die("tx pool: cannot take every mbuf");
-    for (unsigned i = 0; i < n; i++) {
-      auto frame = build_frame(o, i % o.flows);
-      std::memcpy(rte_pktmbuf_append(all[i], len_), frame.data(), len_);
-    }
-    for (auto* m : all) rte_pktmbuf_free(m);  // in order: the ring hands them back in flow order
-  }
-
-  void make_copy_pool(const Options& o) {
-    pool_ = rte_pktmbuf_pool_create("bench_tx", 4 * kRingSize - 1, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE,
-                                    rte_socket_id());
-    if (!pool_) die(fmt::format("tx pool: {}", rte_strerror(rte_errno)));
-    frames_.reserve(size_t(o.flows) * len_);
-    for (unsigned f = 0; f < o.flows; f++) {
-      auto frame = build_frame(o, f);
-      frames_.insert(frames_.end(), frame.begin(), frame.end());
-    }
-  }
-
-  void make_refcnt_templates(const Options& o) {
-    pool_ = rte_pktmbuf_pool_create("bench_tx", o.flows, 0, 0, RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());
-    if (!pool_) die(fmt::format("template pool: {}", rte_strerror(rte_errno)));
-    for (unsigned f = 0; f < o.flows; f++) {
-      rte_mbuf* m = rte_pktmbuf_alloc(pool_);
-      if (!m) die("template pool too small");
-      auto frame = build_frame(o, f);
-      std::memcpy(rte_pktmbuf_append(m, len_), frame.data(), len_);
-      templates_.push_back(m);
-    }
-  }
-
-  uint16_t port_;
-  TxMode mode_;
-  unsigned flows_;
-  uint16_t len_;
-  uint64_t rate_pps_;
-  uint64_t max_backlog_ = 0;
-  rte_mempool* pool_ = nullptr;
-  std::vector<uint8_t> frames_;         // copy: every flow's frame, back to back
-  std::vector<rte_mbuf*> templates_;    // refcnt: one mbuf per flow, never freed
-  rte_mbuf* pending_[kTxBurst] = {};
-  uint16_t npending_ = 0;
-  unsigned next_flow_ = 0;
-  uint64_t start_tsc_ = 0, hz_ = 1, pace_base_ = 0;
-  uint64_t sent_ = 0, attempted_ = 0, rejected_ = 0, late_ = 0, alloc_failed_ = 0;
-};
-
-class Sink {
- public:
-  Sink(const Options& o, uint16_t port_a, uint16_t port_b)
-      : port_a_(port_a), port_b_(port_b), src_ip_(o.src_ip), seen_(o.flows, 0) {}
-
-  void poll() {
-    rte_mbuf* rx[kRxBurst];
-    uint16_t n = rte_eth_rx_burst(port_b_, 0, rx, kRxBurst);
-    for (uint16_t i = 0; i < n; i++) classify(rx[i]);
-    if (n) rte_pktmbuf_free_bulk(rx, n);
-    // The router should send nothing back towards the generator.
-    n = rte_eth_rx_burst(port_a_, 0, rx, kRxBurst);
-    rx_on_a_ += n;
-    if (n) rte_pktmbuf_free_bulk(rx, n);
-  }
-
-  // Read by the generator's lcore too (the quiet gap), hence atomic; only
-  // this sink writes it.
-  uint64_t received() const { return received_.load(std::memory_order_relaxed); }
-  uint64_t received_bytes() const { return bytes_; }
-  uint64_t foreign() const { return foreign_; }
-  uint64_t rx_on_a() const { return rx_on_a_; }
-  int last_ttl() const { return last_ttl_; }
-  unsigned flows_seen() const { return unsigned(std::count(seen_.begin(), seen_.end(), 1)); }
-  Window window, bytes_window;
-
- private:
-  // Ours: IPv4/UDP to the discard port from our source range. The header is
-  // in cache anyway (the driver just copied the frame in).
-  void classify(rte_mbuf* m) {
-    constexpr size_t kHeaders = sizeof(rte_ether_hdr) + sizeof(rte_ipv4_hdr) + sizeof(rte_udp_hdr);
-    const auto* eth = rte_pktmbuf_mtod(m, const rte_ether_hdr*);
-    const auto* ip = reinterpret_cast<const rte_ipv4_hdr*>(eth + 1);
-    const auto* udp = reinterpret_cast<const rte_udp_hdr*>(ip + 1);
-    if (m->data_len < kHeaders || eth->ether_type != rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4) ||
-        ip->version_ihl != RTE_IPV4_VHL_DEF || ip->next_proto_id != IPPROTO_UDP ||
-        udp->dst_port != rte_cpu_to_be_16(kUdpDstPort)) {
-      foreign_++;
-      return;
-    }
-    const uint32_t port_off = uint32_t(rte_be_to_cpu_16(udp->src_port)) - kSrcPortBase;  // wraps if below
-    const uint64_t f = uint64_t(rte_be_to_cpu_32(ip->src_addr) - src_ip_) * kPortsPerAddr + port_off;
-    if (port_off >= kPortsPerAddr || f >= seen_.size()) {
-      foreign_++;
-      return;
-    }
-    seen_[f] = 1;
-    last_ttl_ = ip->time_to_live;
-    received_.store(received_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-    bytes_ += m->pkt_len;
-  }
-
-  uint16_t port_a_, port_b_;
-  uint32_t src_ip_;
-  std::vector<uint8_t> seen_;
-  std::atomic<uint64_t> received_{0};
-  uint64_t bytes_ = 0, foreign_ = 0, rx_on_a_ = 0;
-  int last_ttl_ = -1;
-};
-
-void sink_open(Sink& s, uint64_t now) {
-  s.window.open(s.received(), now);
-  s.bytes_window.open(s.received_bytes(), now);
-}
-
-void sink_close(Sink& s, uint64_t now) {
-  s.window.close(s.received(), now);
-  s.bytes_window.close(s.received_bytes(), now);
-}
-
-// After the window: keep receiving what is still in flight, so loss counts
-// only what the router really dropped.
-void sink_drain(Sink& s, const Schedule& sch) {
-  uint64_t until = rte_rdtsc() + uint64_t(kDrainS * double(sch.hz));
-  while (rte_rdtsc() < until) s.poll();
-}
-
-struct SinkTask {
-  Sink* sink;
-  const Schedule* schedule;
-};
-
-// The sink on its own lcore (--sink-lcore).
-int sink_main(void* arg) {
-  auto* t = static_cast<SinkTask*>(arg);
-  Sink& s = *t->sink;
-  const Schedule& sch = *t->schedule;
-  auto stopped = [] { return g_stop.load(std::memory_order_relaxed); };
-  while (!sch.open_tsc.load(std::memory_order_acquire) && !stopped()) s.poll();
-  if (!stopped()) sink_open(s, rte_rdtsc());
-  while (!sch.close_tsc.load(std::memory_order_acquire) && !stopped()) s.poll();
-  sink_close(s, rte_rdtsc());
-  sink_drain(s, sch);
-  return 0;
-}
-
-nlohmann::ordered_json port_json(const Port& p) {
+Json port_json(const PortState& ps) {
   rte_eth_stats st{};
-  rte_eth_stats_get(p.id, &st);
-  return {{"device", p.device},        {"mac", format_mac(p.mac)},  {"mac_set", p.mac_set},
-          {"ipackets", st.ipackets},   {"opackets", st.opackets},   {"imissed", st.imissed},
-          {"ierrors", st.ierrors},     {"oerrors", st.oerrors},     {"rx_nombuf", st.rx_nombuf}};
+  rte_eth_stats_get(ps.id, &st);
+  return {{"name", ps.name},           {"device", ps.device},       {"mac", mac_str(ps.mac)},
+          {"mac_set", ps.mac_set},     {"ipackets", st.ipackets},   {"opackets", st.opackets},
+          {"imissed", st.imissed},     {"ierrors", st.ierrors},     {"oerrors", st.oerrors},
+          {"rx_nombuf", st.rx_nombuf}};
 }
 
-int run(const Options& o) {
-  std::vector<std::string> eal{"moat-bench", "-l", std::to_string(o.lcore), "--main-lcore",
-                               std::to_string(o.lcore), "--no-huge", "-m", std::to_string(o.memory_mb),
-                               "--no-pci", "--log-level", "*:error", "--vdev", o.port_a, "--vdev", o.port_b};
-  if (o.split()) eal[2] = fmt::format("{},{}", o.lcore, o.sink_lcore);
-  if (o.file_prefix.empty()) eal.push_back("--no-shconf");
-  else eal.insert(eal.end(), {"--file-prefix", o.file_prefix});
-  eal.insert(eal.end(), o.eal_args.begin(), o.eal_args.end());
-  std::vector<char*> ea;
-  for (auto& s : eal) ea.push_back(s.data());
-  if (rte_eal_init(int(ea.size()), ea.data()) < 0) die(fmt::format("EAL: {}", rte_strerror(rte_errno)));
+// The 1, 5 and 15-minute load averages: on a shared machine they say how
+// far an absolute rate can be trusted.
+std::string load_avg() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
 
-  rte_mempool* rx_pool =
-      rte_pktmbuf_pool_create("bench_rx", kRxPoolMbufs, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());
-  if (!rx_pool) die(fmt::format("rx pool: {}", rte_strerror(rte_errno)));
-  Port a = start_port(o.port_a, o.mac_a, rx_pool);
-  Port b = start_port(o.port_b, o.mac_b, rx_pool);
-  Generator gen(o, a.id);
-  Sink sink(o, a.id, b.id);
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  char b[32];
+  std::strftime(b, sizeof b, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return b;
+}
 
-  Schedule sch;
-  sch.hz = rte_get_tsc_hz();
-  // memif and af_packet links come up asynchronously, when the peer connects.
-  const uint64_t link_t0 = rte_rdtsc();
-  bool link_up = false;
-  for (uint64_t until = link_t0 + uint64_t(o.link_timeout * double(sch.hz));
-       rte_rdtsc() < until && !g_stop.load();) {
-    rte_eth_link la{}, lb{};
-    rte_eth_link_get_nowait(a.id, &la);
-    rte_eth_link_get_nowait(b.id, &lb);
-    if (la.link_status && lb.link_status) {
-      link_up = true;
+Json versions() {
+  utsname u{};
+  uname(&u);
+  std::string model = "?";
+  std::ifstream cpu("/proc/cpuinfo");
+  for (std::string line; std::getline(cpu, line);)
+    if (line.rfind("model name", 0) == 0) {
+      model = line.substr(line.find(':') + 2);
       break;
     }
-    rte_delay_ms(10);
-  }
-  const double link_wait_s = double(rte_rdtsc() - link_t0) / double(sch.hz);
+  return {{"moat", MOAT_GIT_REV},
+          {"dpdk", rte_version()},
+          {"kernel", fmt::format("{} {}", u.sysname, u.release)},
+          {"machine", fmt::format("{} CPUs, {}", sysconf(_SC_NPROCESSORS_ONLN), model)},
+          {"compiler", __VERSION__}};
+}
 
-  double quiet_s = 0;
-  if (link_up) {
-    auto stopped = [] { return g_stop.load(std::memory_order_relaxed); };
-    const uint64_t hz = sch.hz;
-    SinkTask task{&sink, &sch};
-    if (o.split() && rte_eal_remote_launch(sink_main, &task, unsigned(o.sink_lcore)) != 0)
-      die(fmt::format("cannot launch the sink on lcore {}", o.sink_lcore));
-    // Warm-up: links, rings, caches and the router settle; its losses (a
-    // peer that restarts its port drops a ring's worth) are reported apart.
-    uint64_t now = rte_rdtsc();
-    gen.pace_from(now, hz);
-    for (const uint64_t until = now + uint64_t(o.warmup * double(hz)); (now = rte_rdtsc()) < until && !stopped();) {
-      gen.step(now);
-      if (!o.split()) sink.poll();
+// One line on stderr, rewritten in place on a terminal; one line a second
+// otherwise (a log should not get four lines a second).
+class Progress {
+ public:
+  Progress(bool on, double time_limit_s) : on_(on), tty_(isatty(STDERR_FILENO)), limit_(time_limit_s) {}
+  void set_context(std::string s) { context_ = std::move(s); }
+  void show(const TrialProgress& t, double elapsed_run_s) {
+    if (!on_) return;
+    if (!tty_) {
+      if (elapsed_run_s < next_plain_) return;
+      next_plain_ = elapsed_run_s + 1;
     }
-    // Quiet gap: stop offering until everything sent has arrived, or the
-    // sink has heard nothing for 20 ms (the warm-up lost some; 20 ms because
-    // vCPU stalls of a few ms happen here), at most 200 ms. Every packet of
-    // the window is then one the window sent: loss is exact rather than off
-    // by whatever was in flight.
-    const uint64_t quiet_t0 = rte_rdtsc();
-    for (uint64_t last = sink.received(), changed = quiet_t0;
-         (now = rte_rdtsc()) < quiet_t0 + hz / 5 && now - changed < hz / 50 && last != gen.sent() && !stopped();) {
-      if (!o.split()) sink.poll();
-      if (uint64_t r = sink.received(); r != last) {
-        last = r;
-        changed = now;
+    const double lost = t.offered ? std::max(0.0, double(int64_t(t.offered) - int64_t(t.received))) / double(t.offered) : 0;
+    std::string rate = t.spec->rate_pps > 0 ? fmt::format("{:.3f} Mpps", t.spec->rate_pps / 1e6) : std::string("max rate");
+    std::string line = fmt::format("{} trial {} ({}) at {}: {} {:.1f}/{:.1f} s, offered {}, loss so far {:.3f} %, "
+                                   "time left {:.0f} s",
+                                   context_, t.spec->index, t.spec->purpose, rate, t.phase, t.elapsed_s, t.phase_s,
+                                   t.offered, lost * 100, std::max(0.0, limit_ - elapsed_run_s));
+    if (tty_) fmt::print(stderr, "\r\033[K{}", line);
+    else fmt::print(stderr, "{}\n", line);
+    std::fflush(stderr);
+    dirty_ = tty_;
+  }
+  // A finished trial gets a permanent line.
+  void trial_done(const std::string& s) {
+    if (!on_) return;
+    if (dirty_) fmt::print(stderr, "\r\033[K");
+    fmt::print(stderr, "{}\n", s);
+    dirty_ = false;
+  }
+
+ private:
+  bool on_, tty_;
+  double limit_;
+  std::string context_;
+  double next_plain_ = 0;
+  bool dirty_ = false;
+};
+
+void write_output(const std::string& path, const Json& doc) {
+  if (path.empty()) return;
+  // Written after every trial (temp + rename): even a run the watchdog ends
+  // leaves every finished trial on disk.
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    f << doc.dump(1) << "\n";
+  }
+  std::rename(tmp.c_str(), path.c_str());
+}
+
+int run(const Cli& cli) {
+  const auto t_start = std::chrono::steady_clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count(); };
+
+  const std::string load_start = load_avg();
+  LoadResult loaded = load_profile(cli.profile);
+  for (auto& e : loaded.errors) fmt::print(stderr, "{}\n", e.str());
+  if (!loaded.profile) {
+    fmt::print(stderr, "moat-bench: {} error{} in the profile; nothing sent\n", loaded.errors.size(),
+               loaded.errors.size() == 1 ? "" : "s");
+    return 2;
+  }
+  const Profile& p = *loaded.profile;
+  if (cli.check) {
+    fmt::print("{}: ok\n", p.path);
+    return 0;
+  }
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGALRM, on_watchdog);
+  alarm(unsigned(p.time_limit_s) + 20);
+
+  // EAL sees exactly the profile's ports: vdevs by --vdev, bus devices by
+  // -a (and then only those), so nothing else can be sent to.
+  std::vector<std::string> eal{"moat-bench"};
+  eal.insert(eal.end(), {"-l", p.gen_lcore == p.sink_lcore ? std::to_string(p.gen_lcore)
+                                                            : fmt::format("{},{}", p.gen_lcore, p.sink_lcore),
+                         "--main-lcore", std::to_string(p.gen_lcore), "-m", std::to_string(p.memory_mb),
+                         "--log-level", "*:error"});
+  if (p.no_huge) eal.push_back("--no-huge");
+  bool any_pci = false;
+  for (auto& ps : p.ports) {
+    if (is_pci(ps.device)) {
+      eal.insert(eal.end(), {"-a", ps.device});
+      any_pci = true;
+    } else {
+      eal.insert(eal.end(), {"--vdev", ps.device});
+    }
+  }
+  if (!any_pci) eal.push_back("--no-pci");
+  if (p.file_prefix.empty()) eal.push_back("--no-shconf");
+  else eal.insert(eal.end(), {"--file-prefix", p.file_prefix});
+  eal.insert(eal.end(), p.eal_args.begin(), p.eal_args.end());
+  std::vector<char*> ea;
+  for (auto& s : eal) ea.push_back(s.data());
+  if (rte_eal_init(int(ea.size()), ea.data()) < 0) {
+    fmt::print(stderr, "moat-bench: EAL: {}\n", rte_strerror(rte_errno));
+    return 2;
+  }
+
+  std::string profile_text;
+  {
+    std::ifstream f(p.path);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    profile_text = ss.str();
+  }
+  // Results get shared; ESP keys must not travel with them.
+  profile_text = std::regex_replace(profile_text, std::regex("(0x)?[0-9a-fA-F]{40}"), "<key>");
+  Json doc{{"tool", "moat-bench"}, {"schema", 1}, {"started_utc", utc_now()}, {"versions", versions()},
+           {"eal_args", eal},      {"profile", profile_json(p)}, {"profile_text", profile_text}};
+  Json trials = Json::array(), results = Json::array();
+  int status = 0;
+  std::string status_text = "completed";
+  try {
+    Harness h(p);
+    doc["ports"] = {{"generator", port_json(h.gen_port())}, {"sink", port_json(h.sink_port())}};
+    double waited = 0;
+    const bool up = h.wait_links(&waited);
+    doc["links"] = {{"up", up}, {"wait_s", waited}};
+    if (!up) {
+      status = 3;
+      status_text = "link_down";
+      doc["error"] = fmt::format("links not up after {} s", p.link_timeout_s);
+    } else {
+      Progress progress(cli.progress == 1 || (cli.progress == -1 && isatty(STDERR_FILENO)), p.time_limit_s);
+      unsigned index = 0;
+      for (size_t si = 0; si < p.sizes.size() && status == 0; si++) {
+        const SizeSeries& series = p.sizes[si];
+        progress.set_context(fmt::format("[{} B, {}/{}]", series.label, si + 1, p.sizes.size()));
+        std::vector<unsigned> indexes;
+        std::map<double, unsigned> trial_at_rate;  // offered pps -> trial index
+        bool first = true;
+        TrialFn fn = [&](double rate, const std::string& purpose) -> std::optional<Outcome> {
+          // Warm-up before the first trial of a size only: later trials
+          // follow without a pause, and stale frames never count anyway.
+          TrialSpec spec{index, si, rate, purpose, p.duration_s, first ? std::max(p.warmup_s, 0.0) : 0.0, p.drain_s};
+          if (g_stop.load()) return std::nullopt;
+          if (elapsed() + spec.warmup_s + spec.duration_s + spec.drain_s + 1 > p.time_limit_s) return std::nullopt;
+          first = false;
+          TrialResult r = h.run(spec, [&](const TrialProgress& t) { progress.show(t, elapsed()); });
+          index++;
+          Json tj = trial_json(p, r);
+          trials.push_back(tj);
+          indexes.push_back(spec.index);
+          trial_at_rate[r.offered_pps()] = spec.index;
+          progress.trial_done(fmt::format("{} trial {} ({}): offered {:.3f} Mpps, received {:.3f} Mpps, loss {:.4f} %, "
+                                          "p99 {:.1f} us, {}",
+                                          fmt::format("[{} B]", series.label), spec.index, purpose,
+                                          r.offered_pps() / 1e6, r.received_pps() / 1e6, r.loss() * 100,
+                                          tj["latency_ns"].value("p99", 0.0) / 1e3, r.verdict));
+          doc["trials"] = trials;
+          write_output(cli.output, doc);
+          if (r.interrupted) return std::nullopt;
+          Outcome o{r.offered_pps(), r.offered, r.received, r.verdict == "excess", r.pushback > 0, ""};
+          if (r.received > r.accepted)
+            o.excess_why = fmt::format("the sink received {} of our frames for {} sent (duplicates or a loop)",
+                                       r.received, r.accepted);
+          else if (o.excess)
+            o.excess_why = fmt::format("the router flooded: {} frames came back on the generator's port and {} "
+                                       "foreign frames reached the sink, for {} sent",
+                                       r.reflected, r.foreign, r.accepted);
+          return o;
+        };
+        SearchResult sr = run_search(p, fn);
+        auto point = [&](const std::optional<double>& pps) -> Json {
+          if (!pps) return nullptr;
+          Json j{{"pps", *pps}};
+          if (auto it = trial_at_rate.find(*pps); it != trial_at_rate.end()) {
+            const Json& t = trials[it->second];
+            j["trial"] = it->second;
+            j["bps_l1"] = t["offered"]["bps_l1"];
+            j["bps_l2"] = t["offered"]["bps_l2"];
+            j["loss"] = t["loss"];
+            j["latency_ns"] = Json{{"p50", t["latency_ns"].value("p50", 0.0)},
+                                   {"p99", t["latency_ns"].value("p99", 0.0)},
+                                   {"max", t["latency_ns"].value("max", 0.0)}};
+          }
+          return j;
+        };
+        Json mix = Json::array();
+        for (auto& slot : series.mix) mix.push_back({{"size", slot.size}, {"weight", slot.weight}});
+        results.push_back(Json{{"size", series.label},
+                               {"mix", mix},
+                               {"mode", mode_name(p.mode)},
+                               {"verdict", sr.verdict},
+                               {"ndr", point(sr.ndr_pps)},
+                               {"pdr", point(sr.pdr_pps)},
+                               {"ndr_failed_at_pps", sr.ndr_hi_pps > 0 ? Json(sr.ndr_hi_pps) : Json(nullptr)},
+                               {"pdr_failed_at_pps", sr.pdr_hi_pps > 0 ? Json(sr.pdr_hi_pps) : Json(nullptr)},
+                               {"harness_bound", sr.harness_bound},
+                               {"notes", sr.notes},
+                               {"trials", indexes}});
+        doc["results"] = results;
+        progress.trial_done(fmt::format("[{} B] {}: NDR {} PDR {}{}", series.label, sr.verdict,
+                                        sr.ndr_pps ? fmt::format("{:.3f} Mpps", *sr.ndr_pps / 1e6) : "none",
+                                        sr.pdr_pps ? fmt::format("{:.3f} Mpps", *sr.pdr_pps / 1e6) : "none",
+                                        sr.notes.empty() ? "" : " — " + sr.notes.front()));
+        if (sr.verdict == "stopped") {
+          status = 4;
+          status_text = g_stop.load() ? "interrupted" : "time_limit";
+        }
       }
     }
-    quiet_s = double(rte_rdtsc() - quiet_t0) / double(hz);
-    now = rte_rdtsc();
-    gen.window.open(gen.sent(), now);
-    gen.pace_from(now, hz);
-    if (!o.split()) sink_open(sink, now);
-    sch.open_tsc.store(now, std::memory_order_release);
-    for (const uint64_t end = now + uint64_t(o.duration * double(hz)); (now = rte_rdtsc()) < end && !stopped();) {
-      gen.step(now);
-      if (!o.split()) sink.poll();
-    }
-    now = rte_rdtsc();
-    gen.window.close(gen.sent(), now);
-    sch.close_tsc.store(now, std::memory_order_release);
-    gen.release();
-    if (o.split()) {
-      rte_eal_mp_wait_lcore();
-    } else {
-      sink_close(sink, now);
-      sink_drain(sink, sch);
-    }
+    doc["ports"] = {{"generator", port_json(h.gen_port())}, {"sink", port_json(h.sink_port())}};
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "moat-bench: {}\n", e.what());
+    doc["error"] = e.what();
+    status = 2;
+    status_text = "error";
   }
-
-  const double tx_pps = gen.window.rate(sch.hz);
-  const double rx_pps = sink.window.rate(sch.hz);
-  const double rx_secs = sink.bytes_window.seconds(sch.hz);
-  const double rx_l2_bytes = double(sink.bytes_window.count() + kFcsBytes * sink.window.count());
-  // The window's packets: sent between open and close, received from open
-  // to the end of the drain.
-  const uint64_t win_tx = gen.window.count();
-  const uint64_t win_rx = sink.received() - sink.window.open_value;
-  const int64_t lost = int64_t(win_tx) - int64_t(win_rx);
-  const uint64_t warm_tx = gen.window.open_value, warm_rx = sink.window.open_value;
-  rte_eth_stats stats_b{};
-  rte_eth_stats_get(b.id, &stats_b);
-
-  nlohmann::ordered_json r;
-  r["tool"] = "moat-bench";
-  r["size"] = o.size;
-  r["wire_bytes"] = o.wire_bytes();
-  r["flows"] = o.flows;
-  r["tx_mode"] = tx_mode_name(o.tx_mode);
-  r["rate_pps"] = o.rate_pps;
-  r["lcores"] = {{"generator", o.lcore}, {"sink", o.split() ? unsigned(o.sink_lcore) : o.lcore}};
-  r["src_ip"] = format_ip(o.src_ip);
-  r["dst_ip"] = format_ip(o.dst_ip);
-  r["dst_mac"] = format_mac(o.dst_mac);
-  r["link_up"] = link_up;
-  r["link_wait_s"] = link_wait_s;
-  r["warmup_s"] = o.warmup;
-  r["duration_s"] = gen.window.seconds(sch.hz);
-  r["tx_packets"] = win_tx;
-  r["rx_packets"] = win_rx;
-  r["lost_packets"] = lost;
-  r["loss"] = win_tx ? double(lost) / double(win_tx) : 0.0;
-  r["tx_pps"] = tx_pps;
-  r["rx_pps"] = rx_pps;
-  r["tx_mpps"] = tx_pps / 1e6;
-  r["rx_mpps"] = rx_pps / 1e6;
-  r["tx_bps_l1"] = tx_pps * (o.size + kL1Overhead) * 8;
-  r["tx_bps_l2"] = tx_pps * o.size * 8;
-  r["rx_bps_l1"] = rx_secs > 0 ? (rx_l2_bytes + double(kL1Overhead * sink.window.count())) * 8 / rx_secs : 0;
-  r["rx_bps_l2"] = rx_secs > 0 ? rx_l2_bytes * 8 / rx_secs : 0;
-  r["rx_gbps_l1"] = r["rx_bps_l1"].get<double>() / 1e9;
-  r["rx_gbps_l2"] = r["rx_bps_l2"].get<double>() / 1e9;
-  r["rx_ttl"] = sink.last_ttl();
-  r["flows_seen"] = sink.flows_seen();
-  r["warmup"] = {{"tx_packets", warm_tx}, {"rx_packets", warm_rx},
-                 {"lost_packets", int64_t(warm_tx) - int64_t(warm_rx)}, {"quiet_gap_s", quiet_s}};
-  r["tx_rejected"] = gen.rejected();
-  r["tx_late"] = gen.late();
-  r["tx_alloc_failed"] = gen.alloc_failed();
-  r["unexpected"] = {{"rx_on_a", sink.rx_on_a()}, {"rx_on_b_foreign", sink.foreign()}, {"tx_on_b", stats_b.opackets}};
-  r["ports"] = {{"a", port_json(a)}, {"b", port_json(b)}};
-  r["interrupted"] = g_stop.load();
-  if (!link_up) r["error"] = fmt::format("links not up after {} s", o.link_timeout);
-  fmt::print("{}\n", r.dump());
+  doc["status"] = status_text;
+  doc["elapsed_s"] = elapsed();
+  doc["load_avg"] = {{"start", load_start}, {"end", load_avg()}};
+  doc["results"] = results;
+  doc["trials"] = trials;
+  // Status and results first, for a reader of the raw file.
+  Json out{{"tool", doc["tool"]}, {"schema", doc["schema"]}, {"status", doc["status"]}, {"results", doc["results"]}};
+  for (auto& [k, v] : doc.items())
+    if (!out.contains(k)) out[k] = v;
+  write_output(cli.output, out);
+  if (cli.output.empty()) fmt::print("{}\n", out.dump(1));
   std::fflush(stdout);
-
-  rte_eth_dev_stop(a.id);
-  rte_eth_dev_stop(b.id);
-  rte_eth_dev_close(a.id);
-  rte_eth_dev_close(b.id);
   rte_eal_cleanup();
-  return link_up ? 0 : 3;
+  return status;
 }
 
 }  // namespace
-}  // namespace moat
+}  // namespace moat::bench
 
 int main(int argc, char** argv) {
-  moat::Options o = moat::parse(argc, argv);
-  std::signal(SIGINT, moat::on_signal);
-  std::signal(SIGTERM, moat::on_signal);
-  std::signal(SIGALRM, moat::on_watchdog);
-  alarm(unsigned(o.link_timeout + o.warmup + o.duration) + 30);
-  return moat::run(o);
+  moat::bench::Cli cli = moat::bench::parse_cli(argc, argv);
+  return moat::bench::run(cli);
 }
