@@ -221,7 +221,7 @@ void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Bur
     if (md.ct & kCtNoTrack) {
       // A later fragment (or an untracked ICMP type) cannot be translated
       // without reassembly; passing it would leak the inside address.
-      if (snat || (md.ct & kCtDnat)) w.drop(m, Drop::nat_no_port);
+      if (snat || (md.ct & kCtDnat)) w.drop(m, Drop::nat_fragment);
       else b.pkts[kept++] = m;
       continue;
     }
