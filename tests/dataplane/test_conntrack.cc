@@ -688,6 +688,34 @@ TEST_F(Moat, FirstFragmentIsTranslatedLaterOnesAreDroppedNotLeaked) {
   EXPECT_EQ(drops(Drop::nat_fragment), 1u);
 }
 
+TEST_F(Moat, ErrorsAboutTranslatedPacketsQuoteThemAsTheyArrived) {
+  auto out = send(kKids, kKid, kNet, 17, udp(kKid, kNet, 5555, 53));
+  ASSERT_FALSE(out.empty());
+  // A reply arriving with TTL 1: the moat's time-exceeded must quote the
+  // packet as 8.8.8.8 sent it (to 192.0.2.2), not the kid's address.
+  auto f = ipv4_frame(kNet, kWanAddr, 17, 1, udp(kNet, kWanAddr, 53, be16at(out, 34))).b;
+  rte_mbuf* m = to_mbuf(test_pool(), f, kWan);
+  Burst b;
+  b.push(m);
+  parse(*w, *pt, b);
+  conntrack(*w, *ct, b);
+  route(*w, t, *pt, b);
+  EXPECT_EQ(b.n, 0);
+  EXPECT_EQ(drops(Drop::ttl_expired), 1u);
+  ASSERT_EQ(w->generated.n, 1);
+  auto err = bytes(w->generated.pkts[0]);
+  generated.push_back(w->generated.pkts[0]);
+  w->generated.n = 0;
+  EXPECT_EQ(be32at(err, 30), kNet);
+  EXPECT_EQ(err[34], 11);
+  EXPECT_EQ(be32at(err, 42 + 16), kWanAddr);  // quoted destination: as sent
+  EXPECT_EQ(be16at(err, 42 + 22), be16at(out, 34));
+  std::vector<uint8_t> q(err.begin() + 42, err.end());
+  std::vector<uint8_t> sent(f.begin() + 14, f.end());
+  EXPECT_EQ(q, sent);  // byte for byte, checksums included
+  EXPECT_EQ(bad_checksums(err), "");
+}
+
 // nat_rewrite on random packets, checked against full recomputation.
 TEST(NatRewrite, ChecksumsMatchRecomputation) {
   std::mt19937 rng(7);
