@@ -313,9 +313,10 @@ tl::expected<void, std::string> Control::start() {
     pi.key = uint8_t(i);
   }
   tables_.ports.store(port_table_, std::memory_order_release);
-  // The connection table exists with a policy: the stateful filter and NAT
-  // live in it. A plain router tracks nothing.
-  if (c_.has_policy) {
+  // The connection table: the stateful filter and NAT live in it. It is
+  // made even without a policy so `rules reload` can add one later; the
+  // workers consult it only while a rule set is published.
+  {
     auto ct = Conntrack::create(c_.conntrack, tables_.qsbr, nworkers, tsc_hz_, "moat_ct");
     if (!ct) return tl::unexpected(ct.error() + " (lower conntrack.max_connections or raise eal.memory_mb)");
     conntrack_ = std::move(*ct);

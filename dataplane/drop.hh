@@ -44,6 +44,7 @@ namespace moat {
   X(ct_full, "connection table full: new connection refused (existing kept)")    \
   X(ct_not_syn, "TCP packet of no tracked connection that is not a SYN")           \
   X(nat_no_port, "NAT found no free port/identifier for a new connection")        \
+  X(nat_fragment, "later fragment of a NATed flow (no reassembly: cannot translate)") \
   X(nat_no_address, "masquerade out of a port that has no address")                \
   X(spd_discard, "SPD rule says discard")                                           \
   X(tunnel_down, "tunnel has no outbound SA")                                      \

@@ -57,8 +57,8 @@ struct PktMeta {
   uint32_t conn = 0;
   uint8_t ct = 0;            // kCt* bits
   uint8_t pad2_ = 0;
-  uint16_t orig_dport = 0;   // before DNAT (network order), with kCtDnat
-  uint32_t orig_dst = 0;     // before DNAT (network order), with kCtDnat
+  uint16_t orig_dport = 0;   // as it arrived (network order), with kCtDnat or kCtDstXlated
+  uint32_t orig_dst = 0;     // as it arrived (network order), with kCtDnat or kCtDstXlated
 };
 
 // PktMeta::ct bits.
@@ -66,6 +66,7 @@ inline constexpr uint8_t kCtCommit = 1;   // first packet accepted by a stateful
 inline constexpr uint8_t kCtDnat = 2;     // destination rewritten by a DNAT rule (orig_* hold the old one)
 inline constexpr uint8_t kCtRelated = 4;  // ICMP error about a tracked connection, already translated
 inline constexpr uint8_t kCtNoTrack = 8;  // no trackable tuple (non-first fragment, unknown ICMP type)
+inline constexpr uint8_t kCtDstXlated = 16;  // a known connection's destination translated before the route
 
 inline constexpr uint16_t kMbufPrivSize = RTE_ALIGN(sizeof(PktMeta), RTE_MBUF_PRIV_ALIGN);
 

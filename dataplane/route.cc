@@ -15,6 +15,7 @@ void send_icmp_error(Worker& w, const PortTable& pt, rte_mbuf* m, Drop why, uint
   // Packets we built or that came from a local service never earn an error:
   // no error about an error, and the kernel learns of failures its own way.
   if (md.generated || md.in_port >= kMaxPorts) { rte_pktmbuf_free(m); return; }
+  nat_undo_dst(m);
   const uint8_t* l3 = rte_pktmbuf_mtod_offset(m, const uint8_t*, md.l3_off);
   if (icmp_error_forbidden(l3, rte_pktmbuf_data_len(m) - md.l3_off)) { rte_pktmbuf_free(m); return; }
   auto* ip = reinterpret_cast<const rte_ipv4_hdr*>(l3);

@@ -112,7 +112,15 @@ void conntrack(Worker& w, Conntrack& ct, Burst& b) {
     if (c.key[0].proto == IPPROTO_TCP) tcp_track(c, dir, tcp_flags(l3, len));
     else if (dir == 1) Conntrack::set_flags(c, ct::kReplySeen);
     ct.touch(c, w.now_tsc);
-    nat_dst_half(l3, len, c, dir);
+    if (c.nat & (dir == 0 ? kNatDst : kNatSrc)) {
+      // Kept so an ICMP error or RST about this packet quotes it as its
+      // sender sent it (RFC 5508 §5: no inside address leaks in a quote).
+      const CtKey& k = c.key[dir];
+      md.orig_dst = k.dst;
+      md.orig_dport = k.dport;
+      md.ct |= kCtDstXlated;
+      nat_dst_half(l3, len, c, dir);
+    }
   }
   w.stats.ct_hit.add(hits);
 }
@@ -221,7 +229,7 @@ void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Bur
     if (md.ct & kCtNoTrack) {
       // A later fragment (or an untracked ICMP type) cannot be translated
       // without reassembly; passing it would leak the inside address.
-      if (snat || (md.ct & kCtDnat)) w.drop(m, Drop::nat_no_port);
+      if (snat || (md.ct & kCtDnat)) w.drop(m, Drop::nat_fragment);
       else b.pkts[kept++] = m;
       continue;
     }
@@ -294,10 +302,18 @@ void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Bur
   b.n = kept;
 }
 
+void nat_undo_dst(rte_mbuf* m) {
+  PktMeta& md = meta(m);
+  if (!(md.ct & (kCtDnat | kCtDstXlated))) return;
+  nat_rewrite(l3_of(m), l3_len(m), false, md.orig_dst, md.orig_dport);
+  md.ct &= uint8_t(~(kCtDnat | kCtDstXlated));
+}
+
 void send_tcp_reset(Worker& w, const PortTable& pt, rte_mbuf* m, Drop why) {
   PktMeta& md = meta(m);
   w.stats.drops[static_cast<unsigned>(why)].add();
   if (md.generated || md.in_port >= kMaxPorts) { rte_pktmbuf_free(m); return; }
+  nat_undo_dst(m);
   const uint8_t* l3 = l3_of(m);
   auto* ip = reinterpret_cast<const rte_ipv4_hdr*>(l3);
   if (ip->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_OFFSET_MASK)) { rte_pktmbuf_free(m); return; }

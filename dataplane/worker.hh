@@ -100,6 +100,11 @@ void punt_flush(Worker& w);
 void send_icmp_error(Worker& w, const PortTable& pt, rte_mbuf* m, Drop why, uint8_t type,
                      uint8_t code, uint16_t mtu = 0);
 
+// Gives a packet back the destination it arrived with when the conntrack
+// or dnat stage translated it, so an answer about it (ICMP error, RST)
+// quotes and names what its sender knows.
+void nat_undo_dst(rte_mbuf* m);
+
 // Answers a refused TCP segment with a RST (filter action reject), or drops
 // it when it may not be answered; counts `why` either way.
 void send_tcp_reset(Worker& w, const PortTable& pt, rte_mbuf* m, Drop why);

@@ -652,6 +652,70 @@ TEST_F(Moat, MasqueradeFollowsTheAddress) {
   EXPECT_EQ(be32at(again, 26), 0xc000024du);
 }
 
+TEST_F(Moat, FirstFragmentIsTranslatedLaterOnesAreDroppedNotLeaked) {
+  // First fragment (MF, offset 0): ports present, translated; its UDP
+  // checksum covers the whole datagram, so only the incremental update can
+  // be right — check it against the full datagram.
+  auto whole = udp(kKid, kNet, 5555, 53, 40);
+  std::vector<uint8_t> first(whole.begin(), whole.begin() + 24);
+  auto f = ipv4_frame(kKid, kNet, 17, 64, first, 0x2000).b;
+  rte_mbuf* m = to_mbuf(test_pool(), f, kKids);
+  Burst b;
+  b.push(m);
+  parse(*w, *pt, b);
+  conntrack(*w, *ct, b);
+  route(*w, t, *pt, b);
+  policy(*w, t, *pt, b, w->local);
+  ASSERT_EQ(b.n, 1);
+  auto out = bytes(b.pkts[0]);
+  rte_pktmbuf_free(b.pkts[0]);
+  EXPECT_EQ(be32at(out, 26), kWanAddr);
+  std::vector<uint8_t> rest(whole.begin() + 24, whole.end());
+  std::vector<uint8_t> l4(out.begin() + 34, out.end());
+  l4.insert(l4.end(), rest.begin(), rest.end());
+  EXPECT_EQ(pseudo_csum(kWanAddr, kNet, 17, l4.data(), l4.size()), 0);
+  // A later fragment has no ports: it cannot be translated, so it is
+  // dropped rather than sent out with the inside address.
+  auto g = ipv4_frame(kKid, kNet, 17, 64, std::vector<uint8_t>(rest), 0x0003).b;
+  rte_mbuf* m2 = to_mbuf(test_pool(), g, kKids);
+  Burst b2;
+  b2.push(m2);
+  parse(*w, *pt, b2);
+  conntrack(*w, *ct, b2);
+  route(*w, t, *pt, b2);
+  policy(*w, t, *pt, b2, w->local);
+  EXPECT_EQ(b2.n, 0);
+  EXPECT_EQ(drops(Drop::nat_fragment), 1u);
+}
+
+TEST_F(Moat, ErrorsAboutTranslatedPacketsQuoteThemAsTheyArrived) {
+  auto out = send(kKids, kKid, kNet, 17, udp(kKid, kNet, 5555, 53));
+  ASSERT_FALSE(out.empty());
+  // A reply arriving with TTL 1: the moat's time-exceeded must quote the
+  // packet as 8.8.8.8 sent it (to 192.0.2.2), not the kid's address.
+  auto f = ipv4_frame(kNet, kWanAddr, 17, 1, udp(kNet, kWanAddr, 53, be16at(out, 34))).b;
+  rte_mbuf* m = to_mbuf(test_pool(), f, kWan);
+  Burst b;
+  b.push(m);
+  parse(*w, *pt, b);
+  conntrack(*w, *ct, b);
+  route(*w, t, *pt, b);
+  EXPECT_EQ(b.n, 0);
+  EXPECT_EQ(drops(Drop::ttl_expired), 1u);
+  ASSERT_EQ(w->generated.n, 1);
+  auto err = bytes(w->generated.pkts[0]);
+  generated.push_back(w->generated.pkts[0]);
+  w->generated.n = 0;
+  EXPECT_EQ(be32at(err, 30), kNet);
+  EXPECT_EQ(err[34], 11);
+  EXPECT_EQ(be32at(err, 42 + 16), kWanAddr);  // quoted destination: as sent
+  EXPECT_EQ(be16at(err, 42 + 22), be16at(out, 34));
+  std::vector<uint8_t> q(err.begin() + 42, err.end());
+  std::vector<uint8_t> sent(f.begin() + 14, f.end());
+  EXPECT_EQ(q, sent);  // byte for byte, checksums included
+  EXPECT_EQ(bad_checksums(err), "");
+}
+
 // nat_rewrite on random packets, checked against full recomputation.
 TEST(NatRewrite, ChecksumsMatchRecomputation) {
   std::mt19937 rng(7);

@@ -48,7 +48,7 @@ def moat_config(order=("kids", "wan", "office"), max_connections=65536):
   lcores: [0, 1]
   memory_mb: 256
   no_huge: true
-  file_prefix: moat-pcap-test
+  file_prefix: moat-nat-test-{os.getpid()}
   log_level: "*:error"
 ports:
 {ports}
