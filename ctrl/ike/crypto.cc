@@ -261,7 +261,7 @@ static std::optional<Suite> match(const Proposal& theirs, const Proposal& ours, 
     Transform none{type, 0, 0};
     if (mine.empty()) {
       // We want none of this type: fine if they offer none, or NONE among them.
-      if (type == kTfEncr || type == kTfPrf) return std::nullopt;
+      if (type == kTfEncr) return std::nullopt;
       if (!peer_has_type) continue;
       if (type == kTfEsn) return std::nullopt;
       if (std::find(peer.begin(), peer.end(), none) == peer.end()) return std::nullopt;
