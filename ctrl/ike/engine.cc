@@ -147,11 +147,12 @@ void Engine::set_peers(std::vector<PeerConfig> peers, uint64_t now_ms) {
   // SAs keep their own shared_ptr to the old record; re-point them or delete
   // them when their tunnel is gone.
   std::vector<uint64_t> gone;
-  for (auto& [spi, sa] : sas_) {
-    if (!sa->peer) continue;
-    auto it = std::find_if(next.begin(), next.end(), [&](auto& p) { return p->name == sa->peer->name; });
-    if (it == next.end()) gone.push_back(spi);
-    else sa->peer = *it;
+  for (auto& kv : sas_) {
+    IkeSa& sa = *kv.second;
+    if (!sa.peer) continue;
+    auto it = std::find_if(next.begin(), next.end(), [&](auto& p) { return p->name == sa.peer->name; });
+    if (it == next.end()) gone.push_back(kv.first);
+    else sa.peer = *it;
   }
   peers_ = std::move(next);
   for (auto spi : gone) delete_sa(spi, "its tunnel was removed from the configuration", false);
@@ -433,7 +434,9 @@ void Engine::tick(uint64_t now_ms) {
     if (it == sas_.end() || it->second->timer_gen[unsigned(t.kind)] != t.gen) continue;
     fire(*it->second, t.kind);
   }
-  for (auto& [name, r] : reinit_) {
+  for (auto& entry : reinit_) {
+    const std::string& name = entry.first;
+    Reinit& r = entry.second;
     if (r.at > now_ms) continue;
     // The entry stays (with its backoff) until an SA for the tunnel is established.
     r.at = UINT64_MAX;
@@ -884,6 +887,30 @@ void Engine::init_request(const Endpoint& local, const Endpoint& remote, const M
     respond_plain_error(local, remote, h, kNInvalidSyntax, {});
     return;
   }
+  if (half_open_.size() >= opts_.max_half_open) {
+    ++stats_.half_open_dropped;
+    return;
+  }
+  if (half_open_.size() >= opts_.cookie_threshold) {
+    // Stateless until the initiator proves it receives at its address (§2.6).
+    // The secret changes every minute; the previous one stays valid for one more.
+    if (cookie_secret_.empty() || now_ >= cookie_secret_at_ + 60000) {
+      cookie_secret_old_ = cookie_secret_.empty() ? random_bytes(32) : cookie_secret_;
+      cookie_secret_ = random_bytes(32);
+      cookie_secret_at_ = now_;
+    }
+    Bytes got;
+    for (auto* p : m.all(kPlNotify))
+      if (auto n = parse_notify(p->body); n && n->type == kNCookie) got = n->data;
+    bool ok = !got.empty() && (equal_ct(got, make_cookie(cookie_secret_, *ni, remote, h.spi_i)) ||
+                               equal_ct(got, make_cookie(cookie_secret_old_, *ni, remote, h.spi_i)));
+    if (!ok) {
+      if (!got.empty()) ++stats_.cookie_bad;
+      ++stats_.cookie_sent;
+      respond_plain_error(local, remote, h, kNCookie, make_cookie(cookie_secret_, *ni, remote, h.spi_i));
+      return;
+    }
+  }
   // Prefer the group the initiator already sent a KE for, if acceptable: saves a round trip.
   auto ours_ke = responder_ike_;
   for (auto& p : ours_ke) {
@@ -973,6 +1000,16 @@ void Engine::init_request(const Endpoint& local, const Endpoint& remote, const M
   sas_[sa->spi_r] = std::move(sa);
   arm(r, TimerKind::half_open, now_ + opts_.half_open_timeout_ms);
   send_to(local, remote, r.init_resp);
+}
+
+Bytes Engine::make_cookie(ByteView secret, ByteView ni, const Endpoint& remote, uint64_t spi_i) const {
+  Bytes d(ni.begin(), ni.end());
+  auto a = remote.addr.bytes();
+  d.insert(d.end(), a.begin(), a.end());
+  put64(d, spi_i);
+  Bytes c = prf(kPrfSha256, secret, d);
+  c.resize(16);
+  return c;
 }
 
 void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl) {

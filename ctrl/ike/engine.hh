@@ -64,6 +64,10 @@ struct EngineOptions {
   uint32_t half_open_timeout_ms = 30000;
   uint32_t reinit_min_ms = 1000;       // backoff for re-initiating a `start` peer
   uint32_t reinit_max_ms = 60000;
+  // COOKIE (§2.6): with this many half-open SAs, IKE_SA_INIT must carry a
+  // cookie before we spend a DH computation or memory on it.
+  uint32_t cookie_threshold = 256;
+  uint32_t max_half_open = 16384;  // beyond: dropped and counted, even with a cookie
 };
 
 class Transport {
@@ -94,6 +98,9 @@ class Transport {
   X(ike_deleted, "IKE SAs deleted (any reason)")                                         \
   X(ike_given_up, "IKE SAs given up after the last retransmit")                          \
   X(half_open_expired, "half-open IKE SAs expired")                                      \
+  X(half_open_dropped, "IKE_SA_INIT requests dropped at the half-open limit")            \
+  X(cookie_sent, "IKE_SA_INIT requests answered with a COOKIE (under load)")             \
+  X(cookie_bad, "IKE_SA_INIT requests with a wrong or stale COOKIE")                     \
   X(initial_contact_deleted, "IKE SAs deleted because their peer sent INITIAL_CONTACT")  \
   X(child_installed, "CHILD SAs installed")                                              \
   X(child_removed, "CHILD SAs removed")                                                  \
@@ -206,6 +213,9 @@ class Engine {
   };
   std::map<std::string, Reinit> reinit_;  // `start` peers waiting to be (re-)initiated
   uint64_t next_child_id_ = 1;
+  Bytes cookie_secret_, cookie_secret_old_;
+  uint64_t cookie_secret_at_ = 0;
+  Bytes make_cookie(ByteView secret, ByteView ni, const Endpoint& remote, uint64_t spi_i) const;
   Stats stats_;
 };
 

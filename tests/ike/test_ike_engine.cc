@@ -359,6 +359,38 @@ TEST_F(Pair, RetransmitsWithBackoffThenGivesUp) {
   EXPECT_EQ(portal->e.stats().half_open_expired, 2u);
 }
 
+TEST_F(Pair, SaInitFloodTriggersCookiesAndLegitimateMoatsStillConnect) {
+  EngineOptions o;
+  o.cookie_threshold = 50;
+  o.max_half_open = 1000;
+  auto peers = portal->e.peers();
+  std::vector<PeerConfig> cfg;
+  for (auto& p : peers) cfg.push_back(*p);
+  portal = std::make_unique<Node>(net, "192.0.2.1", o);
+  portal->e.set_peers(cfg, now);
+  // 5000 IKE_SA_INITs from spoofed addresses (their answers go nowhere).
+  auto props = *parse_proposals("aes128gcm16-prfsha256-x25519", kProtoIke);
+  auto dh = *Dh::create(kDhX25519);
+  for (uint32_t i = 0; i < 5000; ++i) {
+    ChainBuilder c;
+    c.add(kPlSa, encode_sa(props));
+    c.add(kPlKe, encode_ke(KePayload{kDhX25519, dh->public_value()}));
+    c.add(kPlNonce, random_bytes(32));
+    Header h;
+    h.spi_i = 1000 + i;
+    h.exchange = uint8_t(Exchange::ike_sa_init);
+    h.flags = kFlagInitiator;
+    portal->e.receive(Endpoint{portal->a, kIkePort}, Endpoint{IpAddr::v4(0x0a000000 + i), 500}, encode_plain(h, c), now);
+  }
+  net.q.clear();
+  // Memory stays bounded: only the first 50 got state, the rest a stateless COOKIE.
+  EXPECT_EQ(portal->e.ike_sa_count(), 50u);
+  EXPECT_EQ(portal->e.stats().cookie_sent, 4950u);
+  establish();
+  EXPECT_EQ(portal->e.stats().cookie_sent, 4951u);  // the moat had to show one too
+  EXPECT_EQ(portal->sink.installed.size(), 1u);
+}
+
 TEST_F(Pair, InitialContactDeletesTheOldSasOfThatIdentity) {
   establish();
   ASSERT_EQ(portal->sink.live(), 1u);
