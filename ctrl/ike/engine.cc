@@ -494,7 +494,7 @@ void Engine::fire(IkeSa& sa, TimerKind k) {
 
 void Engine::schedule_reinit(const std::string& name, bool failed) {
   auto p = find_peer(name);
-  if (!p || !p->start || !p->remote) return;
+  if (!p || !p->start || !p->remote || find_established(name)) return;
   auto& r = reinit_[name];
   r.backoff_ms = failed ? std::clamp(r.backoff_ms * 2, opts_.reinit_min_ms, opts_.reinit_max_ms) : opts_.reinit_min_ms;
   // Jitter keeps thousands of moats from coming back in lock-step after a portal restart.
@@ -608,7 +608,9 @@ void Engine::install_child(IkeSa& sa, ChildSa c) {
 }
 
 void Engine::schedule_child_rekey(IkeSa& sa) {
-  if (!sa.initiator || !sa.peer || sa.children.empty()) return;
+  // The side that brings the tunnel up (`start`) keeps it fresh; the other
+  // only answers, so the two never race to rekey the same SA.
+  if (!sa.peer || !sa.peer->start || sa.children.empty()) return;
   uint32_t soft = sa.children.back().soft_lifetime_s;
   if (!soft) return;
   // Jitter of up to 10% so that many tunnels do not rekey at once.
@@ -1205,8 +1207,10 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
   auto props = parse_sa(sap->body);
   auto ni = parse_nonce(np->body);
   if (!props || !ni) return refuse(kNInvalidSyntax, "malformed SA or Nonce");
-  if ((*props)[0].protocol == kProtoIke)
-    return refuse(kNNoAdditionalSas, "IKE SA rekeying is not implemented; the peer will re-authenticate");
+  if ((*props)[0].protocol == kProtoIke) {
+    rekey_ike_request(sa, m, *props, *ni, kep);
+    return;
+  }
   if (!tsip || !tsrp) return refuse(kNInvalidSyntax, "TSi or TSr missing");
   auto tsi = parse_ts(tsip->body);
   auto tsr = parse_ts(tsrp->body);
@@ -1269,6 +1273,78 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
   }
   respond(sa, m.h, c);
   // The rekey initiator deletes the old SA (§2.8); until then it stays inbound.
+}
+
+// The peer rekeys the IKE SA (§1.3.2, §2.18): a new SA whose initiator is
+// the rekey's initiator inherits the CHILD SAs; the old one lingers until the
+// peer deletes it.
+void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Proposal>& props, const Bytes& ni,
+                               const Payload* kep) {
+  auto refuse = [&](uint16_t n, const std::string& why, ByteView data = {}) {
+    log(fmt::format("{}: IKE SA rekey refused: {}", sa.who(), why));
+    ChainBuilder e;
+    e.add_notify(n, data);
+    respond(sa, m.h, e);
+  };
+  const PeerConfig& p = *sa.peer;
+  auto ke = kep ? parse_ke(kep->body) : Parsed<KePayload>(tl::unexpect, ParseError{});
+  if (!ke) return refuse(kNInvalidSyntax, "KE missing or malformed");
+  auto sel = select_proposal(props, p.ike_proposals, false);
+  if (!sel || sel->second->spi.size() != 8 || !get64(sel->second->spi.data()))
+    return refuse(kNNoProposalChosen, fmt::format("NO_PROPOSAL_CHOSEN: peer offered {}; we accept {}",
+                                                  proposals_str(props), proposals_str(p.ike_proposals)));
+  Suite suite = sel->first;
+  if (ke->group != suite.dh) {
+    Bytes g;
+    put16(g, suite.dh);
+    return refuse(kNInvalidKePayload, "KE for another group", g);
+  }
+  auto dh = Dh::create(suite.dh);
+  if (!dh) return refuse(kNNoProposalChosen, dh.error());
+  auto gir = (*dh)->derive(ke->data);
+  if (!gir) return refuse(kNInvalidSyntax, gir.error());
+  auto n = std::make_unique<IkeSa>();
+  n->spi_i = get64(sel->second->spi.data());
+  do n->spi_r = get64(random_bytes(8).data());
+  while (!n->spi_r || sas_.count(n->spi_r));
+  n->initiator = false;
+  n->peer = sa.peer;
+  n->local = sa.local;
+  n->remote = sa.remote;
+  n->nat_local = sa.nat_local;
+  n->nat_remote = sa.nat_remote;
+  n->suite = suite;
+  n->ni = ni;
+  n->nr = random_bytes(32);
+  n->keys = derive_rekeyed_ike_keys(suite, sa.suite.prf, sa.keys.sk_d, *gir, n->ni, n->nr, n->spi_i, n->spi_r);
+  n->remote_id = sa.remote_id;
+  n->created_ms = now_;
+  n->state = State::established;
+  n->established_ms = now_;
+  n->last_heard_ms = now_;
+  ChainBuilder c;
+  c.add(kPlSa, encode_sa({suite.to_proposal(sel->second->num, [&] {
+    Bytes b;
+    put64(b, n->spi_r);
+    return b;
+  }())}));
+  c.add(kPlNonce, n->nr);
+  c.add(kPlKe, encode_ke(KePayload{suite.dh, (*dh)->public_value()}));
+  respond(sa, m.h, c);
+  for (auto& ch : sa.children) {
+    ch.ike_spi_i = n->spi_i;
+    ch.ike_spi_r = n->spi_r;
+    child_spis_[ch.spi_in] = n->spi_r;
+  }
+  n->children = std::move(sa.children);
+  sa.children.clear();
+  sa.state = State::deleting;
+  log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
+                  n->spi_i, n->spi_r, suite.str()));
+  IkeSa& r = *n;
+  sas_[n->spi_r] = std::move(n);
+  if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
+  schedule_child_rekey(r);
 }
 
 tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, uint64_t now_ms) {

@@ -172,6 +172,8 @@ class Engine {
   void informational_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
   void create_child_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
   void create_child_response(IkeSa& sa, const std::vector<Payload>& pl);
+  void rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Proposal>& props, const Bytes& ni,
+                         const Payload* kep);
   void handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote);
 
   void queue_request(IkeSa& sa, uint8_t exchange, ChainBuilder chain, uint8_t kind, uint32_t child_spi = 0);

@@ -298,7 +298,26 @@ case_rekey_and_delete() {
     sleep 0.5
     sw --list-sas >"$RUN/$name.sas2" 2>&1
     python3 "$HERE/swan_check.py" "$RUN/$name.sas2" "$RUN/swan/charon.log" "$RUN/sa.log" r || { log "after strongSwan's rekey"; rc=1; }
-    stop_pid "$RUN/iked.pid" moat-iked     # TERM: Moat deletes its IKE SA
+    # strongSwan rekeys the IKE SA: Moat answers, moves the CHILD SA to the new IKE SA.
+    local old_ike new_ike
+    old_ike=$(sw --list-sas 2>/dev/null | grep -o '[0-9a-f]\{16\}_i')
+    sw --rekey --ike lab >"$RUN/$name.ikerekey" 2>&1 || { log "swanctl --rekey --ike failed"; rc=1; }
+    for i in $(seq 1 30); do
+        new_ike=$(sw --list-sas 2>/dev/null | grep ESTABLISHED | grep -o '[0-9a-f]\{16\}_i')
+        [ -n "$new_ike" ] && [ "$new_ike" != "$old_ike" ] && break; sleep 0.2
+    done
+    [ -n "$new_ike" ] && [ "$new_ike" != "$old_ike" ] || { log "IKE SA not rekeyed ($old_ike -> $new_ike)"; rc=1; }
+    sleep 0.5
+    iked_show || rc=1
+    python3 - "$RUN/show.json" "${new_ike%_i}" <<'PY' || { log "Moat's IKE SAs after the IKE rekey do not match"; rc=1; }
+import json, sys
+sas = json.load(open(sys.argv[1]))["ike_sas"]
+print("moat IKE SAs:", [(s["spi_i"], s["state"], len(s["children"])) for s in sas])
+assert len(sas) == 1 and sas[0]["spi_i"] == sys.argv[2] and sas[0]["state"] == "ESTABLISHED" and len(sas[0]["children"]) == 1
+PY
+    sw --list-sas >"$RUN/$name.sas3" 2>&1
+    python3 "$HERE/swan_check.py" "$RUN/$name.sas3" "$RUN/swan/charon.log" "$RUN/sa.log" r || { log "after the IKE rekey"; rc=1; }
+    stop_pid "$RUN/iked.pid" moat-iked     # TERM: Moat deletes its (new) IKE SA
     for i in $(seq 1 30); do sw --list-sas 2>/dev/null | grep -q ESTABLISHED || break; sleep 0.2; done
     sw --list-sas 2>/dev/null | grep -q ESTABLISHED && { log "strongSwan still has the IKE SA after Moat's delete"; rc=1; }
     case_end; result $name $rc
