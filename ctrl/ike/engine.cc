@@ -1150,6 +1150,7 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
   ChainBuilder c;
   bool delete_ike = false;
   std::vector<Bytes> ours;
+  std::vector<uint32_t> stale;
   for (auto& x : pl) {
     if (x.type != kPlDelete) continue;
     auto d = parse_delete(x.body);
@@ -1169,8 +1170,25 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
       sa.children.erase(it);
     }
   }
+  for (auto& x : pl) {
+    if (x.type != kPlNotify) continue;
+    auto n = parse_notify(x.body);
+    if (!n || n->type != kNInvalidSpi || n->data.size() != 4) continue;
+    // The peer does not know an SPI we send with: that CHILD SA is stale there.
+    uint32_t out = get32(n->data.data());
+    auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& ch) { return ch.spi_out == out; });
+    if (it == sa.children.end()) continue;
+    log(fmt::format("{}: peer does not know CHILD SA {:08x}_o; deleting it", sa.who(), out));
+    stale.push_back(it->spi_in);
+  }
   if (!delete_ike && !ours.empty()) c.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, ours}));
   respond(sa, m.h, c);
+  // Deletes are requests of their own; a response carries only answers (§1.4.1).
+  for (uint32_t in : stale) {
+    ChainBuilder d;
+    d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(in)}}));
+    queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, in);
+  }
   if (delete_ike) {
     sa.state = State::deleting;
     delete_sa(spi, "deleted by the peer", sa.peer && sa.peer->start);
@@ -1435,6 +1453,30 @@ tl::expected<void, std::string> Engine::terminate(const std::string& tunnel, uin
   for (auto spi : now_gone) delete_sa(spi, "terminated by the operator", false);
   if (!any) return tl::unexpected(fmt::format("tunnel \"{}\" has no IKE SA", tunnel));
   return {};
+}
+
+bool Engine::unknown_spi(uint32_t spi, const IpAddr& from, uint64_t now_ms) {
+  now_ = now_ms;
+  auto it = invalid_spi_at_.find(from);
+  if (it != invalid_spi_at_.end() && now_ms < it->second + 1000) {
+    ++stats_.invalid_spi_limited;
+    return false;
+  }
+  if (invalid_spi_at_.size() > 4096) invalid_spi_at_.clear();  // bounded whatever arrives
+  invalid_spi_at_[from] = now_ms;
+  for (auto& kv : sas_) {
+    IkeSa& sa = *kv.second;
+    if (sa.state != State::established || !(sa.remote.addr == from)) continue;
+    ChainBuilder c;
+    c.add_notify(kNInvalidSpi, u32_bytes(spi), kProtoEsp);
+    log(fmt::format("{}: ESP with unknown SPI {:08x}: telling the peer INVALID_SPI", sa.who(), spi));
+    ++stats_.invalid_spi_sent;
+    // The answer to this request doubles as the liveness check.
+    queue_request(sa, uint8_t(Exchange::informational), std::move(c), kReqDpd);
+    return true;
+  }
+  ++stats_.invalid_spi_limited;
+  return false;
 }
 
 tl::expected<void, std::string> Engine::check_liveness(const std::string& tunnel, uint64_t now_ms) {

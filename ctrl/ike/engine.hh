@@ -105,7 +105,9 @@ class Transport {
   X(child_installed, "CHILD SAs installed")                                              \
   X(child_removed, "CHILD SAs removed")                                                  \
   X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
-  X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")
+  X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
+  X(invalid_spi_sent, "INVALID_SPI notifications sent for unknown ESP SPIs")             \
+  X(invalid_spi_limited, "unknown-SPI events not answered (rate limit or no IKE SA)")
 
 struct Stats {
 #define X(name, desc) uint64_t name = 0;
@@ -135,6 +137,13 @@ class Engine {
   tl::expected<void, std::string> rekey_child(const std::string& tunnel, uint64_t now_ms);
   // Sends an empty INFORMATIONAL (liveness check) on the tunnel's IKE SA.
   tl::expected<void, std::string> check_liveness(const std::string& tunnel, uint64_t now_ms);
+
+  // The ESP data path received an SPI it does not know from `from` (a peer
+  // holding a stale SA, seed 003 §6.1). Rate-limited to once a second per
+  // address: tells the peer INVALID_SPI (§2.21) inside an IKE SA we share
+  // with that address and checks its liveness. Without such an IKE SA there
+  // is nothing authenticated to say; returns false.
+  bool unknown_spi(uint32_t spi, const IpAddr& from, uint64_t now_ms);
 
   // `moatctl show ike`: IKE SAs with state, peer identity and address,
   // algorithms, ages and their CHILD SAs.
@@ -215,6 +224,7 @@ class Engine {
   };
   std::map<std::string, Reinit> reinit_;  // `start` peers waiting to be (re-)initiated
   uint64_t next_child_id_ = 1;
+  std::map<IpAddr, uint64_t> invalid_spi_at_;  // rate limit per peer address
   Bytes cookie_secret_, cookie_secret_old_;
   uint64_t cookie_secret_at_ = 0;
   Bytes make_cookie(ByteView secret, ByteView ni, const Endpoint& remote, uint64_t spi_i) const;

@@ -429,6 +429,25 @@ TEST_F(Pair, ChildRekeyIsMakeBeforeBreak) {
   EXPECT_EQ(portal->sink.live(), 1u);
 }
 
+TEST_F(Pair, UnknownSpiIsReportedRateLimitedAndOnlyInsideAnIkeSa) {
+  // No IKE SA with that address: nothing authenticated to say.
+  EXPECT_FALSE(portal->e.unknown_spi(0x1234, ip("203.0.113.1"), now));
+  establish();
+  uint32_t stale = moat->sink.installed[0].spi_out + 1;  // an SPI the portal never made
+  EXPECT_TRUE(portal->e.unknown_spi(stale, moat->a, now));
+  EXPECT_FALSE(portal->e.unknown_spi(stale, moat->a, now + 10));  // rate limit
+  run();
+  EXPECT_EQ(portal->e.stats().invalid_spi_sent, 1u);
+  EXPECT_EQ(portal->e.stats().invalid_spi_limited, 2u);
+  EXPECT_EQ(moat->sink.live(), 1u);  // not one of the moat's SPIs: nothing removed
+  // About the moat's real outbound SPI: the moat drops that stale CHILD SA.
+  now += 2000;
+  EXPECT_TRUE(portal->e.unknown_spi(moat->sink.installed[0].spi_out, moat->a, now));
+  run();
+  EXPECT_EQ(moat->sink.live(), 0u);
+  EXPECT_EQ(portal->sink.live(), 0u);  // and told the portal to drop its half too
+}
+
 TEST_F(Pair, TerminateDeletesBothSides) {
   establish();
   ASSERT_TRUE(moat->e.terminate("portal", now));
