@@ -9,7 +9,7 @@ pkgs=(
   python3 python3-yaml python3-scapy tshark iperf3 iproute2 iputils-ping
   traceroute ethtool tcpdump netcat-openbsd socat openssh-server dnsmasq-base
   strongswan-swanctl charon-systemd libcharon-extra-plugins strongswan-libcharon
-  libstrongswan-standard-plugins clang
+  libstrongswan-standard-plugins nftables clang
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -20,7 +20,7 @@ CHARON=/usr/sbin/charon-systemd
 [ -x "$CHARON" ] && command -v swanctl >/dev/null || { echo "FAIL: strongSwan missing (scripts/setup.sh installs it)"; exit 1; }
 
 P="ikt$$"
-NS_M="$P-moat"; NS_S="$P-swan"
+NS_M="$P-moat"; NS_S="$P-swan"; NS_N="$P-nat"; NS_MN="$P-moatn"
 RUN="$(mktemp -d /tmp/moat-ike-interop.XXXXXX)"; mkdir -p "$RUN/swan"
 PSK="moat-interop-psk-0123456789abcdef"
 M_WAN=192.0.2.1; S_WAN=192.0.2.2
@@ -43,8 +43,7 @@ stop_pid() { # PIDFILE NAME: TERM then KILL, only if it is still NAME
 cleanup() {
     stop_pid "$RUN/iked.pid" moat-iked
     stop_pid "$RUN/charon.pid" charon-systemd
-    ip netns del "$NS_M" 2>/dev/null
-    ip netns del "$NS_S" 2>/dev/null
+    for ns in "$NS_M" "$NS_S" "$NS_N" "$NS_MN"; do ip netns del "$ns" 2>/dev/null; done
     if [ "${KEEP:-0}" = 1 ] || ((${#FAILS[@]})); then log "run dir kept: $RUN"; else rm -rf "$RUN"; fi
 }
 trap cleanup EXIT
@@ -60,6 +59,26 @@ for ns in "$NS_M" "$NS_S"; do nsx "$ns" ip link set lo up; nsx "$ns" ip link set
 # inside the local funnel: give charon's namespace one.
 nsx "$NS_S" ip link add lan0 type veth peer name lan1; nsx "$NS_S" ip addr add 10.2.0.1/24 dev lan0
 nsx "$NS_S" ip link set lan1 up; nsx "$NS_S" ip link set lan0 up
+# A second moat namespace behind a masquerading NAT:
+#   moatn 10.9.0.2 --- 10.9.0.1 nat 198.18.0.1 (masquerade) --- 198.18.0.2 swan
+ip netns add "$NS_N" && ip netns add "$NS_MN" || { echo "FAIL: cannot create namespaces"; exit 1; }
+ip link add "${P}n1" type veth peer name "${P}n2"
+ip link add "${P}n3" type veth peer name "${P}n4"
+ip link set "${P}n1" netns "$NS_MN"; ip link set "${P}n2" netns "$NS_N"
+ip link set "${P}n3" netns "$NS_N"; ip link set "${P}n4" netns "$NS_S"
+nsx "$NS_MN" ip link set "${P}n1" name wan0; nsx "$NS_N" ip link set "${P}n2" name in0
+nsx "$NS_N" ip link set "${P}n3" name out0; nsx "$NS_S" ip link set "${P}n4" name wan1
+nsx "$NS_MN" ip addr add 10.9.0.2/24 dev wan0; nsx "$NS_N" ip addr add 10.9.0.1/24 dev in0
+nsx "$NS_N" ip addr add 198.18.0.1/24 dev out0; nsx "$NS_S" ip addr add 198.18.0.2/24 dev wan1
+for l in "$NS_MN lo" "$NS_MN wan0" "$NS_N lo" "$NS_N in0" "$NS_N out0" "$NS_S wan1"; do set -- $l; nsx "$1" ip link set "$2" up; done
+nsx "$NS_MN" ip route add default via 10.9.0.1
+nsx "$NS_N" sysctl -qw net.ipv4.ip_forward=1
+NAT_OK=1
+nsx "$NS_N" nft -f - <<'NFT' || NAT_OK=0
+table ip nat {
+    chain post { type nat hook postrouting priority srcnat; policy accept; oifname "out0" masquerade; }
+}
+NFT
 
 # ---------------------------------------------------------------- strongSwan
 charon_conf() { # IKE_PROPOSALS ESP_PROPOSALS PSK START(none|start) REMOTE_ID
@@ -96,8 +115,8 @@ EOF
 connections {
     lab {
         version = 2
-        local_addrs = $S_WAN
-        remote_addrs = $M_WAN
+        local_addrs = ${SW_LOCAL:-$S_WAN}
+        remote_addrs = ${SW_REMOTE:-$M_WAN}
         proposals = $1
         encap = yes
         mobike = no
@@ -143,7 +162,7 @@ moat_conf() { # IKE_PROPOSALS ESP_PROPOSALS PSK START(true|false)
 local_id: $M_ID
 remote_id: $S_ID
 psk: "$3"
-remote: $S_WAN
+remote: ${MOAT_REMOTE:-$S_WAN}
 start: $4
 ike_proposals: $1
 esp_proposals: $2
@@ -154,7 +173,7 @@ EOF
 
 iked_start() {
     : >"$RUN/sa.log"
-    nsx "$NS_M" sh -c 'echo $$ >"$0"; exec "$@"' "$RUN/iked.pid" "$IKED" --dir "$RUN/moats.d" \
+    nsx "${IKED_NS:-$NS_M}" sh -c 'echo $$ >"$0"; exec "$@"' "$RUN/iked.pid" "$IKED" --dir "$RUN/moats.d" \
         --sa-log "$RUN/sa.log" --show "$RUN/show.json" --retransmit-ms 500 --retransmit-tries 3 \
         >>"$RUN/iked.log" 2>&1 </dev/null &
     local i
@@ -339,8 +358,27 @@ case_peer_restart() {
     sw --list-sas >"$RUN/$name.sas" 2>&1
     python3 "$HERE/swan_check.py" "$RUN/$name.sas" "$RUN/swan/charon.log" "$RUN/sa.log" i || rc=1
     case_end; result $name $rc
-
-    log "$PASS passed, ${#FAILS[@]} failed${FAILS[*]:+: ${FAILS[*]}}"
-    ((${#FAILS[@]} == 0))
 }
 want peer-restart && case_peer_restart
+
+# Moat behind a real NAT (nftables masquerade) initiates to strongSwan: NAT-D
+# finds the NAT, IKE and ESP move to 4500, strongSwan sees the NAT's address.
+case_behind_nat() {
+    local name=behind-nat rc=0
+    log "--- $name"
+    [ "$NAT_OK" = 1 ] || { log "nftables masquerade could not be set up"; result $name 1; return; }
+    : >"$RUN/swan/charon.log"
+    SW_LOCAL=198.18.0.2 SW_REMOTE=%any charon_conf "aes128gcm16-prfsha256-x25519" "aes128gcm16" "$PSK" none && charon_start || rc=1
+    MOAT_REMOTE=198.18.0.2 moat_conf "aes128gcm16-prfsha256-x25519" "aes128gcm16" "$PSK" true && IKED_NS=$NS_MN iked_start || rc=1
+    wait_installed || rc=1
+    sw --list-sas >"$RUN/$name.sas" 2>&1
+    grep -q "remote 'moat.example.net' @ 198.18.0.1\[" "$RUN/$name.sas" || { log "strongSwan does not see the NAT's address"; rc=1; }
+    python3 "$HERE/swan_check.py" "$RUN/$name.sas" "$RUN/swan/charon.log" "$RUN/sa.log" i || rc=1
+    iked_show && python3 -c "import json; s=json.load(open('$RUN/show.json'))['ike_sas'][0]; print('moat sees NAT:', s['nat'], s['local'], s['remote']); assert s['nat'] in ('local','both') and s['local'].endswith(':4500')" \
+        || { log "Moat did not detect that it is behind a NAT"; rc=1; }
+    case_end; result $name $rc
+}
+want behind-nat && case_behind_nat
+
+log "$PASS passed, ${#FAILS[@]} failed${FAILS[*]:+: ${FAILS[*]}}"
+((${#FAILS[@]} == 0))
