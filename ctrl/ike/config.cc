@@ -100,7 +100,7 @@ std::string proposal_text(Record& r, const YAML::Node& map, const char* key, con
 
 const std::set<std::string> kKeys = {"name",          "local_id", "remote_id", "psk",    "psk_file", "remote",
                                      "local",         "start",    "funnels",   "lifetime", "rekey",  "dpd",
-                                     "ike_proposals", "esp_proposals", "auth"};
+                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl"};
 
 }  // namespace
 
@@ -130,9 +130,36 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
   PeerConfig p;
   p.name = r.name;
   p.origin = fmt::format("{}:{}", path, doc.Mark().line + 1);
-  if (auto a = scalar(r, doc, "auth", false); a && *a != "psk")
-    r.error(doc["auth"], "auth", fmt::format("\"{}\" is not supported (psk)", *a));
+  bool pubkey = false;
+  if (auto a = scalar(r, doc, "auth", false)) {
+    if (*a == "pubkey") pubkey = true;
+    else if (*a != "psk") r.error(doc["auth"], "auth", fmt::format("\"{}\" is not supported (psk, pubkey)", *a));
+  }
+  if (pubkey) {
+    auto cert = scalar(r, doc, "cert", true), key = scalar(r, doc, "key", true), ca = scalar(r, doc, "ca", true);
+    auto crl = scalar(r, doc, "crl", false);
+    if (cert && key && ca) {
+      std::string k = *cert + "\n" + *key + "\n" + *ca + "\n" + crl.value_or("");
+      auto it = out.credentials.find(k);
+      if (it != out.credentials.end()) {
+        p.creds = it->second;
+      } else if (auto c = Credentials::load(*cert, *key, *ca, crl.value_or(""))) {
+        p.creds = *c;
+        out.credentials[k] = *c;
+      } else {
+        r.error(doc["cert"], "cert", c.error());
+      }
+    }
+    if (doc["psk"] || doc["psk_file"]) r.error(doc["auth"], "auth", "pubkey tunnels take no psk");
+  } else {
+    for (const char* k : {"cert", "key", "ca", "crl"})
+      if (doc[k]) r.error(doc[k], k, "only with auth: pubkey");
+  }
   for (auto [key, dst] : {std::pair{"local_id", &p.local_id}, std::pair{"remote_id", &p.remote_id}}) {
+    if (pubkey && p.creds && std::string(key) == "local_id" && !doc[key]) {
+      p.local_id = p.creds->subject();
+      continue;
+    }
     if (auto s = scalar(r, doc, key, true)) {
       auto id = Identity::parse(*s);
       if (!id) r.error(doc[key], key, id.error());
@@ -141,7 +168,8 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
   }
   auto psk = scalar(r, doc, "psk", false);
   auto psk_file = scalar(r, doc, "psk_file", false);
-  if (psk && psk_file) r.error(doc["psk_file"], "psk_file", "give psk or psk_file, not both");
+  if (pubkey) {
+  } else if (psk && psk_file) r.error(doc["psk_file"], "psk_file", "give psk or psk_file, not both");
   else if (psk) p.psk = to_bytes(*psk);
   else if (psk_file) {
     std::ifstream f(*psk_file);

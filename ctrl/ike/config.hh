@@ -10,6 +10,9 @@
 //   local_id: portal.example.net          # strongSwan identity syntax
 //   remote_id: branch-17@moats.example.net
 //   psk: "a long random secret"           # or psk_file: /etc/moat/psk/branch-17
+//   # or certificates (RFC 7427 signatures, ECDSA or RSA):
+//   # auth: pubkey, cert: moat.pem, key: moat.key, ca: ca.pem, crl: ca.crl (optional);
+//   # local_id defaults to the certificate's subject DN
 //   remote: 198.51.100.7                  # optional: where to initiate to (addr or addr:port)
 //   local: 192.0.2.1                      # optional: our source address
 //   start: true                           # initiate now and whenever the SA dies
@@ -20,6 +23,8 @@
 //   lifetime: 3600                        # CHILD SA hard lifetime, seconds
 //   rekey: 3240                           # CHILD SA rekey time; default 90% of lifetime
 //   dpd: 30                               # liveness check after this much silence; 0 = off
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,6 +42,9 @@ struct TunnelError {
 struct TunnelDir {
   std::vector<PeerConfig> tunnels;
   std::vector<TunnelError> errors;
+  // Loaded once for all the tunnels that name the same files (thousands of
+  // moats share one CA).
+  std::map<std::string, std::shared_ptr<const Credentials>> credentials;
 };
 
 // Every *.yaml and *.yml file of `dir`, in name order.

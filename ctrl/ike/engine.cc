@@ -67,6 +67,53 @@ std::string ts_list(const std::vector<TrafficSelector>& ts) {
   return s;
 }
 
+tl::expected<AuthPayload, std::string> make_auth(const PeerConfig& p, uint16_t prf_alg, ByteView octets) {
+  if (p.creds) {
+    auto sig = p.creds->sign(octets);
+    if (!sig) return tl::unexpected(sig.error());
+    return AuthPayload{kAuthDigitalSignature, *sig};
+  }
+  return AuthPayload{kAuthPsk, psk_auth(prf_alg, p.psk, octets)};
+}
+
+// The peer's AUTH (and certificates): PSK or an RFC 7427 signature.
+tl::expected<void, std::string> check_auth(const PeerConfig& p, uint16_t prf_alg, const std::vector<Payload>& pl,
+                                           const Identity& id, const AuthPayload& a, ByteView octets) {
+  if (p.creds) {
+    std::vector<Bytes> certs;
+    for (auto& x : pl)
+      if (x.type == kPlCert && x.body.size() > 1 && x.body[0] == kCertX509Signature)
+        certs.emplace_back(x.body.begin() + 1, x.body.end());
+    if (certs.empty()) return tl::unexpected(std::string("no X.509 certificate sent"));
+    std::vector<Bytes> rest(certs.begin() + 1, certs.end());
+    return p.creds->verify(certs[0], rest, id, a.method, a.data, octets);
+  }
+  if (a.method != kAuthPsk) return tl::unexpected(fmt::format("AUTH method {} (this tunnel uses PSK)", a.method));
+  if (!equal_ct(a.data, psk_auth(prf_alg, p.psk, octets)))
+    return tl::unexpected(std::string("AUTH does not verify (different pre-shared key?)"));
+  return {};
+}
+
+void add_cert(ChainBuilder& c, const PeerConfig& p) {
+  if (!p.creds) return;
+  Bytes b{kCertX509Signature};
+  b.insert(b.end(), p.creds->cert_der().begin(), p.creds->cert_der().end());
+  c.add(kPlCert, b);
+}
+
+void add_certreq(ChainBuilder& c, const Credentials& cr) {
+  Bytes b{kCertX509Signature};
+  Bytes h = cr.certreq();
+  b.insert(b.end(), h.begin(), h.end());
+  c.add(kPlCertReq, b);
+}
+
+void add_hash_algorithms(ChainBuilder& c) {
+  Bytes h;
+  for (uint16_t a : {kHashSha256, kHashSha384, kHashSha512}) put16(h, a);
+  c.add_notify(kNSignatureHashAlgorithms, h);
+}
+
 }  // namespace
 
 struct Engine::Request {
@@ -662,6 +709,7 @@ void Engine::send_init(IkeSa& sa) {
   c.add(kPlNonce, sa.ni);
   c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, 0, sa.local));
   c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, 0, sa.remote));
+  if (sa.peer->creds) add_hash_algorithms(c);
   Header h;
   h.spi_i = sa.spi_i;
   h.exchange = uint8_t(Exchange::ike_sa_init);
@@ -779,7 +827,11 @@ void Engine::send_auth(IkeSa& sa) {
   });
   if (!other) c.add_notify(kNInitialContact);
   if (p.remote_id.type) c.add(kPlIdr, encode_id(p.remote_id));
-  c.add(kPlAuth, encode_auth(AuthPayload{kAuthPsk, psk_auth(sa.suite.prf, p.psk, octets)}));
+  auto auth = make_auth(p, sa.suite.prf, octets);
+  if (!auth) return fail(sa, "cannot authenticate: " + auth.error());
+  add_cert(c, p);
+  if (p.creds) add_certreq(c, *p.creds);
+  c.add(kPlAuth, encode_auth(*auth));
   c.add(kPlSa, encode_sa(without_dh(p.esp_proposals, u32_bytes(sa.pending_spi))));
   c.add(kPlTsi, encode_ts(p.local_ts));
   c.add(kPlTsr, encode_ts(p.remote_ts));
@@ -818,17 +870,13 @@ void Engine::auth_response(IkeSa& sa, const std::vector<Payload>& pl) {
     ++stats_.auth_failed;
     return fail(sa, fmt::format("responder is \"{}\", expected \"{}\"", idr->str(), p.remote_id.str()));
   }
-  if (auth->method != kAuthPsk) {
-    ++stats_.auth_failed;
-    return fail(sa, fmt::format("responder authenticates with method {}, we expect PSK", auth->method));
-  }
   Bytes octets = sa.init_resp;
   octets.insert(octets.end(), sa.ni.begin(), sa.ni.end());
   Bytes mac = prf(sa.suite.prf, sa.keys.sk_pr, idp->body);
   octets.insert(octets.end(), mac.begin(), mac.end());
-  if (!equal_ct(auth->data, psk_auth(sa.suite.prf, p.psk, octets))) {
+  if (auto ok = check_auth(p, sa.suite.prf, pl, *idr, *auth, octets); !ok) {
     ++stats_.auth_failed;
-    return fail(sa, "responder's AUTH does not verify (different pre-shared key?)");
+    return fail(sa, "responder's AUTH: " + ok.error());
   }
   sa.dh.reset();
   established(sa);
@@ -985,6 +1033,15 @@ void Engine::init_request(const Endpoint& local, const Endpoint& remote, const M
     c.add_notify(kNNatDetectionSourceIp, nat_hash(sa->spi_i, sa->spi_r, local));
     c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa->spi_i, sa->spi_r, remote));
   }
+  // Certificate tunnels: ask for the initiator's certificate (peers that send
+  // theirs only "if asked") and offer RFC 7427 hashes. Which tunnel this is
+  // becomes known only in IKE_AUTH, so the first one with certificates speaks.
+  for (auto& p : peers_)
+    if (p->creds) {
+      add_certreq(c, *p->creds);
+      add_hash_algorithms(c);
+      break;
+    }
   Header rh;
   rh.spi_i = sa->spi_i;
   rh.spi_r = sa->spi_r;
@@ -1073,14 +1130,12 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
     return reject(kNAuthenticationFailed,
                   fmt::format("IKE SA uses {}, not allowed for this tunnel ({})", sa.suite.str(),
                               proposals_str(peer->ike_proposals)));
-  if (auth->method != kAuthPsk)
-    return reject(kNAuthenticationFailed, fmt::format("AUTH method {} (this tunnel uses PSK)", auth->method));
   Bytes octets = sa.init_req;
   octets.insert(octets.end(), sa.nr.begin(), sa.nr.end());
   Bytes mac = prf(sa.suite.prf, sa.keys.sk_pi, idip->body);
   octets.insert(octets.end(), mac.begin(), mac.end());
-  if (!equal_ct(auth->data, psk_auth(sa.suite.prf, peer->psk, octets)))
-    return reject(kNAuthenticationFailed, "AUTH does not verify (different pre-shared key?)");
+  if (auto ok = check_auth(*peer, sa.suite.prf, pl, *idi, *auth, octets); !ok)
+    return reject(kNAuthenticationFailed, ok.error());
 
   ChainBuilder c;
   Bytes idr_body = encode_id(peer->local_id);
@@ -1088,8 +1143,11 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
   ro.insert(ro.end(), sa.ni.begin(), sa.ni.end());
   Bytes rmac = prf(sa.suite.prf, sa.keys.sk_pr, idr_body);
   ro.insert(ro.end(), rmac.begin(), rmac.end());
+  auto my_auth = make_auth(*peer, sa.suite.prf, ro);
+  if (!my_auth) return reject(kNAuthenticationFailed, "cannot authenticate ourselves: " + my_auth.error());
   c.add(kPlIdr, idr_body);
-  c.add(kPlAuth, encode_auth(AuthPayload{kAuthPsk, psk_auth(sa.suite.prf, peer->psk, ro)}));
+  add_cert(c, *peer);
+  c.add(kPlAuth, encode_auth(*my_auth));
   established(sa);
 
   if (initial_contact) {

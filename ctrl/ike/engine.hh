@@ -32,6 +32,7 @@
 #include <nlohmann/json.hpp>
 #include <tl/expected.hpp>
 
+#include "ctrl/ike/cert.hh"
 #include "ctrl/ike/child_sa.hh"
 #include "ctrl/ike/crypto.hh"
 #include "ctrl/ike/message.hh"
@@ -46,7 +47,8 @@ struct PeerConfig {
   std::string name;
   std::string origin;  // "file:line" of its record, for messages
   Identity local_id, remote_id;
-  Bytes psk;
+  Bytes psk;                                  // PSK authentication when `creds` is null
+  std::shared_ptr<const Credentials> creds;   // certificates (RFC 7427 signatures)
   std::vector<Proposal> ike_proposals;  // kProtoIke
   std::vector<Proposal> esp_proposals;  // kProtoEsp
   std::vector<TrafficSelector> local_ts, remote_ts;

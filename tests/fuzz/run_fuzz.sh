@@ -10,7 +10,7 @@ OUT="$(mktemp -d /tmp/moat-fuzz.XXXXXX)"
 trap 'rm -rf "$OUT"' EXIT
 cd "$OUT"
 clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I"$SRC" \
-    "$SRC"/tests/fuzz/fuzz_ike.cc "$SRC"/ctrl/ike/{types,message,crypto,engine}.cc \
+    "$SRC"/tests/fuzz/fuzz_ike.cc "$SRC"/ctrl/ike/{types,message,crypto,cert,engine}.cc \
     -o fuzz_ike $(pkg-config --cflags --libs fmt openssl)
 mkdir corpus
 # Seeds: real strongSwan IKE_SA_INIT messages are in the unit tests' style; a

@@ -86,7 +86,7 @@ charon_conf() { # IKE_PROPOSALS ESP_PROPOSALS PSK START(none|start) REMOTE_ID
     cat >"$RUN/swan/strongswan.conf" <<EOF
 charon {
     load_modular = no
-    load = random nonce openssl aes sha1 sha2 hmac gcm pem pkcs1 x509 kdf kernel-libipsec kernel-netlink socket-default vici updown
+    load = random nonce openssl aes sha1 sha2 hmac gcm pem pkcs1 pkcs8 x509 pubkey constraints kdf kernel-libipsec kernel-netlink socket-default vici updown
     port = 500
     port_nat_t = 4500
     install_routes = yes
@@ -109,8 +109,24 @@ charon {
     }
 }
 charon-systemd { journal { default = -1 } }
-swanctl { socket = unix://$RUN/swan/charon.vici }
+swanctl {
+    load = pem pkcs1 pkcs8 x509 revocation constraints pubkey openssl random
+    socket = unix://$RUN/swan/charon.vici
+}
 EOF
+    local auth_local="auth = psk
+                id = $S_ID" auth_remote="auth = psk
+                 id = ${5:-$M_ID}"
+    if [ "${SW_AUTH:-psk}" = pubkey ]; then
+        mkdir -p "$RUN/swan/swanctl/x509" "$RUN/swan/swanctl/x509ca" "$RUN/swan/swanctl/ecdsa"
+        cp "$RUN/pki/ca.pem" "$RUN/swan/swanctl/x509ca/"; cp "$RUN/pki/swan.pem" "$RUN/swan/swanctl/x509/"
+        cp "$RUN/pki/swan.key" "$RUN/swan/swanctl/ecdsa/"
+        auth_local="auth = pubkey
+                certs = swan.pem
+                id = \"$SWAN_DN\""
+        auth_remote="auth = pubkey
+                 id = \"$MOAT_DN\""
+    fi
     cat >"$RUN/swan/swanctl/swanctl.conf" <<EOF
 connections {
     lab {
@@ -120,10 +136,8 @@ connections {
         proposals = $1
         encap = yes
         mobike = no
-        local { auth = psk
-                id = $S_ID }
-        remote { auth = psk
-                 id = ${5:-$M_ID} }
+        local { $auth_local }
+        remote { $auth_remote }
         children {
             net {
                 mode = tunnel
@@ -158,10 +172,16 @@ charon_start() {
 # ---------------------------------------------------------------- Moat
 moat_conf() { # IKE_PROPOSALS ESP_PROPOSALS PSK START(true|false)
     rm -rf "$RUN/moats.d"; mkdir -p "$RUN/moats.d"
-    cat >"$RUN/moats.d/swan.yaml" <<EOF
-local_id: $M_ID
+    local auth="local_id: $M_ID
 remote_id: $S_ID
-psk: "$3"
+psk: \"$3\""
+    [ "${MOAT_AUTH:-psk}" = pubkey ] && auth="auth: pubkey
+cert: $RUN/pki/moat.pem
+key: $RUN/pki/moat.key
+ca: $RUN/pki/${MOAT_CA:-ca}.pem
+remote_id: \"$SWAN_DN\""
+    cat >"$RUN/moats.d/swan.yaml" <<EOF
+$auth
 remote: ${MOAT_REMOTE:-$S_WAN}
 start: $4
 ike_proposals: $1
@@ -379,6 +399,61 @@ case_behind_nat() {
     case_end; result $name $rc
 }
 want behind-nat && case_behind_nat
+
+# ECDSA certificates (RFC 7427 signatures): a test CA, one certificate each.
+MOAT_DN="C=CH, O=Moat, CN=moat.example.net"; SWAN_DN="C=CH, O=Moat, CN=swan.example.net"
+make_pki() {
+    local d="$RUN/pki" n
+    mkdir -p "$d"
+    for ca in ca other-ca; do
+        openssl ecparam -genkey -name prime256v1 -noout -out "$d/$ca.key" &&
+        openssl req -x509 -new -key "$d/$ca.key" -subj "/C=CH/O=Moat/CN=Moat $ca" -days 30 -out "$d/$ca.pem" \
+            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign || return 1
+    done
+    for n in moat swan; do
+        openssl ecparam -genkey -name prime256v1 -noout -out "$d/$n.key" &&
+        openssl req -new -key "$d/$n.key" -subj "/C=CH/O=Moat/CN=$n.example.net" -out "$d/$n.csr" &&
+        printf 'subjectAltName=DNS:%s.example.net\nkeyUsage=digitalSignature\n' $n >"$d/$n.ext" &&
+        openssl x509 -req -in "$d/$n.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+            -extfile "$d/$n.ext" -out "$d/$n.pem" 2>/dev/null || return 1
+    done
+}
+PKI_OK=1; make_pki >"$RUN/pki.log" 2>&1 || { PKI_OK=0; cat "$RUN/pki.log"; }
+
+cert_case() { # NAME resp|init
+    local name=$1 rc=0
+    log "--- $name: ECDSA certificates, Moat as ${2}"
+    [ "$PKI_OK" = 1 ] || { result $name 1; return; }
+    : >"$RUN/swan/charon.log"
+    local start=false; [ "$2" = init ] && start=true
+    SW_AUTH=pubkey charon_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" none && charon_start || rc=1
+    MOAT_AUTH=pubkey moat_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" $start && iked_start || rc=1
+    [ "$2" = resp ] && { sw --initiate --child net --timeout 10 >"$RUN/$name.initiate" 2>&1 || rc=1; }
+    wait_installed || rc=1
+    sw --list-sas >"$RUN/$name.sas" 2>&1
+    grep -q "remote '$MOAT_DN'" "$RUN/$name.sas" || { log "strongSwan did not authenticate Moat's DN"; rc=1; }
+    python3 "$HERE/swan_check.py" "$RUN/$name.sas" "$RUN/swan/charon.log" "$RUN/sa.log" ${2:0:1} || rc=1
+    grep -q "authentication of '$MOAT_DN' with ECDSA_WITH_SHA256_DER successful" "$RUN/swan/charon.log" \
+        || { log "charon did not verify an RFC 7427 ECDSA signature"; rc=1; }
+    [ $rc = 0 ] || { tail -5 "$RUN/iked.log"; grep -E "IKE\]|CFG\]" "$RUN/swan/charon.log" | tail -8; }
+    case_end; result $name $rc
+}
+want cert-resp && cert_case cert-resp resp
+want cert-init && cert_case cert-init init
+
+# A certificate from a CA Moat does not trust is refused.
+case_cert_untrusted() {
+    local name=cert-untrusted rc=0
+    log "--- $name"
+    : >"$RUN/swan/charon.log"
+    SW_AUTH=pubkey charon_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" none && charon_start || rc=1
+    MOAT_CA=other-ca MOAT_AUTH=pubkey moat_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" false && iked_start || rc=1
+    sw --initiate --child net --timeout 5 >"$RUN/$name.initiate" 2>&1 && { log "initiate succeeded unexpectedly"; rc=1; }
+    grep -q "received AUTHENTICATION_FAILED" "$RUN/swan/charon.log" || { log "charon did not get AUTHENTICATION_FAILED"; rc=1; }
+    grep -q "peer certificate not trusted" "$RUN/iked.log" || { log "Moat did not say why"; rc=1; }
+    case_end; result $name $rc
+}
+[ "$PKI_OK" = 1 ] && want cert-untrusted && case_cert_untrusted
 
 log "$PASS passed, ${#FAILS[@]} failed${FAILS[*]:+: ${FAILS[*]}}"
 ((${#FAILS[@]} == 0))
