@@ -100,7 +100,7 @@ std::string proposal_text(Record& r, const YAML::Node& map, const char* key, con
 
 const std::set<std::string> kKeys = {"name",          "local_id", "remote_id", "psk",    "psk_file", "remote",
                                      "local",         "start",    "funnels",   "lifetime", "rekey",  "dpd",
-                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl"};
+                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl", "ike_rekey"};
 
 }  // namespace
 
@@ -248,6 +248,7 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
   if (auto v = seconds(r, doc, "lifetime")) p.child_lifetime_s = *v;
   if (auto v = seconds(r, doc, "rekey")) p.child_rekey_s = *v;
   if (auto v = seconds(r, doc, "dpd")) p.dpd_s = *v;
+  if (auto v = seconds(r, doc, "ike_rekey")) p.ike_rekey_s = *v;
   if (p.child_rekey_s && p.child_rekey_s >= p.child_lifetime_s)
     r.error(doc["rekey"], "rekey", "must be shorter than lifetime");
   if (!r.errors.empty()) {

@@ -21,7 +21,7 @@ const char* state_name(State s) {
   return "?";
 }
 
-enum ReqKind : uint8_t { kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild };
+enum ReqKind : uint8_t { kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke };
 
 bool child_error(uint16_t n) {
   return n == kNNoProposalChosen || n == kNTsUnacceptable || n == kNSinglePairRequired ||
@@ -154,7 +154,11 @@ struct Engine::IkeSa {
   Bytes pending_nonce;
 
   uint64_t created_ms = 0, established_ms = 0, last_heard_ms = 0;
-  uint32_t timer_gen[4] = {};
+  uint32_t timer_gen[8] = {};
+  // Our IKE SA rekey in flight: the new SA's SPI, nonce and DH key.
+  uint64_t rekey_spi = 0;
+  Bytes rekey_ni;
+  std::unique_ptr<Dh> rekey_dh;
 
   uint64_t our_spi() const { return initiator ? spi_i : spi_r; }
   ByteView ke_out() const { return initiator ? keys.sk_ei : keys.sk_er; }
@@ -400,6 +404,7 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
         break;
       }
       case kReqRekeyChild: create_child_response(sa, *inner); break;
+      case kReqRekeyIke: rekey_ike_response(sa, *inner); break;
       case kReqDpd: break;
     }
     auto it = sas_.find(spi);
@@ -535,6 +540,9 @@ void Engine::fire(IkeSa& sa, TimerKind k) {
     case TimerKind::child_rekey:
       if (sa.state == State::established && sa.peer) (void)rekey_child(sa.peer->name, now_);
       return;
+    case TimerKind::ike_rekey:
+      if (sa.state == State::established && sa.peer) (void)rekey_ike(sa.peer->name, now_);
+      return;
     case TimerKind::kinds: return;
   }
 }
@@ -598,7 +606,15 @@ void Engine::established(IkeSa& sa) {
   if (sa.peer) {
     reinit_.erase(sa.peer->name);
     if (sa.peer->dpd_s) arm(sa, TimerKind::dpd, now_ + uint64_t(sa.peer->dpd_s) * 1000);
+    schedule_ike_rekey(sa);
   }
+}
+
+void Engine::schedule_ike_rekey(IkeSa& sa) {
+  if (!sa.peer || !sa.peer->start || !sa.peer->ike_rekey_s) return;
+  uint64_t ms = uint64_t(sa.peer->ike_rekey_s) * 1000;
+  ms -= get32(random_bytes(4).data()) % (ms / 10 + 1);
+  arm(sa, TimerKind::ike_rekey, now_ + ms);
 }
 
 uint32_t Engine::new_child_spi() {
@@ -1421,6 +1437,106 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   sas_[n->spi_r] = std::move(n);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
   schedule_child_rekey(r);
+}
+
+tl::expected<void, std::string> Engine::rekey_ike(const std::string& tunnel, uint64_t now_ms) {
+  now_ = now_ms;
+  IkeSa* sa = find_established(tunnel);
+  if (!sa) return tl::unexpected(fmt::format("tunnel \"{}\" has no established IKE SA", tunnel));
+  if (sa->rekey_spi) return tl::unexpected(fmt::format("tunnel \"{}\": an IKE SA rekey is under way", tunnel));
+  const PeerConfig& p = *sa->peer;
+  uint16_t group = sa->suite.dh;
+  auto dh = Dh::create(group);
+  if (!dh) return tl::unexpected(dh.error());
+  do sa->rekey_spi = get64(random_bytes(8).data());
+  while (!sa->rekey_spi || sas_.count(sa->rekey_spi));
+  sa->rekey_ni = random_bytes(32);
+  sa->rekey_dh = std::move(*dh);
+  Bytes spi;
+  put64(spi, sa->rekey_spi);
+  // Offer what the tunnel allows, the current group first so our KE fits.
+  auto props = p.ike_proposals;
+  for (auto& pr : props) {
+    pr.spi = spi;
+    std::stable_partition(pr.transforms.begin(), pr.transforms.end(),
+                          [&](auto& t) { return !(t.type == kTfDh && t.id != group); });
+  }
+  ChainBuilder c;
+  c.add(kPlSa, encode_sa(props));
+  c.add(kPlNonce, sa->rekey_ni);
+  c.add(kPlKe, encode_ke(KePayload{group, sa->rekey_dh->public_value()}));
+  queue_request(*sa, uint8_t(Exchange::create_child_sa), std::move(c), kReqRekeyIke);
+  return {};
+}
+
+void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
+  auto failed = [&](const std::string& why) {
+    log(fmt::format("{}: IKE SA rekey failed: {}; trying again later", sa.who(), why));
+    sa.rekey_spi = 0;
+    sa.rekey_dh.reset();
+    // Retry in a minute: the old SA still works.
+    arm(sa, TimerKind::ike_rekey, now_ + 60000);
+  };
+  const Payload *sap = nullptr, *np = nullptr, *kep = nullptr;
+  for (auto& x : pl) {
+    if (x.type == kPlNotify)
+      if (auto n = parse_notify(x.body); n && n->type <= kNErrorMax)
+        return failed(fmt::format("peer answered {}", notify_name(n->type)));
+    if (x.type == kPlSa) sap = &x;
+    if (x.type == kPlNonce) np = &x;
+    if (x.type == kPlKe) kep = &x;
+  }
+  if (!sap || !np || !kep) return failed("response lacks SA, Nonce or KE");
+  auto props = parse_sa(sap->body);
+  auto nr = parse_nonce(np->body);
+  auto ke = parse_ke(kep->body);
+  if (!props || !nr || !ke) return failed("malformed response");
+  std::optional<Suite> suite;
+  if (props->size() == 1 && (*props)[0].spi.size() == 8 && get64((*props)[0].spi.data()))
+    suite = accept_proposal((*props)[0], sa.peer->ike_proposals, false);
+  if (!suite || suite->dh != sa.rekey_dh->group() || ke->group != suite->dh)
+    return failed(fmt::format("responder chose {}", proposals_str(*props)));
+  auto gir = sa.rekey_dh->derive(ke->data);
+  if (!gir) return failed(gir.error());
+  auto n = std::make_unique<IkeSa>();
+  n->spi_i = sa.rekey_spi;
+  n->spi_r = get64((*props)[0].spi.data());
+  n->initiator = true;
+  n->peer = sa.peer;
+  n->local = sa.local;
+  n->remote = sa.remote;
+  n->nat_local = sa.nat_local;
+  n->nat_remote = sa.nat_remote;
+  n->suite = *suite;
+  n->ni = sa.rekey_ni;
+  n->nr = *nr;
+  n->keys = derive_rekeyed_ike_keys(*suite, sa.suite.prf, sa.keys.sk_d, *gir, n->ni, n->nr, n->spi_i, n->spi_r);
+  n->remote_id = sa.remote_id;
+  n->created_ms = now_;
+  n->state = State::established;
+  n->established_ms = now_;
+  n->last_heard_ms = now_;
+  for (auto& ch : sa.children) {
+    ch.ike_spi_i = n->spi_i;
+    ch.ike_spi_r = n->spi_r;
+    child_spis_[ch.spi_in] = n->spi_i;
+  }
+  n->children = std::move(sa.children);
+  sa.children.clear();
+  sa.rekey_dh.reset();
+  log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
+                  n->spi_i, n->spi_r, suite->str()));
+  IkeSa& r = *n;
+  sas_[n->spi_i] = std::move(n);
+  if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
+  schedule_ike_rekey(r);
+  schedule_child_rekey(r);
+  // The old SA goes (§2.18): its CHILD SAs already live on the new one.
+  sa.state = State::deleting;
+  sa.no_reinit = true;
+  ChainBuilder d;
+  d.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
+  queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteIke);
 }
 
 tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, uint64_t now_ms) {

@@ -58,6 +58,7 @@ struct PeerConfig {
   uint32_t child_lifetime_s = 3600;  // hard lifetime handed to the data path
   uint32_t child_rekey_s = 0;        // 0: 90% of the lifetime, minus jitter
   uint32_t dpd_s = 0;                // liveness check after this much silence; 0: off
+  uint32_t ike_rekey_s = 14400;      // `start` side rekeys the IKE SA this often (minus jitter); 0: never
 };
 
 struct EngineOptions {
@@ -137,6 +138,9 @@ class Engine {
   tl::expected<void, std::string> terminate(const std::string& tunnel, uint64_t now_ms);
   // Starts a CREATE_CHILD_SA rekey of every CHILD SA of `tunnel` now.
   tl::expected<void, std::string> rekey_child(const std::string& tunnel, uint64_t now_ms);
+  // Starts a CREATE_CHILD_SA rekey of the tunnel's IKE SA now (§1.3.2): the
+  // CHILD SAs move to the new IKE SA, the old one is deleted.
+  tl::expected<void, std::string> rekey_ike(const std::string& tunnel, uint64_t now_ms);
   // Sends an empty INFORMATIONAL (liveness check) on the tunnel's IKE SA.
   tl::expected<void, std::string> check_liveness(const std::string& tunnel, uint64_t now_ms);
 
@@ -156,7 +160,7 @@ class Engine {
   struct IkeSa;
 
  private:
-  enum class TimerKind : uint8_t { retransmit, half_open, dpd, child_rekey, kinds };
+  enum class TimerKind : uint8_t { retransmit, half_open, dpd, child_rekey, ike_rekey, kinds };
   struct Timer {
     uint64_t when;
     uint64_t spi;
@@ -183,6 +187,7 @@ class Engine {
   void informational_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
   void create_child_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
   void create_child_response(IkeSa& sa, const std::vector<Payload>& pl);
+  void rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl);
   void rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Proposal>& props, const Bytes& ni,
                          const Payload* kep);
   void handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote);
@@ -201,6 +206,7 @@ class Engine {
   void remove_children(IkeSa& sa);
   uint32_t new_child_spi();
   void schedule_child_rekey(IkeSa& sa);
+  void schedule_ike_rekey(IkeSa& sa);
 
   void established(IkeSa& sa);
   void delete_sa(uint64_t spi, const std::string& why, bool reinit);

@@ -7,7 +7,7 @@
 //
 // --sa-log: one JSON line per ChildSaSink call (install/remove/rekeyed/moved)
 //           with SPIs and keys, so tests can compare them with the peer's.
-// Signals: USR1 rekeys every CHILD SA; USR2 writes `show` and the counters
+// Signals: USR1 rekeys every CHILD SA; HUP every IKE SA; USR2 writes `show` and the counters
 // to --show; TERM/INT deletes the IKE SAs (bounded wait) and exits.
 #include <signal.h>
 
@@ -27,7 +27,7 @@ using namespace moat::ike;
 
 namespace {
 
-std::atomic<int> g_term{0}, g_usr1{0}, g_usr2{0};
+std::atomic<int> g_term{0}, g_usr1{0}, g_usr2{0}, g_hup{0};
 
 class LogSink : public ChildSaSink {
  public:
@@ -139,18 +139,23 @@ int main(int argc, char** argv) {
   sa.sa_handler = [](int s) {
     if (s == SIGUSR1) g_usr1 = 1;
     else if (s == SIGUSR2) g_usr2 = 1;
+    else if (s == SIGHUP) g_hup = 1;
     else g_term = 1;
   };
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGUSR1, &sa, nullptr);
   sigaction(SIGUSR2, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);
 
   while (!g_term) {
     drv.run_once(200);
     if (g_usr1.exchange(0))
       for (auto& p : eng.peers())
         if (auto ok = eng.rekey_child(p->name, UdpDriver::now_ms()); !ok) fmt::print(stderr, "moat-iked: {}\n", ok.error());
+    if (g_hup.exchange(0))
+      for (auto& p : eng.peers())
+        if (auto ok = eng.rekey_ike(p->name, UdpDriver::now_ms()); !ok) fmt::print(stderr, "moat-iked: {}\n", ok.error());
     if (g_usr2.exchange(0) && !show.empty()) {
       nlohmann::ordered_json j;
       j["ike_sas"] = eng.show(UdpDriver::now_ms());

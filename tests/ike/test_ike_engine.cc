@@ -448,6 +448,28 @@ TEST_F(Pair, UnknownSpiIsReportedRateLimitedAndOnlyInsideAnIkeSa) {
   EXPECT_EQ(portal->sink.live(), 0u);  // and told the portal to drop its half too
 }
 
+TEST_F(Pair, IkeRekeyMovesTheChildSasAndDeletesTheOldIkeSa) {
+  establish();
+  auto before = moat->e.show(now)[0]["spi_i"];
+  ASSERT_TRUE(moat->e.rekey_ike("portal", now));
+  run();
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+  EXPECT_NE(m["spi_i"], before);
+  EXPECT_EQ(m["spi_i"], p["spi_i"]);
+  EXPECT_EQ(m["spi_r"], p["spi_r"]);
+  EXPECT_EQ(m["children"].size(), 1u);
+  EXPECT_EQ(p["children"].size(), 1u);
+  EXPECT_EQ(moat->sink.removed.size(), 0u);  // no CHILD SA lost
+  EXPECT_EQ(portal->sink.removed.size(), 0u);
+  // The new IKE SA's keys agree: a CHILD rekey and a liveness check go through it.
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->e.stats().rx_bad_icv, 0u);
+}
+
 TEST_F(Pair, TerminateDeletesBothSides) {
   establish();
   ASSERT_TRUE(moat->e.terminate("portal", now));

@@ -356,6 +356,18 @@ assert len(sas) == 1 and sas[0]["spi_i"] == sys.argv[2] and sas[0]["state"] == "
 PY
     sw --list-sas >"$RUN/$name.sas3" 2>&1
     python3 "$HERE/swan_check.py" "$RUN/$name.sas3" "$RUN/swan/charon.log" "$RUN/sa.log" r || { log "after the IKE rekey"; rc=1; }
+    # Moat rekeys the IKE SA (HUP): strongSwan sees new SPIs, the CHILD SA stays.
+    old_ike=$new_ike
+    kill -HUP "$(cat "$RUN/iked.pid")"
+    for i in $(seq 1 30); do
+        new_ike=$(sw --list-sas 2>/dev/null | grep ESTABLISHED | grep -o '[0-9a-f]\{16\}_i')
+        [ -n "$new_ike" ] && [ "$new_ike" != "$old_ike" ] && [ "$(sw --list-sas 2>/dev/null | grep -c ESTABLISHED)" = 1 ] && break
+        sleep 0.2
+    done
+    [ -n "$new_ike" ] && [ "$new_ike" != "$old_ike" ] || { log "Moat's IKE rekey not seen ($old_ike -> $new_ike)"; rc=1; }
+    sw --list-sas >"$RUN/$name.sas4" 2>&1
+    [ "$(grep -c ESTABLISHED "$RUN/$name.sas4")" = 1 ] || { log "old IKE SA not deleted after Moat's IKE rekey"; rc=1; }
+    python3 "$HERE/swan_check.py" "$RUN/$name.sas4" "$RUN/swan/charon.log" "$RUN/sa.log" r || { log "after Moat's IKE rekey"; rc=1; }
     stop_pid "$RUN/iked.pid" moat-iked     # TERM: Moat deletes its (new) IKE SA
     for i in $(seq 1 30); do sw --list-sas 2>/dev/null | grep -q ESTABLISHED || break; sleep 0.2; done
     sw --list-sas 2>/dev/null | grep -q ESTABLISHED && { log "strongSwan still has the IKE SA after Moat's delete"; rc=1; }
