@@ -50,6 +50,8 @@ charon {
     load = random nonce openssl aes sha1 sha2 hmac gcm pem pkcs1 x509 kdf kernel-libipsec kernel-netlink socket-default vici
     install_routes = no
     cookie_threshold = 100000
+    cookie_threshold_ip = 100000
+    block_threshold = 100000
     plugins { vici { socket = unix://$RUN/swan/charon.vici } }
     filelog { main { path = $RUN/swan/charon.log
                      default = 0

@@ -749,6 +749,8 @@ void Engine::init_response(IkeSa& sa, const Message& m) {
     if (auto n = parse_notify(p->body)) notes.push_back(*n);
   for (auto& n : notes) {
     if (n.type == kNCookie) {
+      // The answer to an older copy of our request (a retransmit crossed it).
+      if (!sa.cookie.empty() && n.data == sa.cookie) return;
       if (++sa.cookie_tries > 3 || n.data.empty() || n.data.size() > 64) return fail(sa, "too many or bad COOKIEs");
       sa.cookie = n.data;
       disarm(sa, TimerKind::retransmit);
