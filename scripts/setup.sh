@@ -8,6 +8,8 @@ pkgs=(
   libgtest-dev libbenchmark-dev libexpected-dev libfmt-dev nlohmann-json3-dev
   python3 python3-yaml python3-scapy python3-matplotlib tshark iperf3 iproute2 iputils-ping
   traceroute ethtool tcpdump netcat-openbsd socat openssh-server dnsmasq-base
+  strongswan-swanctl charon-systemd libcharon-extra-plugins strongswan-libcharon
+  libstrongswan-standard-plugins nftables clang
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -12,7 +12,8 @@ for profile in hub portable; do
   ninja -C "$dir"
   # The namespace lab runs once (hub build); unit and pcap suites on both.
   suites=(--suite unit --suite pcap)
-  [ "$profile" = hub ] && suites+=(--suite lab)
+  # IKE interop (strongSwan in namespaces) and the bounded fuzz run: hub only.
+  [ "$profile" = hub ] && suites+=(--suite lab --suite ike --suite fuzz)
   if ! meson test -C "$dir" --print-errorlogs "${suites[@]}"; then
     status=1
   fi

@@ -1,0 +1,293 @@
+#include "ctrl/ike/config.hh"
+
+#include <yaml-cpp/yaml.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace moat::ike {
+
+std::string TunnelError::str() const {
+  if (!line) return fmt::format("{}: {}", file, what);
+  return fmt::format("{}:{}:{}: {}", file, line, col, what);
+}
+
+std::optional<std::pair<IpAddr, uint8_t>> parse_prefix(std::string_view s, std::string* why) {
+  auto slash = s.find('/');
+  auto a = IpAddr::parse(s.substr(0, slash));
+  if (!a) {
+    if (why) *why = fmt::format("\"{}\" is not an IP address", s.substr(0, slash));
+    return std::nullopt;
+  }
+  unsigned max = a->is_v4() ? 32 : 128, len = max;
+  if (slash != s.npos) {
+    std::string l(s.substr(slash + 1));
+    if (l.empty() || l.size() > 3 || l.find_first_not_of("0123456789") != std::string::npos ||
+        unsigned(std::stoi(l)) > max) {
+      if (why) *why = fmt::format("\"{}\" is not a prefix length (0-{})", l, max);
+      return std::nullopt;
+    }
+    len = unsigned(std::stoi(l));
+  }
+  return std::make_pair(*a, uint8_t(len));
+}
+
+namespace {
+
+struct Record {
+  const std::string& file;
+  std::string name;
+  std::vector<TunnelError> errors;
+  void error(const YAML::Node& n, const std::string& key, const std::string& what) {
+    auto m = n.Mark();
+    errors.push_back({file, m.line + 1, m.column + 1,
+                      fmt::format("tunnel \"{}\": {}{}{}", name, key, key.empty() ? "" : ": ", what)});
+  }
+};
+
+std::optional<std::string> scalar(Record& r, const YAML::Node& map, const char* key, bool required) {
+  auto n = map[key];
+  if (!n) {
+    if (required) r.error(map, "", fmt::format("\"{}\" is required", key));
+    return std::nullopt;
+  }
+  if (!n.IsScalar()) {
+    r.error(n, key, "expected a single value");
+    return std::nullopt;
+  }
+  return n.Scalar();
+}
+
+std::optional<uint32_t> seconds(Record& r, const YAML::Node& map, const char* key) {
+  auto s = scalar(r, map, key, false);
+  if (!s) return std::nullopt;
+  std::string v = *s;
+  unsigned mult = 1;
+  if (!v.empty() && (v.back() == 's' || v.back() == 'm' || v.back() == 'h')) {
+    mult = v.back() == 'h' ? 3600 : v.back() == 'm' ? 60 : 1;
+    v.pop_back();
+  }
+  if (v.empty() || v.size() > 9 || v.find_first_not_of("0123456789") != std::string::npos) {
+    r.error(map[key], key, fmt::format("\"{}\" is not a duration (e.g. 30, 30s, 10m, 1h)", *s));
+    return std::nullopt;
+  }
+  return uint32_t(std::stoul(v) * mult);
+}
+
+std::string proposal_text(Record& r, const YAML::Node& map, const char* key, const char* dflt) {
+  auto n = map[key];
+  if (!n) return dflt;
+  if (n.IsScalar()) return n.Scalar();
+  if (n.IsSequence()) {
+    std::string s;
+    for (auto x : n) {
+      if (!x.IsScalar()) {
+        r.error(x, key, "expected a proposal string");
+        return "";
+      }
+      s += (s.empty() ? "" : ",") + x.Scalar();
+    }
+    return s;
+  }
+  r.error(n, key, "expected a proposal string or a list of them");
+  return "";
+}
+
+const std::set<std::string> kKeys = {"name",          "local_id", "remote_id", "psk",    "psk_file", "remote",
+                                     "local",         "start",    "funnels",   "lifetime", "rekey",  "dpd",
+                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl", "ike_rekey"};
+
+}  // namespace
+
+void load_tunnel_file(const std::string& path, TunnelDir& out) {
+  YAML::Node doc;
+  std::string stem = std::filesystem::path(path).stem().string();
+  try {
+    doc = YAML::LoadFile(path);
+  } catch (const YAML::ParserException& e) {
+    out.errors.push_back({path, e.mark.line + 1, e.mark.column + 1,
+                          fmt::format("tunnel \"{}\": YAML syntax: {}; record skipped", stem, e.msg)});
+    return;
+  } catch (const std::exception& e) {
+    out.errors.push_back({path, 0, 0, fmt::format("tunnel \"{}\": cannot read: {}; record skipped", stem, e.what())});
+    return;
+  }
+  Record r{path, stem, {}};
+  if (!doc.IsMap()) {
+    out.errors.push_back({path, 1, 1, fmt::format("tunnel \"{}\": expected a mapping; record skipped", stem)});
+    return;
+  }
+  if (auto n = scalar(r, doc, "name", false)) r.name = *n;
+  for (auto kv : doc) {
+    std::string k = kv.first.as<std::string>("");
+    if (!kKeys.count(k)) r.error(kv.first, "", fmt::format("unknown key \"{}\"", k));
+  }
+  PeerConfig p;
+  p.name = r.name;
+  p.origin = fmt::format("{}:{}", path, doc.Mark().line + 1);
+  bool pubkey = false;
+  if (auto a = scalar(r, doc, "auth", false)) {
+    if (*a == "pubkey") pubkey = true;
+    else if (*a != "psk") r.error(doc["auth"], "auth", fmt::format("\"{}\" is not supported (psk, pubkey)", *a));
+  }
+  if (pubkey) {
+    auto cert = scalar(r, doc, "cert", true), key = scalar(r, doc, "key", true), ca = scalar(r, doc, "ca", true);
+    auto crl = scalar(r, doc, "crl", false);
+    if (cert && key && ca) {
+      std::string k = *cert + "\n" + *key + "\n" + *ca + "\n" + crl.value_or("");
+      auto it = out.credentials.find(k);
+      if (it != out.credentials.end()) {
+        p.creds = it->second;
+      } else if (auto c = Credentials::load(*cert, *key, *ca, crl.value_or(""))) {
+        p.creds = *c;
+        out.credentials[k] = *c;
+      } else {
+        r.error(doc["cert"], "cert", c.error());
+      }
+    }
+    if (doc["psk"] || doc["psk_file"]) r.error(doc["auth"], "auth", "pubkey tunnels take no psk");
+  } else {
+    for (const char* k : {"cert", "key", "ca", "crl"})
+      if (doc[k]) r.error(doc[k], k, "only with auth: pubkey");
+  }
+  for (auto [key, dst] : {std::pair{"local_id", &p.local_id}, std::pair{"remote_id", &p.remote_id}}) {
+    if (pubkey && p.creds && std::string(key) == "local_id" && !doc[key]) {
+      p.local_id = p.creds->subject();
+      continue;
+    }
+    if (auto s = scalar(r, doc, key, true)) {
+      auto id = Identity::parse(*s);
+      if (!id) r.error(doc[key], key, id.error());
+      else *dst = *id;
+    }
+  }
+  auto psk = scalar(r, doc, "psk", false);
+  auto psk_file = scalar(r, doc, "psk_file", false);
+  if (pubkey) {
+  } else if (psk && psk_file) r.error(doc["psk_file"], "psk_file", "give psk or psk_file, not both");
+  else if (psk) p.psk = to_bytes(*psk);
+  else if (psk_file) {
+    std::ifstream f(*psk_file);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    std::string s = ss.str();
+    while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+    if (!f) r.error(doc["psk_file"], "psk_file", fmt::format("cannot read \"{}\"", *psk_file));
+    else p.psk = to_bytes(s);
+  } else {
+    r.error(doc, "", "\"psk\" or \"psk_file\" is required");
+  }
+  if (psk && p.psk.size() < 16) r.error(doc["psk"], "psk", "shorter than 16 bytes; too easy to guess");
+  if (auto s = scalar(r, doc, "remote", false)) {
+    std::string v = *s;
+    uint16_t port = kIkePort;
+    auto colon = v.rfind(':');
+    if (colon != std::string::npos && v.find(':') == colon) {
+      std::string ps = v.substr(colon + 1);
+      v = v.substr(0, colon);
+      if (ps.empty() || ps.size() > 5 || ps.find_first_not_of("0123456789") != std::string::npos || std::stoul(ps) > 65535)
+        r.error(doc["remote"], "remote", fmt::format("\"{}\" is not a port", ps));
+      else port = uint16_t(std::stoul(ps));
+    }
+    if (auto a = IpAddr::parse(v)) p.remote = Endpoint{*a, port};
+    else r.error(doc["remote"], "remote", fmt::format("\"{}\" is not an IP address", v));
+  }
+  if (auto s = scalar(r, doc, "local", false)) {
+    if (auto a = IpAddr::parse(*s)) p.local = *a;
+    else r.error(doc["local"], "local", fmt::format("\"{}\" is not an IP address", *s));
+  }
+  if (auto s = scalar(r, doc, "start", false)) {
+    if (*s == "true" || *s == "yes") p.start = true;
+    else if (*s == "false" || *s == "no") p.start = false;
+    else r.error(doc["start"], "start", fmt::format("\"{}\" is not true or false", *s));
+    if (p.start && !p.remote) r.error(doc["start"], "start", "needs \"remote\" to initiate to");
+  }
+  for (auto [key, proto, dflt, dst] :
+       {std::tuple{"ike_proposals", uint8_t(kProtoIke), "aes128gcm16-prfsha256-x25519", &p.ike_proposals},
+        std::tuple{"esp_proposals", uint8_t(kProtoEsp), "aes128gcm16", &p.esp_proposals}}) {
+    std::string text = proposal_text(r, doc, key, dflt);
+    if (text.empty()) continue;
+    auto ps = parse_proposals(text, proto);
+    if (!ps) r.error(doc[key] ? doc[key] : doc, key, ps.error());
+    else *dst = *ps;
+  }
+  auto funnels = doc["funnels"];
+  if (!funnels) {
+    r.error(doc, "", "\"funnels\" is required (local/remote prefix pairs)");
+  } else if (!funnels.IsSequence() || funnels.size() == 0) {
+    r.error(funnels, "funnels", "expected a list of {local: PREFIX, remote: PREFIX}");
+  } else {
+    for (auto f : funnels) {
+      if (!f.IsMap()) {
+        r.error(f, "funnels", "expected {local: PREFIX, remote: PREFIX}");
+        continue;
+      }
+      for (auto kv : f) {
+        std::string k = kv.first.as<std::string>("");
+        if (k != "local" && k != "remote") r.error(kv.first, "funnels", fmt::format("unknown key \"{}\"", k));
+      }
+      for (auto [key, dst] : {std::pair{"local", &p.local_ts}, std::pair{"remote", &p.remote_ts}}) {
+        auto s = scalar(r, f, key, true);
+        if (!s) continue;
+        std::string why;
+        auto pf = parse_prefix(*s, &why);
+        if (!pf) {
+          r.error(f[key], fmt::format("funnels.{}", key), why);
+          continue;
+        }
+        auto ts = TrafficSelector::from_prefix(pf->first, pf->second);
+        if (std::find(dst->begin(), dst->end(), ts) == dst->end()) dst->push_back(ts);
+      }
+    }
+  }
+  if (auto v = seconds(r, doc, "lifetime")) p.child_lifetime_s = *v;
+  if (auto v = seconds(r, doc, "rekey")) p.child_rekey_s = *v;
+  if (auto v = seconds(r, doc, "dpd")) p.dpd_s = *v;
+  if (auto v = seconds(r, doc, "ike_rekey")) p.ike_rekey_s = *v;
+  if (p.child_rekey_s && p.child_rekey_s >= p.child_lifetime_s)
+    r.error(doc["rekey"], "rekey", "must be shorter than lifetime");
+  if (!r.errors.empty()) {
+    for (auto& e : r.errors) e.what += "; record skipped";
+    out.errors.insert(out.errors.end(), r.errors.begin(), r.errors.end());
+    return;
+  }
+  for (auto& o : out.tunnels) {
+    if (o.name == p.name) {
+      out.errors.push_back({path, doc.Mark().line + 1, doc.Mark().column + 1,
+                            fmt::format("tunnel \"{}\": name already used by {}; record skipped", p.name, o.origin)});
+      return;
+    }
+    if (o.remote_id.matches(p.remote_id)) {
+      auto m = doc["remote_id"].Mark();
+      out.errors.push_back({path, m.line + 1, m.column + 1,
+                            fmt::format("tunnel \"{}\": remote_id \"{}\" already used by tunnel \"{}\" ({}); record skipped",
+                                        p.name, p.remote_id.str(), o.name, o.origin)});
+      return;
+    }
+  }
+  out.tunnels.push_back(std::move(p));
+}
+
+TunnelDir load_tunnel_dir(const std::string& dir) {
+  TunnelDir out;
+  std::vector<std::string> files;
+  std::error_code ec;
+  for (auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    auto ext = e.path().extension();
+    if (e.is_regular_file() && (ext == ".yaml" || ext == ".yml")) files.push_back(e.path().string());
+  }
+  if (ec) {
+    out.errors.push_back({dir, 0, 0, fmt::format("cannot read the tunnel directory: {}", ec.message())});
+    return out;
+  }
+  std::sort(files.begin(), files.end());
+  for (auto& f : files) load_tunnel_file(f, out);
+  return out;
+}
+
+}  // namespace moat::ike

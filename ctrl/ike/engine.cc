@@ -1,0 +1,1698 @@
+#include "ctrl/ike/engine.hh"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdio>
+
+namespace moat::ike {
+
+namespace {
+
+enum class State : uint8_t { init_sent, half_open, auth_sent, established, deleting };
+const char* state_name(State s) {
+  switch (s) {
+    case State::init_sent: return "INIT_SENT";
+    case State::half_open: return "HALF_OPEN";
+    case State::auth_sent: return "AUTH_SENT";
+    case State::established: return "ESTABLISHED";
+    case State::deleting: return "DELETING";
+  }
+  return "?";
+}
+
+enum ReqKind : uint8_t { kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke };
+
+bool child_error(uint16_t n) {
+  return n == kNNoProposalChosen || n == kNTsUnacceptable || n == kNSinglePairRequired ||
+         n == kNInternalAddressFailure || n == kNFailedCpRequired || n == kNInvalidSelectors ||
+         n == kNNoAdditionalSas;
+}
+
+Bytes u32_bytes(uint32_t v) {
+  Bytes b;
+  put32(b, v);
+  return b;
+}
+
+std::vector<Proposal> without_dh(std::vector<Proposal> ps, Bytes spi) {
+  for (auto& p : ps) {
+    std::erase_if(p.transforms, [](auto& t) { return t.type == kTfDh; });
+    p.spi = spi;
+  }
+  return ps;
+}
+
+// Narrowing (§2.9): what both sides allow.
+std::vector<TrafficSelector> narrow(const std::vector<TrafficSelector>& offered, const std::vector<TrafficSelector>& ours) {
+  std::vector<TrafficSelector> out;
+  for (auto& o : offered)
+    for (auto& m : ours)
+      if (auto i = o.intersect(m); i && std::find(out.begin(), out.end(), *i) == out.end()) out.push_back(*i);
+  return out;
+}
+
+bool within(const std::vector<TrafficSelector>& got, const std::vector<TrafficSelector>& ours) {
+  for (auto& g : got)
+    if (std::none_of(ours.begin(), ours.end(), [&](auto& o) { return o.contains(g); })) return false;
+  return !got.empty();
+}
+
+std::string ts_list(const std::vector<TrafficSelector>& ts) {
+  std::string s;
+  for (auto& t : ts) {
+    if (!s.empty()) s += ' ';
+    s += t.str();
+  }
+  return s;
+}
+
+tl::expected<AuthPayload, std::string> make_auth(const PeerConfig& p, uint16_t prf_alg, ByteView octets) {
+  if (p.creds) {
+    auto sig = p.creds->sign(octets);
+    if (!sig) return tl::unexpected(sig.error());
+    return AuthPayload{kAuthDigitalSignature, *sig};
+  }
+  return AuthPayload{kAuthPsk, psk_auth(prf_alg, p.psk, octets)};
+}
+
+// The peer's AUTH (and certificates): PSK or an RFC 7427 signature.
+tl::expected<void, std::string> check_auth(const PeerConfig& p, uint16_t prf_alg, const std::vector<Payload>& pl,
+                                           const Identity& id, const AuthPayload& a, ByteView octets) {
+  if (p.creds) {
+    std::vector<Bytes> certs;
+    for (auto& x : pl)
+      if (x.type == kPlCert && x.body.size() > 1 && x.body[0] == kCertX509Signature)
+        certs.emplace_back(x.body.begin() + 1, x.body.end());
+    if (certs.empty()) return tl::unexpected(std::string("no X.509 certificate sent"));
+    std::vector<Bytes> rest(certs.begin() + 1, certs.end());
+    return p.creds->verify(certs[0], rest, id, a.method, a.data, octets);
+  }
+  if (a.method != kAuthPsk) return tl::unexpected(fmt::format("AUTH method {} (this tunnel uses PSK)", a.method));
+  if (!equal_ct(a.data, psk_auth(prf_alg, p.psk, octets)))
+    return tl::unexpected(std::string("AUTH does not verify (different pre-shared key?)"));
+  return {};
+}
+
+void add_cert(ChainBuilder& c, const PeerConfig& p) {
+  if (!p.creds) return;
+  Bytes b{kCertX509Signature};
+  b.insert(b.end(), p.creds->cert_der().begin(), p.creds->cert_der().end());
+  c.add(kPlCert, b);
+}
+
+void add_certreq(ChainBuilder& c, const Credentials& cr) {
+  Bytes b{kCertX509Signature};
+  Bytes h = cr.certreq();
+  b.insert(b.end(), h.begin(), h.end());
+  c.add(kPlCertReq, b);
+}
+
+void add_hash_algorithms(ChainBuilder& c) {
+  Bytes h;
+  for (uint16_t a : {kHashSha256, kHashSha384, kHashSha512}) put16(h, a);
+  c.add_notify(kNSignatureHashAlgorithms, h);
+}
+
+}  // namespace
+
+struct Engine::Request {
+  uint8_t exchange = 0;
+  ChainBuilder chain;
+  uint8_t kind = 0;
+  uint32_t child_spi = 0;
+};
+
+struct Engine::IkeSa {
+  uint64_t spi_i = 0, spi_r = 0;
+  bool initiator = false;
+  State state = State::init_sent;
+  std::shared_ptr<const PeerConfig> peer;  // null until IKE_AUTH names the peer (responder)
+  Endpoint local, remote;
+  bool nat_local = false, nat_remote = false;
+  Suite suite;
+  IkeKeys keys;
+  Bytes ni, nr;
+  std::unique_ptr<Dh> dh;
+  Bytes init_req, init_resp, cookie;
+  Identity remote_id;
+  unsigned cookie_tries = 0, ke_tries = 0;
+  bool no_reinit = false;
+
+  uint32_t my_mid = 0;    // next request ID we send
+  uint32_t peer_mid = 0;  // next request ID we expect
+  bool req_active = false;
+  uint8_t req_kind = 0, req_exchange = 0;
+  uint32_t req_mid = 0, req_child = 0, req_tries = 0;
+  Bytes req_msg;
+  std::deque<Request> queue;
+  bool has_resp = false;
+  Bytes resp_msg, req_hash;
+
+  std::vector<ChildSa> children;
+  uint32_t pending_spi = 0;  // our inbound SPI of the CHILD SA we are negotiating
+  Bytes pending_nonce;
+
+  uint64_t created_ms = 0, established_ms = 0, last_heard_ms = 0;
+  uint32_t timer_gen[8] = {};
+  // Our IKE SA rekey in flight: the new SA's SPI, nonce and DH key.
+  uint64_t rekey_spi = 0;
+  Bytes rekey_ni;
+  std::unique_ptr<Dh> rekey_dh;
+
+  uint64_t our_spi() const { return initiator ? spi_i : spi_r; }
+  ByteView ke_out() const { return initiator ? keys.sk_ei : keys.sk_er; }
+  ByteView ka_out() const { return initiator ? keys.sk_ai : keys.sk_ar; }
+  ByteView ke_in() const { return initiator ? keys.sk_er : keys.sk_ei; }
+  ByteView ka_in() const { return initiator ? keys.sk_ar : keys.sk_ai; }
+  std::string who() const {
+    std::string n = peer ? fmt::format("tunnel \"{}\"", peer->name) : std::string("unknown peer");
+    if (remote_id.type) n += fmt::format(" (id \"{}\")", remote_id.str());
+    return n + " at " + remote.str();
+  }
+};
+
+nlohmann::ordered_json Stats::json() const {
+  nlohmann::ordered_json j;
+#define X(name, desc) j[#name] = name;
+  MOAT_IKE_COUNTERS(X)
+#undef X
+  return j;
+}
+
+Engine::Engine(Transport& t, ChildSaSink& sink, EngineOptions opts, LogFn log)
+    : transport_(t), sink_(sink), opts_(opts), log_(std::move(log)) {}
+
+Engine::~Engine() = default;
+
+void Engine::log(const std::string& s) const {
+  if (log_) log_(s);
+  else fmt::print(stderr, "ike: {}\n", s);
+}
+
+// ---------------------------------------------------------------- config
+void Engine::set_peers(std::vector<PeerConfig> peers, uint64_t now_ms) {
+  now_ = now_ms;
+  std::vector<std::shared_ptr<const PeerConfig>> next;
+  for (auto& p : peers) next.push_back(std::make_shared<const PeerConfig>(std::move(p)));
+  // SAs keep their own shared_ptr to the old record; re-point them or delete
+  // them when their tunnel is gone.
+  std::vector<uint64_t> gone;
+  for (auto& kv : sas_) {
+    IkeSa& sa = *kv.second;
+    if (!sa.peer) continue;
+    auto it = std::find_if(next.begin(), next.end(), [&](auto& p) { return p->name == sa.peer->name; });
+    if (it == next.end()) gone.push_back(kv.first);
+    else sa.peer = *it;
+  }
+  peers_ = std::move(next);
+  for (auto spi : gone) delete_sa(spi, "its tunnel was removed from the configuration", false);
+  responder_ike_.clear();
+  for (auto& p : peers_)
+    for (auto& pr : p->ike_proposals) {
+      bool dup = std::any_of(responder_ike_.begin(), responder_ike_.end(),
+                             [&](auto& q) { return q.transforms == pr.transforms; });
+      if (!dup) responder_ike_.push_back(pr);
+    }
+  std::erase_if(reinit_, [&](auto& kv) { return !find_peer(kv.first); });
+  for (auto& p : peers_)
+    if (p->start && p->remote && !find_established(p->name) && !reinit_.count(p->name)) reinit_[p->name] = {now_ms, 0};
+}
+
+std::shared_ptr<const PeerConfig> Engine::find_peer(const std::string& name) const {
+  for (auto& p : peers_)
+    if (p->name == name) return p;
+  return nullptr;
+}
+
+Engine::IkeSa* Engine::find_established(const std::string& tunnel) {
+  for (auto& [spi, sa] : sas_)
+    if (sa->peer && sa->peer->name == tunnel && sa->state == State::established) return sa.get();
+  return nullptr;
+}
+
+// ---------------------------------------------------------------- I/O
+void Engine::send_to(const Endpoint& local, const Endpoint& remote, const Bytes& msg) {
+  ++stats_.tx_datagrams;
+  if (local.port == kIkePort) {
+    transport_.send(local, remote, msg);
+    return;
+  }
+  // Off port 500 every IKE message carries the non-ESP marker (RFC 3948 §2.2).
+  Bytes m(4, 0);
+  m.insert(m.end(), msg.begin(), msg.end());
+  transport_.send(local, remote, m);
+}
+
+void Engine::send_raw(IkeSa& sa, const Bytes& msg) { send_to(sa.local, sa.remote, msg); }
+
+void Engine::respond_plain_error(const Endpoint& local, const Endpoint& remote, const Header& req, uint16_t notify,
+                                 ByteView data) {
+  Header h;
+  h.spi_i = req.spi_i;
+  h.spi_r = 0;
+  h.exchange = req.exchange;
+  h.flags = kFlagResponse;
+  h.mid = req.mid;
+  ChainBuilder c;
+  c.add_notify(notify, data);
+  send_to(local, remote, encode_plain(h, c));
+}
+
+void Engine::receive(const Endpoint& local, const Endpoint& remote, ByteView b, uint64_t now_ms) {
+  now_ = now_ms;
+  ++stats_.rx_datagrams;
+  if (local.port != kIkePort) {
+    if (b.size() == 1 && b[0] == 0xff) {
+      ++stats_.rx_keepalive;
+      return;
+    }
+    if (b.size() < 4 || get32(b.data()) != 0) {
+      ++stats_.rx_esp_on_ike_port;
+      return;
+    }
+    b = b.subspan(4);
+  }
+  auto m = parse_message(b);
+  if (!m) {
+    auto& e = m.error();
+    if (e.notify == kNUnsupportedCriticalPayload) ++stats_.rx_unsupported_critical;
+    else ++stats_.rx_malformed;
+    // Only an unauthenticated IKE_SA_INIT request gets an answer in the clear;
+    // anything else could be forged to make us talk.
+    auto h = parse_header(b);
+    if (b.size() >= kHeaderLen && b[18] == uint8_t(Exchange::ike_sa_init) && !(b[19] & kFlagResponse) &&
+        (e.notify == kNUnsupportedCriticalPayload || e.notify == kNInvalidMajorVersion)) {
+      Header hh;
+      hh.spi_i = get64(b.data());
+      hh.exchange = b[18];
+      hh.mid = get32(b.data() + 20);
+      Bytes data;
+      if (e.notify == kNUnsupportedCriticalPayload) data.push_back(e.payload);
+      respond_plain_error(local, remote, hh, e.notify, data);
+    }
+    log(fmt::format("from {}: malformed message: {}", remote.str(), e.why));
+    return;
+  }
+  const Header& h = m->h;
+  if (h.exchange == uint8_t(Exchange::ike_sa_init) && !h.response()) {
+    init_request(local, remote, *m);
+    return;
+  }
+  uint64_t ours = h.from_initiator() ? h.spi_r : h.spi_i;
+  auto it = sas_.find(ours);
+  if (it == sas_.end() || it->second->spi_i != h.spi_i ||
+      (h.exchange != uint8_t(Exchange::ike_sa_init) && it->second->spi_r != h.spi_r) ||
+      it->second->initiator == h.from_initiator()) {
+    ++stats_.rx_unknown_spi;
+    return;
+  }
+  IkeSa& sa = *it->second;
+  if (h.response()) {
+    if (!sa.req_active || h.mid != sa.req_mid || h.exchange != sa.req_exchange) {
+      ++stats_.rx_unexpected_response;
+      return;
+    }
+    if (h.exchange == uint8_t(Exchange::ike_sa_init)) {
+      init_response(sa, *m);
+      return;
+    }
+  } else {
+    if (sa.has_resp && h.mid + 1 == sa.peer_mid) {
+      // A retransmitted request: answer with the same bytes (§2.1), but only
+      // if it is the very same request.
+      if (sha1(m->raw) == sa.req_hash) {
+        ++stats_.rx_retransmit;
+        send_to(local, remote, sa.resp_msg);
+      } else {
+        ++stats_.rx_out_of_window;
+      }
+      return;
+    }
+    if (h.mid != sa.peer_mid || sa.state == State::init_sent) {
+      ++stats_.rx_out_of_window;
+      return;
+    }
+  }
+  handle_encrypted(sa, *m, local, remote);
+}
+
+void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote) {
+  const Header& h = m.h;
+  if (!m.sk_offset || m.payloads.size() != 1) {
+    ++stats_.rx_malformed;
+    log(fmt::format("{}: {} {} without (only) an encrypted payload; dropped", sa.who(), exchange_name(h.exchange),
+                    h.response() ? "response" : "request"));
+    return;
+  }
+  auto pt = sk_open(sa.suite, sa.ke_in(), sa.ka_in(), m);
+  if (!pt) {
+    ++stats_.rx_bad_icv;
+    log(fmt::format("{}: {} {}: {}; dropped", sa.who(), exchange_name(h.exchange), h.response() ? "response" : "request",
+                    pt.error()));
+    return;
+  }
+  sa.last_heard_ms = now_;
+  // Authenticated traffic from a new address moves the SA (§2.23) — the
+  // float to 4500 before IKE_AUTH, or a moat whose ISP changed its address.
+  if (!(remote == sa.remote) || !(local == sa.local)) {
+    if (sa.state != State::established || sa.nat_local || sa.nat_remote) {
+      if (sa.state == State::established)
+        log(fmt::format("{}: peer moved to {}", sa.who(), remote.str()));
+      sa.remote = remote;
+      sa.local = local;
+      for (auto& c : sa.children) {
+        c.local = local;
+        c.remote = remote;
+        sink_.moved(c);
+      }
+    }
+  }
+  uint64_t spi = sa.our_spi();
+  auto inner = parse_chain(m.sk_next, *pt);
+  if (!inner) {
+    if (inner.error().notify == kNUnsupportedCriticalPayload) ++stats_.rx_unsupported_critical;
+    else ++stats_.rx_malformed;
+    log(fmt::format("{}: {} {}: {}", sa.who(), exchange_name(h.exchange), h.response() ? "response" : "request",
+                    inner.error().why));
+    if (!h.response()) {
+      ChainBuilder c;
+      Bytes data;
+      if (inner.error().notify == kNUnsupportedCriticalPayload) data.push_back(inner.error().payload);
+      c.add_notify(inner.error().notify, data);
+      respond(sa, h, c);
+      if (sa.state != State::established) delete_sa(spi, "malformed IKE_AUTH", false);
+    }
+    return;
+  }
+  if (h.response()) {
+    uint8_t kind = sa.req_kind;
+    uint32_t child = sa.req_child;
+    sa.req_active = false;
+    disarm(sa, TimerKind::retransmit);
+    switch (kind) {
+      case kReqAuth: auth_response(sa, *inner); break;
+      case kReqDeleteIke: delete_sa(spi, "deleted by us", false); return;
+      case kReqDeleteChild: {
+        auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == child; });
+        if (it != sa.children.end()) {
+          sink_.remove(*it);
+          ++stats_.child_removed;
+          child_spis_.erase(it->spi_in);
+          sa.children.erase(it);
+        }
+        break;
+      }
+      case kReqRekeyChild: create_child_response(sa, *inner); break;
+      case kReqRekeyIke: rekey_ike_response(sa, *inner); break;
+      case kReqDpd: break;
+    }
+    auto it = sas_.find(spi);
+    if (it != sas_.end()) pump(*it->second);
+    return;
+  }
+  switch (Exchange(h.exchange)) {
+    case Exchange::ike_auth: auth_request(sa, m, *inner); break;
+    case Exchange::informational: informational_request(sa, m, *inner); break;
+    case Exchange::create_child_sa: create_child_request(sa, m, *inner); break;
+    default: {
+      ChainBuilder c;
+      c.add_notify(kNInvalidSyntax);
+      respond(sa, h, c);
+    }
+  }
+}
+
+void Engine::respond(IkeSa& sa, const Header& req, const ChainBuilder& chain) {
+  Header h;
+  h.spi_i = sa.spi_i;
+  h.spi_r = sa.spi_r;
+  h.exchange = req.exchange;
+  h.flags = uint8_t(kFlagResponse | (sa.initiator ? kFlagInitiator : 0));
+  h.mid = req.mid;
+  Bytes msg = sk_seal(sa.suite, sa.ke_out(), sa.ka_out(), h, chain.first(), chain.bytes());
+  send_raw(sa, msg);
+  sa.has_resp = true;
+  sa.resp_msg = std::move(msg);
+  sa.peer_mid = req.mid + 1;
+}
+
+void Engine::queue_request(IkeSa& sa, uint8_t exchange, ChainBuilder chain, uint8_t kind, uint32_t child_spi) {
+  sa.queue.push_back(Request{exchange, std::move(chain), kind, child_spi});
+  pump(sa);
+}
+
+void Engine::pump(IkeSa& sa) {
+  if (sa.req_active || sa.queue.empty()) return;
+  Request r = std::move(sa.queue.front());
+  sa.queue.pop_front();
+  Header h;
+  h.spi_i = sa.spi_i;
+  h.spi_r = sa.spi_r;
+  h.exchange = r.exchange;
+  h.flags = sa.initiator ? kFlagInitiator : 0;
+  h.mid = sa.my_mid++;
+  sa.req_msg = sk_seal(sa.suite, sa.ke_out(), sa.ka_out(), h, r.chain.first(), r.chain.bytes());
+  sa.req_active = true;
+  sa.req_kind = r.kind;
+  sa.req_exchange = r.exchange;
+  sa.req_mid = h.mid;
+  sa.req_child = r.child_spi;
+  sa.req_tries = 0;
+  send_raw(sa, sa.req_msg);
+  arm(sa, TimerKind::retransmit, now_ + opts_.retransmit_base_ms);
+}
+
+// ---------------------------------------------------------------- timers
+void Engine::arm(IkeSa& sa, TimerKind k, uint64_t when) {
+  uint32_t g = ++sa.timer_gen[unsigned(k)];
+  timers_.push(Timer{when, sa.our_spi(), k, g});
+}
+
+void Engine::disarm(IkeSa& sa, TimerKind k) { ++sa.timer_gen[unsigned(k)]; }
+
+uint64_t Engine::next_deadline() const {
+  uint64_t t = timers_.empty() ? UINT64_MAX : timers_.top().when;
+  for (auto& [name, r] : reinit_) t = std::min(t, r.at);
+  return t;
+}
+
+void Engine::tick(uint64_t now_ms) {
+  now_ = now_ms;
+  while (!timers_.empty() && timers_.top().when <= now_ms) {
+    Timer t = timers_.top();
+    timers_.pop();
+    auto it = sas_.find(t.spi);
+    if (it == sas_.end() || it->second->timer_gen[unsigned(t.kind)] != t.gen) continue;
+    fire(*it->second, t.kind);
+  }
+  for (auto& entry : reinit_) {
+    const std::string& name = entry.first;
+    Reinit& r = entry.second;
+    if (r.at > now_ms) continue;
+    // The entry stays (with its backoff) until an SA for the tunnel is established.
+    r.at = UINT64_MAX;
+    bool busy = std::any_of(sas_.begin(), sas_.end(), [&](auto& kv) {
+      return kv.second->peer && kv.second->peer->name == name && kv.second->state != State::deleting;
+    });
+    if (busy) continue;
+    if (auto ok = initiate(name, now_ms); !ok) {
+      log(fmt::format("tunnel \"{}\": cannot initiate: {}", name, ok.error()));
+      schedule_reinit(name, true);
+    }
+  }
+}
+
+void Engine::fire(IkeSa& sa, TimerKind k) {
+  switch (k) {
+    case TimerKind::retransmit: {
+      if (!sa.req_active) return;
+      if (sa.req_tries >= opts_.retransmit_tries) {
+        ++stats_.ike_given_up;
+        log(fmt::format("{}: no answer to {} after {} retransmits; IKE SA given up", sa.who(),
+                        exchange_name(sa.req_exchange), sa.req_tries));
+        delete_sa(sa.our_spi(), "peer did not answer", !sa.no_reinit);
+        return;
+      }
+      ++sa.req_tries;
+      ++stats_.tx_retransmits;
+      send_raw(sa, sa.req_msg);
+      uint64_t rto = uint64_t(opts_.retransmit_base_ms) << std::min<uint32_t>(sa.req_tries, 16);
+      arm(sa, TimerKind::retransmit, now_ + rto);
+      return;
+    }
+    case TimerKind::half_open:
+      if (sa.state == State::half_open) {
+        ++stats_.half_open_expired;
+        delete_sa(sa.our_spi(), "half-open IKE SA expired", false);
+      }
+      return;
+    case TimerKind::dpd: {
+      if (sa.state != State::established || !sa.peer || !sa.peer->dpd_s) return;
+      uint64_t due = sa.last_heard_ms + uint64_t(sa.peer->dpd_s) * 1000;
+      if (now_ >= due) {
+        if (!sa.req_active && sa.queue.empty()) queue_request(sa, uint8_t(Exchange::informational), ChainBuilder(), kReqDpd);
+        due = now_ + uint64_t(sa.peer->dpd_s) * 1000;
+      }
+      arm(sa, TimerKind::dpd, due);
+      return;
+    }
+    case TimerKind::child_rekey:
+      if (sa.state == State::established && sa.peer) (void)rekey_child(sa.peer->name, now_);
+      return;
+    case TimerKind::ike_rekey:
+      if (sa.state == State::established && sa.peer) (void)rekey_ike(sa.peer->name, now_);
+      return;
+    case TimerKind::kinds: return;
+  }
+}
+
+void Engine::schedule_reinit(const std::string& name, bool failed) {
+  auto p = find_peer(name);
+  if (!p || !p->start || !p->remote || find_established(name)) return;
+  auto& r = reinit_[name];
+  r.backoff_ms = failed ? std::clamp(r.backoff_ms * 2, opts_.reinit_min_ms, opts_.reinit_max_ms) : opts_.reinit_min_ms;
+  // Jitter keeps thousands of moats from coming back in lock-step after a portal restart.
+  uint32_t jitter = uint32_t(get32(random_bytes(4).data()) % (r.backoff_ms / 4 + 1));
+  r.at = now_ + r.backoff_ms + jitter;
+}
+
+// ---------------------------------------------------------------- SA lifetime
+void Engine::remove_children(IkeSa& sa) {
+  for (auto& c : sa.children) {
+    sink_.remove(c);
+    ++stats_.child_removed;
+    child_spis_.erase(c.spi_in);
+  }
+  sa.children.clear();
+  if (sa.pending_spi) child_spis_.erase(sa.pending_spi);
+  sa.pending_spi = 0;
+}
+
+void Engine::delete_sa(uint64_t spi, const std::string& why, bool reinit) {
+  auto it = sas_.find(spi);
+  if (it == sas_.end()) return;
+  IkeSa& sa = *it->second;
+  remove_children(sa);
+  if (sa.state == State::established || sa.state == State::deleting)
+    log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r deleted: {}", sa.who(), sa.spi_i, sa.spi_r, why));
+  half_open_.erase({sa.spi_i, sa.remote.str()});
+  std::string name = sa.peer ? sa.peer->name : "";
+  bool was_established = sa.state == State::established;
+  ++stats_.ike_deleted;
+  sas_.erase(it);
+  if (reinit && !name.empty()) schedule_reinit(name, !was_established);
+}
+
+void Engine::fail(IkeSa& sa, const std::string& why) {
+  log(fmt::format("{}: {}", sa.who(), why));
+  delete_sa(sa.our_spi(), why, !sa.no_reinit);
+}
+
+void Engine::established(IkeSa& sa) {
+  sa.state = State::established;
+  sa.established_ms = now_;
+  sa.last_heard_ms = now_;
+  ++stats_.ike_established;
+  disarm(sa, TimerKind::half_open);
+  half_open_.erase({sa.spi_i, sa.remote.str()});
+  log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r established ({}, {}): {}", sa.who(), sa.spi_i, sa.spi_r,
+                  sa.initiator ? "initiator" : "responder",
+                  sa.nat_local || sa.nat_remote
+                      ? fmt::format("NAT-T{}{}", sa.nat_local ? ", we are behind a NAT" : "",
+                                    sa.nat_remote ? ", peer behind a NAT" : "")
+                      : std::string("no NAT"),
+                  sa.suite.str()));
+  if (sa.peer) {
+    reinit_.erase(sa.peer->name);
+    if (sa.peer->dpd_s) arm(sa, TimerKind::dpd, now_ + uint64_t(sa.peer->dpd_s) * 1000);
+    schedule_ike_rekey(sa);
+  }
+}
+
+void Engine::schedule_ike_rekey(IkeSa& sa) {
+  if (!sa.peer || !sa.peer->start || !sa.peer->ike_rekey_s) return;
+  uint64_t ms = uint64_t(sa.peer->ike_rekey_s) * 1000;
+  ms -= get32(random_bytes(4).data()) % (ms / 10 + 1);
+  arm(sa, TimerKind::ike_rekey, now_ + ms);
+}
+
+uint32_t Engine::new_child_spi() {
+  while (true) {
+    uint32_t s = get32(random_bytes(4).data());
+    // SPIs 1-255 are reserved (RFC 4303 §2.1).
+    if (s > 255 && !child_spis_.count(s)) return s;
+  }
+}
+
+std::optional<ChildSa> Engine::make_child(IkeSa& sa, bool we_initiated, const Suite& suite, uint32_t spi_in,
+                                          uint32_t spi_out, std::vector<TrafficSelector> local_ts,
+                                          std::vector<TrafficSelector> remote_ts, ByteView g_ir, ByteView ni,
+                                          ByteView nr) {
+  ChildSa c;
+  c.id = next_child_id_++;
+  c.tunnel = sa.peer ? sa.peer->name : "";
+  c.peer_id = sa.remote_id;
+  c.ike_spi_i = sa.spi_i;
+  c.ike_spi_r = sa.spi_r;
+  c.spi_in = spi_in;
+  c.spi_out = spi_out;
+  c.suite = suite;
+  c.suite.dh = 0;
+  auto k = derive_child_keys(suite, sa.suite.prf, sa.keys.sk_d, g_ir, ni, nr);
+  // The exchange initiator's keys protect what it sends (§2.17).
+  if (we_initiated) {
+    c.encr_key_out = k.encr_i, c.integ_key_out = k.integ_i;
+    c.encr_key_in = k.encr_r, c.integ_key_in = k.integ_r;
+  } else {
+    c.encr_key_out = k.encr_r, c.integ_key_out = k.integ_r;
+    c.encr_key_in = k.encr_i, c.integ_key_in = k.integ_i;
+  }
+  c.local = sa.local;
+  c.remote = sa.remote;
+  c.udp_encap = sa.nat_local || sa.nat_remote;
+  c.local_ts = std::move(local_ts);
+  c.remote_ts = std::move(remote_ts);
+  if (sa.peer) {
+    c.hard_lifetime_s = sa.peer->child_lifetime_s;
+    c.soft_lifetime_s = sa.peer->child_rekey_s ? sa.peer->child_rekey_s : sa.peer->child_lifetime_s * 9 / 10;
+  }
+  return c;
+}
+
+void Engine::install_child(IkeSa& sa, ChildSa c) {
+  child_spis_[c.spi_in] = sa.our_spi();
+  log(fmt::format("{}: CHILD SA {:08x}_i {:08x}_o installed ({}{}): {} === {}", sa.who(), c.spi_in, c.spi_out,
+                  c.suite.str(), c.udp_encap ? ", UDP-encapsulated" : "", ts_list(c.local_ts), ts_list(c.remote_ts)));
+  sink_.install(c);
+  ++stats_.child_installed;
+  sa.children.push_back(std::move(c));
+  schedule_child_rekey(sa);
+}
+
+void Engine::schedule_child_rekey(IkeSa& sa) {
+  // The side that brings the tunnel up (`start`) keeps it fresh; the other
+  // only answers, so the two never race to rekey the same SA.
+  if (!sa.peer || !sa.peer->start || sa.children.empty()) return;
+  uint32_t soft = sa.children.back().soft_lifetime_s;
+  if (!soft) return;
+  // Jitter of up to 10% so that many tunnels do not rekey at once.
+  uint64_t ms = uint64_t(soft) * 1000;
+  ms -= get32(random_bytes(4).data()) % (ms / 10 + 1);
+  arm(sa, TimerKind::child_rekey, now_ + ms);
+}
+
+// ---------------------------------------------------------------- initiator
+tl::expected<void, std::string> Engine::initiate(const std::string& tunnel, uint64_t now_ms) {
+  now_ = now_ms;
+  auto p = find_peer(tunnel);
+  if (!p) return tl::unexpected(fmt::format("no tunnel \"{}\"", tunnel));
+  if (!p->remote) return tl::unexpected(fmt::format("tunnel \"{}\" has no remote address to initiate to", tunnel));
+  auto src = p->local ? p->local : transport_.source_for(p->remote->addr);
+  if (!src) return tl::unexpected(fmt::format("tunnel \"{}\": no route to {}", tunnel, p->remote->addr.str()));
+  if (p->ike_proposals.empty()) return tl::unexpected(fmt::format("tunnel \"{}\" has no IKE proposal", tunnel));
+  uint16_t group = 0;
+  for (auto& t : p->ike_proposals[0].transforms)
+    if (t.type == kTfDh) {
+      group = t.id;
+      break;
+    }
+  auto dh = Dh::create(group);
+  if (!dh) return tl::unexpected(dh.error());
+  auto sa = std::make_unique<IkeSa>();
+  do sa->spi_i = get64(random_bytes(8).data());
+  while (!sa->spi_i || sas_.count(sa->spi_i));
+  sa->initiator = true;
+  sa->peer = p;
+  sa->local = Endpoint{*src, kIkePort};
+  sa->remote = *p->remote;
+  sa->ni = random_bytes(32);
+  sa->dh = std::move(*dh);
+  sa->created_ms = now_ms;
+  sa->state = State::init_sent;
+  IkeSa& r = *sa;
+  sas_[sa->spi_i] = std::move(sa);
+  log(fmt::format("tunnel \"{}\": initiating to {} ({})", tunnel, r.remote.str(), proposals_str(p->ike_proposals)));
+  send_init(r);
+  return {};
+}
+
+void Engine::send_init(IkeSa& sa) {
+  ChainBuilder c;
+  if (!sa.cookie.empty()) c.add_notify(kNCookie, sa.cookie);
+  c.add(kPlSa, encode_sa(sa.peer->ike_proposals));
+  c.add(kPlKe, encode_ke(KePayload{sa.dh->group(), sa.dh->public_value()}));
+  c.add(kPlNonce, sa.ni);
+  c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, 0, sa.local));
+  c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, 0, sa.remote));
+  if (sa.peer->creds) add_hash_algorithms(c);
+  Header h;
+  h.spi_i = sa.spi_i;
+  h.exchange = uint8_t(Exchange::ike_sa_init);
+  h.flags = kFlagInitiator;
+  h.mid = 0;
+  sa.req_msg = encode_plain(h, c);
+  sa.init_req = sa.req_msg;
+  sa.req_active = true;
+  sa.req_kind = kReqInit;
+  sa.req_exchange = h.exchange;
+  sa.req_mid = 0;
+  sa.req_tries = 0;
+  sa.my_mid = 1;
+  send_raw(sa, sa.req_msg);
+  arm(sa, TimerKind::retransmit, now_ + opts_.retransmit_base_ms);
+}
+
+void Engine::init_response(IkeSa& sa, const Message& m) {
+  std::vector<NotifyPayload> notes;
+  for (auto* p : m.all(kPlNotify))
+    if (auto n = parse_notify(p->body)) notes.push_back(*n);
+  for (auto& n : notes) {
+    if (n.type == kNCookie) {
+      // The answer to an older copy of our request (a retransmit crossed it).
+      if (!sa.cookie.empty() && n.data == sa.cookie) return;
+      if (++sa.cookie_tries > 3 || n.data.empty() || n.data.size() > 64) return fail(sa, "too many or bad COOKIEs");
+      sa.cookie = n.data;
+      disarm(sa, TimerKind::retransmit);
+      send_init(sa);
+      return;
+    }
+    if (n.type == kNInvalidKePayload) {
+      uint16_t g = n.data.size() == 2 ? get16(n.data.data()) : 0;
+      bool ours = std::any_of(sa.peer->ike_proposals.begin(), sa.peer->ike_proposals.end(), [&](auto& p) {
+        return std::any_of(p.transforms.begin(), p.transforms.end(), [&](auto& t) { return t.type == kTfDh && t.id == g; });
+      });
+      if (!ours || ++sa.ke_tries > 2 || g == sa.dh->group())
+        return fail(sa, fmt::format("peer wants DH group {}, which we did not offer", transform_name(kTfDh, g)));
+      auto dh = Dh::create(g);
+      if (!dh) return fail(sa, dh.error());
+      sa.dh = std::move(*dh);
+      log(fmt::format("{}: peer asked for {}; retrying", sa.who(), transform_name(kTfDh, g)));
+      disarm(sa, TimerKind::retransmit);
+      send_init(sa);
+      return;
+    }
+    if (n.type == kNNoProposalChosen) {
+      ++stats_.no_proposal_chosen;
+      return fail(sa, fmt::format("NO_PROPOSAL_CHOSEN: the responder accepts none of ours: {}",
+                                  proposals_str(sa.peer->ike_proposals)));
+    }
+    if (n.type <= kNErrorMax) return fail(sa, fmt::format("IKE_SA_INIT answered with {}", notify_name(n.type)));
+  }
+  auto* sap = m.find(kPlSa);
+  auto* kep = m.find(kPlKe);
+  auto* np = m.find(kPlNonce);
+  if (!sap || !kep || !np || !m.h.spi_r) return fail(sa, "IKE_SA_INIT response lacks SA, KE, Nonce or SPI");
+  auto props = parse_sa(sap->body);
+  auto ke = parse_ke(kep->body);
+  auto nr = parse_nonce(np->body);
+  if (!props || !ke || !nr) return fail(sa, "IKE_SA_INIT response has a malformed SA, KE or Nonce");
+  std::optional<Suite> suite;
+  if (props->size() == 1) suite = accept_proposal((*props)[0], sa.peer->ike_proposals, false);
+  if (!suite)
+    return fail(sa, fmt::format("responder chose {}, which is not one of ours: {}", proposals_str(*props),
+                                proposals_str(sa.peer->ike_proposals)));
+  if (ke->group != suite->dh || ke->group != sa.dh->group())
+    return fail(sa, fmt::format("responder's KE is {} but the chosen group is {}", transform_name(kTfDh, ke->group),
+                                transform_name(kTfDh, suite->dh)));
+  auto gir = sa.dh->derive(ke->data);
+  if (!gir) return fail(sa, "responder's KE: " + gir.error());
+  disarm(sa, TimerKind::retransmit);
+  sa.req_active = false;
+  // Our SPI stays the key; the responder's is learned now.
+  sa.spi_r = m.h.spi_r;
+  sa.suite = *suite;
+  sa.nr = *nr;
+  sa.keys = derive_ike_keys(sa.suite, *gir, sa.ni, sa.nr, sa.spi_i, sa.spi_r);
+  sa.init_resp = m.raw;
+  bool saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
+  for (auto& n : notes) {
+    if (n.type == kNNatDetectionSourceIp) {
+      saw_src = true;
+      src_ok |= n.data == nat_hash(sa.spi_i, sa.spi_r, sa.remote);
+    } else if (n.type == kNNatDetectionDestinationIp) {
+      saw_dst = true;
+      dst_ok |= n.data == nat_hash(sa.spi_i, sa.spi_r, sa.local);
+    }
+  }
+  sa.nat_remote = saw_src && !src_ok;
+  sa.nat_local = saw_dst && !dst_ok;
+  if (sa.nat_local || sa.nat_remote) {
+    // §2.23: once a NAT is seen, everything moves to 4500.
+    sa.local.port = kNattPort;
+    if (sa.remote.port == kIkePort) sa.remote.port = kNattPort;
+  }
+  sa.state = State::auth_sent;
+  send_auth(sa);
+}
+
+void Engine::send_auth(IkeSa& sa) {
+  const PeerConfig& p = *sa.peer;
+  sa.pending_spi = new_child_spi();
+  child_spis_[sa.pending_spi] = sa.our_spi();
+  Bytes idi = encode_id(p.local_id);
+  Bytes octets = sa.init_req;
+  octets.insert(octets.end(), sa.nr.begin(), sa.nr.end());
+  Bytes mac = prf(sa.suite.prf, sa.keys.sk_pi, idi);
+  octets.insert(octets.end(), mac.begin(), mac.end());
+  ChainBuilder c;
+  c.add(kPlIdi, idi);
+  // INITIAL_CONTACT tells the peer to drop whatever it still holds for us (a
+  // reboot on our side): seed 003 §6.1's stale SAs.
+  bool other = std::any_of(sas_.begin(), sas_.end(), [&](auto& kv) {
+    return kv.second.get() != &sa && kv.second->peer && kv.second->peer->name == p.name &&
+           kv.second->state == State::established;
+  });
+  if (!other) c.add_notify(kNInitialContact);
+  if (p.remote_id.type) c.add(kPlIdr, encode_id(p.remote_id));
+  auto auth = make_auth(p, sa.suite.prf, octets);
+  if (!auth) return fail(sa, "cannot authenticate: " + auth.error());
+  add_cert(c, p);
+  if (p.creds) add_certreq(c, *p.creds);
+  c.add(kPlAuth, encode_auth(*auth));
+  c.add(kPlSa, encode_sa(without_dh(p.esp_proposals, u32_bytes(sa.pending_spi))));
+  c.add(kPlTsi, encode_ts(p.local_ts));
+  c.add(kPlTsr, encode_ts(p.remote_ts));
+  queue_request(sa, uint8_t(Exchange::ike_auth), std::move(c), kReqAuth);
+}
+
+void Engine::auth_response(IkeSa& sa, const std::vector<Payload>& pl) {
+  const PeerConfig& p = *sa.peer;
+  uint16_t child_err = 0;
+  for (auto& x : pl) {
+    if (x.type != kPlNotify) continue;
+    auto n = parse_notify(x.body);
+    if (!n) continue;
+    if (n->type <= kNErrorMax) {
+      if (!child_error(n->type)) {
+        if (n->type == kNAuthenticationFailed) ++stats_.auth_failed;
+        return fail(sa, fmt::format("IKE_AUTH answered with {}", notify_name(n->type)));
+      }
+      child_err = n->type;
+    }
+  }
+  const Payload *idp = nullptr, *authp = nullptr, *sap = nullptr, *tsip = nullptr, *tsrp = nullptr;
+  for (auto& x : pl) {
+    if (x.type == kPlIdr) idp = &x;
+    if (x.type == kPlAuth) authp = &x;
+    if (x.type == kPlSa) sap = &x;
+    if (x.type == kPlTsi) tsip = &x;
+    if (x.type == kPlTsr) tsrp = &x;
+  }
+  if (!idp || !authp) return fail(sa, "IKE_AUTH response lacks IDr or AUTH");
+  auto idr = parse_id(idp->body);
+  auto auth = parse_auth(authp->body);
+  if (!idr || !auth) return fail(sa, "IKE_AUTH response has a malformed IDr or AUTH");
+  sa.remote_id = *idr;
+  if (p.remote_id.type && !idr->matches(p.remote_id)) {
+    ++stats_.auth_failed;
+    return fail(sa, fmt::format("responder is \"{}\", expected \"{}\"", idr->str(), p.remote_id.str()));
+  }
+  Bytes octets = sa.init_resp;
+  octets.insert(octets.end(), sa.ni.begin(), sa.ni.end());
+  Bytes mac = prf(sa.suite.prf, sa.keys.sk_pr, idp->body);
+  octets.insert(octets.end(), mac.begin(), mac.end());
+  if (auto ok = check_auth(p, sa.suite.prf, pl, *idr, *auth, octets); !ok) {
+    ++stats_.auth_failed;
+    return fail(sa, "responder's AUTH: " + ok.error());
+  }
+  sa.dh.reset();
+  established(sa);
+  uint32_t spi_in = sa.pending_spi;
+  sa.pending_spi = 0;
+  auto child_fail = [&](const std::string& why) {
+    ++stats_.child_failed;
+    child_spis_.erase(spi_in);
+    log(fmt::format("{}: CHILD SA not created: {}", sa.who(), why));
+  };
+  if (child_err) {
+    if (child_err == kNNoProposalChosen) ++stats_.no_proposal_chosen;
+    return child_fail(fmt::format("responder answered {} (we offered {})", notify_name(child_err),
+                                  proposals_str(without_dh(p.esp_proposals, {}))));
+  }
+  if (!sap || !tsip || !tsrp) return child_fail("IKE_AUTH response lacks SA, TSi or TSr");
+  auto props = parse_sa(sap->body);
+  auto tsi = parse_ts(tsip->body);
+  auto tsr = parse_ts(tsrp->body);
+  if (!props || !tsi || !tsr) return child_fail("malformed SA or TS in the IKE_AUTH response");
+  std::optional<Suite> cs;
+  if (props->size() == 1 && (*props)[0].spi.size() == 4)
+    cs = accept_proposal((*props)[0], without_dh(p.esp_proposals, {}), true);
+  if (!cs) return child_fail(fmt::format("responder chose {}, not one of ours", proposals_str(*props)));
+  if (!within(*tsi, p.local_ts) || !within(*tsr, p.remote_ts))
+    return child_fail(fmt::format("responder's selectors {} === {} are not within ours {} === {}", ts_list(*tsi),
+                                  ts_list(*tsr), ts_list(p.local_ts), ts_list(p.remote_ts)));
+  auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, {}, sa.ni, sa.nr);
+  install_child(sa, std::move(*c));
+}
+
+// ---------------------------------------------------------------- responder
+void Engine::init_request(const Endpoint& local, const Endpoint& remote, const Message& m) {
+  const Header& h = m.h;
+  if (h.spi_r != 0 || h.mid != 0) {
+    ++stats_.rx_malformed;
+    return;
+  }
+  if (auto it = half_open_.find({h.spi_i, remote.str()}); it != half_open_.end()) {
+    auto s = sas_.find(it->second);
+    if (s != sas_.end() && s->second->has_resp && sha1(m.raw) == s->second->req_hash) {
+      ++stats_.rx_retransmit;
+      send_to(local, remote, s->second->resp_msg);
+    } else {
+      ++stats_.rx_out_of_window;
+    }
+    return;
+  }
+  auto* sap = m.find(kPlSa);
+  auto* kep = m.find(kPlKe);
+  auto* np = m.find(kPlNonce);
+  auto props = sap ? parse_sa(sap->body) : Parsed<std::vector<Proposal>>(tl::unexpect, ParseError{});
+  auto ke = kep ? parse_ke(kep->body) : Parsed<KePayload>(tl::unexpect, ParseError{});
+  auto ni = np ? parse_nonce(np->body) : Parsed<Bytes>(tl::unexpect, ParseError{});
+  if (!props || !ke || !ni) {
+    ++stats_.rx_malformed;
+    log(fmt::format("IKE_SA_INIT from {}: missing or malformed SA, KE or Nonce", remote.str()));
+    respond_plain_error(local, remote, h, kNInvalidSyntax, {});
+    return;
+  }
+  if (half_open_.size() >= opts_.max_half_open) {
+    ++stats_.half_open_dropped;
+    return;
+  }
+  if (half_open_.size() >= opts_.cookie_threshold) {
+    // Stateless until the initiator proves it receives at its address (§2.6).
+    // The secret changes every minute; the previous one stays valid for one more.
+    if (cookie_secret_.empty() || now_ >= cookie_secret_at_ + 60000) {
+      cookie_secret_old_ = cookie_secret_.empty() ? random_bytes(32) : cookie_secret_;
+      cookie_secret_ = random_bytes(32);
+      cookie_secret_at_ = now_;
+    }
+    Bytes got;
+    for (auto* p : m.all(kPlNotify))
+      if (auto n = parse_notify(p->body); n && n->type == kNCookie) got = n->data;
+    bool ok = !got.empty() && (equal_ct(got, make_cookie(cookie_secret_, *ni, remote, h.spi_i)) ||
+                               equal_ct(got, make_cookie(cookie_secret_old_, *ni, remote, h.spi_i)));
+    if (!ok) {
+      if (!got.empty()) ++stats_.cookie_bad;
+      ++stats_.cookie_sent;
+      respond_plain_error(local, remote, h, kNCookie, make_cookie(cookie_secret_, *ni, remote, h.spi_i));
+      return;
+    }
+  }
+  // Prefer the group the initiator already sent a KE for, if acceptable: saves a round trip.
+  auto ours_ke = responder_ike_;
+  for (auto& p : ours_ke) {
+    bool has = std::any_of(p.transforms.begin(), p.transforms.end(),
+                           [&](auto& t) { return t.type == kTfDh && t.id == ke->group; });
+    if (has) std::erase_if(p.transforms, [&](auto& t) { return t.type == kTfDh && t.id != ke->group; });
+  }
+  auto sel = select_proposal(*props, ours_ke, false);
+  if (!sel) sel = select_proposal(*props, responder_ike_, false);
+  if (!sel) {
+    ++stats_.no_proposal_chosen;
+    log(fmt::format("IKE_SA_INIT from {}: NO_PROPOSAL_CHOSEN: peer offered {}; we accept {}", remote.str(),
+                    proposals_str(*props), proposals_str(responder_ike_)));
+    respond_plain_error(local, remote, h, kNNoProposalChosen, {});
+    return;
+  }
+  Suite suite = sel->first;
+  if (ke->group != suite.dh) {
+    Bytes g;
+    put16(g, suite.dh);
+    log(fmt::format("IKE_SA_INIT from {}: KE for {}, asking for {}", remote.str(), transform_name(kTfDh, ke->group),
+                    transform_name(kTfDh, suite.dh)));
+    respond_plain_error(local, remote, h, kNInvalidKePayload, g);
+    return;
+  }
+  auto dh = Dh::create(suite.dh);
+  if (!dh) {
+    log(fmt::format("IKE_SA_INIT from {}: {}", remote.str(), dh.error()));
+    return;
+  }
+  auto gir = (*dh)->derive(ke->data);
+  if (!gir) {
+    ++stats_.rx_malformed;
+    log(fmt::format("IKE_SA_INIT from {}: bad KE: {}", remote.str(), gir.error()));
+    respond_plain_error(local, remote, h, kNInvalidSyntax, {});
+    return;
+  }
+  auto sa = std::make_unique<IkeSa>();
+  sa->spi_i = h.spi_i;
+  do sa->spi_r = get64(random_bytes(8).data());
+  while (!sa->spi_r || sas_.count(sa->spi_r));
+  sa->initiator = false;
+  sa->local = local;
+  sa->remote = remote;
+  sa->suite = suite;
+  sa->ni = *ni;
+  sa->nr = random_bytes(32);
+  sa->keys = derive_ike_keys(suite, *gir, sa->ni, sa->nr, sa->spi_i, sa->spi_r);
+  sa->created_ms = now_;
+  sa->state = State::half_open;
+  bool saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
+  for (auto* p : m.all(kPlNotify)) {
+    auto n = parse_notify(p->body);
+    if (!n) continue;
+    if (n->type == kNNatDetectionSourceIp) {
+      saw_src = true;
+      src_ok |= n->data == nat_hash(h.spi_i, 0, remote);
+    } else if (n->type == kNNatDetectionDestinationIp) {
+      saw_dst = true;
+      dst_ok |= n->data == nat_hash(h.spi_i, 0, local);
+    }
+  }
+  sa->nat_remote = saw_src && !src_ok;
+  sa->nat_local = saw_dst && !dst_ok;
+  ChainBuilder c;
+  c.add(kPlSa, encode_sa({suite.to_proposal(sel->second->num, {})}));
+  c.add(kPlKe, encode_ke(KePayload{suite.dh, (*dh)->public_value()}));
+  c.add(kPlNonce, sa->nr);
+  if (saw_src || saw_dst) {
+    c.add_notify(kNNatDetectionSourceIp, nat_hash(sa->spi_i, sa->spi_r, local));
+    c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa->spi_i, sa->spi_r, remote));
+  }
+  // Certificate tunnels: ask for the initiator's certificate (peers that send
+  // theirs only "if asked") and offer RFC 7427 hashes. Which tunnel this is
+  // becomes known only in IKE_AUTH, so the first one with certificates speaks.
+  for (auto& p : peers_)
+    if (p->creds) {
+      add_certreq(c, *p->creds);
+      add_hash_algorithms(c);
+      break;
+    }
+  Header rh;
+  rh.spi_i = sa->spi_i;
+  rh.spi_r = sa->spi_r;
+  rh.exchange = h.exchange;
+  rh.flags = kFlagResponse;
+  rh.mid = 0;
+  sa->init_req = m.raw;
+  sa->init_resp = encode_plain(rh, c);
+  sa->has_resp = true;
+  sa->resp_msg = sa->init_resp;
+  sa->req_hash = sha1(m.raw);
+  sa->peer_mid = 1;
+  IkeSa& r = *sa;
+  half_open_[{h.spi_i, remote.str()}] = sa->spi_r;
+  sas_[sa->spi_r] = std::move(sa);
+  arm(r, TimerKind::half_open, now_ + opts_.half_open_timeout_ms);
+  send_to(local, remote, r.init_resp);
+}
+
+Bytes Engine::make_cookie(ByteView secret, ByteView ni, const Endpoint& remote, uint64_t spi_i) const {
+  Bytes d(ni.begin(), ni.end());
+  auto a = remote.addr.bytes();
+  d.insert(d.end(), a.begin(), a.end());
+  put64(d, spi_i);
+  Bytes c = prf(kPrfSha256, secret, d);
+  c.resize(16);
+  return c;
+}
+
+void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl) {
+  uint64_t spi = sa.our_spi();
+  sa.req_hash = sha1(m.raw);
+  if (sa.state != State::half_open) {
+    ChainBuilder c;
+    c.add_notify(kNInvalidSyntax);
+    respond(sa, m.h, c);
+    return;
+  }
+  const Payload *idip = nullptr, *idrp = nullptr, *authp = nullptr, *sap = nullptr, *tsip = nullptr, *tsrp = nullptr;
+  bool initial_contact = false;
+  for (auto& x : pl) {
+    switch (x.type) {
+      case kPlIdi: idip = &x; break;
+      case kPlIdr: idrp = &x; break;
+      case kPlAuth: authp = &x; break;
+      case kPlSa: sap = &x; break;
+      case kPlTsi: tsip = &x; break;
+      case kPlTsr: tsrp = &x; break;
+      case kPlNotify:
+        if (auto n = parse_notify(x.body); n && n->type == kNInitialContact) initial_contact = true;
+        break;
+    }
+  }
+  auto reject = [&](uint16_t notify, const std::string& why) {
+    ++stats_.auth_failed;
+    log(fmt::format("{}: IKE_AUTH rejected: {}", sa.who(), why));
+    ChainBuilder c;
+    c.add_notify(notify);
+    respond(sa, m.h, c);
+    delete_sa(spi, why, false);
+  };
+  if (!idip || !authp) return reject(kNInvalidSyntax, "IKE_AUTH request lacks IDi or AUTH");
+  auto idi = parse_id(idip->body);
+  auto auth = parse_auth(authp->body);
+  std::optional<Identity> idr;
+  if (idrp)
+    if (auto x = parse_id(idrp->body)) idr = *x;
+  if (!idi || !auth) return reject(kNInvalidSyntax, "malformed IDi or AUTH");
+  sa.remote_id = *idi;
+  // The moat is whoever its identity says — its address means nothing.
+  std::shared_ptr<const PeerConfig> peer;
+  for (auto& p : peers_)
+    if (p->remote_id.matches(*idi) && (!idr || p->local_id.matches(*idr))) {
+      peer = p;
+      break;
+    }
+  if (!peer)
+    for (auto& p : peers_)
+      if (p->remote_id.matches(*idi)) {
+        peer = p;
+        break;
+      }
+  if (!peer) return reject(kNAuthenticationFailed, fmt::format("no tunnel for identity \"{}\"", idi->str()));
+  sa.peer = peer;
+  if (!accept_proposal(sa.suite.to_proposal(1, {}), peer->ike_proposals, false))
+    return reject(kNAuthenticationFailed,
+                  fmt::format("IKE SA uses {}, not allowed for this tunnel ({})", sa.suite.str(),
+                              proposals_str(peer->ike_proposals)));
+  Bytes octets = sa.init_req;
+  octets.insert(octets.end(), sa.nr.begin(), sa.nr.end());
+  Bytes mac = prf(sa.suite.prf, sa.keys.sk_pi, idip->body);
+  octets.insert(octets.end(), mac.begin(), mac.end());
+  if (auto ok = check_auth(*peer, sa.suite.prf, pl, *idi, *auth, octets); !ok)
+    return reject(kNAuthenticationFailed, ok.error());
+
+  ChainBuilder c;
+  Bytes idr_body = encode_id(peer->local_id);
+  Bytes ro = sa.init_resp;
+  ro.insert(ro.end(), sa.ni.begin(), sa.ni.end());
+  Bytes rmac = prf(sa.suite.prf, sa.keys.sk_pr, idr_body);
+  ro.insert(ro.end(), rmac.begin(), rmac.end());
+  auto my_auth = make_auth(*peer, sa.suite.prf, ro);
+  if (!my_auth) return reject(kNAuthenticationFailed, "cannot authenticate ourselves: " + my_auth.error());
+  c.add(kPlIdr, idr_body);
+  add_cert(c, *peer);
+  c.add(kPlAuth, encode_auth(*my_auth));
+  established(sa);
+
+  if (initial_contact) {
+    std::vector<uint64_t> old;
+    for (auto& [s, o] : sas_)
+      if (s != spi && o->peer && o->peer->name == peer->name) old.push_back(s);
+    for (auto s : old) {
+      ++stats_.initial_contact_deleted;
+      delete_sa(s, "the peer sent INITIAL_CONTACT (it restarted)", false);
+    }
+  }
+
+  std::optional<ChildSa> child;
+  auto child_fail = [&](uint16_t n, const std::string& why) {
+    ++stats_.child_failed;
+    if (n == kNNoProposalChosen) ++stats_.no_proposal_chosen;
+    log(fmt::format("{}: CHILD SA not created: {}", sa.who(), why));
+    c.add_notify(n);
+  };
+  if (!sap || !tsip || !tsrp) {
+    child_fail(kNInvalidSyntax, "IKE_AUTH request lacks SA, TSi or TSr");
+  } else {
+    auto props = parse_sa(sap->body);
+    auto tsi = parse_ts(tsip->body);
+    auto tsr = parse_ts(tsrp->body);
+    std::optional<std::pair<Suite, const Proposal*>> sel;
+    if (props) sel = select_proposal(*props, peer->esp_proposals, true);
+    if (!props || !tsi || !tsr) {
+      child_fail(kNInvalidSyntax, "malformed SA, TSi or TSr");
+    } else if (!sel || sel->second->spi.size() != 4) {
+      child_fail(kNNoProposalChosen, fmt::format("NO_PROPOSAL_CHOSEN: peer offered {}; we accept {}",
+                                                 proposals_str(*props), proposals_str(peer->esp_proposals)));
+    } else {
+      auto remote_ts = narrow(*tsi, peer->remote_ts);
+      auto local_ts = narrow(*tsr, peer->local_ts);
+      if (remote_ts.empty() || local_ts.empty()) {
+        child_fail(kNTsUnacceptable, fmt::format("TS_UNACCEPTABLE: peer proposed {} === {}; we allow {} === {}",
+                                                 ts_list(*tsi), ts_list(*tsr), ts_list(peer->remote_ts),
+                                                 ts_list(peer->local_ts)));
+      } else {
+        uint32_t spi_in = new_child_spi();
+        child = make_child(sa, false, sel->first, spi_in, get32(sel->second->spi.data()), local_ts, remote_ts, {},
+                           sa.ni, sa.nr);
+        c.add(kPlSa, encode_sa({sel->first.to_proposal(sel->second->num, u32_bytes(spi_in))}));
+        c.add(kPlTsi, encode_ts(remote_ts));
+        c.add(kPlTsr, encode_ts(local_ts));
+      }
+    }
+  }
+  // Inbound ready before the peer can use it.
+  if (child) install_child(sa, std::move(*child));
+  respond(sa, m.h, c);
+}
+
+void Engine::informational_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl) {
+  uint64_t spi = sa.our_spi();
+  sa.req_hash = sha1(m.raw);
+  ChainBuilder c;
+  bool delete_ike = false;
+  std::vector<Bytes> ours;
+  std::vector<uint32_t> stale;
+  for (auto& x : pl) {
+    if (x.type != kPlDelete) continue;
+    auto d = parse_delete(x.body);
+    if (!d) continue;
+    if (d->protocol == kProtoIke) delete_ike = true;
+    if (d->protocol != kProtoEsp) continue;
+    for (auto& s : d->spis) {
+      // The peer names the SPI it receives on: our outbound SPI.
+      uint32_t out = get32(s.data());
+      auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& ch) { return ch.spi_out == out; });
+      if (it == sa.children.end()) continue;
+      ours.push_back(u32_bytes(it->spi_in));
+      log(fmt::format("{}: peer deleted CHILD SA {:08x}_i {:08x}_o", sa.who(), it->spi_in, it->spi_out));
+      sink_.remove(*it);
+      ++stats_.child_removed;
+      child_spis_.erase(it->spi_in);
+      sa.children.erase(it);
+    }
+  }
+  for (auto& x : pl) {
+    if (x.type != kPlNotify) continue;
+    auto n = parse_notify(x.body);
+    if (!n || n->type != kNInvalidSpi || n->data.size() != 4) continue;
+    // The peer does not know an SPI we send with: that CHILD SA is stale there.
+    uint32_t out = get32(n->data.data());
+    auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& ch) { return ch.spi_out == out; });
+    if (it == sa.children.end()) continue;
+    log(fmt::format("{}: peer does not know CHILD SA {:08x}_o; deleting it", sa.who(), out));
+    stale.push_back(it->spi_in);
+  }
+  if (!delete_ike && !ours.empty()) c.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, ours}));
+  respond(sa, m.h, c);
+  // Deletes are requests of their own; a response carries only answers (§1.4.1).
+  for (uint32_t in : stale) {
+    ChainBuilder d;
+    d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(in)}}));
+    queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, in);
+  }
+  if (delete_ike) {
+    sa.state = State::deleting;
+    delete_sa(spi, "deleted by the peer", sa.peer && sa.peer->start);
+  }
+}
+
+void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl) {
+  sa.req_hash = sha1(m.raw);
+  ChainBuilder c;
+  const Payload *sap = nullptr, *np = nullptr, *kep = nullptr, *tsip = nullptr, *tsrp = nullptr;
+  std::optional<uint32_t> rekey_out;
+  for (auto& x : pl) {
+    switch (x.type) {
+      case kPlSa: sap = &x; break;
+      case kPlNonce: np = &x; break;
+      case kPlKe: kep = &x; break;
+      case kPlTsi: tsip = &x; break;
+      case kPlTsr: tsrp = &x; break;
+      case kPlNotify:
+        if (auto n = parse_notify(x.body); n && n->type == kNRekeySa && n->protocol == kProtoEsp && n->spi.size() == 4)
+          rekey_out = get32(n->spi.data());
+        break;
+    }
+  }
+  auto refuse = [&](uint16_t n, const std::string& why) {
+    log(fmt::format("{}: CREATE_CHILD_SA refused: {}", sa.who(), why));
+    ChainBuilder e;
+    e.add_notify(n);
+    respond(sa, m.h, e);
+  };
+  if (sa.state != State::established || !sa.peer) return refuse(kNInvalidSyntax, "IKE SA not established");
+  const PeerConfig& p = *sa.peer;
+  if (!sap || !np) return refuse(kNInvalidSyntax, "SA or Nonce missing");
+  auto props = parse_sa(sap->body);
+  auto ni = parse_nonce(np->body);
+  if (!props || !ni) return refuse(kNInvalidSyntax, "malformed SA or Nonce");
+  if ((*props)[0].protocol == kProtoIke) {
+    rekey_ike_request(sa, m, *props, *ni, kep);
+    return;
+  }
+  if (!tsip || !tsrp) return refuse(kNInvalidSyntax, "TSi or TSr missing");
+  auto tsi = parse_ts(tsip->body);
+  auto tsr = parse_ts(tsrp->body);
+  if (!tsi || !tsr) return refuse(kNInvalidSyntax, "malformed TSi or TSr");
+  const ChildSa* old = nullptr;
+  if (rekey_out) {
+    for (auto& ch : sa.children)
+      if (ch.spi_out == *rekey_out) old = &ch;
+    if (!old) {
+      ChainBuilder e;
+      e.add_notify(kNChildSaNotFound, {}, kProtoEsp, u32_bytes(*rekey_out));
+      respond(sa, m.h, e);
+      return;
+    }
+  }
+  std::optional<KePayload> ke;
+  if (kep)
+    if (auto k = parse_ke(kep->body)) ke = *k;
+  auto sel = select_proposal(*props, p.esp_proposals, !ke);
+  if (!sel || sel->second->spi.size() != 4)
+    return refuse(kNNoProposalChosen, fmt::format("NO_PROPOSAL_CHOSEN: peer offered {}; we accept {}",
+                                                  proposals_str(*props), proposals_str(p.esp_proposals)));
+  Suite cs = sel->first;
+  Bytes gir;
+  std::unique_ptr<Dh> dh;
+  if (ke) {
+    if (!cs.dh) return refuse(kNNoProposalChosen, "KE sent but no DH group agreed");
+    if (ke->group != cs.dh) {
+      Bytes g;
+      put16(g, cs.dh);
+      ChainBuilder e;
+      e.add_notify(kNInvalidKePayload, g);
+      respond(sa, m.h, e);
+      return;
+    }
+    auto d = Dh::create(cs.dh);
+    if (!d) return refuse(kNNoProposalChosen, d.error());
+    auto s = (*d)->derive(ke->data);
+    if (!s) return refuse(kNInvalidSyntax, s.error());
+    gir = *s;
+    dh = std::move(*d);
+  }
+  auto remote_ts = narrow(*tsi, p.remote_ts);
+  auto local_ts = narrow(*tsr, p.local_ts);
+  if (remote_ts.empty() || local_ts.empty()) return refuse(kNTsUnacceptable, "traffic selectors do not match");
+  Bytes nr = random_bytes(32);
+  uint32_t spi_in = new_child_spi();
+  auto child = make_child(sa, false, cs, spi_in, get32(sel->second->spi.data()), local_ts, remote_ts, gir, *ni, nr);
+  c.add(kPlSa, encode_sa({cs.to_proposal(sel->second->num, u32_bytes(spi_in))}));
+  c.add(kPlNonce, nr);
+  if (dh) c.add(kPlKe, encode_ke(KePayload{cs.dh, dh->public_value()}));
+  c.add(kPlTsi, encode_ts(remote_ts));
+  c.add(kPlTsr, encode_ts(local_ts));
+  ChildSa old_copy;
+  if (old) old_copy = *old;
+  install_child(sa, *child);
+  if (old) {
+    ++stats_.child_rekeyed;
+    sink_.rekeyed(old_copy, *child);
+  }
+  respond(sa, m.h, c);
+  // The rekey initiator deletes the old SA (§2.8); until then it stays inbound.
+}
+
+// The peer rekeys the IKE SA (§1.3.2, §2.18): a new SA whose initiator is
+// the rekey's initiator inherits the CHILD SAs; the old one lingers until the
+// peer deletes it.
+void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Proposal>& props, const Bytes& ni,
+                               const Payload* kep) {
+  auto refuse = [&](uint16_t n, const std::string& why, ByteView data = {}) {
+    log(fmt::format("{}: IKE SA rekey refused: {}", sa.who(), why));
+    ChainBuilder e;
+    e.add_notify(n, data);
+    respond(sa, m.h, e);
+  };
+  const PeerConfig& p = *sa.peer;
+  auto ke = kep ? parse_ke(kep->body) : Parsed<KePayload>(tl::unexpect, ParseError{});
+  if (!ke) return refuse(kNInvalidSyntax, "KE missing or malformed");
+  auto sel = select_proposal(props, p.ike_proposals, false);
+  if (!sel || sel->second->spi.size() != 8 || !get64(sel->second->spi.data()))
+    return refuse(kNNoProposalChosen, fmt::format("NO_PROPOSAL_CHOSEN: peer offered {}; we accept {}",
+                                                  proposals_str(props), proposals_str(p.ike_proposals)));
+  Suite suite = sel->first;
+  if (ke->group != suite.dh) {
+    Bytes g;
+    put16(g, suite.dh);
+    return refuse(kNInvalidKePayload, "KE for another group", g);
+  }
+  auto dh = Dh::create(suite.dh);
+  if (!dh) return refuse(kNNoProposalChosen, dh.error());
+  auto gir = (*dh)->derive(ke->data);
+  if (!gir) return refuse(kNInvalidSyntax, gir.error());
+  auto n = std::make_unique<IkeSa>();
+  n->spi_i = get64(sel->second->spi.data());
+  do n->spi_r = get64(random_bytes(8).data());
+  while (!n->spi_r || sas_.count(n->spi_r));
+  n->initiator = false;
+  n->peer = sa.peer;
+  n->local = sa.local;
+  n->remote = sa.remote;
+  n->nat_local = sa.nat_local;
+  n->nat_remote = sa.nat_remote;
+  n->suite = suite;
+  n->ni = ni;
+  n->nr = random_bytes(32);
+  n->keys = derive_rekeyed_ike_keys(suite, sa.suite.prf, sa.keys.sk_d, *gir, n->ni, n->nr, n->spi_i, n->spi_r);
+  n->remote_id = sa.remote_id;
+  n->created_ms = now_;
+  n->state = State::established;
+  n->established_ms = now_;
+  n->last_heard_ms = now_;
+  ChainBuilder c;
+  c.add(kPlSa, encode_sa({suite.to_proposal(sel->second->num, [&] {
+    Bytes b;
+    put64(b, n->spi_r);
+    return b;
+  }())}));
+  c.add(kPlNonce, n->nr);
+  c.add(kPlKe, encode_ke(KePayload{suite.dh, (*dh)->public_value()}));
+  respond(sa, m.h, c);
+  for (auto& ch : sa.children) {
+    ch.ike_spi_i = n->spi_i;
+    ch.ike_spi_r = n->spi_r;
+    child_spis_[ch.spi_in] = n->spi_r;
+  }
+  n->children = std::move(sa.children);
+  sa.children.clear();
+  sa.state = State::deleting;
+  log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
+                  n->spi_i, n->spi_r, suite.str()));
+  IkeSa& r = *n;
+  sas_[n->spi_r] = std::move(n);
+  if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
+  schedule_child_rekey(r);
+}
+
+tl::expected<void, std::string> Engine::rekey_ike(const std::string& tunnel, uint64_t now_ms) {
+  now_ = now_ms;
+  IkeSa* sa = find_established(tunnel);
+  if (!sa) return tl::unexpected(fmt::format("tunnel \"{}\" has no established IKE SA", tunnel));
+  if (sa->rekey_spi) return tl::unexpected(fmt::format("tunnel \"{}\": an IKE SA rekey is under way", tunnel));
+  const PeerConfig& p = *sa->peer;
+  uint16_t group = sa->suite.dh;
+  auto dh = Dh::create(group);
+  if (!dh) return tl::unexpected(dh.error());
+  do sa->rekey_spi = get64(random_bytes(8).data());
+  while (!sa->rekey_spi || sas_.count(sa->rekey_spi));
+  sa->rekey_ni = random_bytes(32);
+  sa->rekey_dh = std::move(*dh);
+  Bytes spi;
+  put64(spi, sa->rekey_spi);
+  // Offer what the tunnel allows, the current group first so our KE fits.
+  auto props = p.ike_proposals;
+  for (auto& pr : props) {
+    pr.spi = spi;
+    std::stable_partition(pr.transforms.begin(), pr.transforms.end(),
+                          [&](auto& t) { return !(t.type == kTfDh && t.id != group); });
+  }
+  ChainBuilder c;
+  c.add(kPlSa, encode_sa(props));
+  c.add(kPlNonce, sa->rekey_ni);
+  c.add(kPlKe, encode_ke(KePayload{group, sa->rekey_dh->public_value()}));
+  queue_request(*sa, uint8_t(Exchange::create_child_sa), std::move(c), kReqRekeyIke);
+  return {};
+}
+
+void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
+  auto failed = [&](const std::string& why) {
+    log(fmt::format("{}: IKE SA rekey failed: {}; trying again later", sa.who(), why));
+    sa.rekey_spi = 0;
+    sa.rekey_dh.reset();
+    // Retry in a minute: the old SA still works.
+    arm(sa, TimerKind::ike_rekey, now_ + 60000);
+  };
+  const Payload *sap = nullptr, *np = nullptr, *kep = nullptr;
+  for (auto& x : pl) {
+    if (x.type == kPlNotify)
+      if (auto n = parse_notify(x.body); n && n->type <= kNErrorMax)
+        return failed(fmt::format("peer answered {}", notify_name(n->type)));
+    if (x.type == kPlSa) sap = &x;
+    if (x.type == kPlNonce) np = &x;
+    if (x.type == kPlKe) kep = &x;
+  }
+  if (!sap || !np || !kep) return failed("response lacks SA, Nonce or KE");
+  auto props = parse_sa(sap->body);
+  auto nr = parse_nonce(np->body);
+  auto ke = parse_ke(kep->body);
+  if (!props || !nr || !ke) return failed("malformed response");
+  std::optional<Suite> suite;
+  if (props->size() == 1 && (*props)[0].spi.size() == 8 && get64((*props)[0].spi.data()))
+    suite = accept_proposal((*props)[0], sa.peer->ike_proposals, false);
+  if (!suite || suite->dh != sa.rekey_dh->group() || ke->group != suite->dh)
+    return failed(fmt::format("responder chose {}", proposals_str(*props)));
+  auto gir = sa.rekey_dh->derive(ke->data);
+  if (!gir) return failed(gir.error());
+  auto n = std::make_unique<IkeSa>();
+  n->spi_i = sa.rekey_spi;
+  n->spi_r = get64((*props)[0].spi.data());
+  n->initiator = true;
+  n->peer = sa.peer;
+  n->local = sa.local;
+  n->remote = sa.remote;
+  n->nat_local = sa.nat_local;
+  n->nat_remote = sa.nat_remote;
+  n->suite = *suite;
+  n->ni = sa.rekey_ni;
+  n->nr = *nr;
+  n->keys = derive_rekeyed_ike_keys(*suite, sa.suite.prf, sa.keys.sk_d, *gir, n->ni, n->nr, n->spi_i, n->spi_r);
+  n->remote_id = sa.remote_id;
+  n->created_ms = now_;
+  n->state = State::established;
+  n->established_ms = now_;
+  n->last_heard_ms = now_;
+  for (auto& ch : sa.children) {
+    ch.ike_spi_i = n->spi_i;
+    ch.ike_spi_r = n->spi_r;
+    child_spis_[ch.spi_in] = n->spi_i;
+  }
+  n->children = std::move(sa.children);
+  sa.children.clear();
+  sa.rekey_dh.reset();
+  log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
+                  n->spi_i, n->spi_r, suite->str()));
+  IkeSa& r = *n;
+  sas_[n->spi_i] = std::move(n);
+  if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
+  schedule_ike_rekey(r);
+  schedule_child_rekey(r);
+  // The old SA goes (§2.18): its CHILD SAs already live on the new one.
+  sa.state = State::deleting;
+  sa.no_reinit = true;
+  ChainBuilder d;
+  d.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
+  queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteIke);
+}
+
+tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, uint64_t now_ms) {
+  now_ = now_ms;
+  IkeSa* sa = find_established(tunnel);
+  if (!sa) return tl::unexpected(fmt::format("tunnel \"{}\" has no established IKE SA", tunnel));
+  if (sa->children.empty()) return tl::unexpected(fmt::format("tunnel \"{}\" has no CHILD SA", tunnel));
+  if (sa->pending_spi) return tl::unexpected(fmt::format("tunnel \"{}\": a CHILD SA negotiation is under way", tunnel));
+  const PeerConfig& p = *sa->peer;
+  const ChildSa& old = sa->children.back();
+  sa->pending_spi = new_child_spi();
+  child_spis_[sa->pending_spi] = sa->our_spi();
+  sa->pending_nonce = random_bytes(32);
+  ChainBuilder c;
+  c.add_notify(kNRekeySa, {}, kProtoEsp, u32_bytes(old.spi_in));
+  c.add(kPlSa, encode_sa(without_dh(p.esp_proposals, u32_bytes(sa->pending_spi))));
+  c.add(kPlNonce, sa->pending_nonce);
+  c.add(kPlTsi, encode_ts(old.local_ts));
+  c.add(kPlTsr, encode_ts(old.remote_ts));
+  queue_request(*sa, uint8_t(Exchange::create_child_sa), std::move(c), kReqRekeyChild, old.spi_in);
+  return {};
+}
+
+void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
+  uint32_t spi_in = sa.pending_spi, old_spi = sa.req_child;
+  sa.pending_spi = 0;
+  auto child_fail = [&](const std::string& why) {
+    ++stats_.child_failed;
+    child_spis_.erase(spi_in);
+    log(fmt::format("{}: CHILD SA rekey failed: {}", sa.who(), why));
+    schedule_child_rekey(sa);
+  };
+  const Payload *sap = nullptr, *np = nullptr, *tsip = nullptr, *tsrp = nullptr;
+  for (auto& x : pl) {
+    if (x.type == kPlNotify)
+      if (auto n = parse_notify(x.body); n && n->type <= kNErrorMax)
+        return child_fail(fmt::format("peer answered {}", notify_name(n->type)));
+    if (x.type == kPlSa) sap = &x;
+    if (x.type == kPlNonce) np = &x;
+    if (x.type == kPlTsi) tsip = &x;
+    if (x.type == kPlTsr) tsrp = &x;
+  }
+  if (!sap || !np || !tsip || !tsrp) return child_fail("response lacks SA, Nonce, TSi or TSr");
+  auto props = parse_sa(sap->body);
+  auto nr = parse_nonce(np->body);
+  auto tsi = parse_ts(tsip->body);
+  auto tsr = parse_ts(tsrp->body);
+  if (!props || !nr || !tsi || !tsr) return child_fail("malformed response");
+  std::optional<Suite> cs;
+  if (props->size() == 1 && (*props)[0].spi.size() == 4)
+    cs = accept_proposal((*props)[0], without_dh(sa.peer->esp_proposals, {}), true);
+  if (!cs) return child_fail(fmt::format("responder chose {}, not one of ours", proposals_str(*props)));
+  auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == old_spi; });
+  auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, {}, sa.pending_nonce, *nr);
+  ChildSa now = *c;
+  install_child(sa, std::move(*c));
+  if (it != sa.children.end()) {
+    // install_child may have reallocated: look the old one up again.
+    auto old = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& x) { return x.spi_in == old_spi; });
+    ++stats_.child_rekeyed;
+    sink_.rekeyed(*old, now);
+    ChainBuilder d;
+    d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(old_spi)}}));
+    queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, old_spi);
+  }
+}
+
+// ---------------------------------------------------------------- operator
+tl::expected<void, std::string> Engine::terminate(const std::string& tunnel, uint64_t now_ms) {
+  now_ = now_ms;
+  reinit_.erase(tunnel);
+  std::vector<uint64_t> now_gone;
+  bool any = false;
+  for (auto& [spi, sa] : sas_) {
+    if (!sa->peer || sa->peer->name != tunnel) continue;
+    any = true;
+    sa->no_reinit = true;
+    if (sa->state == State::established) {
+      sa->state = State::deleting;
+      ChainBuilder c;
+      c.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
+      sa->queue.clear();
+      queue_request(*sa, uint8_t(Exchange::informational), std::move(c), kReqDeleteIke);
+    } else if (sa->state != State::deleting) {
+      now_gone.push_back(spi);
+    }
+  }
+  for (auto spi : now_gone) delete_sa(spi, "terminated by the operator", false);
+  if (!any) return tl::unexpected(fmt::format("tunnel \"{}\" has no IKE SA", tunnel));
+  return {};
+}
+
+bool Engine::unknown_spi(uint32_t spi, const IpAddr& from, uint64_t now_ms) {
+  now_ = now_ms;
+  auto it = invalid_spi_at_.find(from);
+  if (it != invalid_spi_at_.end() && now_ms < it->second + 1000) {
+    ++stats_.invalid_spi_limited;
+    return false;
+  }
+  if (invalid_spi_at_.size() > 4096) invalid_spi_at_.clear();  // bounded whatever arrives
+  invalid_spi_at_[from] = now_ms;
+  for (auto& kv : sas_) {
+    IkeSa& sa = *kv.second;
+    if (sa.state != State::established || !(sa.remote.addr == from)) continue;
+    ChainBuilder c;
+    c.add_notify(kNInvalidSpi, u32_bytes(spi), kProtoEsp);
+    log(fmt::format("{}: ESP with unknown SPI {:08x}: telling the peer INVALID_SPI", sa.who(), spi));
+    ++stats_.invalid_spi_sent;
+    // The answer to this request doubles as the liveness check.
+    queue_request(sa, uint8_t(Exchange::informational), std::move(c), kReqDpd);
+    return true;
+  }
+  ++stats_.invalid_spi_limited;
+  return false;
+}
+
+tl::expected<void, std::string> Engine::check_liveness(const std::string& tunnel, uint64_t now_ms) {
+  now_ = now_ms;
+  IkeSa* sa = find_established(tunnel);
+  if (!sa) return tl::unexpected(fmt::format("tunnel \"{}\" has no established IKE SA", tunnel));
+  queue_request(*sa, uint8_t(Exchange::informational), ChainBuilder(), kReqDpd);
+  return {};
+}
+
+nlohmann::ordered_json Engine::show(uint64_t now_ms) const {
+  auto out = nlohmann::ordered_json::array();
+  for (auto& [spi, sa] : sas_) {
+    nlohmann::ordered_json j;
+    j["tunnel"] = sa->peer ? sa->peer->name : "";
+    j["state"] = state_name(sa->state);
+    j["role"] = sa->initiator ? "initiator" : "responder";
+    j["spi_i"] = fmt::format("{:016x}", sa->spi_i);
+    j["spi_r"] = fmt::format("{:016x}", sa->spi_r);
+    j["peer_id"] = sa->remote_id.type ? sa->remote_id.str() : "";
+    j["local"] = sa->local.str();
+    j["remote"] = sa->remote.str();
+    j["nat"] = sa->nat_local ? (sa->nat_remote ? "both" : "local") : (sa->nat_remote ? "remote" : "none");
+    j["proposal"] = sa->suite.encr ? sa->suite.str() : "";
+    j["age_s"] = (now_ms - sa->created_ms) / 1000;
+    auto ch = nlohmann::ordered_json::array();
+    for (auto& c : sa->children) {
+      nlohmann::ordered_json x;
+      x["spi_in"] = fmt::format("{:08x}", c.spi_in);
+      x["spi_out"] = fmt::format("{:08x}", c.spi_out);
+      x["proposal"] = c.suite.str();
+      x["udp_encap"] = c.udp_encap;
+      x["local_ts"] = ts_list(c.local_ts);
+      x["remote_ts"] = ts_list(c.remote_ts);
+      ch.push_back(x);
+    }
+    j["children"] = ch;
+    out.push_back(j);
+  }
+  return out;
+}
+
+}  // namespace moat::ike

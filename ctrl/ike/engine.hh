@@ -1,0 +1,242 @@
+#pragma once
+// The IKEv2 engine (RFC 7296): initiator and responder for many peers in one
+// event loop, no thread per peer. It owns every IKE SA and the CHILD SAs they
+// negotiate; the ESP data path learns about CHILD SAs through a ChildSaSink.
+//
+// Owner: one thread (moatd's control thread, or a test's loop). Not thread
+// safe. Time is whatever monotonic milliseconds the host passes in `now_ms`.
+//
+// Hosting it:
+//   - datagrams in:  receive(local, remote, udp_payload, now) for UDP to
+//     ports 500 and 4500 of our addresses. On 4500 the payload still starts
+//     with the 4-byte non-ESP marker (the engine strips it; ESP, whose first
+//     four bytes are an SPI, and NAT keepalives are counted and ignored).
+//   - datagrams out: Transport::send(local, remote, udp_payload); on 4500
+//     the engine has already prefixed the non-ESP marker.
+//   - timers: call tick(now) whenever now >= next_deadline() (and at any
+//     other time: it is cheap and idempotent).
+//   - peers: set_peers() with the tunnels from the config directory.
+// Peers are found by their authenticated identity, never by their address:
+// a moat's address may change at any time.
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <tl/expected.hpp>
+
+#include "ctrl/ike/cert.hh"
+#include "ctrl/ike/child_sa.hh"
+#include "ctrl/ike/crypto.hh"
+#include "ctrl/ike/message.hh"
+
+namespace moat::ike {
+
+constexpr uint16_t kIkePort = 500;
+constexpr uint16_t kNattPort = 4500;
+
+// One tunnel (a moat, or a portal seen from a moat).
+struct PeerConfig {
+  std::string name;
+  std::string origin;  // "file:line" of its record, for messages
+  Identity local_id, remote_id;
+  Bytes psk;                                  // PSK authentication when `creds` is null
+  std::shared_ptr<const Credentials> creds;   // certificates (RFC 7427 signatures)
+  std::vector<Proposal> ike_proposals;  // kProtoIke
+  std::vector<Proposal> esp_proposals;  // kProtoEsp
+  std::vector<TrafficSelector> local_ts, remote_ts;
+  std::optional<Endpoint> remote;  // where to initiate to; unset: respond only
+  std::optional<IpAddr> local;     // our source address; unset: Transport::source_for
+  bool start = false;              // initiate at start and re-initiate when the SA dies
+  uint32_t child_lifetime_s = 3600;  // hard lifetime handed to the data path
+  uint32_t child_rekey_s = 0;        // 0: 90% of the lifetime, minus jitter
+  uint32_t dpd_s = 0;                // liveness check after this much silence; 0: off
+  uint32_t ike_rekey_s = 14400;      // `start` side rekeys the IKE SA this often (minus jitter); 0: never
+};
+
+struct EngineOptions {
+  uint32_t retransmit_base_ms = 1000;  // first timeout; doubles on every retry
+  uint32_t retransmit_tries = 5;       // then the IKE SA is given up
+  uint32_t half_open_timeout_ms = 30000;
+  uint32_t reinit_min_ms = 1000;       // backoff for re-initiating a `start` peer
+  uint32_t reinit_max_ms = 60000;
+  // COOKIE (§2.6): with this many half-open SAs, IKE_SA_INIT must carry a
+  // cookie before we spend a DH computation or memory on it.
+  uint32_t cookie_threshold = 256;
+  uint32_t max_half_open = 16384;  // beyond: dropped and counted, even with a cookie
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual void send(const Endpoint& local, const Endpoint& remote, ByteView udp_payload) = 0;
+  // Our address toward `remote` (the routing decision); nullopt: unreachable.
+  virtual std::optional<IpAddr> source_for(const IpAddr& remote) = 0;
+};
+
+// Counters: every drop and every notable event, one declared list.
+#define MOAT_IKE_COUNTERS(X)                                                              \
+  X(rx_datagrams, "datagrams handed to the engine")                                      \
+  X(rx_keepalive, "NAT keepalives received (ignored)")                                   \
+  X(rx_esp_on_ike_port, "ESP on the NAT-T port handed to the engine (dropped)")          \
+  X(rx_malformed, "datagrams that failed to parse (dropped or answered with a notify)")  \
+  X(rx_unsupported_critical, "messages with an unknown critical payload")               \
+  X(rx_unknown_spi, "messages for an IKE SA we do not have")                             \
+  X(rx_bad_icv, "encrypted payloads whose ICV did not verify")                           \
+  X(rx_out_of_window, "requests outside the message-ID window")                          \
+  X(rx_retransmit, "retransmitted requests answered from the cached response")           \
+  X(rx_unexpected_response, "responses to no outstanding request")                       \
+  X(tx_datagrams, "datagrams sent")                                                      \
+  X(tx_retransmits, "requests retransmitted")                                            \
+  X(no_proposal_chosen, "negotiations that found no common proposal")                   \
+  X(auth_failed, "IKE_AUTH exchanges that failed authentication or identity lookup")     \
+  X(ike_established, "IKE SAs established")                                              \
+  X(ike_deleted, "IKE SAs deleted (any reason)")                                         \
+  X(ike_given_up, "IKE SAs given up after the last retransmit")                          \
+  X(half_open_expired, "half-open IKE SAs expired")                                      \
+  X(half_open_dropped, "IKE_SA_INIT requests dropped at the half-open limit")            \
+  X(cookie_sent, "IKE_SA_INIT requests answered with a COOKIE (under load)")             \
+  X(cookie_bad, "IKE_SA_INIT requests with a wrong or stale COOKIE")                     \
+  X(initial_contact_deleted, "IKE SAs deleted because their peer sent INITIAL_CONTACT")  \
+  X(child_installed, "CHILD SAs installed")                                              \
+  X(child_removed, "CHILD SAs removed")                                                  \
+  X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
+  X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
+  X(invalid_spi_sent, "INVALID_SPI notifications sent for unknown ESP SPIs")             \
+  X(invalid_spi_limited, "unknown-SPI events not answered (rate limit or no IKE SA)")
+
+struct Stats {
+#define X(name, desc) uint64_t name = 0;
+  MOAT_IKE_COUNTERS(X)
+#undef X
+  nlohmann::ordered_json json() const;
+};
+
+class Engine {
+ public:
+  using LogFn = std::function<void(const std::string&)>;
+  Engine(Transport& transport, ChildSaSink& sink, EngineOptions opts = {}, LogFn log = {});
+  ~Engine();
+
+  // Replaces the tunnels. Established SAs of tunnels that disappear are deleted;
+  // `start` tunnels without an SA are initiated at the next tick.
+  void set_peers(std::vector<PeerConfig> peers, uint64_t now_ms);
+  const std::vector<std::shared_ptr<const PeerConfig>>& peers() const { return peers_; }
+
+  void receive(const Endpoint& local, const Endpoint& remote, ByteView udp_payload, uint64_t now_ms);
+  void tick(uint64_t now_ms);
+  uint64_t next_deadline() const;  // UINT64_MAX: nothing scheduled
+
+  tl::expected<void, std::string> initiate(const std::string& tunnel, uint64_t now_ms);
+  tl::expected<void, std::string> terminate(const std::string& tunnel, uint64_t now_ms);
+  // Starts a CREATE_CHILD_SA rekey of every CHILD SA of `tunnel` now.
+  tl::expected<void, std::string> rekey_child(const std::string& tunnel, uint64_t now_ms);
+  // Starts a CREATE_CHILD_SA rekey of the tunnel's IKE SA now (§1.3.2): the
+  // CHILD SAs move to the new IKE SA, the old one is deleted.
+  tl::expected<void, std::string> rekey_ike(const std::string& tunnel, uint64_t now_ms);
+  // Sends an empty INFORMATIONAL (liveness check) on the tunnel's IKE SA.
+  tl::expected<void, std::string> check_liveness(const std::string& tunnel, uint64_t now_ms);
+
+  // The ESP data path received an SPI it does not know from `from` (a peer
+  // holding a stale SA, seed 003 §6.1). Rate-limited to once a second per
+  // address: tells the peer INVALID_SPI (§2.21) inside an IKE SA we share
+  // with that address and checks its liveness. Without such an IKE SA there
+  // is nothing authenticated to say; returns false.
+  bool unknown_spi(uint32_t spi, const IpAddr& from, uint64_t now_ms);
+
+  // `moatctl show ike`: IKE SAs with state, peer identity and address,
+  // algorithms, ages and their CHILD SAs.
+  nlohmann::ordered_json show(uint64_t now_ms) const;
+  const Stats& stats() const { return stats_; }
+  size_t ike_sa_count() const { return sas_.size(); }
+
+  struct IkeSa;
+
+ private:
+  enum class TimerKind : uint8_t { retransmit, half_open, dpd, child_rekey, ike_rekey, kinds };
+  struct Timer {
+    uint64_t when;
+    uint64_t spi;
+    TimerKind kind;
+    uint32_t gen;
+    bool operator>(const Timer& o) const { return when > o.when; }
+  };
+  struct Request;
+
+  void log(const std::string& s) const;
+  void send_raw(IkeSa& sa, const Bytes& msg);
+  void send_to(const Endpoint& local, const Endpoint& remote, const Bytes& msg);
+  void arm(IkeSa& sa, TimerKind k, uint64_t when);
+  void disarm(IkeSa& sa, TimerKind k);
+  void fire(IkeSa& sa, TimerKind k);
+
+  // exchanges
+  void init_request(const Endpoint& local, const Endpoint& remote, const Message& m);
+  void init_response(IkeSa& sa, const Message& m);
+  void send_init(IkeSa& sa);
+  void send_auth(IkeSa& sa);
+  void auth_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
+  void auth_response(IkeSa& sa, const std::vector<Payload>& pl);
+  void informational_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
+  void create_child_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
+  void create_child_response(IkeSa& sa, const std::vector<Payload>& pl);
+  void rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl);
+  void rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Proposal>& props, const Bytes& ni,
+                         const Payload* kep);
+  void handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote);
+
+  void queue_request(IkeSa& sa, uint8_t exchange, ChainBuilder chain, uint8_t kind, uint32_t child_spi = 0);
+  void pump(IkeSa& sa);
+  void respond(IkeSa& sa, const Header& req, const ChainBuilder& chain);
+  void respond_plain_error(const Endpoint& local, const Endpoint& remote, const Header& req, uint16_t notify,
+                           ByteView data);
+
+  // CHILD SAs
+  std::optional<ChildSa> make_child(IkeSa& sa, bool we_initiated, const Suite& suite, uint32_t spi_in, uint32_t spi_out,
+                                    std::vector<TrafficSelector> local_ts, std::vector<TrafficSelector> remote_ts,
+                                    ByteView g_ir, ByteView ni, ByteView nr);
+  void install_child(IkeSa& sa, ChildSa c);
+  void remove_children(IkeSa& sa);
+  uint32_t new_child_spi();
+  void schedule_child_rekey(IkeSa& sa);
+  void schedule_ike_rekey(IkeSa& sa);
+
+  void established(IkeSa& sa);
+  void delete_sa(uint64_t spi, const std::string& why, bool reinit);
+  void fail(IkeSa& sa, const std::string& why);
+  IkeSa* find_established(const std::string& tunnel);
+  std::shared_ptr<const PeerConfig> find_peer(const std::string& name) const;
+  void schedule_reinit(const std::string& name, bool failed);
+
+  Transport& transport_;
+  ChildSaSink& sink_;
+  EngineOptions opts_;
+  LogFn log_;
+  uint64_t now_ = 0;
+  std::vector<std::shared_ptr<const PeerConfig>> peers_;
+  std::vector<Proposal> responder_ike_;  // union of the peers' IKE proposals
+  std::unordered_map<uint64_t, std::unique_ptr<IkeSa>> sas_;  // by our SPI
+  std::map<std::pair<uint64_t, std::string>, uint64_t> half_open_;  // (SPIi, remote) -> our SPI
+  std::map<uint32_t, uint64_t> child_spis_;                          // our inbound ESP SPIs -> IKE SA
+  std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;
+  struct Reinit {
+    uint64_t at = 0;
+    uint32_t backoff_ms = 0;
+  };
+  std::map<std::string, Reinit> reinit_;  // `start` peers waiting to be (re-)initiated
+  uint64_t next_child_id_ = 1;
+  std::map<IpAddr, uint64_t> invalid_spi_at_;  // rate limit per peer address
+  Bytes cookie_secret_, cookie_secret_old_;
+  uint64_t cookie_secret_at_ = 0;
+  Bytes make_cookie(ByteView secret, ByteView ni, const Endpoint& remote, uint64_t spi_i) const;
+  Stats stats_;
+};
+
+}  // namespace moat::ike

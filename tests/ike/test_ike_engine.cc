@@ -1,0 +1,553 @@
+// The IKEv2 engine, two instances talking through an in-memory network with
+// a hand-driven clock: establishment, identity lookup, NAT-T, message-ID
+// window, wrong ICV, wrong AUTH, retransmission and give-up, INITIAL_CONTACT,
+// rekey, delete. Assertions are on counters and on what the sink was told.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+
+#include "ctrl/ike/config.hh"
+#include "ctrl/ike/engine.hh"
+
+using namespace moat::ike;
+
+namespace {
+
+struct Pkt {
+  Endpoint from, to;
+  Bytes data;
+};
+
+struct Net {
+  std::deque<Pkt> q;
+  std::vector<Pkt> log;
+  // Return false to drop; may rewrite (a NAT, an attacker).
+  std::function<bool(Pkt&)> filter;
+};
+
+class FakeTransport : public Transport {
+ public:
+  FakeTransport(Net& n, IpAddr me) : net_(n), me_(me) {}
+  void send(const Endpoint& local, const Endpoint& remote, ByteView d) override {
+    net_.q.push_back({local, remote, Bytes(d.begin(), d.end())});
+  }
+  std::optional<IpAddr> source_for(const IpAddr&) override { return me_; }
+
+ private:
+  Net& net_;
+  IpAddr me_;
+};
+
+struct RecSink : ChildSaSink {
+  std::vector<ChildSa> installed, removed, moved_;
+  std::vector<std::pair<ChildSa, ChildSa>> rekeys;
+  void install(const ChildSa& sa) override { installed.push_back(sa); }
+  void remove(const ChildSa& sa) override { removed.push_back(sa); }
+  void rekeyed(const ChildSa& o, const ChildSa& n) override { rekeys.emplace_back(o, n); }
+  void moved(const ChildSa& sa) override { moved_.push_back(sa); }
+  size_t live() const { return installed.size() - removed.size(); }
+};
+
+IpAddr ip(const char* s) { return *IpAddr::parse(s); }
+
+PeerConfig tunnel(const std::string& name, const std::string& local_id, const std::string& remote_id,
+                  const std::string& psk, const char* lts, const char* rts) {
+  PeerConfig p;
+  p.name = name;
+  p.local_id = *Identity::parse(local_id);
+  p.remote_id = *Identity::parse(remote_id);
+  p.psk = to_bytes(psk);
+  p.ike_proposals = *parse_proposals("aes128gcm16-prfsha256-x25519, aes256-sha256-modp2048", kProtoIke);
+  p.esp_proposals = *parse_proposals("aes128gcm16, aes256-sha256", kProtoEsp);
+  std::string why;
+  auto l = parse_prefix(lts, &why), r = parse_prefix(rts, &why);
+  p.local_ts = {TrafficSelector::from_prefix(l->first, l->second)};
+  p.remote_ts = {TrafficSelector::from_prefix(r->first, r->second)};
+  return p;
+}
+
+struct Node {
+  Node(Net& n, const char* addr, EngineOptions o = {})
+      : a(ip(addr)), t(n, a), e(t, sink, o, [this](const std::string& s) { logs.push_back(s); }) {}
+  IpAddr a;
+  FakeTransport t;
+  RecSink sink;
+  std::vector<std::string> logs;
+  Engine e;
+};
+
+class Pair : public ::testing::Test {
+ protected:
+  Net net;
+  uint64_t now = 1000;
+  std::unique_ptr<Node> moat = std::make_unique<Node>(net, "198.51.100.7");
+  std::unique_ptr<Node> portal = std::make_unique<Node>(net, "192.0.2.1");
+  const std::string psk = "a-long-shared-secret-for-tests";
+
+  void SetUp() override {
+    auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+    m.remote = Endpoint{portal->a, kIkePort};
+    moat->e.set_peers({m}, now);
+    portal->e.set_peers({tunnel("branch-16", "portal.example.net", "branch-16@moats.example.net", "other-secret-16-xxxxxx",
+                                "10.0.0.0/8", "10.16.0.0/24"),
+                         tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16",
+                                "10.17.0.0/16")},
+                        now);
+  }
+
+  Node* node_at(const IpAddr& a) {
+    if (a == moat->a) return moat.get();
+    if (a == portal->a) return portal.get();
+    return nullptr;
+  }
+
+  // Delivers until the network is quiet.
+  void run(int limit = 100) {
+    while (!net.q.empty() && limit-- > 0) {
+      Pkt p = net.q.front();
+      net.q.pop_front();
+      if (net.filter && !net.filter(p)) continue;
+      net.log.push_back(p);
+      if (Node* n = node_at(p.to.addr)) n->e.receive(p.to, p.from, p.data, now);
+    }
+  }
+
+  void advance(uint64_t ms) {
+    now += ms;
+    moat->e.tick(now);
+    portal->e.tick(now);
+    run();
+  }
+
+  void establish() {
+    ASSERT_TRUE(moat->e.initiate("portal", now));
+    run();
+    ASSERT_EQ(moat->e.stats().ike_established, 1u);
+    ASSERT_EQ(portal->e.stats().ike_established, 1u);
+  }
+};
+
+TEST_F(Pair, EstablishesWithMirroredSpisAndKeys) {
+  establish();
+  ASSERT_EQ(moat->sink.installed.size(), 1u);
+  ASSERT_EQ(portal->sink.installed.size(), 1u);
+  const ChildSa& m = moat->sink.installed[0];
+  const ChildSa& p = portal->sink.installed[0];
+  EXPECT_EQ(m.spi_in, p.spi_out);
+  EXPECT_EQ(m.spi_out, p.spi_in);
+  EXPECT_EQ(m.encr_key_out, p.encr_key_in);
+  EXPECT_EQ(m.encr_key_in, p.encr_key_out);
+  EXPECT_NE(m.encr_key_in, m.encr_key_out);
+  EXPECT_EQ(m.encr_key_in.size(), 20u);  // AES-GCM-128 key + salt
+  EXPECT_EQ(p.tunnel, "branch-17");      // found by identity
+  EXPECT_EQ(p.peer_id.str(), "branch-17@moats.example.net");
+  // Narrowing: the portal allows 10.17.0.0/16 === 10.0.0.0/16; the moat asked 10.17.0.0/24 === 10.0.0.0/8.
+  ASSERT_EQ(p.remote_ts.size(), 1u);
+  EXPECT_EQ(p.remote_ts[0].str(), "10.17.0.0/24");
+  EXPECT_EQ(p.local_ts[0].str(), "10.0.0.0/16");
+  EXPECT_EQ(m.remote_ts[0].str(), "10.0.0.0/16");
+  EXPECT_FALSE(m.udp_encap);  // no NAT between them
+  EXPECT_EQ(m.remote.port, kIkePort);
+}
+
+TEST_F(Pair, NatIsDetectedAndEverythingMovesTo4500) {
+  // The moat sits behind a NAT: 198.51.100.7 appears as 203.0.113.9 with other ports.
+  IpAddr outside = ip("203.0.113.9");
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) {
+      p.from.addr = outside;
+      p.from.port = uint16_t(p.from.port + 30000);
+    } else if (p.to.addr == outside) {
+      p.to.addr = moat->a;
+      p.to.port = uint16_t(p.to.port - 30000);
+    }
+    return true;
+  };
+  establish();
+  ASSERT_EQ(portal->sink.installed.size(), 1u);
+  const ChildSa& p = portal->sink.installed[0];
+  EXPECT_TRUE(p.udp_encap);
+  EXPECT_EQ(p.remote.addr, outside);
+  EXPECT_EQ(p.remote.port, kNattPort + 30000);
+  EXPECT_EQ(p.local.port, kNattPort);
+  EXPECT_TRUE(moat->sink.installed[0].udp_encap);
+  // IKE_AUTH and later travel with the non-ESP marker on 4500.
+  EXPECT_EQ(net.log.back().to.port, kNattPort);
+  EXPECT_EQ(get32(net.log.back().data.data()), 0u);
+}
+
+TEST_F(Pair, PeerAddressChangeMovesTheSa) {
+  IpAddr outside = ip("203.0.113.9");
+  uint16_t shift = 30000;
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) {
+      p.from.addr = outside;
+      p.from.port = uint16_t(p.from.port + shift);
+    } else if (p.to.addr == outside) {
+      p.to.addr = moat->a;
+      p.to.port = uint16_t(p.to.port - shift);
+    }
+    return true;
+  };
+  establish();
+  // The NAT rebinds: a new outside port. The next authenticated message moves the SA.
+  IpAddr outside2 = ip("203.0.113.10");
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) {
+      p.from.addr = outside2;
+      p.from.port = uint16_t(p.from.port + 1000);
+    } else if (p.to.addr == outside2) {
+      p.to.addr = moat->a;
+      p.to.port = uint16_t(p.to.port - 1000);
+    }
+    return true;
+  };
+  ASSERT_TRUE(moat->e.check_liveness("portal", now));
+  run();
+  ASSERT_EQ(portal->sink.moved_.size(), 1u);
+  EXPECT_EQ(portal->sink.moved_[0].remote.addr, outside2);
+  EXPECT_EQ(portal->sink.moved_[0].remote.port, kNattPort + 1000);
+}
+
+TEST_F(Pair, WrongPskFailsWithoutChild) {
+  auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", "not-the-portal's-secret-xx",
+                  "10.17.0.0/24", "10.0.0.0/8");
+  m.remote = Endpoint{portal->a, kIkePort};
+  moat->e.set_peers({m}, now);
+  ASSERT_TRUE(moat->e.initiate("portal", now));
+  run();
+  EXPECT_EQ(portal->e.stats().auth_failed, 1u);
+  EXPECT_EQ(moat->e.stats().auth_failed, 1u);  // it got AUTHENTICATION_FAILED
+  EXPECT_EQ(portal->sink.installed.size(), 0u);
+  EXPECT_EQ(moat->sink.installed.size(), 0u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 0u);
+}
+
+TEST_F(Pair, UnknownIdentityIsRefusedWhateverItsAddress) {
+  auto m = tunnel("portal", "stranger@example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+  m.remote = Endpoint{portal->a, kIkePort};
+  moat->e.set_peers({m}, now);
+  ASSERT_TRUE(moat->e.initiate("portal", now));
+  run();
+  EXPECT_EQ(portal->e.stats().auth_failed, 1u);
+  EXPECT_EQ(portal->e.stats().ike_established, 0u);
+}
+
+TEST_F(Pair, NoProposalChosenNamesBothSides) {
+  auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+  m.ike_proposals = *parse_proposals("aes256gcm16-prfsha384-ecp384", kProtoIke);
+  m.remote = Endpoint{portal->a, kIkePort};
+  moat->e.set_peers({m}, now);
+  ASSERT_TRUE(moat->e.initiate("portal", now));
+  run();
+  EXPECT_EQ(portal->e.stats().no_proposal_chosen, 1u);
+  EXPECT_EQ(moat->e.stats().no_proposal_chosen, 1u);
+  EXPECT_EQ(moat->e.ike_sa_count(), 0u);
+}
+
+TEST_F(Pair, InvalidKePayloadIsRetriedWithTheRequestedGroup) {
+  // The portal only speaks MODP 2048; the moat's first choice is X25519.
+  auto p = tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16", "10.17.0.0/16");
+  p.ike_proposals = *parse_proposals("aes256-sha256-modp2048", kProtoIke);
+  portal->e.set_peers({p}, now);
+  auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+  m.ike_proposals = *parse_proposals("aes256-sha256-x25519-modp2048", kProtoIke);
+  m.remote = Endpoint{portal->a, kIkePort};
+  moat->e.set_peers({m}, now);
+  establish();
+  EXPECT_EQ(moat->sink.installed.size(), 1u);
+}
+
+TEST_F(Pair, ReplayedRequestIsAnsweredFromCacheNotReprocessed) {
+  establish();
+  // Find the IKE_AUTH request the moat sent and replay it.
+  Pkt auth;
+  for (auto& p : net.log)
+    if (p.from.addr == moat->a && p.data.size() > kHeaderLen && p.data[18] == uint8_t(Exchange::ike_auth)) auth = p;
+  ASSERT_FALSE(auth.data.empty());
+  auto before = portal->sink.installed.size();
+  net.q.push_back(auth);
+  run();
+  EXPECT_EQ(portal->e.stats().rx_retransmit, 1u);
+  EXPECT_EQ(portal->sink.installed.size(), before);
+  EXPECT_EQ(portal->e.stats().ike_established, 1u);
+}
+
+TEST_F(Pair, OutOfWindowMessageIdIsDropped) {
+  establish();
+  Pkt auth;
+  for (auto& p : net.log)
+    if (p.from.addr == moat->a && p.data.size() > kHeaderLen && p.data[18] == uint8_t(Exchange::ike_auth)) auth = p;
+  ASSERT_FALSE(auth.data.empty());
+  auth.data[23] += 5;  // message ID 1 -> 6
+  net.q.push_back(auth);
+  run();
+  EXPECT_EQ(portal->e.stats().rx_out_of_window, 1u);
+}
+
+TEST_F(Pair, WrongIcvIsDroppedAndCounted) {
+  establish();
+  // The next request from the moat gets a bit flipped in flight.
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) p.data[p.data.size() - 3] ^= 0x40;
+    return true;
+  };
+  ASSERT_TRUE(moat->e.check_liveness("portal", now));
+  run();
+  EXPECT_EQ(portal->e.stats().rx_bad_icv, 1u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);  // a forged packet does not kill the SA
+}
+
+TEST_F(Pair, UnknownCriticalPayloadInSaInitGetsTheNotify) {
+  ChainBuilder c;
+  c.add(kPlSa, encode_sa(*parse_proposals("aes128gcm16-prfsha256-x25519", kProtoIke)));
+  c.add(99, Bytes{1, 2, 3}, true);
+  Header h;
+  h.spi_i = 42;
+  h.exchange = uint8_t(Exchange::ike_sa_init);
+  h.flags = kFlagInitiator;
+  Bytes msg = encode_plain(h, c);
+  portal->e.receive(Endpoint{portal->a, kIkePort}, Endpoint{moat->a, kIkePort}, msg, now);
+  EXPECT_EQ(portal->e.stats().rx_unsupported_critical, 1u);
+  ASSERT_EQ(net.q.size(), 1u);
+  auto r = parse_message(net.q.front().data);
+  ASSERT_TRUE(r);
+  auto n = parse_notify(r->find(kPlNotify)->body);
+  ASSERT_TRUE(n);
+  EXPECT_EQ(n->type, kNUnsupportedCriticalPayload);
+  EXPECT_EQ(n->data, Bytes{99});
+  EXPECT_EQ(portal->e.ike_sa_count(), 0u);
+}
+
+TEST_F(Pair, GarbageNeverCrashesTheResponder) {
+  std::mt19937 rng(3);
+  for (int i = 0; i < 5000; ++i) {
+    Bytes b(rng() % 200);
+    for (auto& x : b) x = uint8_t(rng());
+    if (b.size() > 28 && (i & 1)) b[17] = 0x20, b[18] = uint8_t(34 + rng() % 4);
+    portal->e.receive(Endpoint{portal->a, uint16_t(i & 2 ? kIkePort : kNattPort)}, Endpoint{moat->a, 500}, b, now);
+  }
+  net.q.clear();
+  EXPECT_EQ(portal->e.stats().ike_established, 0u);
+  establish();  // still serves legitimate moats
+}
+
+TEST_F(Pair, RetransmitsWithBackoffThenGivesUp) {
+  net.filter = [&](Pkt& p) { return p.from.addr != portal->a; };  // the portal's answers are lost
+  ASSERT_TRUE(moat->e.initiate("portal", now));
+  run();
+  // Retransmits after 1, 2, 4, 8, 16 s (base 1 s, 5 tries), waits 32 s more, then gives up.
+  std::vector<uint64_t> sent_at;
+  uint64_t start = now;
+  for (int i = 0; i < 62; ++i) {
+    size_t n = net.log.size();
+    advance(1000);
+    for (size_t k = n; k < net.log.size(); ++k)
+      if (net.log[k].from.addr == moat->a) sent_at.push_back(now - start);
+  }
+  EXPECT_EQ(sent_at, (std::vector<uint64_t>{1000, 3000, 7000, 15000, 31000}));
+  EXPECT_EQ(moat->e.stats().ike_given_up, 0u);
+  advance(1000);
+  EXPECT_EQ(moat->e.stats().ike_given_up, 1u);
+  EXPECT_EQ(moat->e.ike_sa_count(), 0u);
+  // The portal's half-open SAs expire too: one at 30 s, and the one the 31 s
+  // retransmit (arriving after that) created, at 61 s. Memory stays bounded.
+  EXPECT_EQ(portal->e.ike_sa_count(), 0u);
+  EXPECT_EQ(portal->e.stats().half_open_expired, 2u);
+}
+
+TEST_F(Pair, SaInitFloodTriggersCookiesAndLegitimateMoatsStillConnect) {
+  EngineOptions o;
+  o.cookie_threshold = 50;
+  o.max_half_open = 1000;
+  auto peers = portal->e.peers();
+  std::vector<PeerConfig> cfg;
+  for (auto& p : peers) cfg.push_back(*p);
+  portal = std::make_unique<Node>(net, "192.0.2.1", o);
+  portal->e.set_peers(cfg, now);
+  // 5000 IKE_SA_INITs from spoofed addresses (their answers go nowhere).
+  auto props = *parse_proposals("aes128gcm16-prfsha256-x25519", kProtoIke);
+  auto dh = *Dh::create(kDhX25519);
+  for (uint32_t i = 0; i < 5000; ++i) {
+    ChainBuilder c;
+    c.add(kPlSa, encode_sa(props));
+    c.add(kPlKe, encode_ke(KePayload{kDhX25519, dh->public_value()}));
+    c.add(kPlNonce, random_bytes(32));
+    Header h;
+    h.spi_i = 1000 + i;
+    h.exchange = uint8_t(Exchange::ike_sa_init);
+    h.flags = kFlagInitiator;
+    portal->e.receive(Endpoint{portal->a, kIkePort}, Endpoint{IpAddr::v4(0x0a000000 + i), 500}, encode_plain(h, c), now);
+  }
+  net.q.clear();
+  // Memory stays bounded: only the first 50 got state, the rest a stateless COOKIE.
+  EXPECT_EQ(portal->e.ike_sa_count(), 50u);
+  EXPECT_EQ(portal->e.stats().cookie_sent, 4950u);
+  establish();
+  EXPECT_EQ(portal->e.stats().cookie_sent, 4951u);  // the moat had to show one too
+  EXPECT_EQ(portal->sink.installed.size(), 1u);
+}
+
+TEST_F(Pair, InitialContactDeletesTheOldSasOfThatIdentity) {
+  establish();
+  ASSERT_EQ(portal->sink.live(), 1u);
+  // The moat reboots: a fresh engine, same identity, new address (its ISP changed it).
+  net.log.clear();
+  auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+  m.remote = Endpoint{portal->a, kIkePort};
+  moat = std::make_unique<Node>(net, "198.51.100.99");
+  moat->e.set_peers({m}, now);
+  ASSERT_TRUE(moat->e.initiate("portal", now));
+  run();
+  EXPECT_EQ(portal->e.stats().initial_contact_deleted, 1u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.installed.back().remote.addr, ip("198.51.100.99"));
+}
+
+TEST_F(Pair, ChildRekeyIsMakeBeforeBreak) {
+  establish();
+  ChildSa first = moat->sink.installed[0];
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  ASSERT_EQ(moat->sink.rekeys.size(), 1u);
+  ASSERT_EQ(portal->sink.rekeys.size(), 1u);
+  // New SA installed on both sides before the old one goes.
+  ASSERT_EQ(moat->sink.installed.size(), 2u);
+  ASSERT_EQ(portal->sink.installed.size(), 2u);
+  EXPECT_EQ(moat->sink.installed[1].spi_in, portal->sink.installed[1].spi_out);
+  EXPECT_EQ(moat->sink.installed[1].encr_key_out, portal->sink.installed[1].encr_key_in);
+  EXPECT_NE(moat->sink.installed[1].encr_key_out, first.encr_key_out);
+  ASSERT_EQ(moat->sink.removed.size(), 1u);
+  EXPECT_EQ(moat->sink.removed[0].spi_in, first.spi_in);
+  ASSERT_EQ(portal->sink.removed.size(), 1u);
+  EXPECT_EQ(portal->sink.removed[0].spi_out, first.spi_in);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+}
+
+TEST_F(Pair, UnknownSpiIsReportedRateLimitedAndOnlyInsideAnIkeSa) {
+  // No IKE SA with that address: nothing authenticated to say.
+  EXPECT_FALSE(portal->e.unknown_spi(0x1234, ip("203.0.113.1"), now));
+  establish();
+  uint32_t stale = moat->sink.installed[0].spi_out + 1;  // an SPI the portal never made
+  EXPECT_TRUE(portal->e.unknown_spi(stale, moat->a, now));
+  EXPECT_FALSE(portal->e.unknown_spi(stale, moat->a, now + 10));  // rate limit
+  run();
+  EXPECT_EQ(portal->e.stats().invalid_spi_sent, 1u);
+  EXPECT_EQ(portal->e.stats().invalid_spi_limited, 2u);
+  EXPECT_EQ(moat->sink.live(), 1u);  // not one of the moat's SPIs: nothing removed
+  // About the moat's real outbound SPI: the moat drops that stale CHILD SA.
+  now += 2000;
+  EXPECT_TRUE(portal->e.unknown_spi(moat->sink.installed[0].spi_out, moat->a, now));
+  run();
+  EXPECT_EQ(moat->sink.live(), 0u);
+  EXPECT_EQ(portal->sink.live(), 0u);  // and told the portal to drop its half too
+}
+
+TEST_F(Pair, IkeRekeyMovesTheChildSasAndDeletesTheOldIkeSa) {
+  establish();
+  auto before = moat->e.show(now)[0]["spi_i"];
+  ASSERT_TRUE(moat->e.rekey_ike("portal", now));
+  run();
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+  EXPECT_NE(m["spi_i"], before);
+  EXPECT_EQ(m["spi_i"], p["spi_i"]);
+  EXPECT_EQ(m["spi_r"], p["spi_r"]);
+  EXPECT_EQ(m["children"].size(), 1u);
+  EXPECT_EQ(p["children"].size(), 1u);
+  EXPECT_EQ(moat->sink.removed.size(), 0u);  // no CHILD SA lost
+  EXPECT_EQ(portal->sink.removed.size(), 0u);
+  // The new IKE SA's keys agree: a CHILD rekey and a liveness check go through it.
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->e.stats().rx_bad_icv, 0u);
+}
+
+TEST_F(Pair, TerminateDeletesBothSides) {
+  establish();
+  ASSERT_TRUE(moat->e.terminate("portal", now));
+  run();
+  EXPECT_EQ(moat->e.ike_sa_count(), 0u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 0u);
+  EXPECT_EQ(moat->sink.live(), 0u);
+  EXPECT_EQ(portal->sink.live(), 0u);
+}
+
+TEST_F(Pair, StartTunnelComesBackAfterThePortalForgetsIt) {
+  auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+  m.remote = Endpoint{portal->a, kIkePort};
+  m.start = true;
+  m.dpd_s = 10;
+  moat->e.set_peers({m}, now);
+  advance(0);
+  ASSERT_EQ(portal->e.stats().ike_established, 1u);
+  // The portal restarts and knows nothing; the moat's liveness check goes unanswered,
+  // it gives up, and re-initiates by itself.
+  auto peers = portal->e.peers();
+  std::vector<PeerConfig> cfg;
+  for (auto& p : peers) cfg.push_back(*p);
+  portal = std::make_unique<Node>(net, "192.0.2.1");
+  portal->e.set_peers(cfg, now);
+  for (int i = 0; i < 120 && portal->e.stats().ike_established == 0; ++i) advance(1000);
+  EXPECT_EQ(portal->e.stats().ike_established, 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_GE(moat->e.stats().ike_given_up, 1u);
+}
+
+TEST(IkeConfig, BrokenRecordIsReportedAndSkipped) {
+  auto dir = std::filesystem::temp_directory_path() / ("moat-ike-cfg-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "a-good.yaml") << "local_id: portal.example.net\n"
+                                        "remote_id: branch-1@moats.example.net\n"
+                                        "psk: \"0123456789abcdef0123\"\n"
+                                        "funnels:\n"
+                                        "  - {local: 10.0.0.0/8, remote: 10.1.0.0/24}\n";
+  std::ofstream(dir / "b-bad.yaml") << "local_id: portal.example.net\n"
+                                       "remote_id: branch-2@moats.example.net\n"
+                                       "psk: \"0123456789abcdef0123\"\n"
+                                       "ike_proposals: aes-gcm-17-prfsha256-x25519\n"
+                                       "funnels:\n"
+                                       "  - {local: 10.0.0.0/8, remote: 10.2.0.0/33}\n";
+  std::ofstream(dir / "c-good.yaml") << "name: branch-3\n"
+                                        "local_id: portal.example.net\n"
+                                        "remote_id: C=CH, O=Moat, CN=branch-3\n"
+                                        "psk: \"0123456789abcdef0123\"\n"
+                                        "remote: 192.0.2.3\n"
+                                        "start: true\n"
+                                        "esp_proposals: [aes128gcm16, aes256-sha256]\n"
+                                        "funnels:\n"
+                                        "  - {local: 10.0.0.0/8, remote: 10.3.0.0/24}\n"
+                                        "  - {local: 172.16.0.0/12, remote: 10.3.1.0/24}\n";
+  std::ofstream(dir / "d-dup.yaml") << "local_id: portal.example.net\n"
+                                       "remote_id: BRANCH-1@moats.example.net\n"
+                                       "psk: \"0123456789abcdef0123\"\n"
+                                       "funnels: [{local: 10.0.0.0/8, remote: 10.4.0.0/24}]\n";
+  auto r = load_tunnel_dir(dir.string());
+  std::filesystem::remove_all(dir);
+  ASSERT_EQ(r.tunnels.size(), 2u);
+  EXPECT_EQ(r.tunnels[0].name, "a-good");
+  EXPECT_EQ(r.tunnels[1].name, "branch-3");
+  EXPECT_EQ(r.tunnels[1].local_ts.size(), 2u);
+  EXPECT_EQ(r.tunnels[1].remote_ts.size(), 2u);
+  EXPECT_EQ(r.tunnels[1].esp_proposals.size(), 2u);
+  EXPECT_EQ(r.tunnels[1].remote_id.type, kIdDn);
+  ASSERT_EQ(r.errors.size(), 3u);
+  EXPECT_EQ(r.errors[0].line, 4);
+  EXPECT_EQ(r.errors[0].col, 16);
+  EXPECT_NE(r.errors[0].str().find("b-bad.yaml:4:16: tunnel \"b-bad\": ike_proposals: unknown algorithm \"gcm\""),
+            std::string::npos)
+      << r.errors[0].str();
+  EXPECT_NE(r.errors[0].str().find("record skipped"), std::string::npos);
+  EXPECT_EQ(r.errors[1].line, 6);
+  EXPECT_NE(r.errors[1].str().find("funnels.remote"), std::string::npos) << r.errors[1].str();
+  EXPECT_NE(r.errors[2].str().find("already used by tunnel \"a-good\""), std::string::npos) << r.errors[2].str();
+}
+
+}  // namespace
