@@ -311,7 +311,7 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
 
   r.fields(root, "top level",
            {"eal", "mempool", "ports", "routes", "neighbors", "workers", "arp", "icmp", "punt", "control", "zones",
-            "tunnels", "filter", "nat", "spd", "qos", "conntrack"},
+            "tunnels", "filter", "nat", "spd", "qos", "conntrack", "ike"},
            [&](const std::string& k, const YAML::Node& v) {
              if (k == "eal") {
                read_eal(r, v, c.eal);
@@ -355,6 +355,10 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors) {
                // read_policy below: it needs every port first.
              } else if (k == "conntrack") {
                read_conntrack(r, v, c.conntrack);
+             } else if (k == "ike") {
+               r.fields(v, "ike", {"tunnels_dir"}, [&](const std::string&, const YAML::Node& v2) {
+                 if (auto s = r.str(v2, "ike.tunnels_dir")) c.ike_dir = *s;
+               });
              } else if (k == "control") {
                r.fields(v, "control", {"socket", "max_routes", "max_sas"}, [&](const std::string& k2, const YAML::Node& v2) {
                  if (k2 == "socket") {

@@ -86,6 +86,9 @@ struct TunnelConfig {
   // Every SaConfig carries the tunnel's outer addresses, funnels and MTU
   // policy, as the SAD wants them.
   std::vector<SaConfig> sas;
+  // What every SA of the tunnel shares (outer addresses, MTU policy,
+  // funnels, replay window): the template IKE's CHILD SAs are built on.
+  SaConfig tmpl;
 };
 
 struct Config {
@@ -120,6 +123,7 @@ struct Config {
   std::vector<uint8_t> port_zone;  // zone id per port (index as in `ports`)
   std::vector<TunnelConfig> tunnels;
   RuleSet rules;
+  std::string ike_dir;  // IKEv2 tunnels: one YAML file per moat (docs/IKE.md)
   bool has_policy = false;  // any of zones/filter/nat/spd/qos given
   // Connection tracking and NAT state (docs/CONFIGURATION.md "conntrack").
   CtConfig conntrack;

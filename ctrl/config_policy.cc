@@ -317,6 +317,7 @@ struct PolicyReader {
           else static_sa(i, tc.name, SaDir::inbound, tmpl, tc);
         }
       }
+      tc.tmpl = tmpl;
       tunnel_id[tc.name] = id;
       c.rules.tunnels.push_back(tc.name);
       c.rules.tunnel_zone.push_back(zone_id[tc.zone]);

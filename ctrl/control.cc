@@ -18,6 +18,8 @@
 #include <cstring>
 
 #include "ctrl/cli_server.hh"
+#include "ctrl/ike/config.hh"
+#include "ctrl/ike_host.hh"
 #include "dataplane/egress.hh"
 
 namespace moat {
@@ -233,8 +235,45 @@ uint16_t Control::port_id(const std::string& name) const {
   return kNoPort;
 }
 
+void Control::add_ike_tunnels(Config& c) const {
+  for (auto& p : ike_peers_) {
+    if (std::any_of(c.tunnels.begin(), c.tunnels.end(), [&](const TunnelConfig& t) { return t.name == p.name; })) continue;
+    TunnelConfig t;
+    t.name = p.name;
+    t.zone = "vpn";
+    auto z = std::find(c.rules.zones.begin(), c.rules.zones.end(), t.zone);
+    uint8_t zone = uint8_t(z - c.rules.zones.begin());
+    if (z == c.rules.zones.end()) c.rules.zones.push_back(t.zone);
+    t.tmpl.tunnel = uint32_t(c.tunnels.size());
+    for (auto& ts : p.remote_ts)
+      for (auto& [a, len] : ts.prefixes())
+        if (a.is_v4() && len > 0) {
+          RouteConfig r;
+          uint32_t x;
+          memcpy(&x, a.b.data(), 4);
+          r.prefix = Ipv4Prefix{ntohl(x), len};
+          r.type = RouteType::tunnel;
+          r.tunnel = p.name;
+          if (std::none_of(c.routes.begin(), c.routes.end(), [&](const RouteConfig& o) {
+                return o.prefix.addr == r.prefix.addr && o.prefix.len == r.prefix.len; }))
+            c.routes.push_back(r);
+        }
+    c.rules.tunnels.push_back(t.name);
+    c.rules.tunnel_zone.push_back(zone);
+    c.tunnels.push_back(std::move(t));
+  }
+}
+
 tl::expected<void, std::string> Control::start() {
   tsc_hz_ = rte_get_tsc_hz();
+  if (!c_.ike_dir.empty()) {
+    // One file per moat; a broken record is reported and skipped, the others
+    // come up (seed 000).
+    auto dir = ike::load_tunnel_dir(c_.ike_dir);
+    for (auto& e : dir.errors) fmt::print(stderr, "moatd: {}\n", e.str());
+    ike_peers_ = std::move(dir.tunnels);
+    add_ike_tunnels(c_);
+  }
   unsigned nworkers = c_.workers();
   if (nworkers == 0) return tl::unexpected(std::string("eal.lcores: no worker lcore"));
   if (rte_lcore_count() != nworkers + 1)
@@ -414,6 +453,11 @@ tl::expected<void, std::string> Control::start() {
   for (size_t i = 0; i < ports_.size(); i++)
     if (c_.ports[i].address) send_arp(ports_[i].id, RTE_ARP_OP_REQUEST, c_.ports[i].address->addr, {}, {});
   last_tick_ms_ = now_ms();
+  if (!c_.ike_dir.empty()) {
+    ike_ = std::make_unique<IkeHost>(*this);
+    if (auto ok = ike_->start(ike_peers_, c_.punt_netns, ike::UdpDriver::now_ms()); !ok)
+      return tl::unexpected(c_.ike_dir + ": " + ok.error());
+  }
   return {};
 }
 
@@ -649,6 +693,7 @@ void Control::run(const std::atomic<bool>& stop) {
     poll(fds.data(), fds.size(), 1);
     cli_->poll_once();
     from_taps();
+    if (ike_) ike_->poll();
     // Bounded per pass: a flood of punted packets (ARP storms, broadcasts)
     // must not starve the control socket or the ARP timers.
     rte_mbuf* pkts[256];
@@ -695,6 +740,7 @@ void Control::shutdown() {
   }
   ports_.clear();
   cli_.reset();
+  ike_.reset();
   for (auto& ew : esp_workers_) esp_worker_fini(*ew);
   esp_workers_.clear();
   tables_.sad = nullptr;
@@ -708,11 +754,35 @@ void Control::shutdown() {
   conntrack_.reset();
 }
 
-tl::expected<uint32_t, std::string> Control::install_sa(const SaConfig& sa) {
+std::optional<uint32_t> Control::tunnel_id(const std::string& name) const {
+  for (size_t i = 0; i < c_.tunnels.size(); i++)
+    if (c_.tunnels[i].name == name) return uint32_t(i);
+  return std::nullopt;
+}
+
+SaConfig Control::tunnel_template(uint32_t tunnel) const { return c_.tunnels.at(tunnel).tmpl; }
+
+void Control::set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port) {
+  if (auto ok = sad_->set_peer(sa, addr, port); !ok) fmt::print(stderr, "moatd: {}\n", ok.error());
+}
+
+tl::expected<void, std::string> Control::switch_outbound(uint32_t tunnel, uint32_t sa) {
+  uint32_t previous = sad_->tunnel_sa(tunnel);
+  if (previous == sa) return {};
+  if (auto r = sad_->replace_outbound(tunnel, sa); !r) return tl::unexpected(r.error());
+  if (previous != kNoSa && tunnel < tunnel_sas_.size()) std::erase(tunnel_sas_[tunnel], previous);
+  return {};
+}
+
+tl::expected<uint32_t, std::string> Control::install_sa(const SaConfig& sa, bool switch_now) {
   if (sa.tunnel >= tunnel_sas_.size()) return tl::unexpected(fmt::format("SA {}: no tunnel {}", sa.name, sa.tunnel));
   uint32_t previous = sad_->tunnel_sa(sa.tunnel);
   auto idx = sad_->add_sa(sa, now_ms() / 1000);
   if (!idx) return idx;
+  if (!switch_now) {
+    tunnel_sas_[sa.tunnel].push_back(*idx);
+    return idx;
+  }
   // Make-before-break: the new outbound SA is complete before the tunnel
   // points at it; the old one is retired only after that one store.
   if (sa.dir == SaDir::outbound && previous != kNoSa)
@@ -739,6 +809,7 @@ void Control::drain_sa_events() {
     for (unsigned i = 0; i < n; i++) {
       const SaEvent& e = ev[i];
       sa_events_[sa_event_name(e.kind)]++;
+      if (e.kind == SaEventKind::unknown_spi && ike_) ike_->unknown_spi(e.spi, e.addr);
       // The unknown-SPI signal (seed 003 §6.1: a peer that lost its state)
       // is rate-limited per source by the workers; IKE acts on it.
       fmt::print(stderr, "moatd: SA event {} SPI 0x{:08x} {} {}\n", sa_event_name(e.kind), e.spi,
@@ -826,6 +897,7 @@ tl::expected<json, std::string> Control::reload_rules(const std::string& path) {
     for (auto& e : errors) all += (all.empty() ? "" : "\n") + e.str();
     return tl::unexpected(all + "\nthe rules in force are unchanged");
   }
+  add_ike_tunnels(n);
   // Zones map to ports: a reload may change rules, not which ports exist.
   if (n.ports.size() != c_.ports.size() || n.port_zone != c_.port_zone)
     return tl::unexpected(fmt::format("{}: ports or their zones differ from the running config; restart moatd to "
@@ -1106,6 +1178,20 @@ void Control::register_cli() {
     if (!p || a[1].find('/') == std::string::npos) throw CliError("address set: " + (why.empty() ? "needs A.B.C.D/LEN" : why));
     if (auto ok = set_address(a[0], *p); !ok) throw CliError("address set: " + ok.error());
     return json{{"port", a[0]}, {"address", p->str()}};
+  });
+  cli_->on("show ike", [this](const std::vector<std::string>&) {
+    if (!ike_) throw CliError("show ike: no IKE (the config has no ike.tunnels_dir)");
+    return ike_->show();
+  });
+  cli_->on("ike initiate", [this](const std::vector<std::string>& a) {
+    if (a.size() != 1 || !ike_) throw CliError("usage: ike initiate TUNNEL (needs ike.tunnels_dir)");
+    if (auto r = ike_->engine().initiate(a[0], ike::UdpDriver::now_ms()); !r) throw CliError("ike initiate: " + r.error());
+    return json{{"initiated", a[0]}};
+  });
+  cli_->on("ike terminate", [this](const std::vector<std::string>& a) {
+    if (a.size() != 1 || !ike_) throw CliError("usage: ike terminate TUNNEL (needs ike.tunnels_dir)");
+    if (auto r = ike_->engine().terminate(a[0], ike::UdpDriver::now_ms()); !r) throw CliError("ike terminate: " + r.error());
+    return json{{"terminated", a[0]}};
   });
   cli_->on("show tunnels", [this](const std::vector<std::string>&) { return show_tunnels(); });
   cli_->on("show rules", [this](const std::vector<std::string>&) { return show_rules(); });

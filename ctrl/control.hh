@@ -17,6 +17,7 @@
 
 #include "ctrl/arp.hh"
 #include "ctrl/config.hh"
+#include "ctrl/ike/engine.hh"
 #include "ctrl/punt.hh"
 #include "dataplane/port.hh"
 #include "dataplane/esp.hh"
@@ -98,8 +99,14 @@ class Control {
   // The SA lifecycle interface static SAs and IKE both use: install into the
   // SAD (an outbound SA becomes its tunnel's when the tunnel has none, else
   // replace_outbound switches make-before-break), remove.
-  tl::expected<uint32_t, std::string> install_sa(const SaConfig& sa);
+  // `switch_outbound` false: a new outbound SA waits for switch_outbound()
+  // when its tunnel already has one (IKE: after the peer can receive on it).
+  tl::expected<uint32_t, std::string> install_sa(const SaConfig& sa, bool switch_outbound = true);
   tl::expected<void, std::string> remove_sa(uint32_t sa);
+  tl::expected<void, std::string> switch_outbound(uint32_t tunnel, uint32_t sa);
+  void set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port);
+  std::optional<uint32_t> tunnel_id(const std::string& name) const;
+  SaConfig tunnel_template(uint32_t tunnel) const;
   nlohmann::ordered_json show_tunnels() const;
 
   nlohmann::ordered_json show_interfaces() const;
@@ -141,6 +148,11 @@ class Control {
   uint64_t tsc_hz_ = 0;
   uint64_t last_tick_ms_ = 0;
   void drain_sa_events();
+  // Tunnels the IKE directory names that the config does not: zone vpn,
+  // routes into them for their remote funnels.
+  void add_ike_tunnels(Config& c) const;
+  std::vector<ike::PeerConfig> ike_peers_;
+  std::unique_ptr<class IkeHost> ike_;
   std::unique_ptr<Sad> sad_;
   std::vector<std::unique_ptr<EspWorker>> esp_workers_;
   std::vector<std::vector<uint32_t>> tunnel_sas_;  // SA indexes per tunnel id

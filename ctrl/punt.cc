@@ -50,6 +50,17 @@ class NetnsGuard {
   int self_ = -1;
 };
 
+}  // namespace
+
+tl::expected<void, std::string> in_netns(const std::string& netns, const std::function<void()>& fn) {
+  NetnsGuard g;
+  if (auto ok = g.enter(netns); !ok) return ok;
+  fn();
+  return {};
+}
+
+namespace {
+
 sockaddr in_addr_of(uint32_t host_order) {
   sockaddr sa{};
   auto* sin = reinterpret_cast<sockaddr_in*>(&sa);

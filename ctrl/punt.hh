@@ -1,4 +1,5 @@
 #pragma once
+#include <functional>
 // The punt path's kernel side: one TAP interface per port, carrying the
 // port's name, MAC, address and MTU, in moatd's namespace or in `netns`.
 // Stock daemons (sshd, dnsmasq, chrony) bind there and serve the LANs.
@@ -13,6 +14,11 @@
 #include <tl/expected.hpp>
 
 namespace moat {
+
+// Runs `fn` in network namespace `netns` (a name under /run/netns; "" =
+// ours) and returns to ours: sockets made there stay there (the IKE sockets
+// live with the local services, behind the punt path).
+tl::expected<void, std::string> in_netns(const std::string& netns, const std::function<void()>& fn);
 
 class PuntTap {
  public:

@@ -1,0 +1,138 @@
+#include "ctrl/ike_host.hh"
+
+#include <arpa/inet.h>
+
+#include <fmt/format.h>
+
+#include "ctrl/control.hh"
+#include "ctrl/punt.hh"
+
+namespace moat {
+
+namespace {
+
+uint32_t v4(const ike::IpAddr& a) {
+  uint32_t x;
+  memcpy(&x, a.b.data(), 4);
+  return ntohl(x);
+}
+
+std::optional<Cipher> cipher_of(const ike::Suite& s) {
+  if (s.encr == ike::kEncrAesGcm16) return s.encr_bits == 256 ? Cipher::aes_gcm_256 : Cipher::aes_gcm_128;
+  if (s.encr == ike::kEncrChacha20Poly1305) return Cipher::chacha20_poly1305;
+  if (s.encr == ike::kEncrAesCbc && s.integ == ike::kIntegSha256)
+    return s.encr_bits == 256 ? Cipher::aes_cbc_256_sha256 : Cipher::aes_cbc_128_sha256;
+  return std::nullopt;
+}
+
+}  // namespace
+
+IkeHost::~IkeHost() = default;
+
+tl::expected<void, std::string> IkeHost::start(std::vector<ike::PeerConfig> peers, const std::string& netns,
+                                               uint64_t now_ms) {
+  tl::expected<void, std::string> opened;
+  auto entered = in_netns(netns, [&] { opened = driver_.open(std::nullopt); });
+  if (!entered) return entered;
+  if (!opened) return tl::unexpected("IKE sockets: " + opened.error());
+  engine_ = std::make_unique<ike::Engine>(driver_, *this, ike::EngineOptions{},
+                                          [](const std::string& s) { fmt::print(stderr, "moatd: ike: {}\n", s); });
+  driver_.attach(engine_.get());
+  engine_->set_peers(std::move(peers), now_ms);
+  return {};
+}
+
+void IkeHost::poll() {
+  if (engine_) driver_.run_once(0);
+}
+
+void IkeHost::unknown_spi(uint32_t spi, uint32_t src) {
+  if (engine_) engine_->unknown_spi(spi, ike::IpAddr::v4(src), ike::UdpDriver::now_ms());
+}
+
+nlohmann::ordered_json IkeHost::show() const {
+  if (!engine_) return nlohmann::ordered_json::array();
+  return engine_->show(ike::UdpDriver::now_ms());
+}
+
+void IkeHost::install(const ike::ChildSa& sa) {
+  auto tunnel = c_.tunnel_id(sa.tunnel);
+  auto cipher = cipher_of(sa.suite);
+  if (!tunnel || !cipher || !sa.local.addr.is_v4()) {
+    fmt::print(stderr, "moatd: ike: CHILD SA of tunnel {} cannot be installed: {}\n", sa.tunnel,
+               !tunnel ? "no such tunnel" : !cipher ? "cipher not supported by the fast path" : "not IPv4");
+    return;
+  }
+  SaConfig base = c_.tunnel_template(*tunnel);
+  base.tunnel = *tunnel;
+  base.local = v4(sa.local.addr);
+  base.peer = v4(sa.remote.addr);
+  base.nat_t = sa.udp_encap;
+  base.local_port = sa.local.port;
+  base.peer_port = sa.remote.port;
+  base.cipher = *cipher;
+  base.esn = sa.suite.esn;
+  base.hard.seconds = sa.hard_lifetime_s;
+  base.hard.bytes = sa.hard_lifetime_bytes;
+  // The negotiated selectors are the SA's funnels (seed 003).
+  base.funnels.clear();
+  for (auto& l : sa.local_ts)
+    for (auto& [la, ll] : l.prefixes())
+      for (auto& r : sa.remote_ts)
+        for (auto& [ra, rl] : r.prefixes())
+          if (base.funnels.size() < kMaxFunnels && la.is_v4() && ra.is_v4())
+            base.funnels.push_back(Funnel{v4(la), v4(ra), ll, rl});
+  Installed ins;
+  ins.tunnel = *tunnel;
+  SaConfig in = base;
+  in.dir = SaDir::inbound;
+  in.spi = sa.spi_in;
+  in.key = sa.encr_key_in;
+  in.auth_key = sa.integ_key_in;
+  in.name = fmt::format("tunnel {} in (IKE)", sa.tunnel);
+  SaConfig out = base;
+  out.dir = SaDir::outbound;
+  out.spi = sa.spi_out;
+  out.key = sa.encr_key_out;
+  out.auth_key = sa.integ_key_out;
+  out.name = fmt::format("tunnel {} out (IKE)", sa.tunnel);
+  // Inbound first: the peer may use the SA as soon as our answer leaves.
+  // Outbound becomes the tunnel's only if it has none: a rekey switches in
+  // rekeyed(), after the peer has the new inbound SA (make-before-break).
+  auto i = c_.install_sa(in, false);
+  auto o = c_.install_sa(out, false);
+  if (!i || !o) {
+    fmt::print(stderr, "moatd: ike: tunnel {}: {}\n", sa.tunnel, !i ? i.error() : o.error());
+    if (i) c_.remove_sa(*i);
+    if (o) c_.remove_sa(*o);
+    return;
+  }
+  ins.in = *i;
+  ins.out = *o;
+  sas_[sa.id] = ins;
+}
+
+void IkeHost::rekeyed(const ike::ChildSa& old, const ike::ChildSa& now) {
+  auto it = sas_.find(now.id);
+  if (it == sas_.end()) return;
+  if (auto r = c_.switch_outbound(it->second.tunnel, it->second.out); !r)
+    fmt::print(stderr, "moatd: ike: tunnel {}: rekey: {}\n", now.tunnel, r.error());
+  (void)old;  // its inbound SA keeps accepting until remove(old)
+}
+
+void IkeHost::remove(const ike::ChildSa& sa) {
+  auto it = sas_.find(sa.id);
+  if (it == sas_.end()) return;
+  c_.remove_sa(it->second.in);
+  c_.remove_sa(it->second.out);
+  sas_.erase(it);
+}
+
+void IkeHost::moved(const ike::ChildSa& sa) {
+  auto it = sas_.find(sa.id);
+  if (it == sas_.end()) return;
+  c_.set_sa_peer(it->second.out, v4(sa.remote.addr), sa.remote.port);
+  c_.set_sa_peer(it->second.in, v4(sa.remote.addr), sa.remote.port);
+}
+
+}  // namespace moat

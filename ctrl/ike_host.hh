@@ -1,0 +1,51 @@
+#pragma once
+// moatd's host for the IKEv2 engine (ctrl/ike/, docs/IKE.md), in the control
+// thread. IKE datagrams reach it through the punt path: the fast path hands
+// UDP 500 and marker-prefixed UDP 4500 for our addresses to the TAPs, where
+// the engine's sockets listen (in the punt namespace); its answers leave the
+// same way and are routed by the fast path. CHILD SAs go into the SAD through
+// Control's SA lifecycle interface (install_sa / remove_sa), the one static
+// SAs use. Owner: the control thread; not thread safe.
+#include <map>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+#include <tl/expected.hpp>
+
+#include "ctrl/ike/engine.hh"
+#include "ctrl/ike/udp_driver.hh"
+
+namespace moat {
+
+class Control;
+
+class IkeHost : public ike::ChildSaSink {
+ public:
+  explicit IkeHost(Control& c) : c_(c) {}
+  ~IkeHost() override;
+  // Opens the sockets in `netns` and hands the engine its peers.
+  tl::expected<void, std::string> start(std::vector<ike::PeerConfig> peers, const std::string& netns, uint64_t now_ms);
+  // Every control loop pass: received datagrams, then timers.
+  void poll();
+  // Seed 003 §6.1: ESP for an SPI nobody knows is a peer that lost its state.
+  void unknown_spi(uint32_t spi, uint32_t src);
+  nlohmann::ordered_json show() const;
+  ike::Engine& engine() { return *engine_; }
+
+  void install(const ike::ChildSa& sa) override;
+  void remove(const ike::ChildSa& sa) override;
+  void rekeyed(const ike::ChildSa& old, const ike::ChildSa& now) override;
+  void moved(const ike::ChildSa& sa) override;
+
+ private:
+  struct Installed {
+    uint32_t in = 0xffffffff, out = 0xffffffff;
+    uint32_t tunnel = 0;
+  };
+  Control& c_;
+  ike::UdpDriver driver_;
+  std::unique_ptr<ike::Engine> engine_;
+  std::map<uint64_t, Installed> sas_;  // by ChildSa::id
+};
+
+}  // namespace moat
