@@ -11,9 +11,10 @@
 #             sequence numbers increasing.
 #
 #   bench/esp-runs.sh [BUILD_DIR] [OUT_DIR]       (defaults: build bench/results/esp)
-# Environment: DIRS ("outbound inbound"), DURATION (1), MAX_TRIALS (8),
+# Environment: DIRS ("outbound inbound"), SAS (1: SAs, one tunnel each,
+# traffic interleaved across all), DURATION (1), MAX_TRIALS (8),
 # TIME_LIMIT (per run, 200), MOAT_BENCH, MOATD.
-# Writes OUT_DIR/esp-{outbound,inbound}-1sa.json and prints a markdown table.
+# Writes OUT_DIR/esp-{outbound,inbound}-<SAS>sa.json and prints a markdown table.
 # Exit status: 0 every run completed; 1 a run failed; 2 usage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ dur=${DURATION:-1}
 max_trials=${MAX_TRIALS:-8}
 limit=${TIME_LIMIT:-200}
 read -r -a dirs <<<"${DIRS:-outbound inbound}"
+sas=${SAS:-1}
 moat_bench=${MOAT_BENCH:-$build/bench/moat-bench}
 moatd=${MOATD:-$build/ctrl/moatd}
 [ -x "$moat_bench" ] && [ -x "$moatd" ] || { echo "esp-runs: no moat-bench/moatd in $build" >&2; exit 2; }
@@ -46,26 +48,39 @@ trap 'exit 130' INT TERM
 status=0
 for dir in "${dirs[@]}"; do
   case $dir in
-    outbound)  # cleartext to 10.0.3.2, routed into the tunnel; ESP to the sink (10.0.2.2)
-      sizes="[82, 530, 1438]" dst=10.0.3.2 outer_dst=10.0.2.2
-      route="[{prefix: 10.0.3.0/24, tunnel: t}]"
-      tunnel="{name: t, local: 10.0.2.1, peer: 10.0.2.2, sa: {cipher: aes-gcm-128, out: {spi: 0x1000, key: \"$key\"}}}" ;;
-    inbound)   # ESP from 198.18.0.1 to moatd's 10.0.1.1; inner to 10.0.2.2 (the sink)
-      sizes="[138, 586, 1494]" dst=10.0.2.2 outer_dst=10.0.1.1
-      route="[]"
-      tunnel="{name: t, local: 10.0.1.1, peer: 198.18.0.1, sa: {cipher: aes-gcm-128, in: {spi: 0x1000, key: \"$key\"}}}" ;;
+    outbound)  # cleartext to 10.0.3.0 + i, routed into tunnel i; ESP to the sink (10.0.2.2)
+      sizes="[82, 530, 1438]" outer_dst=10.0.2.2
+      dst=$(/usr/bin/python3 -c "import ipaddress as i; a=i.ip_address('10.0.3.0'); print(f'{a}-{a + $sas - 1}')") ;;
+    inbound)   # ESP from 198.18.0.1 + i to moatd's 10.0.1.1; inner to 10.0.2.2 (the sink)
+      sizes="[138, 586, 1494]" dst=10.0.2.2 outer_dst=10.0.1.1 ;;
     *) echo "esp-runs: unknown direction $dir" >&2; exit 2 ;;
   esac
   rm -f "$run"/*.sock
   sed -e "s|@RUN@|$run|g" -e "s|@SIZES@|$sizes|g" -e "s|@DIR@|$dir|g" -e "s|@DST@|$dst|g" \
       -e "s|@OUTER_DST@|$outer_dst|g" -e "s|@DURATION@|$dur|g" -e "s|@MAX_TRIALS@|$max_trials|g" \
-      -e "s|@TIME_LIMIT@|$limit|g" -e "s|@SAS@|1|g" -e "s|@FLOWS@|256|g" \
+      -e "s|@TIME_LIMIT@|$limit|g" -e "s|@SAS@|$sas|g" -e "s|@FLOWS@|$((sas > 256 ? sas : 256))|g" \
       bench/profiles/router-esp.yaml.in >"$run/bench.yaml"
-  sed -e "s|@RUN@|$run|g" -e "s|@TUNNEL_ROUTE@|$route|" -e "s|@TUNNEL@|$tunnel|" \
-      bench/configs/moatd-esp.yaml.in >"$run/moatd.yaml"
+  # SA i: SPI 0x1000 + i, the profile's key; outbound, tunnel i carries
+  # 10.0.3.0 + i; inbound, it comes from 198.18.0.1 + i (moat-bench's layout).
+  /usr/bin/python3 - "$dir" "$sas" "$key" "$run" <<'PY' >"$run/moatd.yaml"
+import ipaddress, json, sys
+d, n, key, run = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+routes, tunnels = [], []
+for i in range(n):
+    sa = {"spi": 0x1000 + i, "key": key}
+    if d == "outbound":
+        routes.append({"prefix": f"{ipaddress.ip_address('10.0.3.0') + i}/32", "tunnel": f"t{i}"})
+        tunnels.append({"name": f"t{i}", "local": "10.0.2.1", "peer": "10.0.2.2",
+                        "sa": {"cipher": "aes-gcm-128", "out": sa}})
+    else:
+        tunnels.append({"name": f"t{i}", "local": "10.0.1.1", "peer": str(ipaddress.ip_address("198.18.0.1") + i),
+                        "sa": {"cipher": "aes-gcm-128", "in": sa}})
+text = open("bench/configs/moatd-esp.yaml.in").read().replace("@RUN@", run)
+print(text.replace("@ROUTES@", json.dumps(routes)).replace("@TUNNELS@", json.dumps(tunnels)), end="")
+PY
   "$moatd" --config "$run/moatd.yaml" --check >/dev/null || { echo "esp-runs: moatd config rejected" >&2; exit 1; }
-  echo "esp-runs: $dir, 1 SA" >&2
-  taskset -c 0 timeout -k 5 $((limit + 30)) "$moat_bench" "$run/bench.yaml" --output "$out/esp-$dir-1sa.json" \
+  echo "esp-runs: $dir, $sas SA(s)" >&2
+  taskset -c 0 timeout -k 5 $((limit + 30)) "$moat_bench" "$run/bench.yaml" --output "$out/esp-$dir-${sas}sa.json" \
     --progress </dev/null &
   gen=$!
   pids=("$gen")
@@ -82,13 +97,13 @@ for dir in "${dirs[@]}"; do
   pids=()
 done
 
-/usr/bin/python3 - "$out" "${dirs[@]}" <<'PY'
+/usr/bin/python3 - "$out" "$sas" "${dirs[@]}" <<'PY'
 import json, os, sys
-out, dirs = sys.argv[1], sys.argv[2:]
+out, sas, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
 print("| direction | frame in | NDR Mpps | PDR (0.1 %) Mpps | most received Mpps | ESP checked / failed | load avg | verdict |")
 print("|---|---|---|---|---|---|---|---|")
 for d in dirs:
-    f = f"{out}/esp-{d}-1sa.json"
+    f = f"{out}/esp-{d}-{sas}sa.json"
     if not os.path.exists(f):
         continue
     doc = json.load(open(f))
