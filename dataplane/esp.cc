@@ -843,10 +843,17 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     // trailer and ICV cut off, metadata as if it had just been parsed.
     uint16_t in_port = meta(m).in_port;
     uint16_t vlan = meta(m).vlan;
+    // The outer frame's MACs go in front of the inner packet: a packet for
+    // one of our addresses is punted to the kernel as this frame, and a
+    // kernel drops a frame whose destination MAC is not its own (bytes of
+    // the outer headers left there made corp → router services fail).
+    const rte_ether_hdr outer_eth = *rte_pktmbuf_mtod(m, const rte_ether_hdr*);
     uint16_t inner_off = uint16_t(j.esp_off + 8 + sa.iv_len);
     rte_pktmbuf_adj(m, uint16_t(inner_off - kEth));
     rte_pktmbuf_trim(m, uint16_t(rte_pktmbuf_pkt_len(m) - kEth - total));
     auto* eth = rte_pktmbuf_mtod(m, rte_ether_hdr*);
+    eth->dst_addr = outer_eth.dst_addr;
+    eth->src_addr = outer_eth.src_addr;
     eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
     PktMeta& md = meta(m);
     md = PktMeta{};

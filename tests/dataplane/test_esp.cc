@@ -6,6 +6,7 @@
 #include <rte_cycles.h>
 #include <rte_ip.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "dataplane/esp.hh"
@@ -215,6 +216,29 @@ TEST(Esp, RoundTripEveryCipherWithAndWithoutNatTAndEsn) {
         EXPECT_EQ(l3(back[k]), l3(inner[k])) << cipher_name(c) << " variant " << variant << " #" << k;
       for (unsigned d = 0; d < kDropCount; d++) EXPECT_EQ(r.w->stats.drops[d].load(), 0u) << kDropNames[d];
     }
+  }
+}
+
+TEST(Esp, DecryptedFrameKeepsTheOuterMacs) {
+  // A decrypted packet for the router itself is punted as this frame: the
+  // kernel behind the TAP takes it only if the destination MAC is its own
+  // (the receiving port's), as it was on the outer frame.
+  Rig r;
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0x4321));
+  r.add(sa_cfg(SaDir::inbound, 0x4321));
+  std::vector<std::vector<uint8_t>> inner;
+  for (size_t n : {10, 100, 1000}) inner.push_back(inner_frame(n));
+  auto outer = r.seal(inner, out);
+  ASSERT_EQ(outer.size(), inner.size());
+  const uint8_t macs[12] = {0x02, 0, 0, 0, 0x0a, 0x01, 0x02, 0, 0, 0, 0xbe, 0x0a};
+  for (auto& f : outer) std::copy(macs, macs + 12, f.begin());
+  auto back = r.open(outer);
+  ASSERT_EQ(back.size(), inner.size());
+  for (size_t k = 0; k < back.size(); k++) {
+    EXPECT_TRUE(std::equal(macs, macs + 12, back[k].begin())) << "#" << k;
+    EXPECT_EQ(back[k][12], 0x08);
+    EXPECT_EQ(back[k][13], 0x00);
+    EXPECT_EQ(l3(back[k]), l3(inner[k]));
   }
 }
 

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# ESP end-to-end reference runs (docs/PERFORMANCE.md "ESP end to end"):
+# moat-bench (generator + sink, CPU 0) ⇄ two memif links ⇄ moatd (worker on
+# CPU 1) as a tunnel endpoint with one static AES-GCM-128 SA, NDR/PDR search
+# per size (bench/profiles/router-esp.yaml.in, bench/configs/moatd-esp.yaml.in):
+#   outbound  cleartext in (inner IPv4 packets of 64/512/1420 bytes: frames of
+#             82/530/1438 bytes with FCS), ESP out; the sink decrypts 1 in 64;
+#   inbound   ESP in (frames of 138/586/1494 bytes: inner packets of
+#             66/514/1422 bytes, the generator's ESP has no padding so the
+#             inner length is 2 mod 4), cleartext out; anti-replay on,
+#             sequence numbers increasing.
+#
+#   bench/esp-runs.sh [BUILD_DIR] [OUT_DIR]       (defaults: build bench/results/esp)
+# Environment: DIRS ("outbound inbound"), SAS (1: SAs, one tunnel each,
+# traffic interleaved across all), DURATION (1), MAX_TRIALS (8),
+# TIME_LIMIT (per run, 200), MOAT_BENCH, MOATD.
+# Writes OUT_DIR/esp-{outbound,inbound}-<SAS>sa.json and prints a markdown table.
+# Exit status: 0 every run completed; 1 a run failed; 2 usage.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+out=${2:-bench/results/esp}
+dur=${DURATION:-1}
+max_trials=${MAX_TRIALS:-8}
+limit=${TIME_LIMIT:-200}
+read -r -a dirs <<<"${DIRS:-outbound inbound}"
+sas=${SAS:-1}
+moat_bench=${MOAT_BENCH:-$build/bench/moat-bench}
+moatd=${MOATD:-$build/ctrl/moatd}
+[ -x "$moat_bench" ] && [ -x "$moatd" ] || { echo "esp-runs: no moat-bench/moatd in $build" >&2; exit 2; }
+mkdir -p "$out"
+key=0x00112233445566778899aabbccddeeff01020304
+
+run=$(mktemp -d /tmp/moat-esp.XXXXXX)
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+status=0
+for dir in "${dirs[@]}"; do
+  case $dir in
+    outbound)  # cleartext to 10.0.3.0 + i, routed into tunnel i; ESP to the sink (10.0.2.2)
+      sizes="[82, 530, 1438]" outer_dst=10.0.2.2
+      dst=$(/usr/bin/python3 -c "import ipaddress as i; a=i.ip_address('10.0.3.0'); print(f'{a}-{a + $sas - 1}')") ;;
+    inbound)   # ESP from 198.18.0.1 + i to moatd's 10.0.1.1; inner to 10.0.2.2 (the sink)
+      sizes="[138, 586, 1494]" dst=10.0.2.2 outer_dst=10.0.1.1 ;;
+    *) echo "esp-runs: unknown direction $dir" >&2; exit 2 ;;
+  esac
+  rm -f "$run"/*.sock
+  sed -e "s|@RUN@|$run|g" -e "s|@SIZES@|$sizes|g" -e "s|@DIR@|$dir|g" -e "s|@DST@|$dst|g" \
+      -e "s|@OUTER_DST@|$outer_dst|g" -e "s|@DURATION@|$dur|g" -e "s|@MAX_TRIALS@|$max_trials|g" \
+      -e "s|@TIME_LIMIT@|$limit|g" -e "s|@SAS@|$sas|g" -e "s|@FLOWS@|$((sas > 256 ? sas : 256))|g" \
+      bench/profiles/router-esp.yaml.in >"$run/bench.yaml"
+  # SA i: SPI 0x1000 + i, the profile's key; outbound, tunnel i carries
+  # 10.0.3.0 + i; inbound, it comes from 198.18.0.1 + i (moat-bench's layout).
+  /usr/bin/python3 - "$dir" "$sas" "$key" "$run" <<'PY' >"$run/moatd.yaml"
+import ipaddress, json, sys
+d, n, key, run = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+routes, tunnels = [], []
+for i in range(n):
+    sa = {"spi": 0x1000 + i, "key": key}
+    if d == "outbound":
+        routes.append({"prefix": f"{ipaddress.ip_address('10.0.3.0') + i}/32", "tunnel": f"t{i}"})
+        tunnels.append({"name": f"t{i}", "local": "10.0.2.1", "peer": "10.0.2.2",
+                        "sa": {"cipher": "aes-gcm-128", "out": sa}})
+    else:
+        tunnels.append({"name": f"t{i}", "local": "10.0.1.1", "peer": str(ipaddress.ip_address("198.18.0.1") + i),
+                        "sa": {"cipher": "aes-gcm-128", "in": sa}})
+text = open("bench/configs/moatd-esp.yaml.in").read().replace("@RUN@", run)
+print(text.replace("@ROUTES@", json.dumps(routes)).replace("@TUNNELS@", json.dumps(tunnels)), end="")
+PY
+  "$moatd" --config "$run/moatd.yaml" --check >/dev/null || { echo "esp-runs: moatd config rejected" >&2; exit 1; }
+  echo "esp-runs: $dir, $sas SA(s)" >&2
+  taskset -c 0 timeout -k 5 $((limit + 30)) "$moat_bench" "$run/bench.yaml" --output "$out/esp-$dir-${sas}sa.json" \
+    --progress </dev/null &
+  gen=$!
+  pids=("$gen")
+  # moatd's memif clients need the servers' sockets to exist.
+  for _ in $(seq 100); do [ -S "$run/a.sock" ] && [ -S "$run/b.sock" ] && break; sleep 0.1; done
+  timeout -k 5 $((limit + 30)) "$moatd" --config "$run/moatd.yaml" </dev/null >"$run/dut.log" 2>&1 &
+  dut=$!
+  pids+=("$dut")
+  wait "$gen" || { echo "esp-runs: moat-bench ($dir) exited with $?; moatd log:" >&2; tail -5 "$run/dut.log" >&2; status=1; }
+  kill -TERM "$dut" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$dut" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$dut" 2>/dev/null || true
+  wait "$dut" 2>/dev/null || true
+  pids=()
+done
+
+/usr/bin/python3 - "$out" "$sas" "${dirs[@]}" <<'PY'
+import json, os, sys
+out, sas, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
+print("| direction | frame in | NDR Mpps | PDR (0.1 %) Mpps | most received Mpps | ESP checked / failed | load avg | verdict |")
+print("|---|---|---|---|---|---|---|---|")
+for d in dirs:
+    f = f"{out}/esp-{d}-{sas}sa.json"
+    if not os.path.exists(f):
+        continue
+    doc = json.load(open(f))
+    for r in doc["results"]:
+        size = r["size"]
+        trials = [t for t in doc["trials"] if t["size"] == size]
+        rx = max((t["received"]["pps"] for t in trials), default=0) / 1e6
+        chk = sum(t.get("esp", {}).get("checked", 0) for t in trials)
+        bad = sum(t.get("esp", {}).get("failed", 0) for t in trials)
+        ndr = f"{r['ndr']['pps'] / 1e6:.3f}" if r.get("ndr") else "—"
+        pdr = f"{r['pdr']['pps'] / 1e6:.3f}" if r.get("pdr") else "—"
+        print(f"| {d} | {size} B | {ndr} | {pdr} | {rx:.3f} | {chk} / {bad} | {doc.get('load_avg')} | {r['verdict']} |")
+PY
+exit $status
