@@ -21,12 +21,23 @@ void punt_flush(Worker& w) {
 }
 
 // Echo replies and ICMP errors made while processing a burst take the same
-// way out as transit packets; they cannot generate further packets.
+// way out as transit packets; they cannot generate further packets. Those
+// routed into a tunnel (answers to hosts behind it) go through it: egress
+// has no port for them (they were held for ARP on port kNoPort and lost).
 static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
   if (!w.generated.n) return;
   Burst g = w.generated;
   w.generated.n = 0;
   route(w, t, pt, g);
+  Burst to_tunnel;
+  uint16_t kept = 0;
+  for (uint16_t i = 0; i < g.n; i++) {
+    rte_mbuf* m = g.pkts[i];
+    if (t.next_hops[meta(m).nh].kind == NextHop::tunnel) to_tunnel.push(m);
+    else g.pkts[kept++] = m;
+  }
+  g.n = kept;
+  tunnel_out(w, t, pt, to_tunnel);
   egress(w, t, pt, g);
 }
 
