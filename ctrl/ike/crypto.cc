@@ -622,12 +622,14 @@ struct CipherCtx {
   ~CipherCtx() { EVP_CIPHER_CTX_free(c); }
 };
 
-Bytes sk_seal(const Suite& s, ByteView ke, ByteView ka, Header h, uint8_t first_inner, ByteView inner) {
+Bytes sk_seal(const Suite& s, ByteView ke, ByteView ka, Header h, uint8_t first_inner, ByteView inner,
+              uint16_t frag_num, uint16_t frag_total) {
   const size_t iv_len = s.iv_len(), icv = s.icv_len(), blk = s.block_len();
   size_t pad = blk > 1 ? (blk - (inner.size() + 1) % blk) % blk : 0;
   size_t pt_len = inner.size() + pad + 1;
-  size_t sk_len = 4 + iv_len + pt_len + icv;
-  h.next = kPlSk;
+  size_t hdr = frag_total ? 8 : 4;
+  size_t sk_len = hdr + iv_len + pt_len + icv;
+  h.next = frag_total ? kPlSkf : kPlSk;
   h.length = uint32_t(kHeaderLen + sk_len);
   Bytes o;
   o.reserve(h.length);
@@ -635,6 +637,11 @@ Bytes sk_seal(const Suite& s, ByteView ke, ByteView ka, Header h, uint8_t first_
   o.push_back(first_inner);
   o.push_back(0);
   put16(o, uint16_t(sk_len));
+  if (frag_total) {
+    // Fragment Number and Total Fragments are authenticated with the header.
+    put16(o, frag_num);
+    put16(o, frag_total);
+  }
   size_t aad_len = o.size();
   Bytes iv = random_bytes(iv_len);
   o.insert(o.end(), iv.begin(), iv.end());
@@ -669,10 +676,12 @@ Bytes sk_seal(const Suite& s, ByteView ke, ByteView ka, Header h, uint8_t first_
 }
 
 tl::expected<Bytes, std::string> sk_open(const Suite& s, ByteView ke, ByteView ka, const Message& m) {
-  if (!m.sk_offset) return tl::unexpected(std::string("no encrypted payload"));
+  if (!m.sk_offset || m.payloads.empty()) return tl::unexpected(std::string("no encrypted payload"));
   const size_t iv_len = s.iv_len(), icv = s.icv_len(), blk = s.block_len();
   const uint8_t* raw = m.raw.data();
-  size_t body = m.sk_offset + 4, end = m.raw.size();
+  bool frag = m.payloads.back().type == kPlSkf;
+  size_t body = m.sk_offset + (frag ? 8 : 4), end = m.raw.size();
+  if (body > end) return tl::unexpected(std::string("encrypted fragment too short"));
   if (end - body < iv_len + icv + 1) return tl::unexpected(std::string("encrypted payload too short"));
   size_t ct_off = body + iv_len, ct_len = end - icv - ct_off;
   if (ct_len % blk) return tl::unexpected(std::string("ciphertext is not a whole number of blocks"));

@@ -100,7 +100,9 @@ ChildKeys derive_child_keys(const Suite& child, uint16_t prf_alg, ByteView sk_d,
                             ByteView nr);
 
 // Builds a complete encrypted message: header, SK payload around `inner`.
-Bytes sk_seal(const Suite& s, ByteView ke, ByteView ka, Header h, uint8_t first_inner, ByteView inner);
+// With `frag_total`, an Encrypted Fragment payload (RFC 7383) instead.
+Bytes sk_seal(const Suite& s, ByteView ke, ByteView ka, Header h, uint8_t first_inner, ByteView inner,
+              uint16_t frag_num = 0, uint16_t frag_total = 0);
 // Verifies and decrypts the SK payload of `m` (SK must be its last payload);
 // returns the inner payload chain's bytes.
 tl::expected<Bytes, std::string> sk_open(const Suite& s, ByteView ke, ByteView ka, const Message& m);

@@ -144,10 +144,20 @@ struct Engine::IkeSa {
   bool req_active = false;
   uint8_t req_kind = 0, req_exchange = 0;
   uint32_t req_mid = 0, req_child = 0, req_tries = 0;
-  Bytes req_msg;
+  std::vector<Bytes> req_msg;  // one datagram, or the fragments of one message
   std::deque<Request> queue;
   bool has_resp = false;
-  Bytes resp_msg, req_hash;
+  std::vector<Bytes> resp_msg;
+  Bytes req_hash;
+  bool peer_frag = false;  // the peer sent IKEV2_FRAGMENTATION_SUPPORTED
+  struct {
+    uint32_t mid = 0;
+    bool response = false;
+    uint16_t total = 0;
+    uint8_t first = 0;
+    Bytes first_raw;
+    std::map<uint16_t, Bytes> parts;
+  } frag;
 
   std::vector<ChildSa> children;
   uint32_t pending_spi = 0;  // our inbound SPI of the CHILD SA we are negotiating
@@ -246,6 +256,28 @@ void Engine::send_to(const Endpoint& local, const Endpoint& remote, const Bytes&
 
 void Engine::send_raw(IkeSa& sa, const Bytes& msg) { send_to(sa.local, sa.remote, msg); }
 
+void Engine::send_all(IkeSa& sa, const std::vector<Bytes>& msgs) {
+  for (auto& m : msgs) send_raw(sa, m);
+}
+
+std::vector<Bytes> Engine::seal(IkeSa& sa, const Header& h, const ChainBuilder& chain) {
+  const Bytes& inner = chain.bytes();
+  size_t overhead = kHeaderLen + 8 + sa.suite.iv_len() + sa.suite.icv_len() + sa.suite.block_len() + 4;
+  if (!sa.peer_frag || kHeaderLen + 4 + inner.size() + overhead <= opts_.fragment_size ||
+      opts_.fragment_size <= overhead + 16)
+    return {sk_seal(sa.suite, sa.ke_out(), sa.ka_out(), h, chain.first(), inner)};
+  size_t chunk = opts_.fragment_size - overhead;
+  uint16_t total = uint16_t((inner.size() + chunk - 1) / chunk);
+  std::vector<Bytes> out;
+  for (uint16_t n = 1; n <= total; ++n) {
+    size_t off = size_t(n - 1) * chunk, len = std::min(chunk, inner.size() - off);
+    out.push_back(sk_seal(sa.suite, sa.ke_out(), sa.ka_out(), h, n == 1 ? chain.first() : 0,
+                          ByteView(inner.data() + off, len), n, total));
+  }
+  stats_.tx_fragments += total;
+  return out;
+}
+
 void Engine::respond_plain_error(const Endpoint& local, const Endpoint& remote, const Header& req, uint16_t notify,
                                  ByteView data) {
   Header h;
@@ -320,10 +352,14 @@ void Engine::receive(const Endpoint& local, const Endpoint& remote, ByteView b, 
   } else {
     if (sa.has_resp && h.mid + 1 == sa.peer_mid) {
       // A retransmitted request: answer with the same bytes (§2.1), but only
-      // if it is the very same request.
+      // if it is the very same request. A fragmented one is recognised by its
+      // first fragment; the others pass in silence (RFC 7383 §2.6.1).
+      if (m->payloads.size() == 1 && m->payloads[0].type == kPlSkf && m->payloads[0].body.size() >= 2 &&
+          get16(m->payloads[0].body.data()) != 1)
+        return;
       if (sha1(m->raw) == sa.req_hash) {
         ++stats_.rx_retransmit;
-        send_to(local, remote, sa.resp_msg);
+        for (auto& r : sa.resp_msg) send_to(local, remote, r);
       } else {
         ++stats_.rx_out_of_window;
       }
@@ -339,11 +375,21 @@ void Engine::receive(const Endpoint& local, const Endpoint& remote, ByteView b, 
 
 void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote) {
   const Header& h = m.h;
-  if (!m.sk_offset || m.payloads.size() != 1) {
+  if (!m.sk_offset || m.payloads.size() != 1) {  // SK or SKF, and nothing in the clear
     ++stats_.rx_malformed;
     log(fmt::format("{}: {} {} without (only) an encrypted payload; dropped", sa.who(), exchange_name(h.exchange),
                     h.response() ? "response" : "request"));
     return;
+  }
+  bool fragment = m.payloads[0].type == kPlSkf;
+  uint16_t frag_num = 0, frag_total = 0;
+  if (fragment) {
+    auto& b = m.payloads[0].body;
+    if (b.size() < 4 || (frag_num = get16(b.data())) == 0 || (frag_total = get16(b.data() + 2)) < frag_num ||
+        frag_total > 64 || h.exchange == uint8_t(Exchange::ike_sa_init)) {
+      ++stats_.rx_malformed;
+      return;
+    }
   }
   auto pt = sk_open(sa.suite, sa.ke_in(), sa.ka_in(), m);
   if (!pt) {
@@ -351,6 +397,34 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     log(fmt::format("{}: {} {}: {}; dropped", sa.who(), exchange_name(h.exchange), h.response() ? "response" : "request",
                     pt.error()));
     return;
+  }
+  Message whole;  // the reassembled message, when `m` is its last missing fragment
+  const Message* msg = &m;
+  uint8_t first = m.sk_next;
+  if (fragment) {
+    ++stats_.rx_fragments;
+    auto& f = sa.frag;
+    if (f.mid != h.mid || f.response != h.response() || f.total != frag_total) {
+      f.parts.clear();
+      f.mid = h.mid;
+      f.response = h.response();
+      f.total = frag_total;
+    }
+    if (frag_num == 1) {
+      f.first = m.sk_next;
+      f.first_raw = m.raw;
+    }
+    f.parts[frag_num] = std::move(*pt);
+    if (f.parts.size() < f.total) return;
+    Bytes all;
+    for (auto& [n, part] : f.parts) all.insert(all.end(), part.begin(), part.end());
+    *pt = std::move(all);
+    first = f.first;
+    whole.h = h;
+    whole.raw = std::move(f.first_raw);  // what a retransmission is recognised by
+    msg = &whole;
+    f.parts.clear();
+    f.total = 0;
   }
   sa.last_heard_ms = now_;
   // Authenticated traffic from a new address moves the SA (§2.23) — the
@@ -369,7 +443,7 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     }
   }
   uint64_t spi = sa.our_spi();
-  auto inner = parse_chain(m.sk_next, *pt);
+  auto inner = parse_chain(first, *pt);
   if (!inner) {
     if (inner.error().notify == kNUnsupportedCriticalPayload) ++stats_.rx_unsupported_critical;
     else ++stats_.rx_malformed;
@@ -412,9 +486,9 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     return;
   }
   switch (Exchange(h.exchange)) {
-    case Exchange::ike_auth: auth_request(sa, m, *inner); break;
-    case Exchange::informational: informational_request(sa, m, *inner); break;
-    case Exchange::create_child_sa: create_child_request(sa, m, *inner); break;
+    case Exchange::ike_auth: auth_request(sa, *msg, *inner); break;
+    case Exchange::informational: informational_request(sa, *msg, *inner); break;
+    case Exchange::create_child_sa: create_child_request(sa, *msg, *inner); break;
     default: {
       ChainBuilder c;
       c.add_notify(kNInvalidSyntax);
@@ -430,10 +504,10 @@ void Engine::respond(IkeSa& sa, const Header& req, const ChainBuilder& chain) {
   h.exchange = req.exchange;
   h.flags = uint8_t(kFlagResponse | (sa.initiator ? kFlagInitiator : 0));
   h.mid = req.mid;
-  Bytes msg = sk_seal(sa.suite, sa.ke_out(), sa.ka_out(), h, chain.first(), chain.bytes());
-  send_raw(sa, msg);
+  auto msgs = seal(sa, h, chain);
+  send_all(sa, msgs);
   sa.has_resp = true;
-  sa.resp_msg = std::move(msg);
+  sa.resp_msg = std::move(msgs);
   sa.peer_mid = req.mid + 1;
 }
 
@@ -452,14 +526,14 @@ void Engine::pump(IkeSa& sa) {
   h.exchange = r.exchange;
   h.flags = sa.initiator ? kFlagInitiator : 0;
   h.mid = sa.my_mid++;
-  sa.req_msg = sk_seal(sa.suite, sa.ke_out(), sa.ka_out(), h, r.chain.first(), r.chain.bytes());
+  sa.req_msg = seal(sa, h, r.chain);
   sa.req_active = true;
   sa.req_kind = r.kind;
   sa.req_exchange = r.exchange;
   sa.req_mid = h.mid;
   sa.req_child = r.child_spi;
   sa.req_tries = 0;
-  send_raw(sa, sa.req_msg);
+  send_all(sa, sa.req_msg);
   arm(sa, TimerKind::retransmit, now_ + opts_.retransmit_base_ms);
 }
 
@@ -516,7 +590,7 @@ void Engine::fire(IkeSa& sa, TimerKind k) {
       }
       ++sa.req_tries;
       ++stats_.tx_retransmits;
-      send_raw(sa, sa.req_msg);
+      send_all(sa, sa.req_msg);
       uint64_t rto = uint64_t(opts_.retransmit_base_ms) << std::min<uint32_t>(sa.req_tries, 16);
       arm(sa, TimerKind::retransmit, now_ + rto);
       return;
@@ -726,20 +800,21 @@ void Engine::send_init(IkeSa& sa) {
   c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, 0, sa.local));
   c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, 0, sa.remote));
   if (sa.peer->creds) add_hash_algorithms(c);
+  c.add_notify(kNFragmentationSupported);
   Header h;
   h.spi_i = sa.spi_i;
   h.exchange = uint8_t(Exchange::ike_sa_init);
   h.flags = kFlagInitiator;
   h.mid = 0;
-  sa.req_msg = encode_plain(h, c);
-  sa.init_req = sa.req_msg;
+  sa.init_req = encode_plain(h, c);
+  sa.req_msg = {sa.init_req};
   sa.req_active = true;
   sa.req_kind = kReqInit;
   sa.req_exchange = h.exchange;
   sa.req_mid = 0;
   sa.req_tries = 0;
   sa.my_mid = 1;
-  send_raw(sa, sa.req_msg);
+  send_all(sa, sa.req_msg);
   arm(sa, TimerKind::retransmit, now_ + opts_.retransmit_base_ms);
 }
 
@@ -817,6 +892,7 @@ void Engine::init_response(IkeSa& sa, const Message& m) {
   }
   sa.nat_remote = saw_src && !src_ok;
   sa.nat_local = saw_dst && !dst_ok;
+  sa.peer_frag = std::any_of(notes.begin(), notes.end(), [](auto& n) { return n.type == kNFragmentationSupported; });
   if (sa.nat_local || sa.nat_remote) {
     // §2.23: once a NAT is seen, everything moves to 4500.
     sa.local.port = kNattPort;
@@ -937,7 +1013,7 @@ void Engine::init_request(const Endpoint& local, const Endpoint& remote, const M
     auto s = sas_.find(it->second);
     if (s != sas_.end() && s->second->has_resp && sha1(m.raw) == s->second->req_hash) {
       ++stats_.rx_retransmit;
-      send_to(local, remote, s->second->resp_msg);
+      for (auto& r : s->second->resp_msg) send_to(local, remote, r);
     } else {
       ++stats_.rx_out_of_window;
     }
@@ -1051,6 +1127,12 @@ void Engine::init_request(const Endpoint& local, const Endpoint& remote, const M
     c.add_notify(kNNatDetectionSourceIp, nat_hash(sa->spi_i, sa->spi_r, local));
     c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa->spi_i, sa->spi_r, remote));
   }
+  for (auto* p : m.all(kPlNotify))
+    if (auto n = parse_notify(p->body); n && n->type == kNFragmentationSupported) {
+      sa->peer_frag = true;
+      c.add_notify(kNFragmentationSupported);
+      break;
+    }
   // Certificate tunnels: ask for the initiator's certificate (peers that send
   // theirs only "if asked") and offer RFC 7427 hashes. Which tunnel this is
   // becomes known only in IKE_AUTH, so the first one with certificates speaks.
@@ -1069,7 +1151,7 @@ void Engine::init_request(const Endpoint& local, const Endpoint& remote, const M
   sa->init_req = m.raw;
   sa->init_resp = encode_plain(rh, c);
   sa->has_resp = true;
-  sa->resp_msg = sa->init_resp;
+  sa->resp_msg = {sa->init_resp};
   sa->req_hash = sha1(m.raw);
   sa->peer_mid = 1;
   IkeSa& r = *sa;
@@ -1407,6 +1489,7 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   n->remote = sa.remote;
   n->nat_local = sa.nat_local;
   n->nat_remote = sa.nat_remote;
+  n->peer_frag = sa.peer_frag;
   n->suite = suite;
   n->ni = ni;
   n->nr = random_bytes(32);
@@ -1509,6 +1592,7 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   n->remote = sa.remote;
   n->nat_local = sa.nat_local;
   n->nat_remote = sa.nat_remote;
+  n->peer_frag = sa.peer_frag;
   n->suite = *suite;
   n->ni = sa.rekey_ni;
   n->nr = *nr;

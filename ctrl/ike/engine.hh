@@ -71,6 +71,10 @@ struct EngineOptions {
   // cookie before we spend a DH computation or memory on it.
   uint32_t cookie_threshold = 256;
   uint32_t max_half_open = 16384;  // beyond: dropped and counted, even with a cookie
+  // IKE fragmentation (RFC 7383): encrypted messages larger than this are
+  // sent in fragments when the peer supports it (IPv4 minimum path MTU 576
+  // would need 548; 1280 suits most paths).
+  uint32_t fragment_size = 1280;
 };
 
 class Transport {
@@ -109,6 +113,8 @@ class Transport {
   X(child_removed, "CHILD SAs removed")                                                  \
   X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
   X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
+  X(rx_fragments, "IKE fragments received (RFC 7383)")                                  \
+  X(tx_fragments, "IKE fragments sent")                                                  \
   X(invalid_spi_sent, "INVALID_SPI notifications sent for unknown ESP SPIs")             \
   X(invalid_spi_limited, "unknown-SPI events not answered (rate limit or no IKE SA)")
 
@@ -172,6 +178,8 @@ class Engine {
 
   void log(const std::string& s) const;
   void send_raw(IkeSa& sa, const Bytes& msg);
+  void send_all(IkeSa& sa, const std::vector<Bytes>& msgs);
+  std::vector<Bytes> seal(IkeSa& sa, const Header& h, const ChainBuilder& chain);
   void send_to(const Endpoint& local, const Endpoint& remote, const Bytes& msg);
   void arm(IkeSa& sa, TimerKind k, uint64_t when);
   void disarm(IkeSa& sa, TimerKind k);

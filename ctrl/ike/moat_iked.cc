@@ -3,7 +3,7 @@
 // production the engine runs in moatd's control thread.
 //
 //   moat-iked --dir moats.d [--bind ADDR] [--sa-log FILE] [--show FILE]
-//             [--retransmit-ms N] [--retransmit-tries N]
+//             [--retransmit-ms N] [--retransmit-tries N] [--fragment-size N]
 //
 // --sa-log: one JSON line per ChildSaSink call (install/remove/rekeyed/moved)
 //           with SPIs and keys, so tests can compare them with the peer's.
@@ -79,7 +79,7 @@ class LogSink : public ChildSaSink {
 void usage() {
   fmt::print(stderr,
              "usage: moat-iked --dir DIR [--bind ADDR] [--sa-log FILE] [--show FILE] [--retransmit-ms N] "
-             "[--retransmit-tries N]\n");
+             "[--retransmit-tries N] [--fragment-size N]\n");
 }
 
 }  // namespace
@@ -102,6 +102,7 @@ int main(int argc, char** argv) {
     else if (a == "--show") show = val();
     else if (a == "--retransmit-ms") opts.retransmit_base_ms = uint32_t(std::stoul(val()));
     else if (a == "--retransmit-tries") opts.retransmit_tries = uint32_t(std::stoul(val()));
+    else if (a == "--fragment-size") opts.fragment_size = uint32_t(std::stoul(val()));
     else {
       usage();
       return 2;

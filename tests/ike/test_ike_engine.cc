@@ -391,6 +391,46 @@ TEST_F(Pair, SaInitFloodTriggersCookiesAndLegitimateMoatsStillConnect) {
   EXPECT_EQ(portal->sink.installed.size(), 1u);
 }
 
+TEST_F(Pair, LargeMessagesTravelInFragments) {
+  EngineOptions o;
+  o.fragment_size = 160;  // forces IKE_AUTH into several RFC 7383 fragments
+  auto keep = [](Node& n) {
+    std::vector<PeerConfig> v;
+    for (auto& p : n.e.peers()) v.push_back(*p);
+    return v;
+  };
+  auto mp = keep(*moat), pp = keep(*portal);
+  moat = std::make_unique<Node>(net, "198.51.100.7", o);
+  portal = std::make_unique<Node>(net, "192.0.2.1", o);
+  moat->e.set_peers(mp, now);
+  portal->e.set_peers(pp, now);
+  // One fragment of the moat's IKE_AUTH is lost once: the retransmission completes it.
+  bool dropped = false;
+  net.filter = [&](Pkt& p) {
+    if (!dropped && p.from.addr == moat->a && p.data.size() > kHeaderLen && p.data[16] == kPlSkf) {
+      dropped = true;
+      return false;
+    }
+    return true;
+  };
+  ASSERT_TRUE(moat->e.initiate("portal", now));
+  run();
+  advance(1000);
+  EXPECT_TRUE(dropped);
+  EXPECT_EQ(portal->e.stats().ike_established, 1u);
+  EXPECT_GE(moat->e.stats().tx_fragments, 3u);
+  EXPECT_GE(portal->e.stats().rx_fragments, 3u);
+  EXPECT_GE(portal->e.stats().tx_fragments, 2u);
+  ASSERT_EQ(moat->sink.installed.size(), 1u);
+  EXPECT_EQ(moat->sink.installed[0].encr_key_out, portal->sink.installed[0].encr_key_in);
+  // IKE_SA_INIT is never fragmented (it carries no keys yet); everything after is.
+  for (auto& p : net.log) {
+    if (p.data[18] != uint8_t(Exchange::ike_sa_init)) {
+      EXPECT_LE(p.data.size(), 160u);
+    }
+  }
+}
+
 TEST_F(Pair, InitialContactDeletesTheOldSasOfThatIdentity) {
   establish();
   ASSERT_EQ(portal->sink.live(), 1u);

@@ -95,6 +95,7 @@ charon {
     retransmit_tries = 2
     retransmit_timeout = 1
     retransmit_base = 1.4
+    fragment_size = ${SW_FRAG:-1280}
     plugins { vici { socket = unix://$RUN/swan/charon.vici } }
     filelog {
         main {
@@ -195,6 +196,7 @@ iked_start() {
     : >"$RUN/sa.log"
     nsx "${IKED_NS:-$NS_M}" sh -c 'echo $$ >"$0"; exec "$@"' "$RUN/iked.pid" "$IKED" --dir "$RUN/moats.d" \
         --sa-log "$RUN/sa.log" --show "$RUN/show.json" --retransmit-ms 500 --retransmit-tries 3 \
+        --fragment-size "${MOAT_FRAG:-1280}" \
         >>"$RUN/iked.log" 2>&1 </dev/null &
     local i
     for i in $(seq 1 30); do grep -q "tunnels loaded" "$RUN/iked.log" 2>/dev/null && return 0; sleep 0.1; done
@@ -438,8 +440,10 @@ cert_case() { # NAME resp|init
     [ "$PKI_OK" = 1 ] || { result $name 1; return; }
     : >"$RUN/swan/charon.log"
     local start=false; [ "$2" = init ] && start=true
-    SW_AUTH=pubkey charon_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" none && charon_start || rc=1
-    MOAT_AUTH=pubkey moat_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" $start && iked_start || rc=1
+    # Small fragment sizes: certificates make IKE_AUTH big, so both sides
+    # must fragment and reassemble (RFC 7383).
+    SW_FRAG=400 SW_AUTH=pubkey charon_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" none && charon_start || rc=1
+    MOAT_FRAG=400 MOAT_AUTH=pubkey moat_conf "aes128gcm16-prfsha256-ecp256" "aes128gcm16" "$PSK" $start && MOAT_FRAG=400 iked_start || rc=1
     [ "$2" = resp ] && { sw --initiate --child net --timeout 10 >"$RUN/$name.initiate" 2>&1 || rc=1; }
     wait_installed || rc=1
     sw --list-sas >"$RUN/$name.sas" 2>&1
@@ -447,6 +451,9 @@ cert_case() { # NAME resp|init
     python3 "$HERE/swan_check.py" "$RUN/$name.sas" "$RUN/swan/charon.log" "$RUN/sa.log" ${2:0:1} || rc=1
     grep -q "authentication of '$MOAT_DN' with ECDSA_WITH_SHA256_DER successful" "$RUN/swan/charon.log" \
         || { log "charon did not verify an RFC 7427 ECDSA signature"; rc=1; }
+    grep -q "received fragment #" "$RUN/swan/charon.log" || { log "Moat did not fragment its IKE_AUTH"; rc=1; }
+    grep -q "splitting IKE message" "$RUN/swan/charon.log" || { log "charon did not fragment its IKE_AUTH"; rc=1; }
+    iked_show && [ "$(stat_of rx_fragments)" -ge 2 ] || { log "Moat did not count received fragments"; rc=1; }
     [ $rc = 0 ] || { tail -5 "$RUN/iked.log"; grep -E "IKE\]|CFG\]" "$RUN/swan/charon.log" | tail -8; }
     case_end; result $name $rc
 }
