@@ -294,6 +294,28 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
 
 namespace {
 
+// The AEAD part of a job, the same both ways (IPsec-MB takes the direction
+// from cipher_direction and the chain order).
+inline void set_aead(IMB_JOB* job, const Sa& sa, const SaKeys& k, const uint8_t* aad, uint64_t aad_len) {
+  if (sa.cipher == Cipher::chacha20_poly1305) {
+    job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
+    job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
+    job->enc_keys = k.chacha;
+    job->dec_keys = k.chacha;
+    job->key_len_in_bytes = 32;
+    job->u.CHACHA20_POLY1305.aad = aad;
+    job->u.CHACHA20_POLY1305.aad_len_in_bytes = aad_len;
+  } else {
+    job->cipher_mode = IMB_CIPHER_GCM;
+    job->hash_alg = IMB_AUTH_AES_GMAC;
+    job->enc_keys = &k.gcm;
+    job->dec_keys = &k.gcm;
+    job->key_len_in_bytes = sa.cipher == Cipher::aes_gcm_128 ? 16 : 32;
+    job->u.GCM.aad = aad;
+    job->u.GCM.aad_len_in_bytes = aad_len;
+  }
+}
+
 struct OutJob {
   rte_mbuf* m;
   uint32_t idx;
@@ -478,23 +500,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       job->iv = sc.iv;
       job->iv_len_in_bytes = 12;
       job->auth_tag_output = icv;
-      if (sa.cipher == Cipher::chacha20_poly1305) {
-        job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
-        job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
-        job->enc_keys = k.chacha;
-        job->dec_keys = k.chacha;
-        job->key_len_in_bytes = 32;
-        job->u.CHACHA20_POLY1305.aad = sc.aad;
-        job->u.CHACHA20_POLY1305.aad_len_in_bytes = aad_len;
-      } else {
-        job->cipher_mode = IMB_CIPHER_GCM;
-        job->hash_alg = IMB_AUTH_AES_GMAC;
-        job->enc_keys = &k.gcm;
-        job->dec_keys = &k.gcm;
-        job->key_len_in_bytes = sa.cipher == Cipher::aes_gcm_128 ? 16 : 32;
-        job->u.GCM.aad = sc.aad;
-        job->u.GCM.aad_len_in_bytes = aad_len;
-      }
+      set_aead(job, sa, k, sc.aad, aad_len);
     } else {
       // CBC needs an unpredictable IV (RFC 3602 §2.4). NIST SP 800-38A
       // App. C: encrypt a nonce. Ciphering the IV field itself, holding the
@@ -741,23 +747,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       job->msg_len_to_hash_in_bytes = uint64_t(ct);
       job->iv = sc.iv;
       job->iv_len_in_bytes = 12;
-      if (sa.cipher == Cipher::chacha20_poly1305) {
-        job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
-        job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
-        job->enc_keys = k.chacha;
-        job->dec_keys = k.chacha;
-        job->key_len_in_bytes = 32;
-        job->u.CHACHA20_POLY1305.aad = sc.aad;
-        job->u.CHACHA20_POLY1305.aad_len_in_bytes = aad_len;
-      } else {
-        job->cipher_mode = IMB_CIPHER_GCM;
-        job->hash_alg = IMB_AUTH_AES_GMAC;
-        job->enc_keys = &k.gcm;
-        job->dec_keys = &k.gcm;
-        job->key_len_in_bytes = sa.cipher == Cipher::aes_gcm_128 ? 16 : 32;
-        job->u.GCM.aad = sc.aad;
-        job->u.GCM.aad_len_in_bytes = aad_len;
-      }
+      set_aead(job, sa, k, sc.aad, aad_len);
       std::memcpy(sc.icv, icv, kIcvLen);
     } else {
       job->iv = iv;
