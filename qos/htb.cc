@@ -1,0 +1,727 @@
+// The hierarchical scheduler (issue 7): Linux HTB's algorithm (net/sched/
+// sch_htb.c) in user space, with three departures said where they are made:
+// token buckets in exact integer byte·ticks, deficit round robin at every
+// level of the descent (HTB's only at the leaf's parent), and the root gated
+// as the link on every packet.
+//
+// The state, per class:
+//   tokens / ctokens   the rate and ceil buckets, in byte·ticks (bytes × hz):
+//                      t ticks at r B/s add r·t, a packet of L bytes costs
+//                      L·hz. No division per packet, no rounding drift.
+//   mode               can (tokens >= 0: sends on its own rate), may (only
+//                      ctokens >= 0: may borrow), cant (ceil exceeded).
+//   act                the priorities for which a queued leaf below it is
+//                      routed to it (HTB's prio_activity).
+// and per scheduler:
+//   rows[level][prio]  circular lists of classes in mode can with act ∋ prio:
+//                      the lenders. Leaves are level 0; an inner class's level
+//                      is one more than its highest child's.
+//   feeds[class][prio] circular lists of the class's children in mode may
+//                      with act ∋ prio: its borrowers.
+//   a wait heap        every class not in mode can, keyed by when its mode
+//                      may rise (time for the bucket to reach 0). Modes only
+//                      fall by a charge and only rise with time, so charges
+//                      lower them at once and the heap raises them.
+// Dequeue takes the lowest level with a lender, the lowest priority in it,
+// the lender at the list's cursor, and walks down the feeds' cursors to a
+// leaf. The work per packet is the tree's depth times a heap operation (log
+// of the classes) per mode change, whatever the number of classes: nothing
+// ever scans the classes.
+#include "qos/htb.hh"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <string_view>
+#include <unordered_map>
+
+namespace moat::qos {
+namespace {
+
+constexpr uint32_t kNil = UINT32_MAX;
+constexpr unsigned kPrios = 8;
+constexpr unsigned kMaxLevels = 8;          // the root's depth-from-leaf at most 7
+constexpr uint64_t kMtu = 1514;             // the largest frame we size buckets and quanta for
+constexpr uint64_t kDefaultBurstUs = 4000;  // a default bucket holds 4 ms at its rate (or one MTU)
+// Debt beyond a full bucket plus this much is forgiven (HTB forgives beyond
+// 60 s of rate): it keeps the arithmetic in 64 bits and only classes above a
+// lender, which never lend while in debt, can run up a debt at all.
+constexpr uint64_t kDebtBytes = 65536;
+// Buckets are capped so bytes × hz stays well inside int64.
+constexpr uint64_t kMaxByteTicks = uint64_t{1} << 61;
+
+enum Mode : uint8_t { kCan, kMay, kCant };
+
+// Counters are read by the control thread: relaxed stores by the one writer.
+template <class T>
+inline void radd(T& f, T d) {
+  __atomic_store_n(&f, f + d, __ATOMIC_RELAXED);
+}
+template <class T>
+inline void rset(T& f, T v) {
+  __atomic_store_n(&f, v, __ATOMIC_RELAXED);
+}
+
+uint64_t default_burst(uint64_t rate) {
+  return std::max<uint64_t>(kMtu, rate * kDefaultBurstUs / 1000000);
+}
+
+uint64_t ceil_div(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+
+struct Slot {
+  void* pkt;
+  uint32_t len;
+};
+
+// A class's membership of one list (a row or its parent's feed) for one
+// priority, and its deficit there.
+struct Link {
+  uint32_t next = kNil, prev = kNil;
+  int32_t deficit = 0;
+};
+
+struct Node {
+  int64_t tokens = 0, ctokens = 0;  // byte·ticks, as of t_c
+  int64_t buffer = 0, cbuffer = 0;  // full buckets
+  int64_t floor = 0, cfloor = 0;    // deepest debt kept
+  uint64_t t_c = 0;
+  uint64_t rate = 0, ceil = 0;      // B/s
+  uint64_t dt_full = 0, cdt_full = 0;  // ticks that fill a bucket from its floor
+  uint32_t parent = kNil;
+  uint32_t heap_pos = kNil;
+  uint32_t link_base = 0;           // into links: 1 slot for a leaf (its prio), 8 for an inner class
+  uint32_t feed_base = kNil;        // inner classes: 8 feed cursors; kNil marks a leaf
+  int32_t quantum = kMtu;
+  uint8_t level = 0, prio = 0, mode = kCan, act = 0;
+  // Leaves: a ring of `limit` slots, preallocated.
+  uint32_t q_base = 0, q_cap = 0, q_head = 0, q_len = 0;
+  uint64_t q_bytes = 0;
+  uint32_t codel = kNil;
+};
+
+// RFC 8289's state for one leaf; enqueue times in Impl::enq at e_base + slot.
+struct Codel {
+  uint64_t target = 0, interval = 0;  // ticks
+  uint64_t first_above = 0, drop_next = 0;
+  uint32_t count = 0, lastcount = 0;
+  bool dropping = false;
+  uint32_t e_base = 0;
+};
+
+struct HeapEnt {
+  uint64_t key;
+  uint32_t cls;
+};
+
+}  // namespace
+
+std::vector<PlanError> validate(const Plan& p) {
+  std::vector<PlanError> errs;
+  auto err = [&](int32_t c, std::string w) { errs.push_back({c, std::move(w)}); };
+  const auto& cs = p.classes;
+  if (cs.empty()) {
+    err(-1, "the plan has no classes: the root (the link) is needed");
+    return errs;
+  }
+  if (cs.size() >= kNil / kPrios) {
+    err(-1, "too many classes (" + std::to_string(cs.size()) + ")");
+    return errs;
+  }
+  const int32_t n = static_cast<int32_t>(cs.size());
+  std::unordered_map<std::string_view, int32_t> names;
+  std::vector<uint64_t> child_rates(n, 0);
+  std::vector<uint32_t> children(n, 0), depth(n, 0);
+  for (int32_t i = 0; i < n; i++) {
+    const ClassSpec& c = cs[i];
+    if (c.name.empty())
+      err(i, "a class needs a name");
+    else if (auto [it, fresh] = names.emplace(c.name, i); !fresh)
+      err(i, "duplicate name \"" + c.name + "\" (also class " + std::to_string(it->second) + ")");
+    if (i == 0) {
+      if (c.parent != -1) err(0, "the root (class 0) has a parent");
+      if (c.rate == 0) err(0, "the root's rate is 0: it is the link");
+      if (c.rate != c.ceil)
+        err(0, "the root is the link: its rate " + std::to_string(c.rate) + " B/s must equal its ceil " +
+                   std::to_string(c.ceil));
+    } else if (c.parent == -1) {
+      err(i, "class without a parent (only the root, class 0, has none)");
+    } else if (c.parent < 0 || c.parent >= n) {
+      err(i, "parent index " + std::to_string(c.parent) + " out of range");
+    } else if (c.parent >= i) {
+      err(i, "parent " + std::to_string(c.parent) + " does not precede the class (a parent comes first)");
+    } else {
+      child_rates[c.parent] += c.rate;
+      children[c.parent]++;
+      depth[i] = depth[c.parent] + 1;
+      if (depth[i] == kMaxLevels)
+        err(i, "tree deeper than " + std::to_string(kMaxLevels) + " levels");
+    }
+    if (c.ceil == 0)
+      err(i, "ceil 0: the class could never send");
+    else if (c.ceil < c.rate)
+      err(i, "ceil " + std::to_string(c.ceil) + " B/s is below the rate " + std::to_string(c.rate));
+    if (c.prio >= kPrios) err(i, "prio " + std::to_string(c.prio) + ": 0..7");
+  }
+  for (int32_t i = 0; i < n; i++) {
+    const ClassSpec& c = cs[i];
+    if (child_rates[i] > c.rate)
+      err(i, "children's rates " + std::to_string(child_rates[i]) + " B/s exceed the parent's " +
+                 std::to_string(c.rate));
+    if (children[i] == 0) {
+      if (c.limit == 0) err(i, "a leaf with limit 0 could never queue");
+      if (c.drop == DropPolicy::codel && (c.codel_target_us == 0 || c.codel_interval_us == 0))
+        err(i, "codel needs a target and an interval above 0");
+    }
+  }
+  return errs;
+}
+
+struct Scheduler::Impl {
+  Plan plan;
+  uint64_t hz;
+  std::vector<Node> nodes;
+  std::vector<ClassStats> stats;
+  std::vector<Link> links;
+  std::vector<uint32_t> feeds;  // cursor per (inner class, prio)
+  std::vector<Slot> slots;
+  std::vector<uint64_t> enq;  // CoDel leaves' enqueue times
+  std::vector<Codel> codels;
+  std::unordered_map<std::string_view, int32_t> by_name;  // views into plan
+  uint32_t rows[kMaxLevels][kPrios];
+  uint8_t row_mask[kMaxLevels] = {};
+  uint8_t level_mask = 0;
+  std::vector<HeapEnt> heap;  // reserved for every class: never grows per packet
+  uint64_t root_wake = 0;     // the root (the link) waits outside the heap
+  uint64_t now = 0;           // the latest time seen: time never goes back here
+  uint32_t backlog = 0;
+
+  Impl(const Plan& p, uint64_t hz_) : plan(p), hz(hz_ ? hz_ : 1) {
+    const uint32_t n = static_cast<uint32_t>(plan.classes.size());
+    nodes.resize(n);
+    stats.resize(n);
+    for (auto& r : rows)
+      for (auto& c : r) c = kNil;
+    std::vector<uint32_t> children(n, 0);
+    std::vector<uint64_t> min_child_rate(n, UINT64_MAX);
+    for (uint32_t i = 1; i < n; i++) {
+      uint32_t par = static_cast<uint32_t>(plan.classes[i].parent);
+      nodes[i].parent = par;
+      children[par]++;
+      if (plan.classes[i].rate) min_child_rate[par] = std::min(min_child_rate[par], plan.classes[i].rate);
+    }
+    for (uint32_t i = n; i-- > 1;) {  // children follow parents: heights bottom up
+      Node& par = nodes[nodes[i].parent];
+      par.level = std::max<uint8_t>(par.level, nodes[i].level + 1);
+    }
+    uint64_t n_links = 0, n_feeds = 0, n_slots = 0, n_enq = 0;
+    uint32_t n_codel = 0;
+    for (uint32_t i = 0; i < n; i++) {
+      const ClassSpec& s = plan.classes[i];
+      Node& c = nodes[i];
+      c.prio = s.prio;
+      c.link_base = static_cast<uint32_t>(n_links);
+      if (children[i]) {
+        c.feed_base = static_cast<uint32_t>(n_feeds);
+        n_feeds += kPrios;
+        n_links += kPrios;
+      } else {
+        n_links += 1;
+        c.q_base = static_cast<uint32_t>(n_slots);
+        c.q_cap = s.limit;
+        n_slots += s.limit;
+        if (s.drop == DropPolicy::codel) {
+          c.codel = n_codel++;
+          n_enq += s.limit;
+        }
+      }
+      // Quantum for the round robin among siblings: in proportion to the rate
+      // (HTB's rate/r2q), the slowest sibling one MTU, at most 64 MTUs.
+      uint64_t q = kMtu;
+      if (c.parent != kNil && s.rate)
+        q = static_cast<uint64_t>(static_cast<double>(kMtu) * s.rate / min_child_rate[c.parent]);
+      c.quantum = static_cast<int32_t>(std::clamp<uint64_t>(q, kMtu, 64 * kMtu));
+      c.rate = s.rate;
+      c.ceil = s.ceil;
+      uint64_t burst = s.burst ? s.burst : default_burst(s.rate);
+      uint64_t cburst = s.cburst ? s.cburst : default_burst(s.ceil);
+      if (i == 0) burst = cburst = std::max(burst, cburst);  // rate == ceil: one bucket, twice
+      const uint64_t max_bytes = kMaxByteTicks / hz;
+      burst = std::min(burst, max_bytes);
+      cburst = std::min(cburst, max_bytes);
+      c.buffer = static_cast<int64_t>(burst * hz);
+      c.cbuffer = static_cast<int64_t>(cburst * hz);
+      c.floor = -c.buffer - static_cast<int64_t>(kDebtBytes * hz);
+      c.cfloor = -c.cbuffer - static_cast<int64_t>(kDebtBytes * hz);
+      c.dt_full = c.rate ? ceil_div(static_cast<uint64_t>(c.buffer - c.floor), c.rate) : UINT64_MAX;
+      c.cdt_full = ceil_div(static_cast<uint64_t>(c.cbuffer - c.cfloor), c.ceil);
+      c.tokens = c.rate ? c.buffer : -1;  // a class with no rate only ever borrows
+      c.ctokens = c.cbuffer;
+      c.mode = c.rate ? kCan : kMay;
+      by_name.emplace(plan.classes[i].name, static_cast<int32_t>(i));
+    }
+    links.resize(n_links);
+    feeds.assign(n_feeds, kNil);
+    slots.resize(n_slots);
+    enq.resize(n_enq);
+    codels.resize(n_codel);
+    uint64_t e = 0;
+    for (uint32_t i = 0; i < n; i++) {
+      Node& c = nodes[i];
+      uint32_t nl = c.feed_base == kNil ? 1 : kPrios;
+      for (uint32_t k = 0; k < nl; k++) links[c.link_base + k].deficit = c.quantum;
+      if (c.codel != kNil) {
+        const ClassSpec& s = plan.classes[i];
+        Codel& q = codels[c.codel];
+        q.target = s.codel_target_us * hz / 1000000;
+        q.interval = s.codel_interval_us * hz / 1000000;
+        q.e_base = static_cast<uint32_t>(e);
+        e += s.limit;
+      }
+    }
+    heap.reserve(n);
+  }
+
+  bool is_leaf(uint32_t c) const { return nodes[c].feed_base == kNil; }
+  Link& link(uint32_t c, unsigned p) { return links[nodes[c].link_base + (is_leaf(c) ? 0 : p)]; }
+
+  // Buckets brought to `now` without storing (HTB's diff, capped by mbuffer).
+  static int64_t toks_at(const Node& c, uint64_t now) {
+    uint64_t dt = now - c.t_c;
+    if (dt >= c.dt_full) return c.buffer;
+    return std::min(c.tokens + static_cast<int64_t>(c.rate * dt), c.buffer);
+  }
+  static int64_t ctoks_at(const Node& c, uint64_t now) {
+    uint64_t dt = now - c.t_c;
+    if (dt >= c.cdt_full) return c.cbuffer;
+    return std::min(c.ctokens + static_cast<int64_t>(c.ceil * dt), c.cbuffer);
+  }
+  // The mode at `now`; *wait: ticks until it may rise (UINT64_MAX: never by itself).
+  static Mode mode_at(const Node& c, uint64_t now, uint64_t* wait) {
+    int64_t ct = ctoks_at(c, now);
+    if (ct < 0) {
+      *wait = ceil_div(static_cast<uint64_t>(-ct), c.ceil);
+      return kCant;
+    }
+    int64_t t = toks_at(c, now);
+    if (t >= 0) {
+      *wait = 0;
+      return kCan;
+    }
+    *wait = c.rate ? ceil_div(static_cast<uint64_t>(-t), c.rate) : UINT64_MAX;
+    return kMay;
+  }
+
+  // Circular lists with a cursor: a newcomer joins at the end of the round.
+  void list_add(uint32_t& cur, uint32_t c, unsigned p) {
+    Link& l = link(c, p);
+    if (cur == kNil) {
+      cur = l.next = l.prev = c;
+      return;
+    }
+    Link& h = link(cur, p);
+    l.next = cur;
+    l.prev = h.prev;
+    link(h.prev, p).next = c;
+    h.prev = c;
+  }
+  void list_del(uint32_t& cur, uint32_t c, unsigned p) {
+    Link& l = link(c, p);
+    if (l.next == c) {
+      cur = kNil;
+    } else {
+      link(l.prev, p).next = l.next;
+      link(l.next, p).prev = l.prev;
+      if (cur == c) cur = l.next;
+    }
+    l.next = l.prev = kNil;
+  }
+  void row_add(uint32_t c, uint8_t mask) {
+    unsigned lv = nodes[c].level;
+    for (uint8_t m = mask; m; m &= m - 1) list_add(rows[lv][std::countr_zero(m)], c, std::countr_zero(m));
+    row_mask[lv] |= mask;
+    level_mask |= 1u << lv;
+  }
+  void row_del(uint32_t c, uint8_t mask) {
+    unsigned lv = nodes[c].level;
+    for (uint8_t m = mask; m; m &= m - 1) {
+      unsigned p = std::countr_zero(m);
+      list_del(rows[lv][p], c, p);
+      if (rows[lv][p] == kNil) row_mask[lv] &= ~(1u << p);
+    }
+    if (!row_mask[lv]) level_mask &= ~(1u << lv);
+  }
+
+  // HTB's htb_activate_prios: a borrower joins its parent's feeds, and the
+  // parent, newly active for those priorities, joins its own parent's (or a
+  // row, if it can lend) in turn.
+  void activate_prios(uint32_t c) {
+    uint8_t mask = nodes[c].act;
+    while (nodes[c].mode == kMay && nodes[c].parent != kNil && mask) {
+      uint32_t par = nodes[c].parent;
+      for (uint8_t m = mask; m; m &= m - 1) {
+        unsigned p = std::countr_zero(m);
+        uint32_t& cur = feeds[nodes[par].feed_base + p];
+        if (cur != kNil) mask &= ~(1u << p);  // the parent is active for p already
+        list_add(cur, c, p);
+      }
+      nodes[par].act |= mask;
+      c = par;
+    }
+    if (nodes[c].mode == kCan && mask) row_add(c, mask);
+  }
+  void deactivate_prios(uint32_t c) {
+    uint8_t mask = nodes[c].act;
+    while (nodes[c].mode == kMay && nodes[c].parent != kNil && mask) {
+      uint32_t par = nodes[c].parent;
+      uint8_t gone = 0;
+      for (uint8_t m = mask; m; m &= m - 1) {
+        unsigned p = std::countr_zero(m);
+        uint32_t& cur = feeds[nodes[par].feed_base + p];
+        list_del(cur, c, p);
+        if (cur == kNil) gone |= 1u << p;
+      }
+      mask = gone;
+      nodes[par].act &= ~mask;
+      c = par;
+    }
+    if (nodes[c].mode == kCan && mask) row_del(c, mask);
+  }
+
+  // The wait heap: an indexed binary min-heap on the time a class's mode may
+  // rise. Ops are O(log classes); a timer wheel would be O(1) but needs a
+  // resolution, and one heap op per mode change is not what costs here.
+  void heap_swap(uint32_t a, uint32_t b) {
+    std::swap(heap[a], heap[b]);
+    nodes[heap[a].cls].heap_pos = a;
+    nodes[heap[b].cls].heap_pos = b;
+  }
+  void sift_up(uint32_t i) {
+    while (i && heap[(i - 1) / 2].key > heap[i].key) {
+      heap_swap(i, (i - 1) / 2);
+      i = (i - 1) / 2;
+    }
+  }
+  void sift_down(uint32_t i) {
+    const uint32_t n = static_cast<uint32_t>(heap.size());
+    for (;;) {
+      uint32_t l = 2 * i + 1, m = i;
+      if (l < n && heap[l].key < heap[m].key) m = l;
+      if (l + 1 < n && heap[l + 1].key < heap[m].key) m = l + 1;
+      if (m == i) return;
+      heap_swap(i, m);
+      i = m;
+    }
+  }
+  void heap_del(uint32_t c) {
+    uint32_t i = nodes[c].heap_pos;
+    if (i == kNil) return;
+    uint32_t last = static_cast<uint32_t>(heap.size()) - 1;
+    if (i != last) {
+      heap_swap(i, last);
+      heap.pop_back();
+      sift_down(i);
+      sift_up(i);
+    } else {
+      heap.pop_back();
+    }
+    nodes[c].heap_pos = kNil;
+  }
+  void heap_set(uint32_t c, uint64_t key) {
+    if (c == 0) {  // the root: the link's own timer, read by the gate and next_send
+      root_wake = key;
+      return;
+    }
+    uint32_t i = nodes[c].heap_pos;
+    if (i == kNil) {
+      i = static_cast<uint32_t>(heap.size());
+      nodes[c].heap_pos = i;
+      heap.push_back({key, c});
+      sift_up(i);
+    } else {
+      uint64_t old = heap[i].key;
+      heap[i].key = key;
+      key < old ? sift_up(i) : sift_down(i);
+    }
+  }
+
+  // HTB's htb_change_class_mode plus the wait queue. `rekey`: the class left
+  // the heap (an event) and must go back if still waiting; otherwise, as in
+  // HTB, the key changes only with the mode: a key made early by a later
+  // charge costs one spurious event, and a key is never late because buckets
+  // only fill with time.
+  void update_mode(uint32_t c, uint64_t now, bool rekey) {
+    Node& n = nodes[c];
+    uint64_t wait;
+    Mode m = mode_at(n, now, &wait);
+    if (m == n.mode && !rekey) return;
+    if (m != n.mode) {
+      if (n.act) {
+        if (n.mode != kCant) deactivate_prios(c);
+        n.mode = m;
+        if (m != kCant) activate_prios(c);
+      } else {
+        n.mode = m;
+      }
+    }
+    if (m == kCan || wait == UINT64_MAX) {
+      if (c != 0) heap_del(c);
+    } else {
+      heap_set(c, now + wait);
+    }
+  }
+
+  void process_events(uint64_t t) {
+    if (nodes[0].mode != kCan && t >= root_wake) update_mode(0, t, true);
+    while (!heap.empty() && heap[0].key <= t) {
+      uint32_t c = heap[0].cls;
+      heap_del(c);
+      update_mode(c, t, true);
+    }
+  }
+
+  // HTB's htb_charge_class: every class on the path pays ctokens; the lender
+  // and those above it pay tokens; those below it borrowed.
+  void charge(uint32_t leaf, unsigned lend_level, uint32_t len, uint64_t t) {
+    const int64_t cost = static_cast<int64_t>(len) * static_cast<int64_t>(hz);
+    for (uint32_t c = leaf; c != kNil; c = nodes[c].parent) {
+      Node& n = nodes[c];
+      int64_t tk = toks_at(n, t);
+      if (n.level >= lend_level)
+        tk = std::max(tk - cost, n.floor);
+      else
+        radd(stats[c].borrowed_bytes, uint64_t{len});
+      n.tokens = tk;
+      n.ctokens = std::max(ctoks_at(n, t) - cost, n.cfloor);
+      n.t_c = t;
+      radd(stats[c].sent_pkts, uint64_t{1});
+      radd(stats[c].sent_bytes, uint64_t{len});
+      update_mode(c, t, false);
+    }
+  }
+
+  void leaf_activate(uint32_t c) {
+    nodes[c].act = static_cast<uint8_t>(1u << nodes[c].prio);
+    if (nodes[c].mode != kCant) activate_prios(c);
+  }
+  void leaf_deactivate(uint32_t c) {
+    if (!nodes[c].act) return;
+    if (nodes[c].mode != kCant) deactivate_prios(c);
+    nodes[c].act = 0;
+  }
+
+  bool push(uint32_t c, void* pkt, uint32_t len, uint64_t t) {
+    Node& n = nodes[c];
+    if (n.q_len >= n.q_cap) return false;
+    uint32_t i = n.q_head + n.q_len;
+    if (i >= n.q_cap) i -= n.q_cap;
+    slots[n.q_base + i] = {pkt, len};
+    if (n.codel != kNil) enq[codels[n.codel].e_base + i] = t;
+    n.q_len++;
+    n.q_bytes += len;
+    backlog++;
+    rset(stats[c].qlen, n.q_len);
+    rset(stats[c].qbytes, static_cast<uint32_t>(n.q_bytes));
+    if (n.q_len == 1) leaf_activate(c);
+    return true;
+  }
+  // Takes the head packet; the caller deactivates the leaf when it empties.
+  void* pop(uint32_t c, uint32_t* len, uint64_t* enq_time) {
+    Node& n = nodes[c];
+    if (!n.q_len) return nullptr;
+    const Slot& s = slots[n.q_base + n.q_head];
+    if (enq_time) *enq_time = n.codel != kNil ? enq[codels[n.codel].e_base + n.q_head] : now;
+    *len = s.len;
+    void* p = s.pkt;
+    n.q_head = n.q_head + 1 == n.q_cap ? 0 : n.q_head + 1;
+    n.q_len--;
+    n.q_bytes -= s.len;
+    backlog--;
+    rset(stats[c].qlen, n.q_len);
+    rset(stats[c].qbytes, static_cast<uint32_t>(n.q_bytes));
+    return p;
+  }
+  void count_drop(uint32_t c, uint32_t len) {
+    radd(stats[c].dropped_pkts, uint64_t{1});
+    radd(stats[c].dropped_bytes, uint64_t{len});
+  }
+
+  // The leaf's next packet to send, through CoDel when the leaf has it
+  // (RFC 8289 §5, the pseudocode's dequeue). Drops only while `dropped` has
+  // room; returns nullptr when the queue ran dry.
+  void* leaf_take(uint32_t c, uint64_t t, uint32_t* len, void** dropped, unsigned* nd, unsigned dcap) {
+    Node& n = nodes[c];
+    if (n.codel == kNil) return pop(c, len, nullptr);
+    Codel& q = codels[n.codel];
+    bool ok_to_drop = false;
+    auto dodequeue = [&]() -> void* {
+      uint64_t et = 0;
+      void* p = pop(c, len, &et);
+      ok_to_drop = false;
+      if (!p) {
+        q.first_above = 0;
+        return nullptr;
+      }
+      if (t - et < q.target || n.q_bytes <= kMtu) {
+        q.first_above = 0;  // below target, or less than a packet queued behind it
+      } else if (q.first_above == 0) {
+        q.first_above = t + q.interval;
+      } else if (t >= q.first_above) {
+        ok_to_drop = true;
+      }
+      return p;
+    };
+    auto control_law = [&](uint64_t from) {
+      return from + static_cast<uint64_t>(static_cast<double>(q.interval) / std::sqrt(static_cast<double>(q.count)));
+    };
+    auto drop = [&](void* p) {
+      dropped[(*nd)++] = p;
+      count_drop(c, *len);
+    };
+    void* p = dodequeue();
+    if (!p) {
+      q.dropping = false;
+      return nullptr;
+    }
+    if (q.dropping) {
+      if (!ok_to_drop) q.dropping = false;
+      while (q.dropping && t >= q.drop_next && *nd < dcap) {
+        drop(p);
+        q.count++;
+        p = dodequeue();
+        if (!p) {
+          q.dropping = false;
+          return nullptr;
+        }
+        if (!ok_to_drop)
+          q.dropping = false;
+        else
+          q.drop_next = control_law(q.drop_next);
+      }
+    } else if (ok_to_drop && *nd < dcap) {
+      drop(p);
+      p = dodequeue();
+      q.dropping = true;
+      uint32_t delta = q.count - q.lastcount;
+      q.count = 1;
+      if (delta > 1 && static_cast<int64_t>(t - q.drop_next) < static_cast<int64_t>(16 * q.interval)) q.count = delta;
+      q.drop_next = control_law(t);
+      q.lastcount = q.count;
+    }
+    return p;
+  }
+
+  unsigned dequeue(uint64_t t, void** out, unsigned max, void** dropped, unsigned* n_dropped) {
+    t = std::max(t, now);
+    now = t;
+    process_events(t);
+    unsigned n = 0, nd = 0;
+    const unsigned dcap = dropped ? max : 0;
+    // The root gates every packet: it is the link, whatever the port's speed.
+    while (n < max && nodes[0].mode == kCan && level_mask) {
+      const unsigned lv = std::countr_zero(level_mask);
+      const unsigned p = std::countr_zero(row_mask[lv]);
+      uint32_t path[kMaxLevels + 1];
+      uint32_t* cursor[kMaxLevels + 1];
+      unsigned d = 0;
+      cursor[d] = &rows[lv][p];
+      uint32_t c = *cursor[d];
+      path[d++] = c;
+      while (!is_leaf(c)) {
+        cursor[d] = &feeds[nodes[c].feed_base + p];
+        c = *cursor[d];
+        path[d++] = c;
+      }
+      uint32_t len = 0;
+      void* pkt = leaf_take(c, t, &len, dropped, &nd, dcap);
+      if (!pkt) {
+        leaf_deactivate(c);
+        continue;
+      }
+      // Deficit round robin at every list of the descent: siblings share a
+      // lender's spare in proportion to their quanta, moats share the root's.
+      for (unsigned i = 0; i < d; i++) {
+        Link& l = link(path[i], p);
+        l.deficit -= static_cast<int32_t>(len);
+        if (l.deficit < 0) {
+          l.deficit += nodes[path[i]].quantum;
+          *cursor[i] = l.next;
+        }
+      }
+      if (!nodes[c].q_len) leaf_deactivate(c);
+      charge(c, lv, len, t);
+      out[n++] = pkt;
+    }
+    if (n_dropped) *n_dropped = nd;
+    return n;
+  }
+
+  uint64_t next_send(uint64_t t) const {
+    if (!backlog) return UINT64_MAX;
+    t = std::max(t, now);
+    if (nodes[0].mode != kCan) return std::max(t, root_wake);
+    if (level_mask) return t;
+    return heap.empty() ? UINT64_MAX : std::max(t, heap[0].key);
+  }
+};
+
+Scheduler::Scheduler(const Plan& plan, uint64_t hz) : impl_(std::make_unique<Impl>(plan, hz)) {}
+Scheduler::~Scheduler() = default;
+
+const Plan& Scheduler::plan() const { return impl_->plan; }
+uint32_t Scheduler::classes() const { return static_cast<uint32_t>(impl_->nodes.size()); }
+bool Scheduler::is_leaf(uint32_t cls) const { return cls < classes() && impl_->is_leaf(cls); }
+int32_t Scheduler::find(const std::string& name) const {
+  auto it = impl_->by_name.find(name);
+  return it == impl_->by_name.end() ? -1 : it->second;
+}
+
+bool Scheduler::enqueue(uint32_t leaf, void* pkt, uint32_t len, uint64_t now) {
+  Impl& s = *impl_;
+  if (!is_leaf(leaf)) return false;
+  s.now = std::max(s.now, now);
+  if (!s.push(leaf, pkt, len, s.now)) {
+    s.count_drop(leaf, len);
+    return false;
+  }
+  return true;
+}
+
+unsigned Scheduler::dequeue(uint64_t now, void** out, unsigned max, void** dropped, unsigned* n_dropped) {
+  return impl_->dequeue(now, out, max, dropped, n_dropped);
+}
+
+uint64_t Scheduler::next_send(uint64_t now) const { return impl_->next_send(now); }
+
+uint32_t Scheduler::backlog() const { return impl_->backlog; }
+
+unsigned Scheduler::adopt(Scheduler& old_s, void** orphans, unsigned max) {
+  Impl& s = *impl_;
+  Impl& o = *old_s.impl_;
+  s.now = std::max(s.now, o.now);
+  unsigned no = 0;
+  const uint32_t n = static_cast<uint32_t>(o.nodes.size());
+  for (uint32_t c = 0; c < n; c++) {
+    if (!o.is_leaf(c) || !o.nodes[c].q_len) continue;
+    int32_t d = find(o.plan.classes[c].name);
+    const bool here = d >= 0 && s.is_leaf(static_cast<uint32_t>(d));
+    while (o.nodes[c].q_len) {
+      const bool fits = here && s.nodes[d].q_len < s.nodes[d].q_cap;
+      if (!fits && no == max) return no;
+      uint32_t len;
+      uint64_t et;
+      void* p = o.pop(c, &len, &et);
+      if (!o.nodes[c].q_len) o.leaf_deactivate(c);
+      if (fits) {
+        s.push(static_cast<uint32_t>(d), p, len, et);  // the sojourn time carries over
+      } else {
+        o.count_drop(c, len);
+        orphans[no++] = p;
+      }
+    }
+  }
+  return no;
+}
+
+const ClassStats& Scheduler::stats(uint32_t cls) const { return impl_->stats[cls]; }
+
+}  // namespace moat::qos
