@@ -14,6 +14,7 @@
 #include "classifier/rules.hh"
 #include "dataplane/sa.hh"
 #include "dataplane/conntrack.hh"
+#include "qos/htb.hh"
 
 namespace moat {
 
@@ -89,6 +90,37 @@ struct TunnelConfig {
   // What every SA of the tunnel shares (outer addresses, MTU policy,
   // funnels, replay window): the template IKE's CHILD SAs are built on.
   SaConfig tmpl;
+  // The portal's shaping of this moat's downstream (qos.shaping moats):
+  // guaranteed rate and ceiling in bytes/s; 0: the moats template's.
+  uint64_t shape_rate = 0, shape_ceil = 0;
+};
+
+// A class tree on one egress port (qos.shaping, docs/CONFIGURATION.md).
+struct ShaperConfig {
+  std::string port;
+  int line = 0;
+  qos::Plan plan;               // classes[0]: the root, the link
+  std::vector<int> class_line;  // per plan class: its line in the file
+  std::string default_leaf;     // the leaf of class default (empty: the first leaf)
+  std::string dscp[64];         // leaf name for packets of class default marked so
+  // The portal: one subtree per tunnel under `moats_parent` (a class of
+  // `plan`, or the root), built from `moat`: moat.classes[0] is the moat's
+  // own class (rate = guarantee, ceil = access rate), the rest its classes.
+  bool moats = false;
+  std::string moats_parent;
+  qos::Plan moat;
+  std::string moat_default;
+};
+
+// Ingress policing of a class (qos.police): RFC 2698 trTCM, rates in
+// bytes/s, bursts in bytes.
+struct PoliceConfig {
+  std::string cls;
+  uint64_t cir = 0, pir = 0;
+  uint32_t cbs = 0, pbs = 0;
+  bool yellow_drop = false;
+  uint8_t yellow_dscp = 0xff;  // 0xff: pass unchanged
+  int line = 0;
 };
 
 struct Config {
@@ -123,6 +155,8 @@ struct Config {
   std::vector<uint8_t> port_zone;  // zone id per port (index as in `ports`)
   std::vector<TunnelConfig> tunnels;
   RuleSet rules;
+  std::vector<ShaperConfig> shapers;  // qos.shaping: class trees by egress port
+  std::vector<PoliceConfig> police;   // qos.police
   std::string ike_dir;  // IKEv2 tunnels: one YAML file per moat (docs/IKE.md)
   bool has_policy = false;  // any of zones/filter/nat/spd/qos given
   // Connection tracking and NAT state (docs/CONFIGURATION.md "conntrack").

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 
+#include "ctrl/config_qos.hh"
 #include "ctrl/config_reader.hh"
 
 namespace moat {
@@ -41,6 +42,8 @@ std::optional<uint8_t> protocol(const std::string& s) {
   return std::nullopt;
 }
 
+}  // namespace
+
 std::optional<uint8_t> dscp_value(const std::string& s) {
   static const std::map<std::string, uint8_t> names = {
       {"be", 0},   {"cs0", 0},   {"cs1", 8},   {"cs2", 16},  {"cs3", 24},  {"cs4", 32},  {"cs5", 40},
@@ -52,6 +55,8 @@ std::optional<uint8_t> dscp_value(const std::string& s) {
     return uint8_t(std::stoi(s));
   return std::nullopt;
 }
+
+namespace {
 
 bool parse_u16(const std::string& s, uint16_t& out) {
   if (s.empty() || s.size() > 5 || s.find_first_not_of("0123456789") != std::string::npos) return false;
@@ -212,7 +217,7 @@ struct PolicyReader {
       SaConfig tmpl;  // what every SA of the tunnel shares
       bool have_local = false, have_peer = false, have_sa = false;
       r.fields(t, "tunnel", {"name", "zone", "local", "peer", "nat_t", "mtu", "mtu_policy", "clamp_mss", "df", "ttl",
-                             "esn", "replay_window", "funnels", "sa"},
+                             "esn", "replay_window", "funnels", "sa", "rate", "ceil"},
                [&](const std::string& k, const YAML::Node& v) {
         if (k == "name") {
           if (auto s = r.str(v, "tunnel.name")) tc.name = *s;
@@ -270,6 +275,11 @@ struct PolicyReader {
             else if (tmpl.funnels.size() >= kMaxFunnels) r.error(f, fmt::format("tunnel.funnels: at most {}", kMaxFunnels));
             else tmpl.funnels.push_back(fn);
           });
+        } else if (k == "rate" || k == "ceil") {
+          // The portal shapes this moat's downstream (qos.shaping moats).
+          auto v2 = v.IsScalar() ? parse_rate(v.Scalar()) : std::nullopt;
+          if (!v2) r.error(v, fmt::format("tunnel.{}: not a rate (e.g. 20mbit)", k));
+          else (k == "rate" ? tc.shape_rate : tc.shape_ceil) = *v2;
         } else if (k == "sa") {
           sa_node = v;
           have_sa = true;
@@ -598,7 +608,7 @@ struct PolicyReader {
     const char* tname = kTableNames[unsigned(t)];
     RuleTable& table = c.rules.table[unsigned(t)];
     std::set<std::string> keys = {"default", "rules"};
-    if (t == Table::qos) keys.insert("classes");
+    if (t == Table::qos) keys.insert({"classes", "shaping", "police"});  // the latter two: read_qos
     if (t == Table::filter) keys.insert("stateful");
     // Classes first: rules and the default refer to them; so for the
     // filter's table-wide `stateful`.
@@ -639,6 +649,7 @@ void read_policy(Reader& r, const YAML::Node& root, Config& c) {
       p.table(Table(t), n);
     }
   if (zones || root["tunnels"]) c.has_policy = true;
+  if (auto q = root["qos"]) read_qos(r, q, c);
   if (c.rules.zones.size() > kMaxZones)
     r.error(zones ? zones : root, fmt::format("zones: {} zones (ports, tunnels and named zones); at most {}",
                                               c.rules.zones.size(), kMaxZones));

@@ -114,6 +114,9 @@ class Reader {
   std::vector<ConfigError>& errors_;
 };
 
+// "ef", "af41", "cs1", "be", "va" or 0-63.
+std::optional<uint8_t> dscp_value(const std::string& s);
+
 // Zones, tunnels and the four rule tables (ctrl/config_policy.cc).
 void read_policy(Reader& r, const YAML::Node& root, Config& c);
 

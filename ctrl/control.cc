@@ -21,6 +21,7 @@
 #include "ctrl/ike/config.hh"
 #include "ctrl/ike_host.hh"
 #include "dataplane/egress.hh"
+#include "dataplane/shape.hh"
 
 namespace moat {
 
@@ -413,6 +414,8 @@ tl::expected<void, std::string> Control::start() {
     for (auto& sa : t.sas)
       if (auto ok = install_sa(sa); !ok) return tl::unexpected(fmt::format("{}:{}: {}", c_.path, t.line, ok.error()));
 
+  if (auto ok = publish_qos(c_); !ok) return tl::unexpected(ok.error());
+
   // Workers: each polls a share of the RX queues and owns TX queue `id` on
   // every port.
   unsigned id = 0;
@@ -712,6 +715,7 @@ void Control::run(const std::atomic<bool>& stop) {
       if (now / 1000 != last_sa_tick_s_) {
         last_sa_tick_s_ = now / 1000;
         sad_->tick(last_sa_tick_s_);
+        sample_qos();
       }
       sad_->reclaim();
       drain_sa_events();
@@ -752,6 +756,13 @@ void Control::shutdown() {
   classifier_.reset();
   tables_.conntrack = nullptr;
   conntrack_.reset();
+  // Packets still queued in the schedulers go with the mempools.
+  tables_.qos.store(nullptr);
+  qos_.reset();
+  for (auto& r : qos_rings_) {
+    rte_ring_free(r);
+    r = nullptr;
+  }
 }
 
 std::optional<uint32_t> Control::tunnel_id(const std::string& name) const {
@@ -906,7 +917,19 @@ tl::expected<json, std::string> Control::reload_rules(const std::string& path) {
     if (n.ports[i].name != c_.ports[i].name)
       return tl::unexpected(fmt::format("{}: port {} is now {}; restart moatd to change ports", path,
                                         c_.ports[i].name, n.ports[i].name));
+  // Shaping first: when its plan is refused, neither the rules nor the
+  // plans in force change (a rule may name a class only the new plan has).
+  if (n.tunnels.size() != c_.tunnels.size())
+    for (auto& s : n.shapers)
+      if (s.moats)
+        return tl::unexpected(fmt::format("{}: tunnels differ from the running config; the moats' subtrees follow the "
+                                          "tunnels at restart (the rules and plans in force are unchanged)", path));
+  auto q = build_qos(n);
+  if (!q) return tl::unexpected(q.error() + "\nthe rules and shaping plans in force are unchanged");
   if (auto ok = publish_rules(n.rules); !ok) return tl::unexpected(ok.error() + "\nthe rules in force are unchanged");
+  c_.shapers = n.shapers;
+  c_.police = n.police;
+  install_qos(std::move(*q));
   json out;
   out["generation"] = rules_generation_;
   out["acl_rules"] = classifier_->acl_rules;
@@ -1195,6 +1218,12 @@ void Control::register_cli() {
   });
   cli_->on("show tunnels", [this](const std::vector<std::string>&) { return show_tunnels(); });
   cli_->on("show rules", [this](const std::vector<std::string>&) { return show_rules(); });
+  cli_->on("show qos", [this](const std::vector<std::string>& a) {
+    if (a.size() > 1) throw CliError("usage: show qos [PORT]");
+    auto r = show_qos(a.empty() ? "" : a[0]);
+    if (!r) throw CliError("show qos: " + r.error());
+    return *r;
+  });
   cli_->on("show conntrack", [this](const std::vector<std::string>& a) {
     size_t limit = 100;
     if (a.size() == 2 && a[0] == "limit") limit = std::stoul(a[1]);

@@ -109,6 +109,12 @@ class Control {
   SaConfig tunnel_template(uint32_t tunnel) const;
   nlohmann::ordered_json show_tunnels() const;
 
+  // QoS (ctrl/control_qos.cc): builds the shaping plans and meters from the
+  // config and publishes them; on error the plans in force stay.
+  tl::expected<void, std::string> publish_qos(const Config& c);
+  // The class trees with their counters; `port` empty: every shaped port.
+  tl::expected<nlohmann::ordered_json, std::string> show_qos(const std::string& port) const;
+
   nlohmann::ordered_json show_interfaces() const;
   nlohmann::ordered_json show_routes() const;
   nlohmann::ordered_json show_neighbors() const;
@@ -161,6 +167,18 @@ class Control {
   std::unique_ptr<Conntrack> conntrack_;    // what tables_.conntrack points to
   std::unique_ptr<Classifier> classifier_;  // what tables_.classifier points to
   RuleSet rules_;
+  tl::expected<std::unique_ptr<QosTable>, std::string> build_qos(const Config& c);
+  void install_qos(std::unique_ptr<QosTable> q);
+  void sample_qos();  // once a second: each class's current rate
+  std::unique_ptr<QosTable> qos_;  // what tables_.qos points to (when anything is shaped or policed)
+  uint64_t qos_generation_ = 0;
+  rte_ring* qos_rings_[kMaxPorts] = {};  // hand-off rings, kept across plans
+  struct QosRate {
+    uint64_t tsc = 0;
+    std::vector<uint64_t> bytes;
+    std::vector<double> bps;
+  };
+  std::map<uint16_t, QosRate> qos_rate_;
   uint64_t rules_generation_ = 0;
   uint64_t rules_build_us_ = 0;
 };

@@ -143,6 +143,7 @@ void qos_mark(Worker& w, const Classifier& c, Burst& b) {
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     const Verdict& q = v[meta(m).rule[unsigned(Table::qos)]];
+    meta(m).cls = uint8_t(q.cls);
     if (!(q.flags & Verdict::kMarkDscp)) continue;
     auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off);
     uint8_t tos = uint8_t((q.dscp << 2) | (ip->type_of_service & 0x03));  // ECN bits stay

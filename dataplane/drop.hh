@@ -68,7 +68,11 @@ namespace moat {
   X(esp_crypto_failed, "IPsec-MB refused the job")                                  \
   X(esp_tunnel_frag_needed, "DF inner packet above the tunnel MTU (honor-df)")      \
   X(esp_frag_failed, "inner fragmentation failed (no mbufs)")                       \
-  X(esp_reassembly_failed, "inner fragment dropped: table full, overlap or timeout")
+  X(esp_reassembly_failed, "inner fragment dropped: table full, overlap or timeout") \
+  X(qos_policed, "class meter (trTCM) says red, or yellow with drop")            \
+  X(qos_queue_full, "the class's queue is at its limit (tail drop)")            \
+  X(qos_aqm, "dropped by the class's AQM (CoDel) at dequeue")                   \
+  X(qos_handoff_full, "hand-off ring to the port's scheduler owner is full")
 
 enum class Drop : uint8_t {
 #define MOAT_X(name, what) name,

@@ -5,6 +5,7 @@
 #include <rte_ip_frag.h>
 
 #include "dataplane/egress.hh"
+#include "dataplane/shape.hh"
 #include "dataplane/worker.hh"
 
 namespace moat {
@@ -58,8 +59,16 @@ namespace {
 
 // Splits a non-DF packet larger than the egress MTU (RFC 791) with DPDK's
 // fragmenter, which wants the mbuf to start at the IPv4 header.
-void fragment_and_send(Worker& w, const PortInfo& out, uint16_t port, rte_mbuf* m,
+void send(Worker& w, const ShapedPort* sp, uint16_t port, rte_mbuf* m) {
+  if (sp) shape_enqueue(w, *sp, nullptr, port, m);
+  else tx_enqueue(w, port, m);
+}
+
+void fragment_and_send(Worker& w, const PortInfo& out, const ShapedPort* sp, uint16_t port, rte_mbuf* m,
                        const rte_ether_addr& dst) {
+  // Fragments leave in the class of their packet.
+  uint8_t cls = meta(m).cls;
+  uint16_t out_tunnel = meta(m).out_tunnel;
   constexpr uint16_t kMaxFrags = 64;  // 9000-byte jumbo into 576-byte MTU needs 17
   rte_mbuf* frags[kMaxFrags];
   rte_pktmbuf_adj(m, meta(m).l3_off);
@@ -79,9 +88,11 @@ void fragment_and_send(Worker& w, const PortInfo& out, uint16_t port, rte_mbuf* 
     fm = PktMeta{};
     fm.l3_off = 0;
     fm.in_port = kNoPort;
+    fm.cls = cls;
+    fm.out_tunnel = out_tunnel;
     if (!write_l2(f, out, dst, RTE_ETHER_TYPE_IPV4)) { w.drop(f, Drop::frag_failed); continue; }
     w.stats.fragments.add();
-    tx_enqueue(w, port, f);
+    send(w, sp, port, f);
   }
 }
 
@@ -98,6 +109,7 @@ void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
     key_ptrs[i] = &keys[i];
   }
   if (b.n) rte_hash_lookup_bulk_data(t.neigh, key_ptrs, b.n, &hits, data);
+  const QosTable* q = t.qos.load(std::memory_order_acquire);
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
@@ -108,13 +120,15 @@ void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
     }
     rte_ether_addr dst = unpack_mac(reinterpret_cast<uintptr_t>(data[i]));
     const PortInfo& out = pt.port[md.out_port];
+    const ShapedPort* sp = q ? q->port[md.out_port].get() : nullptr;
+    if (sp && sp->drain) sp = nullptr;
     auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
     if (rte_be_to_cpu_16(ip->total_length) > out.mtu) {
-      fragment_and_send(w, out, md.out_port, m, dst);
+      fragment_and_send(w, out, sp, md.out_port, m, dst);
       continue;
     }
     if (!write_l2(m, out, dst, RTE_ETHER_TYPE_IPV4)) { w.drop(m, Drop::inject_bad); continue; }
-    tx_enqueue(w, md.out_port, m);
+    send(w, sp, md.out_port, m);
   }
   b.n = 0;
 }

@@ -40,7 +40,7 @@ struct PktMeta {
   Punt punt;
   Inject inject;
   uint8_t generated;  // 1: built by us (ICMP error/reply, ESP): never answer with ICMP
-  uint8_t pad_;
+  uint8_t cls = 0;    // QoS class named by the qos rule table (0: default), kept through ESP
   // The classifier's answer, one per table (filter, nat, spd, qos): rule
   // index + 1, 0 for the table's default. Index into Classifier::verdict.
   uint32_t rule[4];
@@ -59,6 +59,7 @@ struct PktMeta {
   uint8_t pad2_ = 0;
   uint16_t orig_dport = 0;   // as it arrived (network order), with kCtDnat or kCtDstXlated
   uint32_t orig_dst = 0;     // as it arrived (network order), with kCtDnat or kCtDstXlated
+  uint32_t qleaf = 0;        // the scheduler leaf it waits in (dataplane/shape.hh)
 };
 
 // PktMeta::ct bits.

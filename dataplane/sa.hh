@@ -209,7 +209,7 @@ struct alignas(64) SaKeys {
 
 // Per-SA drop counters by reason: cold, touched only when a packet drops.
 struct SaDrops {
-  uint64_t n[64];
+  uint64_t n[80];  // every Drop reason (checked in sa.cc)
 };
 
 // Replay window (RFC 4303 §3.4.3 and Appendix A2). The check runs before

@@ -18,6 +18,9 @@
 //  - conntrack: the connection/NAT table (dataplane/conntrack.hh): shared
 //    by every worker, lock-free lookups, entries reused after a grace
 //    period; the control thread expires idle connections. Null: stateless.
+//  - qos: shaping plans, class maps and meters (dataplane/shape.hh),
+//    swapped whole on a config change, freed after a grace period; each
+//    shaped port's scheduler is driven by its one owner worker.
 // Workers report a quiescent state on `qsbr` once per loop iteration.
 #include <rte_ether.h>
 #include <rte_hash.h>
@@ -33,6 +36,7 @@ namespace moat {
 
 class Sad;
 class Conntrack;
+struct QosTable;
 
 inline constexpr uint32_t kMaxNextHops = 1u << 16;
 inline constexpr uint16_t kMaxPorts = RTE_MAX_ETHPORTS;
@@ -102,6 +106,7 @@ struct Tables {
   std::atomic<const Classifier*> classifier{nullptr};
   Sad* sad = nullptr;  // SAs (dataplane/sa.hh): its own lock-free protocol
   Conntrack* conntrack = nullptr;
+  std::atomic<const QosTable*> qos{nullptr};  // dataplane/shape.hh; null: nothing shaped or policed
   rte_rcu_qsbr* qsbr = nullptr;
   bool punt_enabled = false;
 };

@@ -7,6 +7,7 @@
 #include "dataplane/egress.hh"
 #include "dataplane/esp.hh"
 #include "dataplane/sa.hh"
+#include "dataplane/shape.hh"
 
 namespace moat {
 
@@ -56,6 +57,8 @@ void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& lo
       nat(w, *t.conntrack, *c, pt, local);
     }
     qos_mark(w, *c, b);
+    // Before encryption: what the bottleneck cannot carry costs no crypto.
+    if (const QosTable* q = t.qos.load(std::memory_order_acquire)) police(w, *q, b);
   }
   spd(w, c, b, to_tunnel);
   tunnel_out(w, t, pt, to_tunnel);
@@ -186,6 +189,7 @@ int worker_main(void* arg) {
     }
     work += process_inject(w, t);
     if (w.esp) esp_housekeeping(w, *w.esp);
+    work += shape_run(w, t);
     tx_flush(w);
     rte_rcu_qsbr_quiescent(t.qsbr, w.id);
     // Labs and edge boxes share cores: after a run of empty polls, nap.

@@ -19,6 +19,7 @@ struct rte_mempool;
 namespace moat {
 
 struct EspWorker;
+namespace qos { class Scheduler; }
 
 struct RxQueue {
   uint16_t port;
@@ -57,6 +58,9 @@ struct Worker {
   Burst local;            // packets for our own addresses
   Burst punt;             // to the control thread, flushed once per burst
   TxBuffer tx[kMaxPorts];
+  // The schedulers this worker drives (it owns those ports' shaping), as it
+  // last saw them: a different one in Tables::qos is a new plan to adopt.
+  qos::Scheduler* shaper[kMaxPorts] = {};
 
   void drop(rte_mbuf* m, Drop why) {
     stats.drops[static_cast<unsigned>(why)].add();

@@ -1,0 +1,133 @@
+// Stages police and shape: ingress metering per class, and the egress
+// scheduler's hand-off and turn (dataplane/shape.hh).
+#include "dataplane/shape.hh"
+
+#include <rte_ethdev.h>
+#include <rte_ip.h>
+
+#include "dataplane/egress.hh"
+#include "dataplane/worker.hh"
+
+namespace moat {
+
+namespace {
+
+uint8_t dscp_of(rte_mbuf* m) {
+  auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, meta(m).l3_off);
+  return ip->type_of_service >> 2;
+}
+
+// The leaf a packet leaves in. The class rides in PktMeta from the qos rule
+// table through ESP encapsulation (the outer packet is the same mbuf), and
+// the outer header carries the inner DSCP (RFC 4301 §5.1.2.1), so encrypted
+// traffic is scheduled like its cleartext (seed 003 §3.4).
+uint32_t leaf_of(const ShapedPort& sp, rte_mbuf* m) {
+  const PktMeta& md = meta(m);
+  uint16_t cls = md.cls < sp.ncls ? md.cls : 0;
+  if (cls == 0) cls = sp.dscp_cls[dscp_of(m)];
+  if (md.out_tunnel < sp.ntunnels) return sp.tunnel_leaf[size_t(md.out_tunnel) * sp.ncls + cls];
+  return sp.by_class[cls];
+}
+
+void set_dscp(rte_mbuf* m, uint8_t dscp) {
+  auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off);
+  uint8_t tos = uint8_t((dscp << 2) | (ip->type_of_service & 0x03));
+  if (tos == ip->type_of_service) return;
+  ip->type_of_service = tos;
+  ip->hdr_checksum = 0;
+  ip->hdr_checksum = rte_ipv4_cksum(ip);
+}
+
+}  // namespace
+
+void shape_enqueue(Worker& w, const ShapedPort& sp, const Sad*, uint16_t port, rte_mbuf* m) {
+  meta(m).qleaf = leaf_of(sp, m);
+  meta(m).out_port = port;
+  if (sp.owner == w.id) {
+    if (!sp.sched->enqueue(meta(m).qleaf, m, rte_pktmbuf_pkt_len(m), w.now_tsc)) w.drop(m, Drop::qos_queue_full);
+    return;
+  }
+  if (rte_ring_mp_enqueue(sp.handoff, m) != 0) w.drop(m, Drop::qos_handoff_full);
+}
+
+unsigned shape_run(Worker& w, const Tables& t) {
+  const QosTable* q = t.qos.load(std::memory_order_acquire);
+  if (!q) {
+    // Nothing shaped: forget the schedulers (the control thread frees them).
+    for (auto& s : w.shaper) s = nullptr;
+    return 0;
+  }
+  unsigned work = 0;
+  void* pkts[kMaxBurst];
+  void* dropped[kMaxBurst];
+  for (uint16_t p = 0; p < kMaxPorts; p++) {
+    const ShapedPort* sp = q->port[p].get();
+    qos::Scheduler* now = sp && sp->owner == w.id ? sp->sched.get() : nullptr;
+    qos::Scheduler*& mine = w.shaper[p];
+    if (mine != now) {
+      // A new plan: the queued packets move to it, so a config change loses
+      // nothing. The old scheduler is freed by the control thread after our
+      // next quiescent state, so this finishes now. A packet whose leaf is
+      // gone takes the new plan's leaf for its class; when shaping is
+      // removed (`drain`: a plan with no class of any config name) the
+      // packets leave unshaped.
+      if (mine && now) {
+        for (;;) {
+          unsigned n = now->adopt(*mine, pkts, kMaxBurst);
+          for (unsigned i = 0; i < n; i++) {
+            auto* m = static_cast<rte_mbuf*>(pkts[i]);
+            if (sp->drain) {
+              tx_enqueue(w, meta(m).out_port, m);
+            } else {
+              meta(m).qleaf = leaf_of(*sp, m);
+              if (!now->enqueue(meta(m).qleaf, m, rte_pktmbuf_pkt_len(m), w.now_tsc)) w.drop(m, Drop::qos_queue_full);
+            }
+          }
+          if (n < kMaxBurst) break;
+        }
+      }
+      mine = now;
+    }
+    if (!now || sp->drain) continue;
+    // Packets other workers routed to this port.
+    rte_mbuf* in[kMaxBurst];
+    unsigned n = rte_ring_sc_dequeue_burst(sp->handoff, reinterpret_cast<void**>(in), kMaxBurst, nullptr);
+    for (unsigned i = 0; i < n; i++)
+      if (!now->enqueue(meta(in[i]).qleaf, in[i], rte_pktmbuf_pkt_len(in[i]), w.now_tsc))
+        w.drop(in[i], Drop::qos_queue_full);
+    if (now->next_send(w.now_tsc) > w.now_tsc) continue;
+    unsigned nd = 0;
+    unsigned out = now->dequeue(w.now_tsc, pkts, kMaxBurst, dropped, &nd);
+    for (unsigned i = 0; i < nd; i++) w.drop(static_cast<rte_mbuf*>(dropped[i]), Drop::qos_aqm);
+    for (unsigned i = 0; i < out; i++) tx_enqueue(w, p, static_cast<rte_mbuf*>(pkts[i]));
+    work += n + out + nd;
+  }
+  return work;
+}
+
+void police(Worker& w, const QosTable& q, Burst& b) {
+  if (q.police.empty()) return;
+  rte_meter_trtcm* meters = const_cast<rte_meter_trtcm*>(q.meters[w.id].data());
+  uint16_t kept = 0;
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    uint16_t cls = meta(m).cls;
+    if (cls >= q.police.size() || !q.police[cls].on) {
+      b.pkts[kept++] = m;
+      continue;
+    }
+    const Policer& pol = q.police[cls];
+    auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, meta(m).l3_off);
+    auto colour = rte_meter_trtcm_color_blind_check(&meters[cls], const_cast<rte_meter_trtcm_profile*>(&pol.profile),
+                                                    w.now_tsc, rte_be_to_cpu_16(ip->total_length));
+    if (colour == RTE_COLOR_RED || (colour == RTE_COLOR_YELLOW && pol.yellow_drop)) {
+      w.drop(m, Drop::qos_policed);
+      continue;
+    }
+    if (colour == RTE_COLOR_YELLOW && pol.yellow_dscp != 0xff) set_dscp(m, pol.yellow_dscp);
+    b.pkts[kept++] = m;
+  }
+  b.n = kept;
+}
+
+}  // namespace moat
