@@ -120,7 +120,7 @@ bool read_class(Reader& r, const YAML::Node& n, const std::string& where, bool a
 // children) and checks it; errors at the class's node.
 bool build_plan(Reader& r, const YAML::Node& list_node, const std::vector<ClassNode>& nodes,
                 const std::vector<YAML::Node>& yn, const std::string& where, qos::Plan& plan,
-                std::vector<int>& lines) {
+                std::vector<int>& lines, bool subtree = false) {
   size_t before = r.errors();
   std::map<std::string, int32_t> index;
   for (auto& c : plan.classes) index[c.name] = int32_t(index.size());
@@ -145,7 +145,11 @@ bool build_plan(Reader& r, const YAML::Node& list_node, const std::vector<ClassN
     lines.push_back(cn.line);
   }
   if (r.errors() != before) return false;
-  for (const qos::PlanError& e : qos::validate(plan)) {
+  // A moat's subtree is checked as a tree of its own; its top may borrow
+  // (ceil above rate), unlike a link.
+  qos::Plan check = plan;
+  if (subtree) check.classes[0].ceil = check.classes[0].rate;
+  for (const qos::PlanError& e : qos::validate(check)) {
     if (e.cls > 0 && size_t(e.cls) - 1 < yn.size() && plan.classes.size() == nodes.size() + 1)
       r.error(yn[e.cls - 1], fmt::format("{}: class \"{}\": {}", where, plan.classes[e.cls].name, e.what));
     else
@@ -270,7 +274,7 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
         }
       });
       if (r.errors() != before) return;
-      if (!build_plan(r, mclasses, nodes, yn, where + ".moats", sc.moat, mlines)) return;
+      if (!build_plan(r, mclasses, nodes, yn, where + ".moats", sc.moat, mlines, true)) return;
     }
     if (given(mdefault)) {
       auto s = r.str(mdefault, "moats.default");
