@@ -180,13 +180,16 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
   sc.line = n.Mark().line + 1;
   YAML::Node classes_node, default_node, dscp_node, moats_node, port_node;
   uint64_t link = 0;
-  r.fields(n, "qos.shaping", {"port", "rate", "classes", "default", "dscp", "moats"},
+  uint32_t link_burst = 0;
+  r.fields(n, "qos.shaping", {"port", "rate", "burst", "classes", "default", "dscp", "moats"},
            [&](const std::string& k, const YAML::Node& v) {
     if (k == "port") {
       port_node = v;
       if (auto s = r.str(v, "qos.shaping.port")) sc.port = *s;
     } else if (k == "rate") {
       rate(r, v, "qos.shaping.rate", link);
+    } else if (k == "burst") {
+      size(r, v, "qos.shaping.burst", link_burst);
     } else if (k == "classes") {
       classes_node = v;
     } else if (k == "default") {
@@ -208,6 +211,7 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
   qos::ClassSpec root;
   root.name = sc.port;
   root.rate = root.ceil = link;
+  root.burst = root.cburst = link_burst;
   sc.plan.classes.push_back(root);
   sc.class_line.push_back(sc.line);
   if (given(classes_node)) {
@@ -289,7 +293,8 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
     if (s && !is_leaf(sc.plan, *s)) return r.error(default_node, fmt::format("{}.default: \"{}\" is not a leaf class", where, *s));
     if (s) sc.default_leaf = *s;
   } else {
-    sc.default_leaf = first_leaf(sc.plan, 0);
+    // The first leaf of the tree: none when only moats hang from the root.
+    sc.default_leaf = sc.plan.classes.size() > 1 ? first_leaf(sc.plan, 1) : "";
   }
   if (given(dscp_node)) {
     if (!dscp_node.IsMap()) return r.error(dscp_node, fmt::format("{}.dscp: expected DSCP: class, e.g. {{ef: audio}}", where));

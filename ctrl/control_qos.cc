@@ -71,9 +71,13 @@ tl::expected<std::unique_ptr<QosTable>, std::string> Control::build_qos(const Co
           s.parent = base + s.parent;
           // A moat's classes share its rate in the template's proportions
           // when the tunnel overrides the moat's rate.
-          if (tc.shape_rate && sc.moat.classes[0].rate) {
+          if (tc.shape_rate) {
             double f = double(m.rate) / double(sc.moat.classes[0].rate);
             s.rate = std::max<uint64_t>(1, uint64_t(double(s.rate) * f));
+          }
+          if (tc.shape_rate || tc.shape_ceil) {
+            double f = double(m.ceil) / double(sc.moat.classes[0].ceil);
+            s.ceil = uint64_t(double(s.ceil) * f);
           }
           s.ceil = std::min(std::max(s.ceil, s.rate), m.ceil);
           plan.classes.push_back(s);
@@ -106,9 +110,12 @@ tl::expected<std::unique_ptr<QosTable>, std::string> Control::build_qos(const Co
     for (const std::string& l : sc.dscp)
       if (!l.empty() && std::find(names.begin(), names.end(), l) == names.end()) names.push_back(l);
     sp->ncls = uint16_t(names.size());
-    int32_t dflt = find_class(plan, sc.default_leaf);
-    if (!leaf(plan, dflt)) return tl::unexpected(fmt::format("{}: default {} is not a leaf", where, sc.default_leaf));
-    sp->default_leaf = uint32_t(dflt);
+    // No leaf at the top (a portal with only moats): what belongs to no
+    // moat leaves unshaped, as HTB's direct queue.
+    int32_t dflt = sc.default_leaf.empty() ? -1 : find_class(plan, sc.default_leaf);
+    if (!sc.default_leaf.empty() && !leaf(plan, dflt))
+      return tl::unexpected(fmt::format("{}: default {} is not a leaf", where, sc.default_leaf));
+    sp->default_leaf = dflt < 0 ? kNoLeaf : uint32_t(dflt);
     sp->by_class.assign(names.size(), sp->default_leaf);
     for (size_t k = 1; k < names.size(); k++) {
       int32_t l = find_class(plan, names[k]);
@@ -122,7 +129,7 @@ tl::expected<std::unique_ptr<QosTable>, std::string> Control::build_qos(const Co
       sp->tunnel_leaf.assign(size_t(sp->ntunnels) * sp->ncls, sp->default_leaf);
       for (size_t t = 0; t < c.tunnels.size(); t++) {
         int32_t md = find_class(plan, c.tunnels[t].name + "/" + sc.moat_default);
-        if (sc.moat.classes.size() == 1) md = moat_base[t];  // the moat itself is the leaf
+        if (sc.moat.classes.size() == 1 || md < 0) md = moat_base[t];  // the moat itself is the leaf
         for (size_t k = 0; k < names.size(); k++) {
           int32_t l = k ? find_class(plan, c.tunnels[t].name + "/" + names[k]) : -1;
           sp->tunnel_leaf[t * sp->ncls + k] = uint32_t(l > 0 && leaf(plan, l) ? l : md);

@@ -42,6 +42,11 @@ void set_dscp(rte_mbuf* m, uint8_t dscp) {
 
 void shape_enqueue(Worker& w, const ShapedPort& sp, const Sad*, uint16_t port, rte_mbuf* m) {
   meta(m).qleaf = leaf_of(sp, m);
+  if (meta(m).qleaf == kNoLeaf) {
+    // The tree has no leaf for it (HTB's direct queue): unshaped.
+    tx_enqueue(w, port, m);
+    return;
+  }
   meta(m).out_port = port;
   if (sp.owner == w.id) {
     if (!sp.sched->enqueue(meta(m).qleaf, m, rte_pktmbuf_pkt_len(m), w.now_tsc)) w.drop(m, Drop::qos_queue_full);
@@ -80,7 +85,8 @@ unsigned shape_run(Worker& w, const Tables& t) {
               tx_enqueue(w, meta(m).out_port, m);
             } else {
               meta(m).qleaf = leaf_of(*sp, m);
-              if (!now->enqueue(meta(m).qleaf, m, rte_pktmbuf_pkt_len(m), w.now_tsc)) w.drop(m, Drop::qos_queue_full);
+              if (meta(m).qleaf == kNoLeaf) tx_enqueue(w, meta(m).out_port, m);
+              else if (!now->enqueue(meta(m).qleaf, m, rte_pktmbuf_pkt_len(m), w.now_tsc)) w.drop(m, Drop::qos_queue_full);
             }
           }
           if (n < kMaxBurst) break;

@@ -41,7 +41,7 @@ struct ShapedPort {
   uint16_t ncls = 1;
   std::vector<uint32_t> by_class;    // ncls entries; kNoLeaf: look at the DSCP
   uint16_t dscp_cls[64] = {};        // DSCP -> class (0: none)
-  uint32_t default_leaf = 0;
+  uint32_t default_leaf = 0;  // kNoLeaf: no leaf at the top (HTB's direct queue: unshaped)
   std::vector<uint32_t> tunnel_leaf;  // empty: no moat subtrees on this port
   uint16_t ntunnels = 0;
   // Shaping removed from this port: the owner lets the old queues leave
