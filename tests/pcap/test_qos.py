@@ -8,6 +8,7 @@ while all were backlogged. Rates are read from that window, as ratios of
 the link rate (this machine is noisy; the shares are what HTB promises).
 """
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -183,6 +184,47 @@ class Shaping(unittest.TestCase):
         out, drops, shown = run(SEED_TREE, ins, extra=extra.replace("  police", "  police", 1))
         self.assertGreater(drops.get("qos_policed", 0), 150)
         self.assertEqual(len(out) + drops.get("qos_policed", 0), 200)
+
+
+class PlanChange(unittest.TestCase):
+    def test_reload_keeps_queues_and_a_broken_tree_keeps_the_old_plan(self):
+        # A backlog of 4 s at 2 Mbit/s; while it drains: a tree with an error
+        # is refused with its place and the plan in force stays; then a new
+        # valid tree (the link at 4 Mbit/s) takes over the queued packets:
+        # every packet still leaves, none dropped by the change.
+        n = 1000
+        ins = interleave([pkt("web", i) for i in range(n)], [pkt("video", i) for i in range(n)])
+        with tempfile.TemporaryDirectory(prefix="moat-qos-") as tmp:
+            wrpcap(os.path.join(tmp, "in_lan.pcap"), ins, linktype=1)
+            wrpcap(os.path.join(tmp, "in_wan.pcap"), [], linktype=1)
+            with Moatd(tmp, qos_config(SEED_TREE)) as m:
+                m.wait_rx(len(ins), settle=0.5)
+                before = m.ctl("show", "qos", "wan")[0]
+                queued = sum(c["qlen"] for c in before["classes"])
+                self.assertGreater(queued, 1000, "the backlog should still be queued")
+                broken = os.path.join(tmp, "broken.yaml")
+                with open(broken, "w") as f:
+                    f.write(open(m.cfg).read().replace("rate: 400kbit, ceil: 2000kbit", "rate: 900kbit, ceil: 2000kbit"))
+                r = subprocess.run([os.environ["MOATCTL"], "--socket", m.sock, "rules", "reload", broken],
+                                   capture_output=True, text=True, timeout=10)
+                self.assertNotEqual(r.returncode, 0)
+                self.assertIn("broken.yaml:", r.stderr)
+                self.assertIn("exceed the parent's", r.stderr)
+                self.assertEqual(m.ctl("show", "qos", "wan")[0]["generation"], before["generation"])
+                faster = os.path.join(tmp, "faster.yaml")
+                with open(faster, "w") as f:
+                    f.write(open(m.cfg).read().replace(f"rate: {LINK}bit", f"rate: {2 * LINK}bit"))
+                m.ctl("rules", "reload", faster)
+                after = m.ctl("show", "qos", "wan")[0]
+                self.assertGreater(after["generation"], before["generation"])
+                self.assertEqual(after["classes"][0]["rate"], "4mbit")
+                deadline = time.time() + 20
+                while time.time() < deadline and any(c["qlen"] for c in m.ctl("show", "qos", "wan")[0]["classes"]):
+                    time.sleep(0.2)
+                drops = m.drops()
+            out = not_arp(frames(os.path.join(tmp, "out_wan.pcap")))
+        self.assertEqual(len(out), 2 * n, drops)
+        self.assertEqual(drops.get("qos_queue_full", 0), 0)
 
 
 if __name__ == "__main__":
