@@ -74,10 +74,18 @@ struct Slot {
 };
 
 // A class's membership of one list (a row or its parent's feed) for one
-// priority, and its deficit there.
+// priority, and its deficits there: one as a lender in a row, one as a
+// borrower in a feed (HTB's deficit[level]), so that sending on its own rate
+// does not spend its turn among borrowers.
 struct Link {
   uint32_t next = kNil, prev = kNil;
-  int32_t deficit = 0;
+  int32_t deficit[2] = {0, 0};  // [0] in a row, [1] in a feed
+  // It left a list in the middle of its turn (a mode change, not an empty
+  // queue): it rejoins at the cursor and finishes the turn. Without this a
+  // class that changes mode often (a high own rate) forfeits turns, and the
+  // spare is no longer shared by the quanta. A class the cursor merely
+  // passed to (its neighbour left) has not begun a turn and resumes none.
+  bool in_turn = false, resume = false;
 };
 
 struct Node {
@@ -268,7 +276,7 @@ struct Scheduler::Impl {
     for (uint32_t i = 0; i < n; i++) {
       Node& c = nodes[i];
       uint32_t nl = c.feed_base == kNil ? 1 : kPrios;
-      for (uint32_t k = 0; k < nl; k++) links[c.link_base + k].deficit = c.quantum;
+      for (uint32_t k = 0; k < nl; k++) links[c.link_base + k].deficit[0] = links[c.link_base + k].deficit[1] = c.quantum;
       if (c.codel != kNil) {
         const ClassSpec& s = plan.classes[i];
         Codel& q = codels[c.codel];
@@ -311,11 +319,13 @@ struct Scheduler::Impl {
     return kMay;
   }
 
-  // Circular lists with a cursor: a newcomer joins at the end of the round.
+  // Circular lists with a cursor: a newcomer joins at the end of the round,
+  // one whose turn was interrupted at the cursor.
   void list_add(uint32_t& cur, uint32_t c, unsigned p) {
     Link& l = link(c, p);
     if (cur == kNil) {
       cur = l.next = l.prev = c;
+      l.resume = false;
       return;
     }
     Link& h = link(cur, p);
@@ -323,9 +333,12 @@ struct Scheduler::Impl {
     l.prev = h.prev;
     link(h.prev, p).next = c;
     h.prev = c;
+    if (l.resume) cur = c;
+    l.resume = false;
   }
   void list_del(uint32_t& cur, uint32_t c, unsigned p) {
     Link& l = link(c, p);
+    l.resume = cur == c && l.in_turn;
     if (l.next == c) {
       cur = kNil;
     } else {
@@ -507,6 +520,7 @@ struct Scheduler::Impl {
     if (!nodes[c].act) return;
     if (nodes[c].mode != kCant) deactivate_prios(c);
     nodes[c].act = 0;
+    links[nodes[c].link_base].resume = links[nodes[c].link_base].in_turn = false;  // an empty queue ends the turn
   }
 
   bool push(uint32_t c, void* pkt, uint32_t len, uint64_t t) {
@@ -641,9 +655,11 @@ struct Scheduler::Impl {
       // lender's spare in proportion to their quanta, moats share the root's.
       for (unsigned i = 0; i < d; i++) {
         Link& l = link(path[i], p);
-        l.deficit -= static_cast<int32_t>(len);
-        if (l.deficit < 0) {
-          l.deficit += nodes[path[i]].quantum;
+        int32_t& def = l.deficit[i != 0];
+        def -= static_cast<int32_t>(len);
+        l.in_turn = def >= 0;
+        if (def < 0) {
+          def += nodes[path[i]].quantum;
           *cursor[i] = l.next;
         }
       }
