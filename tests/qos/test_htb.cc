@@ -261,8 +261,27 @@ TEST(Htb, BorrowersOfEqualPriorityShareTheSpareByRate) {
   Window w(sim);
   sim.run_until(31 * kSec);
   // Spare 70 % in proportion 1:2 (the quanta follow the rates).
-  EXPECT_WITHIN(w.rate("a"), link * (10 + 70.0 / 3) / 100, 0.03);
-  EXPECT_WITHIN(w.rate("b"), link * (20 + 140.0 / 3) / 100, 0.03);
+  EXPECT_WITHIN(w.rate("a"), link * (10 + 70.0 / 3) / 100, 0.02);
+  EXPECT_WITHIN(w.rate("b"), link * (20 + 140.0 / 3) / 100, 0.02);
+}
+
+TEST(Htb, BorrowersOfEqualPriorityShareWhatAHigherPriorityLeavesByRate) {
+  // hi takes the spare up to its 60 % ceil; c and d (15 %, 10 %) share the
+  // 15 % left 15:10 although both also send on their own rates in between.
+  for (uint32_t len : {300u, 700u, 1500u}) {
+    const uint64_t link = 12500000;
+    Plan p;
+    p.classes = {cls("root", -1, link, link), cls("idle", 0, link / 2, link), cls("hi", 0, link / 4, link * 6 / 10),
+                 cls("c", 0, link * 15 / 100, link, 1), cls("d", 0, link / 10, link, 1)};
+    Sim sim(p);
+    for (const char* n : {"hi", "c", "d"}) sim.backlog(n, len);
+    sim.run_until(1 * kSec);
+    Window w(sim);
+    sim.run_until(3 * kSec);
+    EXPECT_WITHIN(w.rate("hi"), link * 0.60, 0.02) << len;
+    EXPECT_WITHIN(w.rate("c"), link * 0.24, 0.02) << len;
+    EXPECT_WITHIN(w.rate("d"), link * 0.16, 0.02) << len;
+  }
 }
 
 TEST(Htb, LinkIsFullyUsedWhileAnyClassWithinCeilHasPackets) {
