@@ -73,11 +73,20 @@ struct Slot {
   uint32_t len;
 };
 
-// A class's membership of one list (a row or its parent's feed) for one
-// priority, and its deficit there.
-struct Link {
+// A class's membership of one round-robin list for one priority, and its
+// deficit there.
+struct Ring {
   uint32_t next = kNil, prev = kNil;
   int32_t deficit = 0;
+  // It left the list in the middle of its turn (its ceil ran out, not its
+  // queue): it rejoins at the cursor and finishes the turn, or a class that
+  // changes mode often would forfeit turns. A class the cursor merely passed
+  // to (its neighbour left) has not begun a turn and resumes none.
+  bool in_turn = false, resume = false;
+};
+// [0]: in a row (as a lender), [1]: in its parent's feed (as a borrower).
+struct Link {
+  Ring r[2];
 };
 
 struct Node {
@@ -268,7 +277,7 @@ struct Scheduler::Impl {
     for (uint32_t i = 0; i < n; i++) {
       Node& c = nodes[i];
       uint32_t nl = c.feed_base == kNil ? 1 : kPrios;
-      for (uint32_t k = 0; k < nl; k++) links[c.link_base + k].deficit = c.quantum;
+      for (uint32_t k = 0; k < nl; k++) links[c.link_base + k].r[0].deficit = links[c.link_base + k].r[1].deficit = c.quantum;
       if (c.codel != kNil) {
         const ClassSpec& s = plan.classes[i];
         Codel& q = codels[c.codel];
@@ -311,33 +320,39 @@ struct Scheduler::Impl {
     return kMay;
   }
 
-  // Circular lists with a cursor: a newcomer joins at the end of the round.
-  void list_add(uint32_t& cur, uint32_t c, unsigned p) {
-    Link& l = link(c, p);
+  Ring& ring(uint32_t c, unsigned p, unsigned k) { return link(c, p).r[k]; }
+  // Circular lists with a cursor: a newcomer joins at the end of the round,
+  // one whose turn was interrupted at the cursor. `k`: 0 a row, 1 a feed.
+  void list_add(uint32_t& cur, uint32_t c, unsigned p, unsigned k) {
+    Ring& l = ring(c, p, k);
     if (cur == kNil) {
       cur = l.next = l.prev = c;
+      l.resume = false;
       return;
     }
-    Link& h = link(cur, p);
+    Ring& h = ring(cur, p, k);
     l.next = cur;
     l.prev = h.prev;
-    link(h.prev, p).next = c;
+    ring(h.prev, p, k).next = c;
     h.prev = c;
+    if (l.resume) cur = c;
+    l.resume = false;
   }
-  void list_del(uint32_t& cur, uint32_t c, unsigned p) {
-    Link& l = link(c, p);
+  void list_del(uint32_t& cur, uint32_t c, unsigned p, unsigned k) {
+    Ring& l = ring(c, p, k);
+    l.resume = cur == c && l.in_turn;
     if (l.next == c) {
       cur = kNil;
     } else {
-      link(l.prev, p).next = l.next;
-      link(l.next, p).prev = l.prev;
+      ring(l.prev, p, k).next = l.next;
+      ring(l.next, p, k).prev = l.prev;
       if (cur == c) cur = l.next;
     }
     l.next = l.prev = kNil;
   }
   void row_add(uint32_t c, uint8_t mask) {
     unsigned lv = nodes[c].level;
-    for (uint8_t m = mask; m; m &= m - 1) list_add(rows[lv][std::countr_zero(m)], c, std::countr_zero(m));
+    for (uint8_t m = mask; m; m &= m - 1) list_add(rows[lv][std::countr_zero(m)], c, std::countr_zero(m), 0);
     row_mask[lv] |= mask;
     level_mask |= 1u << lv;
   }
@@ -345,46 +360,62 @@ struct Scheduler::Impl {
     unsigned lv = nodes[c].level;
     for (uint8_t m = mask; m; m &= m - 1) {
       unsigned p = std::countr_zero(m);
-      list_del(rows[lv][p], c, p);
+      list_del(rows[lv][p], c, p, 0);
       if (rows[lv][p] == kNil) row_mask[lv] &= ~(1u << p);
     }
     if (!row_mask[lv]) level_mask &= ~(1u << lv);
   }
 
-  // HTB's htb_activate_prios: a borrower joins its parent's feeds, and the
-  // parent, newly active for those priorities, joins its own parent's (or a
-  // row, if it can lend) in turn.
-  void activate_prios(uint32_t c) {
-    uint8_t mask = nodes[c].act;
-    while (nodes[c].mode == kMay && nodes[c].parent != kNil && mask) {
+  // HTB's htb_activate_prios, with one departure: a class stays in its
+  // parent's feeds in mode can as well as may (only cant takes it out), so
+  // that sending on its own rate does not cost it its place in the round
+  // among borrowers. This is safe because a descent through a feed never
+  // meets a class in mode can with packets: that class is in a row of a
+  // lower level, and dequeue serves the lowest level first.
+  //
+  // feed_up: c (not in mode cant) becomes active for `mask`: it joins its
+  // parent's feeds; the parent, newly active for those priorities, joins a
+  // row (if it can lend) and its own parent's feeds (unless cant), and so on.
+  void feed_up(uint32_t c, uint8_t mask) {
+    while (nodes[c].parent != kNil && mask) {
       uint32_t par = nodes[c].parent;
       for (uint8_t m = mask; m; m &= m - 1) {
         unsigned p = std::countr_zero(m);
         uint32_t& cur = feeds[nodes[par].feed_base + p];
         if (cur != kNil) mask &= ~(1u << p);  // the parent is active for p already
-        list_add(cur, c, p);
+        list_add(cur, c, p, 1);
       }
       nodes[par].act |= mask;
       c = par;
+      if (nodes[c].mode == kCant) return;  // its links wait for its mode to rise
+      if (nodes[c].mode == kCan && mask) row_add(c, mask);
     }
-    if (nodes[c].mode == kCan && mask) row_add(c, mask);
   }
-  void deactivate_prios(uint32_t c) {
-    uint8_t mask = nodes[c].act;
-    while (nodes[c].mode == kMay && nodes[c].parent != kNil && mask) {
+  void unfeed_up(uint32_t c, uint8_t mask) {
+    while (nodes[c].parent != kNil && mask) {
       uint32_t par = nodes[c].parent;
       uint8_t gone = 0;
       for (uint8_t m = mask; m; m &= m - 1) {
         unsigned p = std::countr_zero(m);
         uint32_t& cur = feeds[nodes[par].feed_base + p];
-        list_del(cur, c, p);
+        list_del(cur, c, p, 1);
         if (cur == kNil) gone |= 1u << p;
       }
       mask = gone;
       nodes[par].act &= ~mask;
       c = par;
+      if (nodes[c].mode == kCant) return;
+      if (nodes[c].mode == kCan && mask) row_del(c, mask);
     }
-    if (nodes[c].mode == kCan && mask) row_del(c, mask);
+  }
+  // c's links for its active priorities as its mode goes from `from` to `to`.
+  void relink(uint32_t c, Mode from, Mode to) {
+    const uint8_t act = nodes[c].act;
+    if (!act || from == to) return;
+    if (from == kCan) row_del(c, act);
+    if (from == kCant) feed_up(c, act);
+    if (to == kCant) unfeed_up(c, act);
+    if (to == kCan) row_add(c, act);
   }
 
   // The wait heap: an indexed binary min-heap on the time a class's mode may
@@ -455,13 +486,9 @@ struct Scheduler::Impl {
     Mode m = mode_at(n, now, &wait);
     if (m == n.mode && !rekey) return;
     if (m != n.mode) {
-      if (n.act) {
-        if (n.mode != kCant) deactivate_prios(c);
-        n.mode = m;
-        if (m != kCant) activate_prios(c);
-      } else {
-        n.mode = m;
-      }
+      Mode from = static_cast<Mode>(n.mode);
+      n.mode = m;
+      relink(c, from, m);
     }
     if (m == kCan || wait == UINT64_MAX) {
       if (c != 0) heap_del(c);
@@ -501,12 +528,13 @@ struct Scheduler::Impl {
 
   void leaf_activate(uint32_t c) {
     nodes[c].act = static_cast<uint8_t>(1u << nodes[c].prio);
-    if (nodes[c].mode != kCant) activate_prios(c);
+    relink(c, kCant, static_cast<Mode>(nodes[c].mode));  // as if its mode rose
   }
   void leaf_deactivate(uint32_t c) {
     if (!nodes[c].act) return;
-    if (nodes[c].mode != kCant) deactivate_prios(c);
+    relink(c, static_cast<Mode>(nodes[c].mode), kCant);
     nodes[c].act = 0;
+    for (Ring& r : links[nodes[c].link_base].r) r.in_turn = r.resume = false;  // an empty queue ends the turn
   }
 
   bool push(uint32_t c, void* pkt, uint32_t len, uint64_t t) {
@@ -640,8 +668,9 @@ struct Scheduler::Impl {
       // Deficit round robin at every list of the descent: siblings share a
       // lender's spare in proportion to their quanta, moats share the root's.
       for (unsigned i = 0; i < d; i++) {
-        Link& l = link(path[i], p);
+        Ring& l = ring(path[i], p, i != 0);  // the lender is in a row, the rest in feeds
         l.deficit -= static_cast<int32_t>(len);
+        l.in_turn = l.deficit >= 0;
         if (l.deficit < 0) {
           l.deficit += nodes[path[i]].quantum;
           *cursor[i] = l.next;
