@@ -1193,6 +1193,16 @@ void Control::register_cli() {
     if (auto r = ike_->engine().terminate(a[0], ike::UdpDriver::now_ms()); !r) throw CliError("ike terminate: " + r.error());
     return json{{"terminated", a[0]}};
   });
+  cli_->on("ike rekey", [this](const std::vector<std::string>& a) {
+    // A forced rekey (tests, operators): the tunnel's CHILD SAs (default) or its IKE SA.
+    if (a.empty() || a.size() > 2 || (a.size() == 2 && a[1] != "child" && a[1] != "ike") || !ike_)
+      throw CliError("usage: ike rekey TUNNEL [child|ike] (needs ike.tunnels_dir)");
+    bool ike = a.size() == 2 && a[1] == "ike";
+    auto now = ike::UdpDriver::now_ms();
+    auto r = ike ? ike_->engine().rekey_ike(a[0], now) : ike_->engine().rekey_child(a[0], now);
+    if (!r) throw CliError("ike rekey: " + r.error());
+    return json{{"rekeying", a[0]}, {"sa", ike ? "ike" : "child"}};
+  });
   cli_->on("show tunnels", [this](const std::vector<std::string>&) { return show_tunnels(); });
   cli_->on("show rules", [this](const std::vector<std::string>&) { return show_rules(); });
   cli_->on("show conntrack", [this](const std::vector<std::string>& a) {
