@@ -1123,6 +1123,7 @@ json Control::show_stats() const {
   add_drops(ctrl_stats_, "control");
   out["workers"] = workers;
   out["drops"] = drops;
+  if (ike_) out["ike"] = ike_->engine().stats().json();  // the IKE engine's counters (MOAT_IKE_COUNTERS)
   json punt = json::object();
   punt["to_kernel"] = tap_tx_;
   punt["from_kernel"] = tap_rx_;

@@ -162,6 +162,7 @@ struct Engine::IkeSa {
   std::vector<ChildSa> children;
   uint32_t pending_spi = 0;  // our inbound SPI of the CHILD SA we are negotiating
   Bytes pending_nonce;
+  std::unique_ptr<Dh> pending_dh;  // PFS: our KE of the CHILD rekey we initiated
   // CHILD rekeys the peer initiated and we answered: the new SA is installed,
   // our outbound still uses the old one until the peer shows it has the new
   // one (its next request) — see EngineOptions::rekey_switch_ms.
@@ -665,6 +666,7 @@ void Engine::remove_children(IkeSa& sa) {
   sa.replaced.clear();
   if (sa.pending_spi) child_spis_.erase(sa.pending_spi);
   sa.pending_spi = 0;
+  sa.pending_dh.reset();
 }
 
 void Engine::retire_child(IkeSa& sa, uint32_t spi_in) {
@@ -1484,6 +1486,7 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
       sa.queue.erase(queued);
       child_spis_.erase(sa.pending_spi);
       sa.pending_spi = 0;
+      sa.pending_dh.reset();
     }
     // Ours is on the wire: a collision (§2.8.1), settled by the nonces when
     // our answer arrives. Both exchanges complete meanwhile.
@@ -1744,13 +1747,40 @@ tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, u
       cand = &c;
   if (!cand) return tl::unexpected(fmt::format("tunnel \"{}\": its CHILD SA is being rekeyed", tunnel));
   const ChildSa& old = *cand;
+  // PFS (§1.3.1): when the tunnel's ESP proposals name a DH group, the rekey
+  // carries a KE for the first one (IKE_AUTH's CHILD SA cannot: §1.2).
+  uint16_t group = 0;
+  for (auto& pr : p.esp_proposals) {
+    for (auto& t : pr.transforms)
+      if (t.type == kTfDh && t.id) {
+        group = t.id;
+        break;
+      }
+    if (group) break;
+  }
+  std::unique_ptr<Dh> dh;
+  if (group) {
+    auto d = Dh::create(group);
+    if (!d) return tl::unexpected(fmt::format("tunnel \"{}\": PFS: {}", tunnel, d.error()));
+    dh = std::move(*d);
+  }
+  auto props = without_dh(p.esp_proposals, u32_bytes(0));
+  if (group) {
+    props = p.esp_proposals;
+    for (auto& pr : props)  // our KE's group first, so the peer can take it
+      std::stable_partition(pr.transforms.begin(), pr.transforms.end(),
+                            [&](auto& t) { return !(t.type == kTfDh && t.id != group); });
+  }
   sa->pending_spi = new_child_spi();
   child_spis_[sa->pending_spi] = sa->our_spi();
   sa->pending_nonce = random_bytes(32);
+  for (auto& pr : props) pr.spi = u32_bytes(sa->pending_spi);
   ChainBuilder c;
   c.add_notify(kNRekeySa, {}, kProtoEsp, u32_bytes(old.spi_in));
-  c.add(kPlSa, encode_sa(without_dh(p.esp_proposals, u32_bytes(sa->pending_spi))));
+  c.add(kPlSa, encode_sa(props));
   c.add(kPlNonce, sa->pending_nonce);
+  if (dh) c.add(kPlKe, encode_ke(KePayload{group, dh->public_value()}));
+  sa->pending_dh = std::move(dh);
   c.add(kPlTsi, encode_ts(old.local_ts));
   c.add(kPlTsr, encode_ts(old.remote_ts));
   queue_request(*sa, uint8_t(Exchange::create_child_sa), std::move(c), kReqRekeyChild, old.spi_in);
@@ -1760,19 +1790,21 @@ tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, u
 void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
   uint32_t spi_in = sa.pending_spi, old_spi = sa.req_child;
   sa.pending_spi = 0;
+  std::unique_ptr<Dh> dh = std::move(sa.pending_dh);
   auto child_fail = [&](const std::string& why) {
     ++stats_.child_failed;
     child_spis_.erase(spi_in);
     log(fmt::format("{}: CHILD SA rekey failed: {}", sa.who(), why));
     schedule_child_rekey(sa);
   };
-  const Payload *sap = nullptr, *np = nullptr, *tsip = nullptr, *tsrp = nullptr;
+  const Payload *sap = nullptr, *np = nullptr, *tsip = nullptr, *tsrp = nullptr, *kep = nullptr;
   for (auto& x : pl) {
     if (x.type == kPlNotify)
       if (auto n = parse_notify(x.body); n && n->type <= kNErrorMax)
         return child_fail(fmt::format("peer answered {}", notify_name(n->type)));
     if (x.type == kPlSa) sap = &x;
     if (x.type == kPlNonce) np = &x;
+    if (x.type == kPlKe) kep = &x;
     if (x.type == kPlTsi) tsip = &x;
     if (x.type == kPlTsr) tsrp = &x;
   }
@@ -1784,8 +1816,19 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
   if (!props || !nr || !tsi || !tsr) return child_fail("malformed response");
   std::optional<Suite> cs;
   if (props->size() == 1 && (*props)[0].spi.size() == 4)
-    cs = accept_proposal((*props)[0], without_dh(sa.peer->esp_proposals, {}), true);
+    cs = dh ? accept_proposal((*props)[0], sa.peer->esp_proposals, false)
+            : accept_proposal((*props)[0], without_dh(sa.peer->esp_proposals, {}), true);
   if (!cs) return child_fail(fmt::format("responder chose {}, not one of ours", proposals_str(*props)));
+  Bytes gir;
+  if (dh) {
+    auto ke = kep ? parse_ke(kep->body) : Parsed<KePayload>(tl::unexpect, ParseError{});
+    if (!ke || cs->dh != dh->group() || ke->group != dh->group())
+      return child_fail(fmt::format("PFS: responder chose {} and {} KE", proposals_str(*props),
+                                    ke ? transform_name(kTfDh, ke->group) : std::string("no")));
+    auto s = dh->derive(ke->data);
+    if (!s) return child_fail("PFS: responder's KE: " + s.error());
+    gir = std::move(*s);
+  }
   auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == old_spi; });
   auto theirs = std::find_if(sa.peer_rekeys.begin(), sa.peer_rekeys.end(),
                              [&](auto& r) { return r.old_in == old_spi && r.collided; });
@@ -1815,7 +1858,8 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
                     sa.who(), old_spi, theirs->new_in, spi_in));
     sa.peer_rekeys.erase(theirs);  // never send with the redundant one
   }
-  auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, {}, sa.pending_nonce, *nr);
+  auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, gir, sa.pending_nonce, *nr);
+  if (dh) log(fmt::format("{}: CHILD SA rekey with PFS ({})", sa.who(), transform_name(kTfDh, dh->group())));
   ChildSa now = *c;
   install_child(sa, std::move(*c));
   if (it != sa.children.end()) {

@@ -616,6 +616,30 @@ TEST_F(Pair, SimultaneousChildRekeysKeepOneSaAndLoseNothing) {
   EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
 }
 
+// PFS: with a DH group in the ESP proposals, our CHILD rekeys carry a KE and
+// the new keys come from the fresh DH secret (both sides derive the same).
+TEST_F(Pair, ChildRekeyWithPfsWhenTheProposalNamesAGroup) {
+  auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+  m.remote = Endpoint{portal->a, kIkePort};
+  m.esp_proposals = *parse_proposals("aes128gcm16-x25519", kProtoEsp);
+  moat->e.set_peers({m}, now);
+  auto p = tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16", "10.17.0.0/16");
+  p.esp_proposals = *parse_proposals("aes128gcm16-modp2048-x25519", kProtoEsp);
+  portal->e.set_peers({p}, now);
+  establish();  // IKE_AUTH's CHILD SA: no KE there (§1.2)
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  ASSERT_EQ(moat->sink.installed.size(), 2u);
+  ASSERT_EQ(portal->sink.installed.size(), 2u);
+  EXPECT_EQ(moat->sink.installed[1].encr_key_out, portal->sink.installed[1].encr_key_in);
+  EXPECT_EQ(moat->sink.installed[1].encr_key_in, portal->sink.installed[1].encr_key_out);
+  EXPECT_TRUE(std::any_of(moat->logs.begin(), moat->logs.end(),
+                          [](auto& l) { return l.find("PFS (CURVE_25519)") != std::string::npos; }))
+      << "no PFS";
+  EXPECT_EQ(moat->e.stats().child_failed + portal->e.stats().child_failed, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
 TEST_F(Pair, UnknownSpiIsReportedRateLimitedAndOnlyInsideAnIkeSa) {
   // No IKE SA with that address: nothing authenticated to say.
   EXPECT_FALSE(portal->e.unknown_spi(0x1234, ip("203.0.113.1"), now));

@@ -366,8 +366,57 @@ rekey_rounds() { # WHO: CHILD rekeys initiated by charon and by moatd, then IKE 
     [ "$(sw --list-sas 2>/dev/null | grep -c ESTABLISHED)" = 1 ] || { sw --list-sas; fail "$1: charon keeps more than one IKE SA after the IKE rekeys"; }
 }
 
+ike_stat() { ctl --json show stats 2>/dev/null | $PY -c 'import json, sys; print(json.load(sys.stdin).get("ike", {}).get(sys.argv[1], 0))' "$1"; }
+rekey_collision() { # WHO: moatd and charon rekey the same CHILD SA at once (RFC 7296 §2.8.1)
+    local before after c0 c1 i stopper
+    before=$(child_spis); c0=$(ike_stat rekey_collisions)
+    # Make the two requests cross. moatd's CREATE_CHILD_SA request is dropped
+    # on arrival at charon (moatd retransmits it after 1 s); moatd is paused
+    # meanwhile, so charon's own request waits in moatd's receive ring. On
+    # resuming, moatd's due retransmission leaves before its answer to
+    # charon's request: each end gets the other's request while its own is
+    # outstanding. (IKE header: exchange type at UDP payload byte 4+18, flags
+    # at 4+19; 36 = CREATE_CHILD_SA, 0x20 = response.)
+    nsx "$NS_S" nft -f - <<NFT || fail "$1: nft"
+table inet moatcoll { chain in { type filter hook input priority 0; ip saddr 198.51.100.1 udp dport 4500 @th,240,8 36 @th,248,8 & 0x20 == 0 drop; } }
+NFT
+    ctl ike rekey swan >/dev/null || fail "$1: moatctl ike rekey failed"
+    sleep 0.1
+    kill -STOP "$(cat "$RUN/moatd.pid")"
+    timeout 5 sw --rekey --child net >"$RUN/rekey.out" 2>&1 &
+    stopper=$!
+    sleep 1.3
+    nsx "$NS_S" nft delete table inet moatcoll
+    kill -CONT "$(cat "$RUN/moatd.pid")"
+    wait $stopper
+    for i in $(seq 1 50); do
+        after=$(child_spis); c1=$(ike_stat rekey_collisions)
+        [ "$c1" != "$c0" ] && [ -n "$after" ] && [ "$after" != "$before" ] && [ "$(echo $after | wc -w)" = 1 ] && break
+        sleep 0.2
+    done
+    grep -i collision "$RUN/moatd.log" | tail -1
+    grep -i collision "$RUN/swan/charon.log" | tail -1
+    [ "$c1" = $((c0 + 1)) ] || fail "$1: moatd saw no rekey collision (rekey_collisions $c0 -> $c1)"
+    grep -qi 'collision' "$RUN/swan/charon.log" || fail "$1: charon saw no rekey collision"
+    [ "$(echo $after | wc -w)" = 1 ] && [ "$after" != "$before" ] || { sw --list-sas; fail "$1: charon does not have exactly one new CHILD SA after the collision ($before -> $after)"; }
+    sleep 1
+    pings_both_ways "$1: after a rekey collision"
+    check_show "$1: after a rekey collision"
+    # Both ends agree on the surviving SA: moatd's engine lists one CHILD SA, charon's.
+    ctl --json show ike | $PY -c '
+import json, sys
+sas = [s for s in json.load(sys.stdin) if s["tunnel"] == "swan" and s["state"] == "ESTABLISHED"]
+kids = [c for s in sas for c in s["children"]]
+ok = len(kids) == 1 and kids[0]["spi_out"] == sys.argv[1].strip()
+print("moatd CHILD SAs after the collision:", [(c["spi_in"], c["spi_out"]) for c in kids], "charon in:", sys.argv[1].strip())
+sys.exit(0 if ok else 1)' "$after" || fail "$1: moatd and charon disagree on the CHILD SA left after the collision"
+    log "$1: rekey collision settled: one CHILD SA left, the same on both ends"
+}
+
 log "--- forced rekeys under a ping flood (moatd answered the IKE SA)"
 rekey_rounds responder
+log "--- simultaneous CHILD rekeys (collision)"
+rekey_collision responder
 pings_both_ways "after rekey"
 check_show "after rekey"
 
