@@ -7,7 +7,8 @@
 #   10.1.0.2 lan0 ---- lan-m [lan 10.1.0.1]  [wan 198.51.100.1] wan-m ---- wan0 198.51.100.2
 #                      punt TAPs + IKE sockets in ns "punt"               lan0 10.9.0.1/24
 #
-# Funnels 10.1.0.0/24 <-> 10.9.0.0/24, PSK, aes128gcm16-prfsha256-x25519.
+# Funnels 10.1.0.0/24 <-> 10.9.0.0/24, PSK, aes128gcm16-prfsha256-x25519;
+# ESP aes128gcm16-x25519 (CHILD rekeys with PFS both ways).
 # Phases (each must pass; the first failure ends the run):
 #   responder: charon initiates; pings pass both ways through the tunnel;
 #              moatctl show ike / show tunnels show the SA; charon restarted
@@ -142,7 +143,7 @@ connections {
                 mode = tunnel
                 local_ts = 10.9.0.0/24
                 remote_ts = 10.1.0.0/24
-                esp_proposals = aes128gcm16
+                esp_proposals = aes128gcm16-x25519
                 start_action = $1
                 dpd_action = $([ "$1" = start ] && echo restart || echo clear)
                 close_action = $([ "$1" = start ] && echo start || echo none)
@@ -179,7 +180,7 @@ remote: 198.51.100.2
 local: 198.51.100.1
 start: $1
 ike_proposals: aes128gcm16-prfsha256-x25519
-esp_proposals: aes128gcm16
+esp_proposals: aes128gcm16-x25519
 dpd: 2s
 funnels:
   - {local: 10.1.0.0/24, remote: 10.9.0.0/24}
@@ -359,6 +360,12 @@ rekey_rounds() { # WHO: CHILD rekeys initiated by charon and by moatd, then IKE 
         rekey_under_flood "$1: CHILD rekey by charon #$r" child sw --rekey --child net
         rekey_under_flood "$1: CHILD rekey by moatd #$r" child ctl ike rekey swan
     done
+    # PFS (the ESP proposals name x25519): both sides' CHILD rekeys carry a KE.
+    grep -q 'PFS (CURVE_25519)' "$RUN/moatd.log" || fail "$1: moatd's CHILD rekeys without PFS"
+    grep -qE 'generating CREATE_CHILD_SA request [0-9]+ \[ N\(REKEY_SA\) SA No KE' "$RUN/swan/charon.log" ||
+        fail "$1: charon's CHILD rekeys without PFS"
+    grep -qE 'parsed CREATE_CHILD_SA response [0-9]+ \[ SA No KE TSi TSr' "$RUN/swan/charon.log" ||
+        fail "$1: moatd answered charon's PFS rekey without a KE"
     CHILD_BEFORE_IKE=$(child_spis)
     rekey_under_flood "$1: IKE rekey by moatd" ike ctl ike rekey swan ike
     CHILD_BEFORE_IKE=$(child_spis)
