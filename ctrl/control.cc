@@ -1146,6 +1146,7 @@ json Control::show_stats() const {
   add_drops(ctrl_stats_, "control");
   out["workers"] = workers;
   out["drops"] = drops;
+  if (ike_) out["ike"] = ike_->engine().stats().json();  // the IKE engine's counters (MOAT_IKE_COUNTERS)
   json punt = json::object();
   punt["to_kernel"] = tap_tx_;
   punt["from_kernel"] = tap_rx_;
@@ -1215,6 +1216,16 @@ void Control::register_cli() {
     if (a.size() != 1 || !ike_) throw CliError("usage: ike terminate TUNNEL (needs ike.tunnels_dir)");
     if (auto r = ike_->engine().terminate(a[0], ike::UdpDriver::now_ms()); !r) throw CliError("ike terminate: " + r.error());
     return json{{"terminated", a[0]}};
+  });
+  cli_->on("ike rekey", [this](const std::vector<std::string>& a) {
+    // A forced rekey (tests, operators): the tunnel's CHILD SAs (default) or its IKE SA.
+    if (a.empty() || a.size() > 2 || (a.size() == 2 && a[1] != "child" && a[1] != "ike") || !ike_)
+      throw CliError("usage: ike rekey TUNNEL [child|ike] (needs ike.tunnels_dir)");
+    bool ike = a.size() == 2 && a[1] == "ike";
+    auto now = ike::UdpDriver::now_ms();
+    auto r = ike ? ike_->engine().rekey_ike(a[0], now) : ike_->engine().rekey_child(a[0], now);
+    if (!r) throw CliError("ike rekey: " + r.error());
+    return json{{"rekeying", a[0]}, {"sa", ike ? "ike" : "child"}};
   });
   cli_->on("show tunnels", [this](const std::vector<std::string>&) { return show_tunnels(); });
   cli_->on("show rules", [this](const std::vector<std::string>&) { return show_rules(); });

@@ -115,24 +115,30 @@ void IkeHost::install(const ike::ChildSa& sa) {
 void IkeHost::rekeyed(const ike::ChildSa& old, const ike::ChildSa& now) {
   auto it = sas_.find(now.id);
   if (it == sas_.end()) return;
-  if (auto r = c_.switch_outbound(it->second.tunnel, it->second.out); !r)
+  if (auto r = c_.switch_outbound(it->second.tunnel, it->second.out); !r) {
     fmt::print(stderr, "moatd: ike: tunnel {}: rekey: {}\n", now.tunnel, r.error());
-  (void)old;  // its inbound SA keeps accepting until remove(old)
+    return;
+  }
+  // The switch retired the old outbound SA; its slot is reused after the
+  // grace period, so remove(old) must not name it again. Its inbound SA keeps
+  // accepting until remove(old) (the engine calls it a moment after the
+  // delete exchange, for packets in flight).
+  if (auto o = sas_.find(old.id); o != sas_.end()) o->second.out = kNoSa;
 }
 
 void IkeHost::remove(const ike::ChildSa& sa) {
   auto it = sas_.find(sa.id);
   if (it == sas_.end()) return;
-  c_.remove_sa(it->second.in);
-  c_.remove_sa(it->second.out);
+  if (it->second.in != kNoSa) c_.remove_sa(it->second.in);
+  if (it->second.out != kNoSa) c_.remove_sa(it->second.out);
   sas_.erase(it);
 }
 
 void IkeHost::moved(const ike::ChildSa& sa) {
   auto it = sas_.find(sa.id);
   if (it == sas_.end()) return;
-  c_.set_sa_peer(it->second.out, v4(sa.remote.addr), sa.remote.port);
-  c_.set_sa_peer(it->second.in, v4(sa.remote.addr), sa.remote.port);
+  if (it->second.out != kNoSa) c_.set_sa_peer(it->second.out, v4(sa.remote.addr), sa.remote.port);
+  if (it->second.in != kNoSa) c_.set_sa_peer(it->second.in, v4(sa.remote.addr), sa.remote.port);
 }
 
 }  // namespace moat

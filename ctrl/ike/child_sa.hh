@@ -52,12 +52,17 @@ struct ChildSa {
 class ChildSaSink {
  public:
   virtual ~ChildSaSink() = default;
-  // A new CHILD SA: install both directions.
+  // A new CHILD SA: install both directions. The outbound half is used only
+  // if the tunnel has no outbound SA yet; a rekey's waits for rekeyed().
   virtual void install(const ChildSa& sa) = 0;
-  // Stop using the SA in both directions and forget it.
+  // Stop using the SA in both directions and forget it. After rekeyed(sa, x)
+  // only the inbound half is left (the engine calls this a linger time after
+  // the delete exchange, for packets in flight).
   virtual void remove(const ChildSa& sa) = 0;
-  // Make-before-break rekey: `now` has already been install()ed; send with
-  // `now` from here on, keep accepting `old` inbound until remove(old).
+  // Make-before-break rekey: `now` has already been install()ed and the peer
+  // has installed it too (we initiated and it answered, or it initiated and
+  // has since sent another request); send with `now` from here on, give up
+  // `old`'s outbound half, keep accepting `old` inbound until remove(old).
   virtual void rekeyed(const ChildSa& old, const ChildSa& now) = 0;
   // The peer's outer address or port changed (NAT rebinding, RFC 7296 §2.23):
   // re-point the outbound encapsulation of `sa`.

@@ -162,6 +162,20 @@ struct Engine::IkeSa {
   std::vector<ChildSa> children;
   uint32_t pending_spi = 0;  // our inbound SPI of the CHILD SA we are negotiating
   Bytes pending_nonce;
+  std::unique_ptr<Dh> pending_dh;  // PFS: our KE of the CHILD rekey we initiated
+  // CHILD rekeys the peer initiated and we answered: the new SA is installed,
+  // our outbound still uses the old one until the peer shows it has the new
+  // one (its next request) — see EngineOptions::rekey_switch_ms.
+  struct PeerRekey {
+    uint32_t old_in = 0, new_in = 0;
+    Bytes ni, nr;           // the exchange's nonces, for the collision rule (§2.8.1)
+    bool collided = false;  // it crossed our own rekey of the same SA
+  };
+  std::vector<PeerRekey> peer_rekeys;
+  std::vector<uint32_t> replaced;  // spi_in of CHILD SAs a rekey replaced (outbound moved on)
+  bool is_replaced(uint32_t spi_in) const {
+    return std::find(replaced.begin(), replaced.end(), spi_in) != replaced.end();
+  }
 
   uint64_t created_ms = 0, established_ms = 0, last_heard_ms = 0;
   uint32_t timer_gen[8] = {};
@@ -467,16 +481,7 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     switch (kind) {
       case kReqAuth: auth_response(sa, *inner); break;
       case kReqDeleteIke: delete_sa(spi, "deleted by us", false); return;
-      case kReqDeleteChild: {
-        auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == child; });
-        if (it != sa.children.end()) {
-          sink_.remove(*it);
-          ++stats_.child_removed;
-          child_spis_.erase(it->spi_in);
-          sa.children.erase(it);
-        }
-        break;
-      }
+      case kReqDeleteChild: retire_child(sa, child); break;
       case kReqRekeyChild: create_child_response(sa, *inner); break;
       case kReqRekeyIke: rekey_ike_response(sa, *inner); break;
       case kReqDpd: break;
@@ -485,6 +490,9 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     if (it != sas_.end()) pump(*it->second);
     return;
   }
+  // A request after our answer to the peer's CHILD rekey: the peer has
+  // processed that answer (window of one, §2.3), so it has the new SA.
+  if (!sa.peer_rekeys.empty()) switch_to_peer_rekeys(sa, &*inner);
   switch (Exchange(h.exchange)) {
     case Exchange::ike_auth: auth_request(sa, *msg, *inner); break;
     case Exchange::informational: informational_request(sa, *msg, *inner); break;
@@ -548,6 +556,7 @@ void Engine::disarm(IkeSa& sa, TimerKind k) { ++sa.timer_gen[unsigned(k)]; }
 uint64_t Engine::next_deadline() const {
   uint64_t t = timers_.empty() ? UINT64_MAX : timers_.top().when;
   for (auto& [name, r] : reinit_) t = std::min(t, r.at);
+  if (!lingering_.empty()) t = std::min(t, lingering_.begin()->first);
   return t;
 }
 
@@ -559,6 +568,13 @@ void Engine::tick(uint64_t now_ms) {
     auto it = sas_.find(t.spi);
     if (it == sas_.end() || it->second->timer_gen[unsigned(t.kind)] != t.gen) continue;
     fire(*it->second, t.kind);
+  }
+  while (!lingering_.empty() && lingering_.begin()->first <= now_ms) {
+    ChildSa c = std::move(lingering_.begin()->second);
+    lingering_.erase(lingering_.begin());
+    sink_.remove(c);
+    ++stats_.child_removed;
+    child_spis_.erase(c.spi_in);
   }
   for (auto& entry : reinit_) {
     const std::string& name = entry.first;
@@ -617,6 +633,13 @@ void Engine::fire(IkeSa& sa, TimerKind k) {
     case TimerKind::ike_rekey:
       if (sa.state == State::established && sa.peer) (void)rekey_ike(sa.peer->name, now_);
       return;
+    case TimerKind::rekey_switch:
+      if (!sa.peer_rekeys.empty()) {
+        stats_.rekey_switch_timeouts += sa.peer_rekeys.size();
+        log(fmt::format("{}: no request from the peer since it rekeyed; switching to the new CHILD SA anyway", sa.who()));
+        switch_to_peer_rekeys(sa, nullptr);
+      }
+      return;
     case TimerKind::kinds: return;
   }
 }
@@ -639,8 +662,57 @@ void Engine::remove_children(IkeSa& sa) {
     child_spis_.erase(c.spi_in);
   }
   sa.children.clear();
+  sa.peer_rekeys.clear();
+  sa.replaced.clear();
   if (sa.pending_spi) child_spis_.erase(sa.pending_spi);
   sa.pending_spi = 0;
+  sa.pending_dh.reset();
+}
+
+void Engine::retire_child(IkeSa& sa, uint32_t spi_in) {
+  auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == spi_in; });
+  if (it == sa.children.end()) {
+    // Not (or no longer) ours: the redundant SA of a collision we never installed.
+    if (!std::any_of(lingering_.begin(), lingering_.end(), [&](auto& kv) { return kv.second.spi_in == spi_in; }))
+      child_spis_.erase(spi_in);
+    return;
+  }
+  std::erase_if(sa.peer_rekeys, [&](auto& r) { return r.new_in == spi_in; });
+  if (sa.is_replaced(spi_in)) {
+    // Make-before-break, the break: the peer stopped sending with it a moment
+    // ago, but what it sent just before may still be on the way (its ESP and
+    // IKE travel separately: kernel-libipsec queues ESP in other threads).
+    // The inbound half stays until the linger time is over; the outbound
+    // half has not been used since rekeyed().
+    std::erase(sa.replaced, spi_in);
+    lingering_.emplace(now_ + opts_.rekey_linger_ms, std::move(*it));
+  } else {
+    sink_.remove(*it);
+    ++stats_.child_removed;
+    child_spis_.erase(it->spi_in);
+  }
+  sa.children.erase(it);
+}
+
+void Engine::switch_to_peer_rekeys(IkeSa& sa, const std::vector<Payload>* deleting) {
+  auto pending = std::move(sa.peer_rekeys);
+  sa.peer_rekeys.clear();
+  disarm(sa, TimerKind::rekey_switch);
+  for (auto& r : pending) {
+    auto now = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == r.new_in; });
+    if (now == sa.children.end()) continue;
+    bool deleted = false;
+    if (deleting)
+      for (auto& x : *deleting)
+        if (x.type == kPlDelete)
+          if (auto d = parse_delete(x.body); d && d->protocol == kProtoEsp)
+            for (auto& spi : d->spis) deleted |= get32(spi.data()) == now->spi_out;
+    if (deleted) continue;  // the peer is deleting it (a collision's redundant SA): never send with it
+    auto old = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == r.old_in; });
+    if (old == sa.children.end()) continue;
+    sa.replaced.push_back(old->spi_in);
+    sink_.rekeyed(*old, *now);
+  }
 }
 
 void Engine::delete_sa(uint64_t spi, const std::string& why, bool reinit) {
@@ -1321,11 +1393,9 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
       auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& ch) { return ch.spi_out == out; });
       if (it == sa.children.end()) continue;
       ours.push_back(u32_bytes(it->spi_in));
-      log(fmt::format("{}: peer deleted CHILD SA {:08x}_i {:08x}_o", sa.who(), it->spi_in, it->spi_out));
-      sink_.remove(*it);
-      ++stats_.child_removed;
-      child_spis_.erase(it->spi_in);
-      sa.children.erase(it);
+      log(fmt::format("{}: peer deleted CHILD SA {:08x}_i {:08x}_o{}", sa.who(), it->spi_in, it->spi_out,
+                      sa.is_replaced(it->spi_in) ? " (rekeyed; inbound kept a moment for packets in flight)" : ""));
+      retire_child(sa, it->spi_in);
     }
   }
   for (auto& x : pl) {
@@ -1392,6 +1462,7 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
   auto tsr = parse_ts(tsrp->body);
   if (!tsi || !tsr) return refuse(kNInvalidSyntax, "malformed TSi or TSr");
   const ChildSa* old = nullptr;
+  bool collided = false;
   if (rekey_out) {
     for (auto& ch : sa.children)
       if (ch.spi_out == *rekey_out) old = &ch;
@@ -1401,6 +1472,25 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
       respond(sa, m.h, e);
       return;
     }
+    // Already rekeyed (by us, its delete is under way, or by an earlier
+    // request of the peer's): §2.25.1.
+    bool answered = std::any_of(sa.peer_rekeys.begin(), sa.peer_rekeys.end(),
+                                [&](auto& r) { return r.old_in == old->spi_in; });
+    if (sa.is_replaced(old->spi_in) || answered)
+      return refuse(kNTemporaryFailure, fmt::format("CHILD SA {:08x}_i is already rekeyed", old->spi_in));
+    // Our own rekey of the same SA not sent yet: the peer's does the job.
+    auto queued = std::find_if(sa.queue.begin(), sa.queue.end(), [&](auto& r) {
+      return r.kind == kReqRekeyChild && r.child_spi == old->spi_in;
+    });
+    if (queued != sa.queue.end()) {
+      sa.queue.erase(queued);
+      child_spis_.erase(sa.pending_spi);
+      sa.pending_spi = 0;
+      sa.pending_dh.reset();
+    }
+    // Ours is on the wire: a collision (§2.8.1), settled by the nonces when
+    // our answer arrives. Both exchanges complete meanwhile.
+    collided = sa.req_active && sa.req_kind == kReqRekeyChild && sa.req_child == old->spi_in;
   }
   std::optional<KePayload> ke;
   if (kep)
@@ -1440,14 +1530,21 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
   if (dh) c.add(kPlKe, encode_ke(KePayload{cs.dh, dh->public_value()}));
   c.add(kPlTsi, encode_ts(remote_ts));
   c.add(kPlTsr, encode_ts(local_ts));
-  ChildSa old_copy;
-  if (old) old_copy = *old;
+  uint32_t old_in = old ? old->spi_in : 0;
+  // Inbound (and outbound, unused yet) ready before the answer leaves: the
+  // peer switches to the new SA as soon as it has the answer.
   install_child(sa, *child);
-  if (old) {
-    ++stats_.child_rekeyed;
-    sink_.rekeyed(old_copy, *child);
-  }
   respond(sa, m.h, c);
+  if (old) {
+    // Make-before-break, the make: we keep sending with the old SA. Switching
+    // now (as we did before) sent packets the peer could not decrypt yet — it
+    // installs its inbound half only when our answer arrives (strongSwan:
+    // "inbound CHILD_SA ... established" on the response). Its next request,
+    // normally the delete of the old SA, tells us it has.
+    ++stats_.child_rekeyed;
+    sa.peer_rekeys.push_back(IkeSa::PeerRekey{old_in, spi_in, *ni, nr, collided});
+    arm(sa, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
+  }
   // The rekey initiator deletes the old SA (§2.8); until then it stays inbound.
 }
 
@@ -1514,7 +1611,12 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
     child_spis_[ch.spi_in] = n->spi_r;
   }
   n->children = std::move(sa.children);
+  n->peer_rekeys = std::move(sa.peer_rekeys);
+  n->replaced = std::move(sa.replaced);
   sa.children.clear();
+  sa.peer_rekeys.clear();
+  sa.replaced.clear();
+  if (!n->peer_rekeys.empty()) arm(*n, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
   sa.state = State::deleting;
   log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
                   n->spi_i, n->spi_r, suite.str()));
@@ -1608,13 +1710,18 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
     child_spis_[ch.spi_in] = n->spi_i;
   }
   n->children = std::move(sa.children);
+  n->peer_rekeys = std::move(sa.peer_rekeys);
+  n->replaced = std::move(sa.replaced);
   sa.children.clear();
+  sa.peer_rekeys.clear();
+  sa.replaced.clear();
   sa.rekey_dh.reset();
   log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
                   n->spi_i, n->spi_r, suite->str()));
   IkeSa& r = *n;
   sas_[n->spi_i] = std::move(n);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
+  if (!r.peer_rekeys.empty()) arm(r, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
   schedule_ike_rekey(r);
   schedule_child_rekey(r);
   // The old SA goes (§2.18): its CHILD SAs already live on the new one.
@@ -1632,14 +1739,48 @@ tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, u
   if (sa->children.empty()) return tl::unexpected(fmt::format("tunnel \"{}\" has no CHILD SA", tunnel));
   if (sa->pending_spi) return tl::unexpected(fmt::format("tunnel \"{}\": a CHILD SA negotiation is under way", tunnel));
   const PeerConfig& p = *sa->peer;
-  const ChildSa& old = sa->children.back();
+  // The newest CHILD SA that no rekey replaced or is about to replace.
+  const ChildSa* cand = nullptr;
+  for (auto& c : sa->children)
+    if (!sa->is_replaced(c.spi_in) &&
+        std::none_of(sa->peer_rekeys.begin(), sa->peer_rekeys.end(), [&](auto& r) { return r.old_in == c.spi_in; }))
+      cand = &c;
+  if (!cand) return tl::unexpected(fmt::format("tunnel \"{}\": its CHILD SA is being rekeyed", tunnel));
+  const ChildSa& old = *cand;
+  // PFS (§1.3.1): when the tunnel's ESP proposals name a DH group, the rekey
+  // carries a KE for the first one (IKE_AUTH's CHILD SA cannot: §1.2).
+  uint16_t group = 0;
+  for (auto& pr : p.esp_proposals) {
+    for (auto& t : pr.transforms)
+      if (t.type == kTfDh && t.id) {
+        group = t.id;
+        break;
+      }
+    if (group) break;
+  }
+  std::unique_ptr<Dh> dh;
+  if (group) {
+    auto d = Dh::create(group);
+    if (!d) return tl::unexpected(fmt::format("tunnel \"{}\": PFS: {}", tunnel, d.error()));
+    dh = std::move(*d);
+  }
+  auto props = without_dh(p.esp_proposals, u32_bytes(0));
+  if (group) {
+    props = p.esp_proposals;
+    for (auto& pr : props)  // our KE's group first, so the peer can take it
+      std::stable_partition(pr.transforms.begin(), pr.transforms.end(),
+                            [&](auto& t) { return !(t.type == kTfDh && t.id != group); });
+  }
   sa->pending_spi = new_child_spi();
   child_spis_[sa->pending_spi] = sa->our_spi();
   sa->pending_nonce = random_bytes(32);
+  for (auto& pr : props) pr.spi = u32_bytes(sa->pending_spi);
   ChainBuilder c;
   c.add_notify(kNRekeySa, {}, kProtoEsp, u32_bytes(old.spi_in));
-  c.add(kPlSa, encode_sa(without_dh(p.esp_proposals, u32_bytes(sa->pending_spi))));
+  c.add(kPlSa, encode_sa(props));
   c.add(kPlNonce, sa->pending_nonce);
+  if (dh) c.add(kPlKe, encode_ke(KePayload{group, dh->public_value()}));
+  sa->pending_dh = std::move(dh);
   c.add(kPlTsi, encode_ts(old.local_ts));
   c.add(kPlTsr, encode_ts(old.remote_ts));
   queue_request(*sa, uint8_t(Exchange::create_child_sa), std::move(c), kReqRekeyChild, old.spi_in);
@@ -1649,19 +1790,21 @@ tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, u
 void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
   uint32_t spi_in = sa.pending_spi, old_spi = sa.req_child;
   sa.pending_spi = 0;
+  std::unique_ptr<Dh> dh = std::move(sa.pending_dh);
   auto child_fail = [&](const std::string& why) {
     ++stats_.child_failed;
     child_spis_.erase(spi_in);
     log(fmt::format("{}: CHILD SA rekey failed: {}", sa.who(), why));
     schedule_child_rekey(sa);
   };
-  const Payload *sap = nullptr, *np = nullptr, *tsip = nullptr, *tsrp = nullptr;
+  const Payload *sap = nullptr, *np = nullptr, *tsip = nullptr, *tsrp = nullptr, *kep = nullptr;
   for (auto& x : pl) {
     if (x.type == kPlNotify)
       if (auto n = parse_notify(x.body); n && n->type <= kNErrorMax)
         return child_fail(fmt::format("peer answered {}", notify_name(n->type)));
     if (x.type == kPlSa) sap = &x;
     if (x.type == kPlNonce) np = &x;
+    if (x.type == kPlKe) kep = &x;
     if (x.type == kPlTsi) tsip = &x;
     if (x.type == kPlTsr) tsrp = &x;
   }
@@ -1673,16 +1816,58 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
   if (!props || !nr || !tsi || !tsr) return child_fail("malformed response");
   std::optional<Suite> cs;
   if (props->size() == 1 && (*props)[0].spi.size() == 4)
-    cs = accept_proposal((*props)[0], without_dh(sa.peer->esp_proposals, {}), true);
+    cs = dh ? accept_proposal((*props)[0], sa.peer->esp_proposals, false)
+            : accept_proposal((*props)[0], without_dh(sa.peer->esp_proposals, {}), true);
   if (!cs) return child_fail(fmt::format("responder chose {}, not one of ours", proposals_str(*props)));
+  Bytes gir;
+  if (dh) {
+    auto ke = kep ? parse_ke(kep->body) : Parsed<KePayload>(tl::unexpect, ParseError{});
+    if (!ke || cs->dh != dh->group() || ke->group != dh->group())
+      return child_fail(fmt::format("PFS: responder chose {} and {} KE", proposals_str(*props),
+                                    ke ? transform_name(kTfDh, ke->group) : std::string("no")));
+    auto s = dh->derive(ke->data);
+    if (!s) return child_fail("PFS: responder's KE: " + s.error());
+    gir = std::move(*s);
+  }
   auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == old_spi; });
-  auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, {}, sa.pending_nonce, *nr);
+  auto theirs = std::find_if(sa.peer_rekeys.begin(), sa.peer_rekeys.end(),
+                             [&](auto& r) { return r.old_in == old_spi && r.collided; });
+  if (theirs != sa.peer_rekeys.end()) {
+    // Both ends rekeyed the same SA at once (§2.8.1): the SA of the exchange
+    // holding the lowest of the four nonces is redundant; the end that
+    // initiated that exchange deletes it, the other end deletes the old SA.
+    ++stats_.rekey_collisions;
+    auto lower = [](const Bytes& a, const Bytes& b) {
+      return std::lexicographical_compare(a.begin(), a.end(), b.begin(), b.end());
+    };
+    const Bytes& ours_min = lower(sa.pending_nonce, *nr) ? sa.pending_nonce : *nr;
+    const Bytes& theirs_min = lower(theirs->ni, theirs->nr) ? theirs->ni : theirs->nr;
+    if (lower(ours_min, theirs_min)) {
+      log(fmt::format("{}: CHILD rekey collision on {:08x}_i: ours ({:08x}_i) holds the lowest nonce and is redundant; "
+                      "deleting it, the peer's ({:08x}_i) stays",
+                      sa.who(), old_spi, spi_in, theirs->new_in));
+      // Never installed; the peer has it and deletes it on our request. Our
+      // outbound moves to the peer's SA when the peer deletes the old one.
+      ChainBuilder d;
+      d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(spi_in)}}));
+      queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, spi_in);
+      return;
+    }
+    log(fmt::format("{}: CHILD rekey collision on {:08x}_i: the peer's ({:08x}_i) holds the lowest nonce and is "
+                    "redundant (the peer deletes it); ours ({:08x}_i) stays",
+                    sa.who(), old_spi, theirs->new_in, spi_in));
+    sa.peer_rekeys.erase(theirs);  // never send with the redundant one
+  }
+  auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, gir, sa.pending_nonce, *nr);
+  if (dh) log(fmt::format("{}: CHILD SA rekey with PFS ({})", sa.who(), transform_name(kTfDh, dh->group())));
   ChildSa now = *c;
   install_child(sa, std::move(*c));
   if (it != sa.children.end()) {
     // install_child may have reallocated: look the old one up again.
     auto old = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& x) { return x.spi_in == old_spi; });
     ++stats_.child_rekeyed;
+    // The responder installed the new SA before answering: switch now.
+    sa.replaced.push_back(old_spi);
     sink_.rekeyed(*old, now);
     ChainBuilder d;
     d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(old_spi)}}));

@@ -75,6 +75,17 @@ struct EngineOptions {
   // sent in fragments when the peer supports it (IPv4 minimum path MTU 576
   // would need 548; 1280 suits most paths).
   uint32_t fragment_size = 1280;
+  // Make-before-break CHILD rekeys (RFC 7296 §2.8), see docs/IKE.md:
+  // - as the rekey's responder we install the new SA before answering but
+  //   keep sending on the old one until the peer shows it has installed the
+  //   new one: its next request (normally the delete of the old SA) proves it
+  //   processed our answer. A peer that sends nothing gets the switch after
+  //   rekey_switch_ms.
+  // - the inbound half of a rekeyed SA is kept rekey_linger_ms after its
+  //   delete exchange: packets the peer protected with it just before it
+  //   switched are still on the way (strongSwan's delete_rekeyed_delay).
+  uint32_t rekey_switch_ms = 5000;
+  uint32_t rekey_linger_ms = 5000;
 };
 
 class Transport {
@@ -113,6 +124,8 @@ class Transport {
   X(child_removed, "CHILD SAs removed")                                                  \
   X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
   X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
+  X(rekey_collisions, "simultaneous CHILD SA rekeys resolved by the nonce rule (§2.8.1)")  \
+  X(rekey_switch_timeouts, "outbound switched to a peer's rekeyed SA without its confirmation") \
   X(rx_fragments, "IKE fragments received (RFC 7383)")                                  \
   X(tx_fragments, "IKE fragments sent")                                                  \
   X(invalid_spi_sent, "INVALID_SPI notifications sent for unknown ESP SPIs")             \
@@ -166,7 +179,7 @@ class Engine {
   struct IkeSa;
 
  private:
-  enum class TimerKind : uint8_t { retransmit, half_open, dpd, child_rekey, ike_rekey, kinds };
+  enum class TimerKind : uint8_t { retransmit, half_open, dpd, child_rekey, ike_rekey, rekey_switch, kinds };
   struct Timer {
     uint64_t when;
     uint64_t spi;
@@ -212,6 +225,13 @@ class Engine {
                                     ByteView g_ir, ByteView ni, ByteView nr);
   void install_child(IkeSa& sa, ChildSa c);
   void remove_children(IkeSa& sa);
+  // A CHILD SA deleted by a delete exchange: a rekeyed one lingers inbound.
+  void retire_child(IkeSa& sa, uint32_t spi_in);
+  // The peer proved it installed the SAs of the rekeys it initiated (it sent
+  // a request after our answer): our outbound switches to them. `deleting`
+  // (that request's payloads) names SAs it is deleting, which we do not
+  // switch to (the redundant SA of a collision).
+  void switch_to_peer_rekeys(IkeSa& sa, const std::vector<Payload>* deleting);
   uint32_t new_child_spi();
   void schedule_child_rekey(IkeSa& sa);
   void schedule_ike_rekey(IkeSa& sa);
@@ -240,6 +260,7 @@ class Engine {
   };
   std::map<std::string, Reinit> reinit_;  // `start` peers waiting to be (re-)initiated
   uint64_t next_child_id_ = 1;
+  std::multimap<uint64_t, ChildSa> lingering_;  // rekeyed SAs' inbound halves, by removal time
   std::map<IpAddr, uint64_t> invalid_spi_at_;  // rate limit per peer address
   Bytes cookie_secret_, cookie_secret_old_;
   uint64_t cookie_secret_at_ = 0;

@@ -7,7 +7,11 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <random>
+#include <set>
+
+#include <fmt/format.h>
 
 #include "ctrl/ike/config.hh"
 #include "ctrl/ike/engine.hh"
@@ -41,12 +45,33 @@ class FakeTransport : public Transport {
   IpAddr me_;
 };
 
+// Records what the engine told the data path, and models that data path: the
+// SPIs its SAD accepts inbound and the one it sends with, so a test can check
+// at every step that whatever one side sends, the other side accepts.
 struct RecSink : ChildSaSink {
   std::vector<ChildSa> installed, removed, moved_;
   std::vector<std::pair<ChildSa, ChildSa>> rekeys;
-  void install(const ChildSa& sa) override { installed.push_back(sa); }
-  void remove(const ChildSa& sa) override { removed.push_back(sa); }
-  void rekeyed(const ChildSa& o, const ChildSa& n) override { rekeys.emplace_back(o, n); }
+  std::set<uint32_t> in;                // inbound SPIs accepted
+  uint32_t out = 0;                     // the SPI we send with (0: none)
+  std::map<uint32_t, uint64_t> left;    // outbound SPI -> when we stopped sending with it
+  std::map<uint32_t, uint64_t> gone;    // inbound SPI -> when it stopped being accepted
+  uint64_t now = 0;                     // set by the fixture
+  void install(const ChildSa& sa) override {
+    installed.push_back(sa);
+    in.insert(sa.spi_in);
+    if (!out) out = sa.spi_out;  // a tunnel's first SA (the SAD's add_sa)
+  }
+  void remove(const ChildSa& sa) override {
+    removed.push_back(sa);
+    in.erase(sa.spi_in);
+    gone[sa.spi_in] = now;
+    if (out == sa.spi_out) left[out] = now, out = 0;
+  }
+  void rekeyed(const ChildSa& o, const ChildSa& n) override {
+    rekeys.emplace_back(o, n);
+    if (out) left[out] = now;
+    out = n.spi_out;
+  }
   void moved(const ChildSa& sa) override { moved_.push_back(sa); }
   size_t live() const { return installed.size() - removed.size(); }
 };
@@ -104,22 +129,51 @@ class Pair : public ::testing::Test {
     return nullptr;
   }
 
-  // Delivers until the network is quiet.
+  // Delivers until the network is quiet; checks the data paths after every message.
   void run(int limit = 100) {
     while (!net.q.empty() && limit-- > 0) {
       Pkt p = net.q.front();
       net.q.pop_front();
       if (net.filter && !net.filter(p)) continue;
       net.log.push_back(p);
+      moat->sink.now = portal->sink.now = now;
       if (Node* n = node_at(p.to.addr)) n->e.receive(p.to, p.from, p.data, now);
+      check_datapath();
     }
   }
 
   void advance(uint64_t ms) {
     now += ms;
+    moat->sink.now = portal->sink.now = now;
     moat->e.tick(now);
     portal->e.tick(now);
+    check_datapath();
     run();
+  }
+
+  // Make-before-break, as the data paths see it: what one side sends with,
+  // the other accepts; an SPI one side stopped sending with stays accepted
+  // on the other side for at least `in_flight_ms` (packets on the way).
+  std::vector<std::string> violations;
+  uint64_t in_flight_ms = 1000;
+  void check_datapath() {
+    auto one_way = [&](const char* an, RecSink& a, const char* bn, RecSink& b) {
+      if (a.out && !b.in.count(a.out))
+        violations.push_back(fmt::format("t={}: {} sends with {:08x}, which {} does not accept", now, an, a.out, bn));
+      for (auto& [spi, t] : b.gone)
+        if (auto l = a.left.find(spi); l != a.left.end() && t < l->second + in_flight_ms)
+          violations.push_back(fmt::format("t={}: {} dropped inbound {:08x} {} ms after {} stopped sending with it", now,
+                                           bn, spi, t - l->second, an));
+    };
+    if (moat->sink.live() && portal->sink.live()) {
+      one_way("moat", moat->sink, "portal", portal->sink);
+      one_way("portal", portal->sink, "moat", moat->sink);
+    }
+  }
+  std::string violations_str() const {
+    std::string s;
+    for (auto& v : violations) s += v + "\n";
+    return s;
   }
 
   void establish() {
@@ -461,12 +515,129 @@ TEST_F(Pair, ChildRekeyIsMakeBeforeBreak) {
   EXPECT_EQ(moat->sink.installed[1].spi_in, portal->sink.installed[1].spi_out);
   EXPECT_EQ(moat->sink.installed[1].encr_key_out, portal->sink.installed[1].encr_key_in);
   EXPECT_NE(moat->sink.installed[1].encr_key_out, first.encr_key_out);
+  // Both send with the new SA; the old one's inbound halves linger for
+  // packets in flight, then go.
+  EXPECT_EQ(moat->sink.out, moat->sink.installed[1].spi_out);
+  EXPECT_EQ(portal->sink.out, portal->sink.installed[1].spi_out);
+  EXPECT_EQ(moat->sink.removed.size(), 0u);
+  EXPECT_EQ(portal->sink.removed.size(), 0u);
+  EXPECT_TRUE(moat->e.show(now)[0]["children"].size() == 1u);
+  advance(EngineOptions{}.rekey_linger_ms);
   ASSERT_EQ(moat->sink.removed.size(), 1u);
   EXPECT_EQ(moat->sink.removed[0].spi_in, first.spi_in);
   ASSERT_EQ(portal->sink.removed.size(), 1u);
   EXPECT_EQ(portal->sink.removed[0].spi_out, first.spi_in);
   EXPECT_EQ(moat->sink.live(), 1u);
   EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// The rekey responder must not send with the new SA before the initiator has
+// it: the initiator installs it only when the answer arrives. (Switching when
+// answering lost packets against strongSwan: issue 5, "rekey under flood".)
+TEST_F(Pair, RekeyResponderSwitchesOnlyWhenTheInitiatorHasTheNewSa) {
+  establish();
+  uint32_t old_out = moat->sink.out;
+  ASSERT_TRUE(portal->e.rekey_child("branch-17", now));
+  // Deliver the request alone: the moat answers but keeps sending with the old SA.
+  Pkt req = net.q.front();
+  net.q.pop_front();
+  moat->e.receive(req.to, req.from, req.data, now);
+  check_datapath();
+  EXPECT_EQ(moat->sink.installed.size(), 2u);  // inbound ready before the answer
+  EXPECT_EQ(moat->sink.out, old_out);
+  EXPECT_TRUE(moat->sink.rekeys.empty());
+  run();  // the answer; the portal switches and deletes the old SA: that request switches the moat
+  ASSERT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.out, moat->sink.installed[1].spi_out);
+  EXPECT_EQ(portal->sink.out, portal->sink.installed[1].spi_out);
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_EQ(moat->e.stats().rekey_switch_timeouts, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+TEST_F(Pair, RekeyResponderSwitchesAfterATimeoutWhenThePeerSaysNothingMore) {
+  establish();
+  ASSERT_TRUE(portal->e.rekey_child("branch-17", now));
+  // The portal's later requests (its delete of the old SA) never arrive.
+  net.filter = [&](Pkt& p) {
+    size_t off = p.to.port == kNattPort ? 4 : 0;
+    bool request = !(p.data[off + 19] & kFlagResponse);
+    return !(p.from.addr == portal->a && request && p.data[off + 18] == uint8_t(Exchange::informational));
+  };
+  run();
+  EXPECT_TRUE(moat->sink.rekeys.empty());
+  advance(EngineOptions{}.rekey_switch_ms);
+  ASSERT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->e.stats().rekey_switch_timeouts, 1u);
+  EXPECT_EQ(moat->sink.out, portal->sink.installed[1].spi_in);
+}
+
+// RFC 7296 §2.8.1: both ends rekey the same CHILD SA at once. The exchange
+// holding the lowest of the four nonces made a redundant SA; its initiator
+// deletes it, the other end deletes the old SA; one SA remains, the same on
+// both sides, and at no moment does either side send with an SA the other
+// does not accept. Rounds until each side has won at least once.
+TEST_F(Pair, SimultaneousChildRekeysKeepOneSaAndLoseNothing) {
+  establish();
+  int moat_won = 0, portal_won = 0;
+  for (int round = 0; round < 40 && (moat_won < 2 || portal_won < 2); ++round) {
+    uint32_t old_in = moat->sink.out ? portal->sink.out : 0;
+    ASSERT_TRUE(moat->e.rekey_child("portal", now)) << round;
+    ASSERT_TRUE(portal->e.rekey_child("branch-17", now)) << round;
+    run();
+    advance(EngineOptions{}.rekey_linger_ms);
+    ASSERT_EQ(moat->e.stats().rekey_collisions, uint64_t(round + 1));
+    ASSERT_EQ(portal->e.stats().rekey_collisions, uint64_t(round + 1));
+    ASSERT_EQ(moat->sink.live(), 1u) << round;
+    ASSERT_EQ(portal->sink.live(), 1u) << round;
+    auto m = moat->e.show(now)[0]["children"], p = portal->e.show(now)[0]["children"];
+    ASSERT_EQ(m.size(), 1u);
+    ASSERT_EQ(p.size(), 1u);
+    EXPECT_EQ(m[0]["spi_in"], p[0]["spi_out"]);
+    EXPECT_EQ(m[0]["spi_out"], p[0]["spi_in"]);
+    EXPECT_NE(moat->sink.in.count(old_in), 1u);
+    EXPECT_EQ(*moat->sink.in.begin(), portal->sink.out);
+    EXPECT_EQ(*portal->sink.in.begin(), moat->sink.out);
+    // Who won: the surviving SA was negotiated by the moat if the moat's
+    // inbound SPI is one the moat chose in its own request.
+    bool moat_made = false;
+    uint32_t moat_in = *moat->sink.in.begin();
+    for (auto& l : moat->logs)
+      if (l.find("collision") != std::string::npos && l.find(fmt::format("ours ({:08x}_i) stays", moat_in)) != std::string::npos)
+        moat_made = true;
+    (moat_made ? moat_won : portal_won)++;
+    ASSERT_TRUE(violations.empty()) << "round " << round << "\n" << violations_str();
+  }
+  EXPECT_GE(moat_won, 2);
+  EXPECT_GE(portal_won, 2);
+  EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
+}
+
+// PFS: with a DH group in the ESP proposals, our CHILD rekeys carry a KE and
+// the new keys come from the fresh DH secret (both sides derive the same).
+TEST_F(Pair, ChildRekeyWithPfsWhenTheProposalNamesAGroup) {
+  auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+  m.remote = Endpoint{portal->a, kIkePort};
+  m.esp_proposals = *parse_proposals("aes128gcm16-x25519", kProtoEsp);
+  moat->e.set_peers({m}, now);
+  auto p = tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16", "10.17.0.0/16");
+  p.esp_proposals = *parse_proposals("aes128gcm16-modp2048-x25519", kProtoEsp);
+  portal->e.set_peers({p}, now);
+  establish();  // IKE_AUTH's CHILD SA: no KE there (§1.2)
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  ASSERT_EQ(moat->sink.installed.size(), 2u);
+  ASSERT_EQ(portal->sink.installed.size(), 2u);
+  EXPECT_EQ(moat->sink.installed[1].encr_key_out, portal->sink.installed[1].encr_key_in);
+  EXPECT_EQ(moat->sink.installed[1].encr_key_in, portal->sink.installed[1].encr_key_out);
+  EXPECT_TRUE(std::any_of(moat->logs.begin(), moat->logs.end(),
+                          [](auto& l) { return l.find("PFS (CURVE_25519)") != std::string::npos; }))
+      << "no PFS";
+  EXPECT_EQ(moat->e.stats().child_failed + portal->e.stats().child_failed, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
 }
 
 TEST_F(Pair, UnknownSpiIsReportedRateLimitedAndOnlyInsideAnIkeSa) {
