@@ -758,7 +758,7 @@ void Control::shutdown() {
   conntrack_.reset();
   // Packets still queued in the schedulers go with the mempools.
   tables_.qos.store(nullptr);
-  qos_.reset();
+  forget_qos();
   for (auto& r : qos_rings_) {
     rte_ring_free(r);
     r = nullptr;

@@ -169,6 +169,7 @@ class Control {
   RuleSet rules_;
   tl::expected<std::unique_ptr<QosTable>, std::string> build_qos(const Config& c);
   void install_qos(std::unique_ptr<QosTable> q);
+  void forget_qos();  // at shutdown: no telemetry reader may see the table
   void sample_qos();  // once a second: each class's current rate
   std::unique_ptr<QosTable> qos_;  // what tables_.qos points to (when anything is shaped or policed)
   uint64_t qos_generation_ = 0;

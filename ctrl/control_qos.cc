@@ -8,6 +8,9 @@
 #include <fmt/format.h>
 
 #include <map>
+#include <mutex>
+
+#include <rte_telemetry.h>
 
 #include "ctrl/config_qos.hh"
 #include "ctrl/control.hh"
@@ -33,6 +36,46 @@ bool leaf(const qos::Plan& p, int32_t idx) {
   for (auto& c : p.classes)
     if (c.parent == idx) return false;
   return idx >= 0;
+}
+
+// `/moat/qos,PORT[,FIRST]`: the class counters of a port's tree for metrics
+// scrapers, the figures `show qos` shows. The callback runs on DPDK's
+// telemetry thread, which is no RCU reader: the mutex keeps the table it
+// reads from being freed by a plan change (control thread only, never a
+// worker). A telemetry answer holds at most RTE_TEL_MAX_DICT_ENTRIES
+// classes; FIRST pages through a portal's larger tree.
+std::mutex g_qos_mu;
+const QosTable* g_qos = nullptr;
+std::map<std::string, uint16_t> g_qos_ports;
+
+int telemetry_qos(const char*, const char* params, rte_tel_data* d) {
+  std::string p = params ? params : "";
+  size_t first = 0;
+  if (auto comma = p.find(','); comma != std::string::npos) {
+    first = std::strtoul(p.c_str() + comma + 1, nullptr, 10);
+    p.resize(comma);
+  }
+  std::lock_guard lk(g_qos_mu);
+  auto it = g_qos_ports.find(p);
+  if (!g_qos || it == g_qos_ports.end() || !g_qos->port[it->second] || g_qos->port[it->second]->drain) return -EINVAL;
+  const qos::Scheduler& s = *g_qos->port[it->second]->sched;
+  rte_tel_data_start_dict(d);
+  for (size_t k = first; k < s.classes() && k < first + RTE_TEL_MAX_DICT_ENTRIES; k++) {
+    const qos::ClassStats& st = s.stats(uint32_t(k));
+    rte_tel_data* c = rte_tel_data_alloc();
+    if (!c) break;
+    rte_tel_data_start_dict(c);
+    auto ld = [](const uint64_t& v) { return __atomic_load_n(&v, __ATOMIC_RELAXED); };
+    rte_tel_data_add_dict_u64(c, "sent_pkts", ld(st.sent_pkts));
+    rte_tel_data_add_dict_u64(c, "sent_bytes", ld(st.sent_bytes));
+    rte_tel_data_add_dict_u64(c, "dropped_pkts", ld(st.dropped_pkts));
+    rte_tel_data_add_dict_u64(c, "dropped_bytes", ld(st.dropped_bytes));
+    rte_tel_data_add_dict_u64(c, "borrowed_bytes", ld(st.borrowed_bytes));
+    rte_tel_data_add_dict_u64(c, "qlen", __atomic_load_n(&st.qlen, __ATOMIC_RELAXED));
+    std::string name = s.plan().classes[k].name.substr(0, RTE_TEL_MAX_STRING_LEN - 1);
+    rte_tel_data_add_dict_container(d, name.c_str(), c, 0);
+  }
+  return 0;
 }
 
 }  // namespace
@@ -193,11 +236,26 @@ void Control::install_qos(std::unique_ptr<QosTable> next) {
   bool any = !next->police.empty();
   for (auto& p : next->port) any |= bool(p);
   std::unique_ptr<QosTable> old = std::move(qos_);
-  qos_ = std::move(next);
+  {
+    std::lock_guard lk(g_qos_mu);
+    qos_ = std::move(next);
+    g_qos = qos_.get();
+    if (g_qos_ports.empty()) {
+      for (size_t i = 0; i < c_.ports.size(); i++) g_qos_ports[c_.ports[i].name] = ports_[i].id;
+      rte_telemetry_register_cmd("/moat/qos", telemetry_qos,
+                                 "Moat QoS class counters of a shaped port. Parameters: PORT[,FIRST class index]");
+    }
+  }
   tables_.qos.store(any ? qos_.get() : nullptr, std::memory_order_release);
   // Each owner adopts the old queues before its next quiescent state.
   if (old && workers_running_) rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
   qos_rate_.clear();
+}
+
+void Control::forget_qos() {
+  std::lock_guard lk(g_qos_mu);
+  g_qos = nullptr;
+  qos_.reset();
 }
 
 void Control::sample_qos() {

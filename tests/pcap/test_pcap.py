@@ -99,7 +99,7 @@ class Moatd:
         s.send(cmd.encode())
         out = json.loads(s.recv(65536).decode())
         s.close()
-        return out[cmd]
+        return out[cmd.split(",")[0]]  # the answer is keyed by the command without its parameters
 
     def wait_rx(self, n, settle=0.3, timeout=20):
         deadline = time.time() + timeout

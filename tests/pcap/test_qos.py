@@ -78,8 +78,9 @@ def kind_of(p):
     return "web" if TCP in p else "other"
 
 
-def run(tree, inputs, extra="", timeout=20):
-    """Feeds `inputs` (interleaved) and returns the wan frames, the drops and show qos."""
+def run(tree, inputs, extra="", timeout=20, metrics=None):
+    """Feeds `inputs` (interleaved) and returns the wan frames, the drops and show qos
+    (and into `metrics`, when given, the telemetry answer /moat/qos,wan)."""
     with tempfile.TemporaryDirectory(prefix="moat-qos-") as tmp:
         wrpcap(os.path.join(tmp, "in_lan.pcap"), inputs, linktype=1)
         wrpcap(os.path.join(tmp, "in_wan.pcap"), [], linktype=1)
@@ -94,6 +95,8 @@ def run(tree, inputs, extra="", timeout=20):
                 time.sleep(0.2)
             drops = m.drops()
             shown = m.ctl("show", "qos", "wan")[0]
+            if metrics is not None:
+                metrics.update(m.telemetry("/moat/qos,wan"))
         return not_arp(frames(os.path.join(tmp, "out_wan.pcap"))), drops, shown
 
 
@@ -163,11 +166,15 @@ class Shaping(unittest.TestCase):
         # unmarked ones to the tree's default (web).
         n = 200
         ins = interleave([pkt("other", i, dscp=46) for i in range(n)], [pkt("other", 10000 + i) for i in range(n)])
-        out, drops, shown = run(SEED_TREE, ins)
+        metrics = {}
+        out, drops, shown = run(SEED_TREE, ins, metrics=metrics)
         self.assertEqual(len(out), 2 * n)
         by = {c["name"]: c for c in shown["classes"]}
         self.assertEqual(by["audio"]["sent_pkts"], n)
         self.assertEqual(by["web"]["sent_pkts"], n)
+        # The same figures for metrics scrapers (DPDK telemetry).
+        self.assertEqual(metrics["audio"]["sent_pkts"], n)
+        self.assertEqual(metrics["web"]["sent_bytes"], by["web"]["sent_bytes"])
 
     def test_flooded_class_drops_and_others_keep_their_guarantee(self):
         # video floods far beyond its queue: it tail-drops (counted); audio
