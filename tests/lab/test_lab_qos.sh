@@ -10,7 +10,8 @@
 # delivered, camera's median RTT below one 1514-byte frame time, every
 # class within ±5 % of the link of the tree's share and of Linux HTB's,
 # video borrowing audio's share in phase 2 (moatctl's counters too).
-# Needs root. QOS_TABLE=FILE also writes the table there.
+# Needs root. QOS_TABLE=FILE also writes the table there; QOS_KEEP=DIR keeps
+# the raw measurements (qos_traffic.py's send/recv files) in DIR.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 MOATD=${MOATD:-$root/build/ctrl/moatd}
@@ -29,6 +30,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   "$root/lab/moat-lab" down "$lab" --prefix $prefix >/dev/null 2>&1 || true
   for n in snd rtr rcv; do ip netns del $LX-$n 2>/dev/null || true; done
+  if [ -n "${QOS_KEEP:-}" ]; then mkdir -p "$QOS_KEEP" && cp "$tmp"/*.send "$tmp"/*.recv "$QOS_KEEP"/ 2>/dev/null || true; fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT INT TERM
@@ -61,14 +63,16 @@ ip netns exec $prefix-qhome ping -c 3 -i 0.2 -W 2 10.69.0.2 >/dev/null \
   || { echo "FAIL: no path qhome → qcorp through the tunnel"; exit 1; }
 measure $prefix-qcorp 10.69.0.2 $prefix-qhome "--audio-len 320 --video-len 1000 --camera-len 32" moat \
   "$MOATCTL --socket $sock --json show qos wan"
-"$MOATCTL" --socket "$sock" show qos wan
-"$MOATCTL" --socket "$sock" --json show stats | $PY -c '
+"$MOATCTL" --socket "$sock" --json show qos wan | $PY -c "import json,sys; [print(c[\"name\"], {k: c[k] for k in (\"sent_pkts\", \"sent_bytes\", \"dropped_pkts\", \"borrowed_bytes\")}) for c in json.load(sys.stdin)[0][\"classes\"]]"
+for r in qmoat qportal; do
+"$MOATCTL" --socket "$root/lab/run/$prefix-qos/$r.sock" --json show stats | $PY -c '
 import json, sys
 d = {x["reason"]: x["count"] for x in json.load(sys.stdin)["drops"] if x["count"]}
-print("moat drops:", d)
-bad = {k: v for k, v in d.items() if k in ("tx_full", "qos_handoff_full", "esp_bad_icv", "ip_truncated")}
+print(sys.argv[1], "drops:", d)
+bad = {k: v for k, v in d.items() if k in ("tx_full", "qos_handoff_full", "esp_bad_icv", "esp_too_old", "esp_replayed", "ip_truncated")}
 assert not bad, f"unexpected drops: {bad}"
-'
+' $r
+done
 "$root/lab/moat-lab" down "$lab" --prefix $prefix >/dev/null
 
 # ------------------------------------------------------- Linux HTB ---
@@ -100,12 +104,12 @@ tc() { ip netns exec $LX-rtr tc "$@"; }
 b="burst 1514 cburst 1514 quantum 1514"
 tc qdisc add dev qlxr1 root handle 1: htb default 30
 tc class add dev qlxr1 parent 1: classid 1:1 htb rate 128kbit ceil 128kbit $b
-tc class add dev qlxr1 parent 1:1 classid 1:10 htb rate 80kbit ceil 128kbit prio 0 $b  # audio
-tc class add dev qlxr1 parent 1:1 classid 1:20 htb rate 12kbit ceil 128kbit prio 1 $b  # camera
+tc class add dev qlxr1 parent 1:1 classid 1:10 htb rate 80kbit ceil 128kbit prio 1 $b  # audio
+tc class add dev qlxr1 parent 1:1 classid 1:20 htb rate 12kbit ceil 128kbit prio 0 $b  # camera
 tc class add dev qlxr1 parent 1:1 classid 1:2 htb rate 36kbit ceil 128kbit $b          # data
 tc class add dev qlxr1 parent 1:2 classid 1:30 htb rate 24kbit ceil 32kbit prio 2 $b   # web
 tc class add dev qlxr1 parent 1:2 classid 1:40 htb rate 12kbit ceil 128kbit prio 3 $b  # video
-for x in "10 16" "20 16" "30 20" "40 20"; do
+for x in "10 16" "20 16" "30 12" "40 10"; do
   set -- $x
   tc qdisc add dev qlxr1 parent 1:$1 handle $1: pfifo limit "$2"   # the lab's queue: sizes
 done
