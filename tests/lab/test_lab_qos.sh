@@ -73,6 +73,13 @@ bad = {k: v for k, v in d.items() if k in ("tx_full", "qos_handoff_full", "esp_b
 assert not bad, f"unexpected drops: {bad}"
 ' $r
 done
+# The portal's view of the tunnel: the numbers the moat's full queues
+# consumed read as loss there (docs/CONFIGURATION.md, shaping).
+"$MOATCTL" --socket "$root/lab/run/$prefix-qos/qportal.sock" --json show tunnels | $PY -c '
+import json, sys
+for t in json.load(sys.stdin):
+    print("qportal tunnel", t.get("tunnel"), {k: v for k, v in t.items() if k not in ("sas", "tunnel")})
+'
 "$root/lab/moat-lab" down "$lab" --prefix $prefix >/dev/null
 
 # ------------------------------------------------------- Linux HTB ---
