@@ -34,6 +34,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT INT TERM
+# Leftovers of a crashed run (ours only: qlx-* namespaces, the qlab lab).
+for n in snd rtr rcv; do ip netns del $LX-$n 2>/dev/null || true; done
 
 # The receiver in namespace $1 on its only veth ($2: its address), the
 # sender in $3 towards $2; $4: extra send arguments. Results in $tmp/$5.*.
