@@ -55,6 +55,7 @@ measure() {
   timeout $((RECV_SECONDS + 10)) ip netns exec "$sns" $PY "$traffic" send --to "$addr" --out "$tmp/$tag.send" \
     --phase1 "$P1" --phase2 "$P2" $extra ${snap:+--snapshot "$snap"}
   wait "$rpid"
+  pids=()  # done: nothing of ours left to stop
 }
 
 # ---------------------------------------------------------------- Moat ---
