@@ -21,8 +21,12 @@ std::string scalar(const json& v) {
   return s;
 }
 
+// A list of flat records reads best as a table; a record that holds lists
+// or records of its own (a QoS tree, a tunnel's SAs) reads best as a section.
 bool is_table(const json& v) {
-  return v.is_array() && !v.empty() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_object(); });
+  return v.is_array() && !v.empty() && std::all_of(v.begin(), v.end(), [](const json& e) {
+           return e.is_object() && std::none_of(e.begin(), e.end(), [](const json& f) { return f.is_structured(); });
+         });
 }
 
 void pad(std::string& out, size_t n) { out.append(n, ' '); }

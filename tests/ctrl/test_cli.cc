@@ -414,6 +414,32 @@ TEST(CliRender, StatsBecomeTitledSectionsWithTables) {
   at("uptime_s: 42");
 }
 
+TEST(CliRender, RecordsHoldingListsAreSectionsAndTheQosTreeIsDrawnLineByLine) {
+  // `show qos`: one record per port, with the tree as lines and the
+  // classes as a table; a table cell must never hold raw JSON.
+  json qos = json::array({json{{"port", "wan"},
+                               {"tree", json::array({"wan rate 128kbit", "  audio rate 64kbit", "  data rate 64kbit",
+                                                     "    video rate 20kbit"})},
+                               {"classes", json::array({json{{"name", "wan"}, {"sent_pkts", 10}},
+                                                        json{{"name", "audio"}, {"sent_pkts", 4}}})}}});
+  std::string out = render_human(qos);
+  auto lines = lines_of(out);
+  EXPECT_EQ(out.find('['), std::string::npos) << out;
+  EXPECT_EQ(out.find('{'), std::string::npos) << out;
+  auto at = [&](const std::string& s) {
+    for (size_t i = 0; i < lines.size(); i++)
+      if (lines[i] == s) return i;
+    ADD_FAILURE() << "no line [" << s << "] in:\n" << out;
+    return lines.size();
+  };
+  at("port: wan");
+  size_t tree = at("tree:");
+  EXPECT_EQ(lines[tree + 1], "  wan rate 128kbit");
+  EXPECT_EQ(lines[tree + 4], "      video rate 20kbit");  // the tree's own indentation kept
+  size_t classes = at("classes:");
+  EXPECT_EQ(lines[classes + 1].rfind("  name", 0), 0u) << lines[classes + 1];
+}
+
 TEST(CliRender, ScalarsAndEmptyAnswers) {
   EXPECT_EQ(render_human(json{{"added", "10.0.0.0/8"}}), "added: 10.0.0.0/8\n");
   EXPECT_EQ(render_human(json::array()), "(none)\n");
