@@ -7,7 +7,9 @@ port by port and packet by packet, with what RFC 791/792/1812 say should
 come out, computed here with scapy. Drop counters are read with moatctl.
 """
 import json
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,11 @@ from scapy.all import (ARP, ICMP, IP, IPerror, UDP, TCP, Ether, Raw, rdpcap, wrp
 
 MOATD = os.environ.get("MOATD", "build/ctrl/moatd")
 MOATCTL = os.environ.get("MOATCTL", "build/ctrl/moatctl")
+
+# One EAL runtime directory per test process: two runs (two checkouts, a
+# benchmark next to the tests) must not share DPDK's lock and sockets.
+EAL_PREFIX = f"moat-pcap-{os.getpid()}"
+atexit.register(shutil.rmtree, f"/var/run/dpdk/{EAL_PREFIX}", ignore_errors=True)
 
 R_LAN = "02:00:00:00:01:01"   # moat's lan port
 R_WAN = "02:00:00:00:02:01"   # moat's wan port
@@ -94,7 +101,7 @@ class Moatd:
         import socket
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.settimeout(5)
-        s.connect("/var/run/dpdk/moat-pcap-test/dpdk_telemetry.v2")
+        s.connect(f"/var/run/dpdk/{EAL_PREFIX}/dpdk_telemetry.v2")
         s.recv(4096)  # greeting
         s.send(cmd.encode())
         out = json.loads(s.recv(65536).decode())
@@ -120,7 +127,7 @@ def two_port_config(extra_routes="", lan_mtu=1500, wan_mtu=1280, neighbors=True,
   lcores: [0, 1]
   memory_mb: 256
   no_huge: true
-  file_prefix: moat-pcap-test
+  file_prefix: {EAL_PREFIX}
   log_level: "*:error"
 ports:
   - name: lan

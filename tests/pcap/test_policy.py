@@ -19,7 +19,7 @@ import yaml
 from scapy.all import ICMP, IP, UDP, Ether, Raw, wrpcap, raw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_pcap import R_LAN, HOST as LAN_HOST, Moatd, frames, not_arp  # noqa: E402
+from test_pcap import EAL_PREFIX, R_LAN, HOST as LAN_HOST, Moatd, frames, not_arp  # noqa: E402
 
 SRC = os.environ.get("MOAT_SRC", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
@@ -44,7 +44,7 @@ def policy_config(tmp):
         n = p["name"]
         p["device"] = f"net_pcap_{n},rx_pcap={tmp}/in_{n}.pcap,tx_pcap={tmp}/out_{n}.pcap"
         p["mac"] = MAC[n]
-    cfg["eal"] = {"lcores": [0, 1], "memory_mb": 256, "no_huge": True, "file_prefix": "moat-pcap-test",
+    cfg["eal"] = {"lcores": [0, 1], "memory_mb": 256, "no_huge": True, "file_prefix": EAL_PREFIX,
                   "log_level": "*:error"}
     cfg["neighbors"] = [{"ip": h[0], "mac": h[1], "port": n} for d in (HOST, HOST2) for n, h in d.items()]
     cfg["punt"] = {"enabled": False}
@@ -197,7 +197,7 @@ class HotUpdate(unittest.TestCase):
   lcores: [0, 1]
   memory_mb: 256
   no_huge: true
-  file_prefix: moat-pcap-test
+  file_prefix: {EAL_PREFIX}
   log_level: "*:error"
 ports:
   - {{name: lan, device: "net_pcap0,rx_pcap={tmp}/flow.pcap,infinite_rx=1", address: 10.1.0.1/24, mac: "{R_LAN}"}}
