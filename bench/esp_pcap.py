@@ -97,35 +97,37 @@ def read_pcap(path):
     return out
 
 
-def make_pcaps(tmp):
-    """Generates every input once; returns {name: path}."""
-    p = {}
-    src, moat_in = ip4("10.0.1.2"), ip4("10.0.1.1")
-    for size in SIZES:
-        # Outbound: cleartext to 10.0.3.x (routed into the tunnel).
-        path = os.path.join(tmp, f"out-{size}.pcap")
-        write_pcap(path, (udp_frame(src, ip4("10.0.3.1"), size, i, 1024 + i % 50000) for i in range(N)))
-        p[f"out-{size}"] = path
-        # Inbound: the same inner packets from 10.9.0.2 to the sink behind
-        # moatd, sealed by esp_tool with sequence numbers 1..N.
-        p[f"in-{size}"] = seal(tmp, f"in-{size}", size, 1500, N)
-    # 10,000 SAs: destinations 10.0.3.0 + (i mod 10000), one tunnel each.
-    path = os.path.join(tmp, "out-64-10k.pcap")
+def make_pcaps(tmp, names):
+    """Generates the inputs `names` (pcap names of CASES_ALL) once; returns {name: path}."""
+    src = ip4("10.0.1.2")
     base = int.from_bytes(ip4("10.0.3.0"), "big")
-    write_pcap(path, (udp_frame(src, (base + i % 10000).to_bytes(4, "big"), 64, i, 1024 + i % 50000) for i in range(N)))
-    p["out-64-10k"] = path
-    # Inbound fragments: 1420-byte inner packets through a 1400-byte tunnel
-    # MTU: two ESP packets each (N ESP packets in all).
-    p["in-frag"] = seal(tmp, "in-frag", 1420, 1400, N // 2)
-    # Two workers: two rx queues of N/2 packets each (same memory as one of N).
-    path = os.path.join(tmp, "out-64-half.pcap")
-    write_pcap(path, (udp_frame(src, ip4("10.0.3.1"), 64, i, 1024 + i % 50000) for i in range(N // 2)))
-    p["out-64-half"] = path
-    # A small, cache-resident pcap for comparison (the generator's misses).
-    path = os.path.join(tmp, "out-64-small.pcap")
-    write_pcap(path, (udp_frame(src, ip4("10.0.3.1"), 64, i, 1024 + i) for i in range(4096)))
-    p["out-64-small"] = path
-    return p
+
+    def plain(name, frames):
+        path = os.path.join(tmp, name + ".pcap")
+        write_pcap(path, frames)
+        return path
+
+    make = {
+        # Outbound: cleartext to 10.0.3.x (routed into the tunnel).
+        **{f"out-{s}": (lambda s=s: plain(f"out-{s}", (udp_frame(src, ip4("10.0.3.1"), s, i, 1024 + i % 50000)
+                                                        for i in range(N)))) for s in SIZES},
+        # Inbound: inner packets from 10.9.0.2 to the sink behind moatd,
+        # sealed by esp_tool with sequence numbers 1..N.
+        **{f"in-{s}": (lambda s=s: seal(tmp, f"in-{s}", s, 1500, N)) for s in SIZES},
+        # 10,000 SAs: destinations 10.0.3.0 + (i mod 10000), one tunnel each.
+        "out-64-10k": lambda: plain("out-64-10k", (udp_frame(src, (base + i % 10000).to_bytes(4, "big"), 64, i,
+                                                             1024 + i % 50000) for i in range(N))),
+        # Inbound fragments: 1420-byte inner packets through a 1400-byte
+        # tunnel MTU: two ESP packets each (N ESP packets in all).
+        "in-frag": lambda: seal(tmp, "in-frag", 1420, 1400, N // 2),
+        # Two workers: two rx queues of N/2 packets each (the memory of one of N).
+        "out-64-half": lambda: plain("out-64-half", (udp_frame(src, ip4("10.0.3.1"), 64, i, 1024 + i % 50000)
+                                                     for i in range(N // 2))),
+        # A small, cache-resident pcap for comparison (the generator's misses).
+        "out-64-small": lambda: plain("out-64-small", (udp_frame(src, ip4("10.0.3.1"), 64, i, 1024 + i)
+                                                       for i in range(4096))),
+    }
+    return {n: make[n]() for n in sorted(set(names))}
 
 
 def seal(tmp, name, size, mtu, n):
@@ -428,7 +430,7 @@ def main():
     cases = CASES or list(CASES_ALL)
     with tempfile.TemporaryDirectory(prefix="moat-esp-pcap-", dir="/tmp") as tmp:
         t = time.time()
-        pcaps = make_pcaps(tmp)
+        pcaps = make_pcaps(tmp, [CASES_ALL[c][0] for c in cases])
         print(f"esp-pcap: pcaps of {N} packets made in {time.time() - t:.0f} s", file=sys.stderr)
         rounds, cmds = [], {}
         for r in range(ROUNDS):
