@@ -6,8 +6,14 @@ input from net_pcap with infinite_rx=1 (the pcap's packets are held in mbufs
 and copied into fresh ones on every rx: the generator's cost lands on the
 worker's core) and sends to net_null. The raw crypto rate of the same cipher
 and sizes is measured in the same run with dpdk-test-crypto-perf on
-crypto_aesni_mb, also on CPU 1, rounds alternating with the moatd cases, so
+crypto_aesni_mb, also on CPU 1, just before and just after each case, so
 every ratio is taken within one round.
+
+Rates are per second of the measured thread's own CPU time (the scheduler's
+per-thread run time, /proc/PID/task/TID/schedstat): on the shared 2-CPU
+machine other processes take CPU 1 for seconds at a time, which made
+wall-clock ratios meaningless. Wall-clock rates and CPU shares are kept in
+the JSON.
 
 Inbound and anti-replay: infinite_rx replays the same pcap, and a replayed
 packet is (rightly) refused before any crypto, so only the first pass over
@@ -16,9 +22,10 @@ numbers 1..N (made by Moat's esp_tool, which runs the outbound stage), and
 the rate is taken from the first pass only: the inner packets moatd sends
 are sampled every ~2 ms over the control socket, and the rate is the slope
 between the samples at 10 % and 90 % of the pass. The window stays on
-(1024, the default); nothing is reset or disabled. Outbound cases use pcaps
-of the same N packets (so the generator's cache misses are alike in both
-directions) and a fixed interval in steady state.
+(1024, the default); nothing is reset or disabled; the run then checks that
+exactly N inner packets came out and the rest were refused as replays.
+Outbound cases use pcaps of the same N packets (so the generator's cache
+misses are alike in both directions) and a fixed interval in steady state.
 
 Writes OUT/esp-pcap.json and prints the ratios as a markdown table.
 """
