@@ -13,8 +13,20 @@
 #   bench/esp-runs.sh [BUILD_DIR] [OUT_DIR]       (defaults: build bench/results/esp)
 # Environment: DIRS ("outbound inbound"), SAS (1: SAs, one tunnel each,
 # traffic interleaved across all), DURATION (1), MAX_TRIALS (8),
-# TIME_LIMIT (per run, 200), MOAT_BENCH, MOATD.
-# Writes OUT_DIR/esp-{outbound,inbound}-<SAS>sa.json and prints a markdown table.
+# TIME_LIMIT (per run, 200), SIZES (frame sizes, e.g. "[530]"; default per
+# direction as above), FLOWS (max(SAS, 256); flow f goes to tunnel f mod SAS
+# from source port 1024 + f div SAS), MODE (ndr | max), TAG (suffix of the
+# result files), MOAT_BENCH, MOATD, MOATCTL.
+#   QOS=1 (outbound only; bench/qos-runs.sh): a qos.shaping tree on port b
+#   whose `moats:` template gives every tunnel a subtree of 4 leaves c0..c3,
+#   and qos rules putting source ports into the 4 classes so that every
+#   tunnel's flows spread evenly over its 4 leaves (FLOWS a multiple of
+#   4 x SAS). The link is QOS_LINK (40gbit), far above what moatd forwards;
+#   each moat is guaranteed 80 % of it / SAS, its classes a quarter each,
+#   all may borrow up to the link: the scheduler is on the path, never the
+#   limit. After the search, `moatctl --json show qos b` goes to
+#   OUT_DIR/esp-outbound-<SAS>sa<TAG>-showqos.json.
+# Writes OUT_DIR/esp-{outbound,inbound}-<SAS>sa<TAG>.json and prints a markdown table.
 # Exit status: 0 every run completed; 1 a run failed; 2 usage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +37,20 @@ max_trials=${MAX_TRIALS:-8}
 limit=${TIME_LIMIT:-200}
 read -r -a dirs <<<"${DIRS:-outbound inbound}"
 sas=${SAS:-1}
+flows=${FLOWS:-$((sas > 256 ? sas : 256))}
+mode=${MODE:-ndr}
+tag=${TAG:-}
+qos=${QOS:-0}
+qos_link=${QOS_LINK:-40gbit}
 moat_bench=${MOAT_BENCH:-$build/bench/moat-bench}
 moatd=${MOATD:-$build/ctrl/moatd}
+moatctl=${MOATCTL:-$build/ctrl/moatctl}
 [ -x "$moat_bench" ] && [ -x "$moatd" ] || { echo "esp-runs: no moat-bench/moatd in $build" >&2; exit 2; }
+if [ "$qos" = 1 ]; then
+  [ "${DIRS:-}" = outbound ] || { echo "esp-runs: QOS=1 needs DIRS=outbound" >&2; exit 2; }
+  [ $((flows % (4 * sas))) -eq 0 ] || { echo "esp-runs: QOS=1 needs FLOWS a multiple of 4 x SAS" >&2; exit 2; }
+  [ -x "$moatctl" ] || { echo "esp-runs: no moatctl in $build" >&2; exit 2; }
+fi
 mkdir -p "$out"
 key=0x00112233445566778899aabbccddeeff01020304
 
@@ -55,16 +78,18 @@ for dir in "${dirs[@]}"; do
       sizes="[138, 586, 1494]" dst=10.0.2.2 outer_dst=10.0.1.1 ;;
     *) echo "esp-runs: unknown direction $dir" >&2; exit 2 ;;
   esac
+  [ -n "${SIZES:-}" ] && sizes=$SIZES
   rm -f "$run"/*.sock
   sed -e "s|@RUN@|$run|g" -e "s|@SIZES@|$sizes|g" -e "s|@DIR@|$dir|g" -e "s|@DST@|$dst|g" \
       -e "s|@OUTER_DST@|$outer_dst|g" -e "s|@DURATION@|$dur|g" -e "s|@MAX_TRIALS@|$max_trials|g" \
-      -e "s|@TIME_LIMIT@|$limit|g" -e "s|@SAS@|$sas|g" -e "s|@FLOWS@|$((sas > 256 ? sas : 256))|g" \
+      -e "s|@TIME_LIMIT@|$limit|g" -e "s|@SAS@|$sas|g" -e "s|@FLOWS@|$flows|g" -e "s|@MODE@|$mode|g" \
       bench/profiles/router-esp.yaml.in >"$run/bench.yaml"
   # SA i: SPI 0x1000 + i, the profile's key; outbound, tunnel i carries
   # 10.0.3.0 + i; inbound, it comes from 198.18.0.1 + i (moat-bench's layout).
-  /usr/bin/python3 - "$dir" "$sas" "$key" "$run" <<'PY' >"$run/moatd.yaml"
+  /usr/bin/python3 - "$dir" "$sas" "$key" "$run" "$qos" "$flows" "$qos_link" <<'PY' >"$run/moatd.yaml"
 import ipaddress, json, sys
 d, n, key, run = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+qos, flows, link = sys.argv[5] == "1", int(sys.argv[6]), sys.argv[7]
 routes, tunnels = [], []
 for i in range(n):
     sa = {"spi": 0x1000 + i, "key": key}
@@ -77,10 +102,25 @@ for i in range(n):
                         "sa": {"cipher": "aes-gcm-128", "in": sa}})
 text = open("bench/configs/moatd-esp.yaml.in").read().replace("@RUN@", run)
 print(text.replace("@ROUTES@", json.dumps(routes)).replace("@TUNNELS@", json.dumps(tunnels)), end="")
+if qos:
+    # Flow f leaves from port 1024 + f // n: each tunnel sees k = flows / n
+    # source ports; a quarter of them per class.
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1}
+    u = next(x for x in units if link.endswith(x))
+    link_bits = float(link[: -len(u)]) * units[u]
+    k = flows // n
+    rules = [{"name": f"c{j}", "proto": "udp", "sport": f"{1024 + j * k // 4}-{1024 + (j + 1) * k // 4 - 1}",
+              "class": f"c{j}"} for j in range(4)]
+    moat = int(link_bits * 0.8 / n) // 4 * 4
+    leaves = [{"name": f"c{j}", "rate": f"{moat // 4}bit", "ceil": link, "prio": j} for j in range(4)]
+    print("qos: " + json.dumps({"classes": [f"c{j}" for j in range(4)], "rules": rules,
+                                "shaping": [{"port": "b", "rate": link,
+                                             "moats": {"rate": f"{moat}bit", "ceil": link, "classes": leaves,
+                                                       "default": "c3"}}]}))
 PY
   "$moatd" --config "$run/moatd.yaml" --check >/dev/null || { echo "esp-runs: moatd config rejected" >&2; exit 1; }
   echo "esp-runs: $dir, $sas SA(s)" >&2
-  taskset -c 0 timeout -k 5 $((limit + 30)) "$moat_bench" "$run/bench.yaml" --output "$out/esp-$dir-${sas}sa.json" \
+  taskset -c 0 timeout -k 5 $((limit + 30)) "$moat_bench" "$run/bench.yaml" --output "$out/esp-$dir-${sas}sa$tag.json" \
     --progress </dev/null &
   gen=$!
   pids=("$gen")
@@ -90,6 +130,10 @@ PY
   dut=$!
   pids+=("$dut")
   wait "$gen" || { echo "esp-runs: moat-bench ($dir) exited with $?; moatd log:" >&2; tail -5 "$run/dut.log" >&2; status=1; }
+  if [ "$qos" = 1 ]; then
+    "$moatctl" --socket "$run/moatd.sock" --json show qos b >"$out/esp-$dir-${sas}sa$tag-showqos.json" ||
+      { echo "esp-runs: moatctl show qos b failed" >&2; status=1; }
+  fi
   kill -TERM "$dut" 2>/dev/null || true
   for _ in $(seq 50); do kill -0 "$dut" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$dut" 2>/dev/null || true
@@ -97,13 +141,13 @@ PY
   pids=()
 done
 
-/usr/bin/python3 - "$out" "$sas" "${dirs[@]}" <<'PY'
+/usr/bin/python3 - "$out" "$sas" "$tag" "${dirs[@]}" <<'PY'
 import json, os, sys
-out, sas, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
+out, sas, tag, dirs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 print("| direction | frame in | NDR Mpps | PDR (0.1 %) Mpps | most received Mpps | ESP checked / failed | load avg | verdict |")
 print("|---|---|---|---|---|---|---|---|")
 for d in dirs:
-    f = f"{out}/esp-{d}-{sas}sa.json"
+    f = f"{out}/esp-{d}-{sas}sa{tag}.json"
     if not os.path.exists(f):
         continue
     doc = json.load(open(f))
