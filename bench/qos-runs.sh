@@ -3,16 +3,27 @@
 # docs/PERFORMANCE.md "QoS end to end"): outbound ESP through moatd
 # (bench/esp-runs.sh) with 512-byte inner packets (530-byte frames), with and
 # without a qos.shaping tree whose `moats:` template gives each tunnel a
-# subtree of 4 classes (QOS=1 in esp-runs.sh), for 4,096 tunnels and for 1.
-# The two configurations run interleaved (the order alternates between
-# repetitions), so each repetition gives a ratio measured under the same load.
+# subtree of 4 classes, for 4,096 tunnels and for 1.
+#
+# The machine is shared: wall-clock rates move by 3x from one minute to the
+# next, so the two configurations are compared inside one moatd under one
+# max-rate trial (esp-runs.sh QOS=toggle): `moatctl rules reload` switches the
+# shaping off and on every TOGGLE_S (2) s, in the order off on on off, for
+# TOGGLES (16) segments. Each segment gives the worker's packets sent, wall
+# time and CPU time; packets per worker CPU second is the capacity on a core
+# of one's own, which the other jobs move less than the wall-clock rate. A
+# repetition's ratio pools its segments: (packets / CPU s with) ÷ (without).
+# NDR=1 also runs, per repetition and tunnel count, a separate NDR search for
+# each configuration (fresh moatd each; the order alternates).
 #
 #   bench/qos-runs.sh [BUILD_DIR] [OUT_DIR]     (defaults: build bench/results/qos-e2e)
-# Environment: REPS (3), SAS_LIST ("4096 1"), MODE (ndr | max), MAX_TRIALS (8),
-# DURATION (1), and what esp-runs.sh reads.
-# Writes OUT_DIR/esp-outbound-<N>sa-qos{0,1}-r<REP>.json (moat-bench),
-# ...-qos1-r<REP>-showqos.json (moatctl --json show qos b after the run) and
-# OUT_DIR/summary.json; prints a markdown table.
+# Environment: REPS (3), SAS_LIST ("4096 1"), TOGGLES (16), TOGGLE_S (2),
+# NDR (0), MAX_TRIALS (8), and what esp-runs.sh reads.
+# Writes OUT_DIR/esp-outbound-<N>sa-r<REP>-toggle.json (the segments),
+# ...-r<REP>-showqos.json (moatctl --json show qos b after the last segment
+# with shaping), ...-stats.json, ...-moatd.log, the moat-bench JSON, with
+# NDR=1 ...-<N>sa-qos{0,1}-r<REP>.json, and OUT_DIR/summary.json; prints a
+# markdown table.
 # Exit status: 0 every run completed; 1 a run failed; 2 usage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,32 +31,35 @@ build=${1:-build}
 out=${2:-bench/results/qos-e2e}
 reps=${REPS:-3}
 read -r -a sas_list <<<"${SAS_LIST:-4096 1}"
-export DIRS=outbound SIZES="[530]" MODE=${MODE:-ndr} MAX_TRIALS=${MAX_TRIALS:-8} DURATION=${DURATION:-1}
+toggles=${TOGGLES:-16}
+toggle_s=${TOGGLE_S:-2}
+export MEMORY_MB=${MEMORY_MB:-1024} DIRS=outbound SIZES="[530]" TOGGLES=$toggles TOGGLE_S=$toggle_s
 mkdir -p "$out"
 status=0
 for rep in $(seq "$reps"); do
   for sas in "${sas_list[@]}"; do
     # 4 flows per tunnel at least (one per class), 256 at least in all.
     flows=$((4 * sas > 256 ? 4 * sas : 256))
-    if [ $((rep % 2)) -eq 1 ]; then order="0 1"; else order="1 0"; fi
-    for q in $order; do
-      echo "qos-runs: repetition $rep, $sas tunnel(s), QOS=$q" >&2
-      QOS=$q SAS=$sas FLOWS=$flows TAG="-qos$q-r$rep" bench/esp-runs.sh "$build" "$out" >&2 || status=1
-    done
+    # Long enough for the segments and the reloads (a few seconds each with
+    # 4,096 moats on a loaded machine); the trial is stopped after them.
+    dur=$((toggles * (toggle_s + 6) + 10))
+    echo "qos-runs: repetition $rep, $sas tunnel(s), shaping toggled" >&2
+    QOS=toggle SAS=$sas FLOWS=$flows MODE=max DURATION=$dur TIME_LIMIT=$((dur + 60)) TAG="-r$rep" \
+      bench/esp-runs.sh "$build" "$out" >&2 || status=1
+    if [ "${NDR:-0}" = 1 ]; then
+      if [ $((rep % 2)) -eq 1 ]; then order="0 1"; else order="1 0"; fi
+      for q in $order; do
+        echo "qos-runs: repetition $rep, $sas tunnel(s), NDR, QOS=$q" >&2
+        QOS=$q SAS=$sas FLOWS=$flows MODE=ndr DURATION=1 TAG="-qos$q-r$rep" \
+          bench/esp-runs.sh "$build" "$out" >&2 || status=1
+      done
+    fi
   done
 done
 
 /usr/bin/python3 - "$out" "$reps" "${sas_list[@]}" <<'PY'
 import json, os, statistics, sys
 out, reps, sas_list = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3:]]
-
-
-def figures(f):
-    doc = json.load(open(f))
-    r = doc["results"][0]
-    rx = max((t["received"]["pps"] for t in doc["trials"]), default=0)
-    ndr = r["ndr"]["pps"] if r.get("ndr") else None
-    return {"ndr_pps": ndr, "max_received_pps": rx, "verdict": r.get("verdict"), "load_avg": doc.get("load_avg")}
 
 
 def leaves(f):
@@ -64,39 +78,62 @@ def leaves(f):
 
 def spread(xs):
     xs = [x for x in xs if x is not None]
-    if not xs:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "values": xs} if xs else None
+
+
+def ndr(f):
+    if not os.path.exists(f):
         return None
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "values": xs}
+    r = json.load(open(f))["results"][0]
+    return r["ndr"]["pps"] if r.get("ndr") else None
 
 
 summary = {"frame_bytes": 530, "inner_ip_bytes": 512, "cases": []}
-print("| tunnels | metric | without QoS Mpps (median) | with QoS Mpps (median) | ratio median | ratio min–max |")
-print("|---|---|---|---|---|---|")
+rows = []
 for sas in sas_list:
     case = {"tunnels": sas, "repetitions": []}
     for rep in range(1, reps + 1):
-        f0, f1 = (f"{out}/esp-outbound-{sas}sa-qos{q}-r{rep}.json" for q in (0, 1))
-        if not (os.path.exists(f0) and os.path.exists(f1)):
+        f = f"{out}/esp-outbound-{sas}sa-r{rep}-toggle.json"
+        if not os.path.exists(f):
             continue
-        a, b = figures(f0), figures(f1)
-        e = {"rep": rep, "without": a, "with": b,
-             "ndr_ratio": b["ndr_pps"] / a["ndr_pps"] if a["ndr_pps"] and b["ndr_pps"] else None,
-             "max_ratio": b["max_received_pps"] / a["max_received_pps"] if a["max_received_pps"] else None}
-        sq = f"{out}/esp-outbound-{sas}sa-qos1-r{rep}-showqos.json"
+        segs = json.load(open(f))["segments"]
+        pool = {}
+        for on in (False, True):
+            s = [x for x in segs if x["qos"] == on]
+            pk, cpu, wall = (sum(x[k] for x in s) for k in ("worker_tx_pkts", "worker_cpu_s", "wall_s"))
+            pool[on] = {"segments": len(s), "pkts": pk, "cpu_s": cpu, "wall_s": wall,
+                        "pps_per_cpu_s": pk / cpu if cpu else None, "wall_pps": pk / wall if wall else None}
+        e = {"rep": rep, "without": pool[False], "with": pool[True],
+             "cpu_ratio": pool[True]["pps_per_cpu_s"] / pool[False]["pps_per_cpu_s"],
+             "wall_ratio": pool[True]["wall_pps"] / pool[False]["wall_pps"]}
+        sq = f"{out}/esp-outbound-{sas}sa-r{rep}-showqos.json"
         if os.path.exists(sq):
             e["show_qos"] = leaves(sq)
+        n0, n1 = ndr(f"{out}/esp-outbound-{sas}sa-qos0-r{rep}.json"), ndr(f"{out}/esp-outbound-{sas}sa-qos1-r{rep}.json")
+        if n0 is not None or n1 is not None:
+            e["ndr"] = {"without_pps": n0, "with_pps": n1, "ratio": n1 / n0 if n0 and n1 else None}
         case["repetitions"].append(e)
     rs = case["repetitions"]
-    for m, key in (("NDR", "ndr"), ("most forwarded", "max")):
-        ratio = spread([e[f"{key}_ratio"] for e in rs])
-        src = "ndr_pps" if key == "ndr" else "max_received_pps"
-        w0 = spread([e["without"][src] for e in rs])
-        w1 = spread([e["with"][src] for e in rs])
-        case[f"{key}_ratio"], case[f"{key}_without_pps"], case[f"{key}_with_pps"] = ratio, w0, w1
-        if ratio:
-            print(f"| {sas} | {m} | {w0['median'] / 1e6:.3f} | {w1['median'] / 1e6:.3f} | "
-                  f"{ratio['median']:.3f} | {ratio['min']:.3f}–{ratio['max']:.3f} |")
+    for name, key, src in (("packets per worker CPU second", "cpu", "pps_per_cpu_s"),
+                           ("wall-clock rate", "wall", "wall_pps")):
+        case[key] = {"ratio": spread([e[f"{key}_ratio"] for e in rs]),
+                     "without_pps": spread([e["without"][src] for e in rs]),
+                     "with_pps": spread([e["with"][src] for e in rs])}
+        if case[key]["ratio"]:
+            rows.append((sas, name, case[key]))
+    nd = [e["ndr"] for e in rs if e.get("ndr")]
+    if nd:
+        case["ndr"] = {"ratio": spread([x["ratio"] for x in nd]), "without_pps": spread([x["without_pps"] for x in nd]),
+                       "with_pps": spread([x["with_pps"] for x in nd])}
+        if case["ndr"]["ratio"]:
+            rows.append((sas, "NDR, separate runs (wall clock)", case["ndr"]))
     summary["cases"].append(case)
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
+print("| tunnels | metric | without Mpps (median) | with Mpps (median) | with ÷ without, median | min–max | repetitions |")
+print("|---|---|---|---|---|---|---|")
+for sas, name, c in rows:
+    r = c["ratio"]
+    print(f"| {sas} | {name} | {c['without_pps']['median'] / 1e6:.3f} | {c['with_pps']['median'] / 1e6:.3f} | "
+          f"**{r['median']:.3f}** | {r['min']:.3f}–{r['max']:.3f} | {len(r['values'])} |")
 PY
 exit $status
