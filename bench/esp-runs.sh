@@ -88,6 +88,11 @@ sample() {
        /usr/bin/python3 -c 'import json, sys; print(sum(w["tx"] for w in json.load(sys.stdin)["workers"]))') || return 0
   echo "$(date +%s.%N) $ticks $tx"
 }
+# moatd's rule generation (one more per reload), or nothing.
+rules_generation() {
+  "$moatctl" --socket "$run/moatd.sock" --json show rules 2>/dev/null |
+    /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["generation"])' 2>/dev/null || true
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -189,7 +194,17 @@ PY
     for seg in $(seq "${TOGGLES:-16}"); do
       case $((seg % 4)) in 1|0) on=0 ;; *) on=1 ;; esac
       if [ $on = 1 ]; then f=$run/moatd-qos.yaml; else f=$run/moatd.yaml; fi
-      "$moatctl" --socket "$run/moatd.sock" rules reload "$f" >/dev/null || { echo "esp-runs: reload $f failed" >&2; status=1; break; }
+      gen_before=$(rules_generation)
+      if ! "$moatctl" --socket "$run/moatd.sock" rules reload "$f" >/dev/null 2>&1; then
+        # moatctl waits 5 s for an answer; a reload of 4,096 moats on a
+        # loaded machine may take longer. It goes on: wait for its generation.
+        for _ in $(seq 300); do
+          g=$(rules_generation)
+          [ -n "$g" ] && [ -n "$gen_before" ] && [ "$g" -gt "$gen_before" ] && break
+          sleep 0.2
+        done
+        if [ "$(rules_generation)" -le "${gen_before:-0}" ]; then echo "esp-runs: reload $f failed" >&2; status=1; break; fi
+      fi
       sleep 0.3
       a=$(sample)
       sleep "$toggle_s"
