@@ -192,6 +192,7 @@ PY
     sleep 1.5
     : >"$run/segments"
     for seg in $(seq "${TOGGLES:-16}"); do
+      kill -0 "$dut" 2>/dev/null || { echo "esp-runs: moatd is gone (segment $seg)" >&2; status=1; break; }
       case $((seg % 4)) in 1|0) on=0 ;; *) on=1 ;; esac
       if [ $on = 1 ]; then f=$run/moatd-qos.yaml; else f=$run/moatd.yaml; fi
       gen_before=$(rules_generation)
@@ -199,6 +200,7 @@ PY
         # moatctl waits 5 s for an answer; a reload of 4,096 moats on a
         # loaded machine may take longer. It goes on: wait for its generation.
         for _ in $(seq 300); do
+          kill -0 "$dut" 2>/dev/null || break
           g=$(rules_generation)
           [ -n "$g" ] && [ -n "$gen_before" ] && [ "$g" -gt "$gen_before" ] && break
           sleep 0.2

@@ -9,7 +9,7 @@
 # next, so the two configurations are compared inside one moatd under one
 # max-rate trial (esp-runs.sh QOS=toggle): `moatctl rules reload` switches the
 # shaping off and on every TOGGLE_S (2) s, in the order off on on off, for
-# TOGGLES (16) segments. Each segment gives the worker's packets sent, wall
+# TOGGLES (8) segments. Each segment gives the worker's packets sent, wall
 # time and CPU time; packets per worker CPU second is the capacity on a core
 # of one's own, which the other jobs move less than the wall-clock rate. A
 # repetition's ratio pools its segments: (packets / CPU s with) ÷ (without).
@@ -17,7 +17,7 @@
 # each configuration (fresh moatd each; the order alternates).
 #
 #   bench/qos-runs.sh [BUILD_DIR] [OUT_DIR]     (defaults: build bench/results/qos-e2e)
-# Environment: REPS (3), SAS_LIST ("4096 1"), TOGGLES (16), TOGGLE_S (2),
+# Environment: REPS (3), SAS_LIST ("4096 1"), TOGGLES (8), TOGGLE_S (2),
 # NDR (0), MAX_TRIALS (8), and what esp-runs.sh reads.
 # Writes OUT_DIR/esp-outbound-<N>sa-r<REP>-toggle.json (the segments),
 # ...-r<REP>-showqos.json (moatctl --json show qos b after the last segment
@@ -31,7 +31,7 @@ build=${1:-build}
 out=${2:-bench/results/qos-e2e}
 reps=${REPS:-3}
 read -r -a sas_list <<<"${SAS_LIST:-4096 1}"
-toggles=${TOGGLES:-16}
+toggles=${TOGGLES:-8}
 toggle_s=${TOGGLE_S:-2}
 export MEMORY_MB=${MEMORY_MB:-1024} DIRS=outbound SIZES="[530]" TOGGLES=$toggles TOGGLE_S=$toggle_s
 mkdir -p "$out"
@@ -42,7 +42,7 @@ for rep in $(seq "$reps"); do
     flows=$((4 * sas > 256 ? 4 * sas : 256))
     # Long enough for the segments and the reloads (a few seconds each with
     # 4,096 moats on a loaded machine); the trial is stopped after them.
-    dur=$((toggles * (toggle_s + 6) + 10))
+    dur=$((toggles * (toggle_s + 15) + 20))
     echo "qos-runs: repetition $rep, $sas tunnel(s), shaping toggled" >&2
     QOS=toggle SAS=$sas FLOWS=$flows MODE=max DURATION=$dur TIME_LIMIT=$((dur + 60)) TAG="-r$rep" \
       bench/esp-runs.sh "$build" "$out" >&2 || status=1
