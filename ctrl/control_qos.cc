@@ -195,8 +195,18 @@ void Control::install_qos(std::unique_ptr<QosTable> next) {
   std::unique_ptr<QosTable> old = std::move(qos_);
   qos_ = std::move(next);
   tables_.qos.store(any ? qos_.get() : nullptr, std::memory_order_release);
-  // Each owner adopts the old queues before its next quiescent state.
-  if (old && workers_running_) rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
+  // Each owner adopts the old queues in the first loop that sees the new
+  // table, and keeps a pointer to the old scheduler until then. One grace
+  // period is not enough: a worker may report its quiescent state at the end
+  // of a loop whose shape_run read the table just before the store above
+  // (moatd crashed in Scheduler::adopt on a freed scheduler that way, when
+  // bench/qos-runs.sh switched shaping on and off under load). After a
+  // second grace period every worker has run a whole loop begun after the
+  // store, so it has adopted, and the old table can go.
+  if (old && workers_running_) {
+    rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
+    rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
+  }
   qos_rate_.clear();
 }
 
