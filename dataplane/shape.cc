@@ -71,8 +71,9 @@ unsigned shape_run(Worker& w, const Tables& t) {
     qos::Scheduler*& mine = w.shaper[p];
     if (mine != now) {
       // A new plan: the queued packets move to it, so a config change loses
-      // nothing. The old scheduler is freed by the control thread after our
-      // next quiescent state, so this finishes now. A packet whose leaf is
+      // nothing. The control thread frees the old scheduler only after two
+      // grace periods (Control::install_qos): one loop of ours begun after
+      // the swap, this one, must have run. A packet whose leaf is
       // gone takes the new plan's leaf for its class; when shaping is
       // removed (`drain`: a plan with no class of any config name) the
       // packets leave unshaped.
