@@ -21,7 +21,7 @@
 # NDR (0), MAX_TRIALS (8), and what esp-runs.sh reads.
 # Writes OUT_DIR/esp-outbound-<N>sa-r<REP>-toggle.json (the segments),
 # ...-r<REP>-showqos.json (moatctl --json show qos b after the last segment
-# with shaping), ...-stats.json, ...-moatd.log, the moat-bench JSON, with
+# with shaping; gzipped above 1 MB), ...-stats.json, ...-moatd.log, the moat-bench JSON, with
 # NDR=1 ...-<N>sa-qos{0,1}-r<REP>.json, and OUT_DIR/summary.json; prints a
 # markdown table.
 # Exit status: 0 every run completed; 1 a run failed; 2 usage.
@@ -58,13 +58,13 @@ for rep in $(seq "$reps"); do
 done
 
 /usr/bin/python3 - "$out" "$reps" "${sas_list[@]}" <<'PY'
-import json, os, statistics, sys
+import gzip, json, os, statistics, sys
 out, reps, sas_list = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3:]]
 
 
 def leaves(f):
     # Which moats' leaves sent packets (the tree's classes named TUNNEL/CLASS).
-    q = json.load(open(f))[0]
+    q = json.load(gzip.open(f) if f.endswith(".gz") else open(f))[0]
     sent = {}
     for c in q["classes"]:
         if "/" in c["name"]:
@@ -107,6 +107,13 @@ for sas in sas_list:
              "cpu_ratio": pool[True]["pps_per_cpu_s"] / pool[False]["pps_per_cpu_s"],
              "wall_ratio": pool[True]["wall_pps"] / pool[False]["wall_pps"]}
         sq = f"{out}/esp-outbound-{sas}sa-r{rep}-showqos.json"
+        if os.path.getsize(sq) > 1 << 20 if os.path.exists(sq) else False:
+            # 4,096 moats: about 10 MB of JSON; kept gzipped.
+            with open(sq, "rb") as src, gzip.open(sq + ".gz", "wb", 9) as dst:
+                dst.write(src.read())
+            os.remove(sq)
+        if os.path.exists(sq + ".gz"):
+            sq += ".gz"
         if os.path.exists(sq):
             e["show_qos"] = leaves(sq)
         n0, n1 = ndr(f"{out}/esp-outbound-{sas}sa-qos0-r{rep}.json"), ndr(f"{out}/esp-outbound-{sas}sa-qos1-r{rep}.json")
