@@ -141,7 +141,8 @@ Json profile_json(const Profile& p) {
            {"dscp", dscp},
            {"ttl", p.ttl}}},
          {"trial",
-          {{"duration_s", p.duration_s}, {"warmup_s", p.warmup_s}, {"drain_s", p.drain_s}, {"link_timeout_s", p.link_timeout_s}}},
+          {{"duration_s", p.duration_s}, {"warmup_s", p.warmup_s}, {"drain_s", p.drain_s}, {"link_timeout_s", p.link_timeout_s},
+           {"ready_file", p.ready_file}}},
          {"search",
           {{"mode", mode_name(p.mode)},
            {"rate_pps", p.rate_pps},
@@ -385,7 +386,8 @@ int run(const Cli& cli) {
     if (!up) {
       status = 3;
       status_text = "link_down";
-      doc["error"] = fmt::format("links not up after {} s", p.link_timeout_s);
+      doc["error"] = p.ready_file.empty() ? fmt::format("links not up after {} s", p.link_timeout_s)
+                                          : fmt::format("links not up, or {} not there, after {} s", p.ready_file, p.link_timeout_s);
     } else {
       Progress progress(cli.progress == 1 || (cli.progress == -1 && isatty(STDERR_FILENO)), p.time_limit_s);
       unsigned index = 0;

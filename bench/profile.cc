@@ -438,12 +438,14 @@ void read(Reader& r, const YAML::Node& root, Profile& p) {
                   } else if (k == "traffic") {
                     read_traffic(r, v, p, mk);
                   } else if (k == "trial") {
-                    r.fields(v, "trial", {"duration_s", "warmup_s", "drain_s", "link_timeout_s"},
+                    r.fields(v, "trial", {"duration_s", "warmup_s", "drain_s", "link_timeout_s", "ready_file"},
                              [&](const std::string& tk, const YAML::Node& x) {
                                if (tk == "duration_s") r.number(x, "trial.duration_s", p.duration_s, 0.01, 3600);
                                else if (tk == "warmup_s") r.number(x, "trial.warmup_s", p.warmup_s, 0, 60);
                                else if (tk == "drain_s") r.number(x, "trial.drain_s", p.drain_s, 0.001, 10);
-                               else r.number(x, "trial.link_timeout_s", p.link_timeout_s, 0.1, 300);
+                               else if (tk == "ready_file") {
+                                 if (auto f = r.str(x, "trial.ready_file")) p.ready_file = *f;
+                               } else r.number(x, "trial.link_timeout_s", p.link_timeout_s, 0.1, 300);
                              });
                   } else if (k == "search") {
                     r.fields(v, "search",

@@ -101,6 +101,11 @@ struct Profile {
   EspSpec esp;
 
   double duration_s = 2, warmup_s = 0.5, drain_s = 0.5, link_timeout_s = 10;
+  // Set: after the links are up, the first trial waits (within
+  // link_timeout_s) until this file exists: the router under test may bring
+  // its links up before it forwards (moatd starts its ports before its
+  // tables and workers), and a trial then would measure its start-up.
+  std::string ready_file;
 
   SearchMode mode = SearchMode::ndr;
   double rate_pps = 0;        // fixed mode

@@ -246,9 +246,33 @@ void Control::install_qos(std::unique_ptr<QosTable> next) {
                                  "Moat QoS class counters of a shaped port. Parameters: PORT[,FIRST class index]");
     }
   }
-  tables_.qos.store(any ? qos_.get() : nullptr, std::memory_order_release);
-  // Each owner adopts the old queues before its next quiescent state.
-  if (old && workers_running_) rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
+  // Once anything was shaped, workers always see a table (maybe empty), so
+  // that every change is acknowledged below.
+  tables_.qos.store(any || old ? qos_.get() : nullptr, std::memory_order_release);
+  // An owner keeps a pointer to its old scheduler across loops until it has
+  // adopted the queues into the new one: that is state held past a quiescent
+  // point, which an RCU grace period does not cover (moatd crashed in
+  // Scheduler::adopt on a freed scheduler when bench/qos-runs.sh switched
+  // shaping on and off under load, and a worker napping offline with
+  // idle_sleep_us would pass any number of grace periods). So every worker
+  // acknowledges the generation it has fully taken over (Worker::qos_gen,
+  // stored at the end of its shape_run), and the old table is freed only
+  // then. A worker that never answers (stuck) costs the old table's memory,
+  // never a use after free.
+  if (old && workers_running_) {
+    uint64_t deadline = rte_get_tsc_cycles() + 2 * tsc_hz_;
+    auto all_seen = [&] {
+      for (auto& w : workers_)
+        if (w->qos_gen.load(std::memory_order_acquire) != qos_->generation) return false;
+      return true;
+    };
+    while (!all_seen() && rte_get_tsc_cycles() < deadline) rte_delay_us_sleep(100);
+    if (!all_seen()) {
+      fmt::print(stderr, "moatd: a worker did not take over QoS plan {} within 2 s; the old plan's memory is kept\n",
+                 qos_->generation);
+      (void)old.release();
+    }
+  }
   qos_rate_.clear();
 }
 

@@ -57,11 +57,7 @@ void shape_enqueue(Worker& w, const ShapedPort& sp, const Sad*, uint16_t port, r
 
 unsigned shape_run(Worker& w, const Tables& t) {
   const QosTable* q = t.qos.load(std::memory_order_acquire);
-  if (!q) {
-    // Nothing shaped: forget the schedulers (the control thread frees them).
-    for (auto& s : w.shaper) s = nullptr;
-    return 0;
-  }
+  if (!q) return 0;  // nothing was ever shaped
   unsigned work = 0;
   void* pkts[kMaxBurst];
   void* dropped[kMaxBurst];
@@ -71,8 +67,9 @@ unsigned shape_run(Worker& w, const Tables& t) {
     qos::Scheduler*& mine = w.shaper[p];
     if (mine != now) {
       // A new plan: the queued packets move to it, so a config change loses
-      // nothing. The old scheduler is freed by the control thread after our
-      // next quiescent state, so this finishes now. A packet whose leaf is
+      // nothing. The control thread frees the old scheduler only after two
+      // grace periods (Control::install_qos): one loop of ours begun after
+      // the swap, this one, must have run. A packet whose leaf is
       // gone takes the new plan's leaf for its class; when shaping is
       // removed (`drain`: a plan with no class of any config name) the
       // packets leave unshaped.
@@ -108,6 +105,8 @@ unsigned shape_run(Worker& w, const Tables& t) {
     for (unsigned i = 0; i < out; i++) tx_enqueue(w, p, static_cast<rte_mbuf*>(pkts[i]));
     work += n + out + nd;
   }
+  // Done with every older table: the control thread may free it.
+  w.qos_gen.store(q->generation, std::memory_order_release);
   return work;
 }
 

@@ -9,8 +9,9 @@
 // worker, its owner: other workers hand their packets for that port over
 // through the port's multi-producer ring, so the scheduler needs no lock. A
 // new plan comes as a new Scheduler; the owner moves the queued packets into
-// it (Scheduler::adopt) the first time it sees the new table, before its
-// next quiescent state, so the old one can be freed after the grace period.
+// it (Scheduler::adopt) the first time it sees the new table; the old one is
+// freed after two grace periods (one only guarantees a quiescent state after
+// the swap, not a loop that saw the new table: Control::install_qos).
 #include <rte_meter.h>
 #include <rte_ring.h>
 

@@ -61,6 +61,10 @@ struct Worker {
   // The schedulers this worker drives (it owns those ports' shaping), as it
   // last saw them: a different one in Tables::qos is a new plan to adopt.
   qos::Scheduler* shaper[kMaxPorts] = {};
+  // The QosTable generation this worker has fully taken over (adopted the
+  // old queues, holds no pointer into older tables): the control thread
+  // frees an old table only when every worker shows the new generation.
+  std::atomic<uint64_t> qos_gen{0};
 
   void drop(rte_mbuf* m, Drop why) {
     stats.drops[static_cast<unsigned>(why)].add();

@@ -100,7 +100,7 @@ TEST(BenchProfile, PortNobodyUsesIsRefused) {
 
 TEST(BenchProfile, UnknownKeyIsRefusedAtTheKey) {
   EXPECT_EQ(only_error(load("trial: {duration_s: 1, duraton_s: 2}\n")),
-            "6:24: trial: unknown key \"duraton_s\" (known: drain_s, duration_s, link_timeout_s, warmup_s)");
+            "6:24: trial: unknown key \"duraton_s\" (known: drain_s, duration_s, link_timeout_s, ready_file, warmup_s)");
 }
 
 TEST(BenchProfile, EveryErrorIsReportedInFileOrder) {

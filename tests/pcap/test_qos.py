@@ -240,6 +240,40 @@ class PlanChange(unittest.TestCase):
         self.assertEqual(len(out), 2 * n, drops)
         self.assertEqual(drops.get("qos_queue_full", 0), 0)
 
+    def test_shaping_switched_on_and_off_under_traffic_loses_no_state(self):
+        # Traffic never stops (infinite_rx) while the tree is replaced, removed
+        # and brought back 30 times, with the worker napping between polls
+        # (idle_sleep_us): moatd stays up, every change is taken over, and the
+        # port forwards at the end. (A worker that kept a pointer to a freed
+        # scheduler across a plan change crashed moatd this way.)
+        with tempfile.TemporaryDirectory(prefix="moat-qos-") as tmp:
+            wrpcap(os.path.join(tmp, "flow.pcap"), interleave([pkt("audio", i) for i in range(50)],
+                                                             [pkt("video", i) for i in range(50)]), linktype=1)
+            cfg = qos_config(SEED_TREE).replace(
+                "net_pcap0,rx_pcap=@TMP@/in_lan.pcap,tx_pcap=@TMP@/out_lan.pcap",
+                "net_pcap0,rx_pcap=@TMP@/flow.pcap,infinite_rx=1").replace(
+                "net_pcap1,rx_pcap=@TMP@/in_wan.pcap,tx_pcap=@TMP@/out_wan.pcap", "net_null0,no-rx=1")
+            cfg += "workers:\n  idle_sleep_us: 200\n"
+            with Moatd(tmp, cfg) as m:
+                shaped = m.cfg
+                plain = os.path.join(tmp, "plain.yaml")
+                with open(plain, "w") as f:
+                    f.write(open(shaped).read().split("  shaping:")[0])
+                other = os.path.join(tmp, "other.yaml")
+                with open(other, "w") as f:
+                    f.write(open(shaped).read().replace(f"rate: {LINK}bit", f"rate: {2 * LINK}bit"))
+                gens = []
+                for i in range(30):
+                    m.ctl("rules", "reload", [shaped, plain, other][i % 3])
+                    if i % 3 != 1:
+                        gens.append(m.ctl("show", "qos", "wan")[0]["generation"])
+                self.assertEqual(len(set(gens)), len(gens), "every change is a new plan")
+                self.assertIsNone(m.p.poll(), "moatd died: " + m.logtext())
+                tx0 = sum(w["tx"] for w in m.ctl("show", "stats")["workers"])
+                time.sleep(0.5)
+                tx1 = sum(w["tx"] for w in m.ctl("show", "stats")["workers"])
+                self.assertGreater(tx1, tx0, "the port stopped forwarding after the changes")
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
