@@ -183,6 +183,14 @@ struct Engine::IkeSa {
   uint64_t rekey_spi = 0;
   Bytes rekey_ni;
   std::unique_ptr<Dh> rekey_dh;
+  // §2.8.2: the peer rekeyed this IKE SA while our rekey of it was on the
+  // wire; our SPI of the new SA its exchange made (the CHILD SAs live there
+  // until our answer settles which new SA survives).
+  uint64_t peer_rekey_spi = 0;
+  // An SA the peer is to delete (a collision's redundant new SA it made, or
+  // the old SA when the peer's rekey won); we delete it ourselves after
+  // half_open_timeout_ms if it does not.
+  bool awaiting_delete = false;
 
   uint64_t our_spi() const { return initiator ? spi_i : spi_r; }
   ByteView ke_out() const { return initiator ? keys.sk_ei : keys.sk_er; }
@@ -615,6 +623,8 @@ void Engine::fire(IkeSa& sa, TimerKind k) {
       if (sa.state == State::half_open) {
         ++stats_.half_open_expired;
         delete_sa(sa.our_spi(), "half-open IKE SA expired", false);
+      } else if (sa.awaiting_delete) {
+        delete_sa(sa.our_spi(), "replaced by a rekey; the peer did not delete it", false);
       }
       return;
     case TimerKind::dpd: {
@@ -1447,6 +1457,10 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
     e.add_notify(n);
     respond(sa, m.h, e);
   };
+  // An IKE SA being closed (rekeyed, or its delete under way): §2.25, and
+  // §2.8.2's rekey the peer sent before it saw ours complete.
+  if (sa.state == State::deleting && sa.peer)
+    return refuse(kNTemporaryFailure, "the IKE SA is being rekeyed or deleted");
   if (sa.state != State::established || !sa.peer) return refuse(kNInvalidSyntax, "IKE SA not established");
   const PeerConfig& p = *sa.peer;
   if (!sap || !np) return refuse(kNInvalidSyntax, "SA or Nonce missing");
@@ -1605,25 +1619,43 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   c.add(kPlNonce, n->nr);
   c.add(kPlKe, encode_ke(KePayload{suite.dh, (*dh)->public_value()}));
   respond(sa, m.h, c);
-  for (auto& ch : sa.children) {
-    ch.ike_spi_i = n->spi_i;
-    ch.ike_spi_r = n->spi_r;
-    child_spis_[ch.spi_in] = n->spi_r;
-  }
-  n->children = std::move(sa.children);
-  n->peer_rekeys = std::move(sa.peer_rekeys);
-  n->replaced = std::move(sa.replaced);
-  sa.children.clear();
-  sa.peer_rekeys.clear();
-  sa.replaced.clear();
-  if (!n->peer_rekeys.empty()) arm(*n, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
+  adopt_children(sa, *n);
   sa.state = State::deleting;
   log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
                   n->spi_i, n->spi_r, suite.str()));
   IkeSa& r = *n;
   sas_[n->spi_r] = std::move(n);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
+  schedule_ike_rekey(r);
   schedule_child_rekey(r);
+  // Our own rekey of this IKE SA not sent yet: the peer's does the job.
+  auto queued = std::find_if(sa.queue.begin(), sa.queue.end(), [](auto& q) { return q.kind == kReqRekeyIke; });
+  if (queued != sa.queue.end()) {
+    sa.queue.erase(queued);
+    sa.rekey_spi = 0;
+    sa.rekey_dh.reset();
+  }
+  // Ours is on the wire: a collision (§2.8.2), settled by the nonces when
+  // our answer arrives. The CHILD SAs wait on the peer's new SA meanwhile.
+  if (sa.req_active && sa.req_kind == kReqRekeyIke) {
+    sa.peer_rekey_spi = r.spi_r;
+    log(fmt::format("{}: IKE SA rekey collision: the peer's rekey crossed ours", sa.who()));
+  }
+}
+
+void Engine::adopt_children(IkeSa& from, IkeSa& to) {
+  for (auto& ch : from.children) {
+    ch.ike_spi_i = to.spi_i;
+    ch.ike_spi_r = to.spi_r;
+    child_spis_[ch.spi_in] = to.our_spi();
+  }
+  for (auto& ch : from.children) to.children.push_back(std::move(ch));
+  for (auto& r : from.peer_rekeys) to.peer_rekeys.push_back(std::move(r));
+  to.replaced.insert(to.replaced.end(), from.replaced.begin(), from.replaced.end());
+  from.children.clear();
+  from.peer_rekeys.clear();
+  from.replaced.clear();
+  if (!to.peer_rekeys.empty()) arm(to, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
 }
 
 tl::expected<void, std::string> Engine::rekey_ike(const std::string& tunnel, uint64_t now_ms) {
@@ -1658,9 +1690,16 @@ tl::expected<void, std::string> Engine::rekey_ike(const std::string& tunnel, uin
 
 void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   auto failed = [&](const std::string& why) {
-    log(fmt::format("{}: IKE SA rekey failed: {}; trying again later", sa.who(), why));
     sa.rekey_spi = 0;
     sa.rekey_dh.reset();
+    if (sa.peer_rekey_spi) {
+      // §2.8.2: the peer finished its rekey before it saw ours
+      // (TEMPORARY_FAILURE); its new SA, which holds the CHILD SAs, stays.
+      log(fmt::format("{}: our IKE SA rekey was answered {}; the peer's rekey stands", sa.who(), why));
+      sa.peer_rekey_spi = 0;
+      return;
+    }
+    log(fmt::format("{}: IKE SA rekey failed: {}; trying again later", sa.who(), why));
     // Retry in a minute: the old SA still works.
     arm(sa, TimerKind::ike_rekey, now_ + 60000);
   };
@@ -1704,24 +1743,55 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   n->state = State::established;
   n->established_ms = now_;
   n->last_heard_ms = now_;
-  for (auto& ch : sa.children) {
-    ch.ike_spi_i = n->spi_i;
-    ch.ike_spi_r = n->spi_r;
-    child_spis_[ch.spi_in] = n->spi_i;
-  }
-  n->children = std::move(sa.children);
-  n->peer_rekeys = std::move(sa.peer_rekeys);
-  n->replaced = std::move(sa.replaced);
-  sa.children.clear();
-  sa.peer_rekeys.clear();
-  sa.replaced.clear();
   sa.rekey_dh.reset();
+  sa.rekey_spi = 0;
+  IkeSa* theirs = nullptr;
+  if (sa.peer_rekey_spi)
+    if (auto t = sas_.find(sa.peer_rekey_spi); t != sas_.end()) theirs = t->second.get();
+  sa.peer_rekey_spi = 0;
+  if (theirs) {
+    // Both ends rekeyed this IKE SA at once (§2.8.2): three IKE SAs now. The
+    // new one whose exchange holds the lowest of the four nonces is
+    // redundant and its creator deletes it; the other inherits every CHILD
+    // SA, and its creator deletes the old IKE SA.
+    ++stats_.rekey_collisions;
+    auto lower = [](const Bytes& a, const Bytes& b) {
+      return std::lexicographical_compare(a.begin(), a.end(), b.begin(), b.end());
+    };
+    const Bytes& ours_min = lower(n->ni, n->nr) ? n->ni : n->nr;
+    const Bytes& theirs_min = lower(theirs->ni, theirs->nr) ? theirs->ni : theirs->nr;
+    if (lower(ours_min, theirs_min)) {
+      log(fmt::format("{}: IKE SA rekey collision: ours ({:016x}_i {:016x}_r) holds the lowest nonce and is redundant; "
+                      "deleting it, the peer's ({:016x}_i {:016x}_r) stays",
+                      sa.who(), n->spi_i, n->spi_r, theirs->spi_i, theirs->spi_r));
+      // It never held a CHILD SA; the peer deletes the old IKE SA.
+      IkeSa& r = *n;
+      r.state = State::deleting;
+      r.no_reinit = true;
+      sas_[n->spi_i] = std::move(n);
+      ChainBuilder d;
+      d.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
+      queue_request(r, uint8_t(Exchange::informational), std::move(d), kReqDeleteIke);
+      sa.awaiting_delete = true;
+      sa.no_reinit = true;
+      arm(sa, TimerKind::half_open, now_ + opts_.half_open_timeout_ms);
+      return;
+    }
+    log(fmt::format("{}: IKE SA rekey collision: the peer's ({:016x}_i {:016x}_r) holds the lowest nonce and is "
+                    "redundant (the peer deletes it); ours ({:016x}_i {:016x}_r) stays",
+                    sa.who(), theirs->spi_i, theirs->spi_r, n->spi_i, n->spi_r));
+    adopt_children(*theirs, *n);
+    theirs->state = State::deleting;
+    theirs->no_reinit = true;
+    theirs->awaiting_delete = true;
+    arm(*theirs, TimerKind::half_open, now_ + opts_.half_open_timeout_ms);
+  }
+  adopt_children(sa, *n);
   log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
                   n->spi_i, n->spi_r, suite->str()));
   IkeSa& r = *n;
   sas_[n->spi_i] = std::move(n);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
-  if (!r.peer_rekeys.empty()) arm(r, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
   schedule_ike_rekey(r);
   schedule_child_rekey(r);
   // The old SA goes (§2.18): its CHILD SAs already live on the new one.

@@ -124,7 +124,7 @@ class Transport {
   X(child_removed, "CHILD SAs removed")                                                  \
   X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
   X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
-  X(rekey_collisions, "simultaneous CHILD SA rekeys resolved by the nonce rule (§2.8.1)")  \
+  X(rekey_collisions, "simultaneous CHILD or IKE SA rekeys resolved by the nonce rule (§2.8.1, §2.8.2)")  \
   X(rekey_switch_timeouts, "outbound switched to a peer's rekeyed SA without its confirmation") \
   X(rx_fragments, "IKE fragments received (RFC 7383)")                                  \
   X(tx_fragments, "IKE fragments sent")                                                  \
@@ -211,6 +211,9 @@ class Engine {
   void rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl);
   void rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Proposal>& props, const Bytes& ni,
                          const Payload* kep);
+  // Moves the CHILD SAs (and their pending rekey switches) to a new IKE SA,
+  // without a sink call: the data path does not know IKE SAs.
+  void adopt_children(IkeSa& from, IkeSa& to);
   void handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote);
 
   void queue_request(IkeSa& sa, uint8_t exchange, ChainBuilder chain, uint8_t kind, uint32_t child_spi = 0);

@@ -106,6 +106,12 @@ struct Node {
 
 class Pair : public ::testing::Test {
  protected:
+  std::string logs() const {
+    std::string s;
+    for (auto& l : moat->logs) s += "moat: " + l + "\n";
+    for (auto& l : portal->logs) s += "portal: " + l + "\n";
+    return s;
+  }
   Net net;
   uint64_t now = 1000;
   std::unique_ptr<Node> moat = std::make_unique<Node>(net, "198.51.100.7");
@@ -679,6 +685,90 @@ TEST_F(Pair, IkeRekeyMovesTheChildSasAndDeletesTheOldIkeSa) {
   run();
   EXPECT_EQ(portal->sink.rekeys.size(), 1u);
   EXPECT_EQ(portal->e.stats().rx_bad_icv, 0u);
+}
+
+// §2.8.2: both ends rekey the IKE SA in the same instant. Three IKE SAs
+// exist for a moment; the new one holding the lowest of the four nonces is
+// deleted by its creator, the other inherits the CHILD SA, the old one goes.
+TEST_F(Pair, SimultaneousIkeRekeysKeepOneIkeSaAndEveryChildSa) {
+  establish();
+  int moat_won = 0, portal_won = 0;
+  for (int round = 0; round < 40 && (moat_won < 2 || portal_won < 2); ++round) {
+    uint32_t child_in = *moat->sink.in.begin();
+    ASSERT_TRUE(moat->e.rekey_ike("portal", now)) << round;
+    ASSERT_TRUE(portal->e.rekey_ike("branch-17", now)) << round;
+    run();
+    ASSERT_EQ(moat->e.stats().rekey_collisions, uint64_t(round + 1)) << round << logs();
+    ASSERT_EQ(portal->e.stats().rekey_collisions, uint64_t(round + 1)) << round;
+    ASSERT_EQ(moat->e.ike_sa_count(), 1u) << round;
+    ASSERT_EQ(portal->e.ike_sa_count(), 1u) << round;
+    auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+    ASSERT_EQ(m["state"], "ESTABLISHED");
+    ASSERT_EQ(p["state"], "ESTABLISHED");
+    EXPECT_EQ(m["spi_i"], p["spi_i"]);
+    EXPECT_EQ(m["spi_r"], p["spi_r"]);
+    EXPECT_NE(m["role"], p["role"]);
+    // Nothing lost, nothing re-made: the CHILD SA is the same one, on the survivor.
+    ASSERT_EQ(m["children"].size(), 1u);
+    ASSERT_EQ(p["children"].size(), 1u);
+    EXPECT_EQ(m["children"][0]["spi_in"], fmt::format("{:08x}", child_in));
+    EXPECT_EQ(moat->sink.removed.size(), 0u);
+    EXPECT_EQ(portal->sink.removed.size(), 0u);
+    (m["role"] == "initiator" ? moat_won : portal_won)++;
+    // The survivor's keys agree on both ends: a CHILD rekey goes through it.
+    ASSERT_TRUE(moat->e.rekey_child("portal", now)) << round;
+    run();
+    advance(EngineOptions{}.rekey_linger_ms);
+    ASSERT_EQ(moat->sink.live(), 1u) << round;
+    ASSERT_EQ(portal->sink.live(), 1u) << round;
+    moat->sink.removed.clear(), moat->sink.installed.erase(moat->sink.installed.begin());
+    portal->sink.removed.clear(), portal->sink.installed.erase(portal->sink.installed.begin());
+    ASSERT_TRUE(violations.empty()) << "round " << round << "\n" << violations_str();
+  }
+  EXPECT_GE(moat_won, 2);
+  EXPECT_GE(portal_won, 2);
+  EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
+  EXPECT_EQ(moat->e.stats().rx_unknown_spi + portal->e.stats().rx_unknown_spi, 0u);
+  EXPECT_EQ(moat->e.stats().ike_given_up + portal->e.stats().ike_given_up, 0u);
+  // Nothing left to time out: no IKE SA is waiting for a delete.
+  advance(60000);
+  EXPECT_EQ(moat->e.ike_sa_count(), 1u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+}
+
+// §2.8.2's special case: the portal's rekey completes before the moat's
+// request reaches it; the moat saw the collision, the portal did not. The
+// portal's delete of the old IKE SA tells the moat to forget its own rekey.
+TEST_F(Pair, IkeRekeyCollisionSeenByOneSideOnly) {
+  establish();
+  ASSERT_TRUE(moat->e.rekey_ike("portal", now));
+  ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
+  std::optional<Pkt> held;
+  net.filter = [&](Pkt& p) {
+    if (!held && p.from.addr == moat->a) {
+      held = p;
+      return false;
+    }
+    return true;
+  };
+  run();
+  ASSERT_TRUE(held);
+  net.filter = nullptr;
+  net.q.push_back(*held);  // late: for an IKE SA the portal has closed
+  run();
+  advance(60000);
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+  EXPECT_EQ(m["spi_i"], p["spi_i"]);
+  EXPECT_EQ(p["role"], "initiator");
+  EXPECT_EQ(m["children"].size(), 1u);
+  EXPECT_EQ(p["children"].size(), 1u);
+  EXPECT_EQ(moat->sink.removed.size() + portal->sink.removed.size(), 0u);
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
 }
 
 TEST_F(Pair, TerminateDeletesBothSides) {
