@@ -21,7 +21,9 @@ const char* state_name(State s) {
   return "?";
 }
 
-enum ReqKind : uint8_t { kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke };
+enum ReqKind : uint8_t {
+  kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke, kReqUpdateAddresses
+};
 
 bool child_error(uint16_t n) {
   return n == kNNoProposalChosen || n == kNTsUnacceptable || n == kNSinglePairRequired ||
@@ -150,6 +152,11 @@ struct Engine::IkeSa {
   std::vector<Bytes> resp_msg;
   Bytes req_hash;
   bool peer_frag = false;  // the peer sent IKEV2_FRAGMENTATION_SUPPORTED
+  // MOBIKE (RFC 4555) negotiated in IKE_AUTH; `original_initiator`: we sent
+  // that IKE_AUTH (only that end sends UPDATE_SA_ADDRESSES, §3.1). Both pass
+  // to the IKE SAs that rekey this one.
+  bool mobike = false, original_initiator = false;
+  Endpoint rx_local, rx_remote;  // where the request being processed came to/from
   struct {
     uint32_t mid = 0;
     bool response = false;
@@ -455,15 +462,11 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     if (sa.state != State::established || sa.nat_local || sa.nat_remote) {
       if (sa.state == State::established)
         log(fmt::format("{}: peer moved to {}", sa.who(), remote.str()));
-      sa.remote = remote;
-      sa.local = local;
-      for (auto& c : sa.children) {
-        c.local = local;
-        c.remote = remote;
-        sink_.moved(c);
-      }
+      move_sa(sa, local, remote);
     }
   }
+  sa.rx_local = local;
+  sa.rx_remote = remote;
   uint64_t spi = sa.our_spi();
   auto inner = parse_chain(first, *pt);
   if (!inner) {
@@ -493,6 +496,12 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
       case kReqRekeyChild: create_child_response(sa, *inner); break;
       case kReqRekeyIke: rekey_ike_response(sa, *inner); break;
       case kReqDpd: break;
+      case kReqUpdateAddresses:
+        for (auto& x : *inner)
+          if (x.type == kPlNotify)
+            if (auto n = parse_notify(x.body); n && n->type <= kNErrorMax)
+              log(fmt::format("{}: UPDATE_SA_ADDRESSES answered {}", sa.who(), notify_name(n->type)));
+        break;
     }
     auto it = sas_.find(spi);
     if (it != sas_.end()) pump(*it->second);
@@ -510,6 +519,17 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
       c.add_notify(kNInvalidSyntax);
       respond(sa, h, c);
     }
+  }
+}
+
+void Engine::move_sa(IkeSa& sa, const Endpoint& local, const Endpoint& remote) {
+  sa.remote = remote;
+  sa.local = local;
+  for (auto& c : sa.children) {
+    c.local = local;
+    c.remote = remote;
+    c.udp_encap = sa.nat_local || sa.nat_remote;
+    sink_.moved(c);
   }
 }
 
@@ -1003,6 +1023,7 @@ void Engine::send_auth(IkeSa& sa) {
   });
   if (!other) c.add_notify(kNInitialContact);
   if (p.remote_id.type) c.add(kPlIdr, encode_id(p.remote_id));
+  if (p.mobike) c.add_notify(kNMobikeSupported);
   auto auth = make_auth(p, sa.suite.prf, octets);
   if (!auth) return fail(sa, "cannot authenticate: " + auth.error());
   add_cert(c, p);
@@ -1055,6 +1076,11 @@ void Engine::auth_response(IkeSa& sa, const std::vector<Payload>& pl) {
     return fail(sa, "responder's AUTH: " + ok.error());
   }
   sa.dh.reset();
+  sa.original_initiator = true;
+  sa.mobike = p.mobike && std::any_of(pl.begin(), pl.end(), [](auto& x) {
+    auto n = x.type == kPlNotify ? parse_notify(x.body) : Parsed<NotifyPayload>(tl::unexpect, ParseError{});
+    return n && n->type == kNMobikeSupported;
+  });
   established(sa);
   uint32_t spi_in = sa.pending_spi;
   sa.pending_spi = 0;
@@ -1263,7 +1289,7 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
     return;
   }
   const Payload *idip = nullptr, *idrp = nullptr, *authp = nullptr, *sap = nullptr, *tsip = nullptr, *tsrp = nullptr;
-  bool initial_contact = false;
+  bool initial_contact = false, mobike = false;
   for (auto& x : pl) {
     switch (x.type) {
       case kPlIdi: idip = &x; break;
@@ -1274,6 +1300,7 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
       case kPlTsr: tsrp = &x; break;
       case kPlNotify:
         if (auto n = parse_notify(x.body); n && n->type == kNInitialContact) initial_contact = true;
+        else if (n && n->type == kNMobikeSupported) mobike = true;
         break;
     }
   }
@@ -1330,6 +1357,8 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
   c.add(kPlIdr, idr_body);
   add_cert(c, *peer);
   c.add(kPlAuth, encode_auth(*my_auth));
+  sa.mobike = mobike && peer->mobike;
+  if (sa.mobike) c.add_notify(kNMobikeSupported);
   established(sa);
 
   if (initial_contact) {
@@ -1420,6 +1449,7 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
     stale.push_back(it->spi_in);
   }
   if (!delete_ike && !ours.empty()) c.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, ours}));
+  mobike_update(sa, pl, c);
   respond(sa, m.h, c);
   // Deletes are requests of their own; a response carries only answers (§1.4.1).
   for (uint32_t in : stale) {
@@ -1431,6 +1461,70 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
     sa.state = State::deleting;
     delete_sa(spi, "deleted by the peer", sa.peer && sa.peer->start);
   }
+}
+
+// RFC 4555 §3.5: the peer (the original initiator) announces new addresses.
+// They are the ones this authenticated request came from and to (IP
+// header), never anything inside it. NAT detection is redone (§3.8) and a
+// COOKIE2 echoed (§3.7).
+void Engine::mobike_update(IkeSa& sa, const std::vector<Payload>& pl, ChainBuilder& c) {
+  bool update = false, saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
+  std::optional<Bytes> cookie2;
+  for (auto& x : pl) {
+    if (x.type != kPlNotify) continue;
+    auto n = parse_notify(x.body);
+    if (!n) continue;
+    if (n->type == kNUpdateSaAddresses) update = true;
+    if (n->type == kNCookie2) cookie2 = n->data;
+    if (n->type == kNNatDetectionSourceIp) saw_src = true, src_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.rx_remote);
+    if (n->type == kNNatDetectionDestinationIp) saw_dst = true, dst_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.rx_local);
+  }
+  if (cookie2 && cookie2->size() >= 8 && cookie2->size() <= 64) c.add_notify(kNCookie2, *cookie2);
+  if (!update) return;
+  if (!sa.mobike || sa.original_initiator || sa.state != State::established) {
+    ++stats_.mobike_ignored;
+    log(fmt::format("{}: UPDATE_SA_ADDRESSES from {} ignored: {}", sa.who(), sa.rx_remote.str(),
+                    !sa.mobike ? "MOBIKE was not negotiated" : "only the original initiator moves the SA"));
+    return;
+  }
+  if (saw_src || saw_dst) {
+    sa.nat_remote = saw_src && !src_ok;
+    sa.nat_local = saw_dst && !dst_ok;
+    c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, sa.spi_r, sa.rx_local));
+    c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, sa.spi_r, sa.rx_remote));
+  }
+  ++stats_.mobike_moved;
+  if (!(sa.rx_remote == sa.remote) || !(sa.rx_local == sa.local))
+    log(fmt::format("{}: UPDATE_SA_ADDRESSES: the peer moved from {} to {}{}", sa.who(), sa.remote.str(),
+                    sa.rx_remote.str(), sa.nat_local || sa.nat_remote ? " (NAT-T)" : ""));
+  move_sa(sa, sa.rx_local, sa.rx_remote);
+}
+
+size_t Engine::local_address_changed(const IpAddr& old_addr, const IpAddr& new_addr, uint64_t now_ms) {
+  now_ = now_ms;
+  size_t moved = 0;
+  for (auto& [spi, sp] : sas_) {
+    IkeSa& sa = *sp;
+    if (sa.state != State::established || !(sa.local.addr == old_addr)) continue;
+    if (!sa.mobike || !sa.original_initiator) {
+      log(fmt::format("{}: our address {} changed to {}; {}", sa.who(), old_addr.str(), new_addr.str(),
+                      sa.mobike ? "the peer initiated this IKE SA and must move it" : "no MOBIKE with this peer"));
+      continue;
+    }
+    log(fmt::format("{}: our address {} changed to {}: sending UPDATE_SA_ADDRESSES", sa.who(), old_addr.str(),
+                    new_addr.str()));
+    // Requests already queued leave from the new address too: they are
+    // sealed when they leave (retransmissions of the one on the wire also).
+    move_sa(sa, Endpoint{new_addr, sa.local.port}, sa.remote);
+    ChainBuilder c;
+    c.add_notify(kNUpdateSaAddresses);
+    c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, sa.spi_r, sa.local));
+    c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, sa.spi_r, sa.remote));
+    ++stats_.mobike_sent;
+    queue_request(sa, uint8_t(Exchange::informational), std::move(c), kReqUpdateAddresses);
+    ++moved;
+  }
+  return moved;
 }
 
 void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl) {
@@ -1601,6 +1695,8 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   n->nat_local = sa.nat_local;
   n->nat_remote = sa.nat_remote;
   n->peer_frag = sa.peer_frag;
+  n->mobike = sa.mobike;
+  n->original_initiator = sa.original_initiator;
   n->suite = suite;
   n->ni = ni;
   n->nr = random_bytes(32);
@@ -1734,6 +1830,8 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   n->nat_local = sa.nat_local;
   n->nat_remote = sa.nat_remote;
   n->peer_frag = sa.peer_frag;
+  n->mobike = sa.mobike;
+  n->original_initiator = sa.original_initiator;
   n->suite = *suite;
   n->ni = sa.rekey_ni;
   n->nr = *nr;
@@ -2015,6 +2113,7 @@ nlohmann::ordered_json Engine::show(uint64_t now_ms) const {
     j["local"] = sa->local.str();
     j["remote"] = sa->remote.str();
     j["nat"] = sa->nat_local ? (sa->nat_remote ? "both" : "local") : (sa->nat_remote ? "remote" : "none");
+    j["mobike"] = sa->mobike;
     j["proposal"] = sa->suite.encr ? sa->suite.str() : "";
     j["age_s"] = (now_ms - sa->created_ms) / 1000;
     auto ch = nlohmann::ordered_json::array();

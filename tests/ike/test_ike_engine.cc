@@ -771,6 +771,123 @@ TEST_F(Pair, IkeRekeyCollisionSeenByOneSideOnly) {
   EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
 }
 
+// MOBIKE (RFC 4555) is negotiated in IKE_AUTH only when both ends allow it.
+TEST_F(Pair, MobikeIsNegotiatedOnlyWhenBothEndsAllowIt) {
+  establish();
+  EXPECT_EQ(moat->e.show(now)[0]["mobike"], true);
+  EXPECT_EQ(portal->e.show(now)[0]["mobike"], true);
+  for (int off = 0; off < 2; ++off) {
+    ASSERT_TRUE(moat->e.terminate("portal", now));
+    run();
+    auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+    m.remote = Endpoint{portal->a, kIkePort};
+    m.mobike = off != 0;
+    moat->e.set_peers({m}, now);
+    auto p = tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16", "10.17.0.0/16");
+    p.mobike = off == 0;
+    portal->e.set_peers({p}, now);
+    ASSERT_TRUE(moat->e.initiate("portal", now));
+    run();
+    ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+    EXPECT_EQ(moat->e.show(now)[0]["mobike"], false) << off;
+    EXPECT_EQ(portal->e.show(now)[0]["mobike"], false) << off;
+    // Without MOBIKE our address change is not announced.
+    EXPECT_EQ(moat->e.local_address_changed(moat->a, ip("198.51.100.99"), now), 0u);
+  }
+}
+
+// RFC 4555 §3.5: the moat (original initiator) gets a new address and sends
+// UPDATE_SA_ADDRESSES; the portal takes the new address from the IP header
+// of that authenticated request and moves the IKE SA and the CHILD SA.
+// Forged or replayed copies from elsewhere move nothing.
+TEST_F(Pair, MobikeUpdateSaAddressesMovesTheSaOnlyWhenAuthenticated) {
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99"), evil = ip("203.0.113.66");
+  moat->a = new_a;  // the network now delivers the moat's traffic at its new address
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  Pkt update = net.q.back();
+  EXPECT_EQ(update.from.addr, new_a);
+  run();
+  EXPECT_EQ(moat->e.stats().mobike_sent, 1u);
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  ASSERT_EQ(portal->sink.moved_.size(), 1u);
+  EXPECT_EQ(portal->sink.moved_[0].remote.addr, new_a);
+  ASSERT_EQ(moat->sink.moved_.size(), 1u);
+  EXPECT_EQ(moat->sink.moved_[0].local.addr, new_a);
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
+  EXPECT_EQ(moat->e.show(now)[0]["local"], (Endpoint{new_a, kIkePort}.str()));
+  // The answer carried NAT detection for the new path (no NAT here) and the
+  // portal now reaches the moat there.
+  EXPECT_EQ(portal->e.show(now)[0]["nat"], "none");
+  ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
+  run();
+  EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
+
+  // A replay of that authenticated request from another address: a
+  // retransmission, answered from the cache, nothing moves.
+  Pkt replay = update;
+  replay.from.addr = evil;
+  net.q.push_back(replay);
+  // A forgery: the same request as the next message ID (in the window, so
+  // it reaches the ICV check), from another address.
+  Pkt forged = update;
+  forged.from.addr = evil;
+  ASSERT_EQ(update.from.port, kIkePort);  // no non-ESP marker: the header is at 0
+  uint32_t mid = get32(forged.data.data() + 20) + 1;
+  forged.data[20] = uint8_t(mid >> 24), forged.data[21] = uint8_t(mid >> 16);
+  forged.data[22] = uint8_t(mid >> 8), forged.data[23] = uint8_t(mid);
+  net.q.push_back(forged);
+  run();
+  EXPECT_EQ(portal->e.stats().rx_retransmit, 1u);
+  EXPECT_EQ(portal->e.stats().rx_bad_icv, 1u);
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  EXPECT_EQ(portal->sink.moved_.size(), 1u);
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
+
+  // The portal did not initiate the IKE SA: its own address change is not
+  // announced by it (RFC 4555 §3.1: the original initiator decides).
+  EXPECT_EQ(portal->e.local_address_changed(portal->a, ip("192.0.2.9"), now), 0u);
+  // The moat's next messages come from its new address and keep working.
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->sink.installed.back().remote.addr, new_a);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// With a NAT in front of the moat, UPDATE_SA_ADDRESSES carries NAT detection
+// and the portal follows the NAT's new mapping (RFC 4555 §3.8).
+TEST_F(Pair, MobikeUpdateBehindANatFollowsTheNewMapping) {
+  IpAddr outside = ip("203.0.113.9");
+  uint16_t shift = 30000;
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) {
+      p.from.addr = outside;
+      p.from.port = uint16_t(p.from.port + shift);
+    } else if (p.to.addr == outside) {
+      p.to.addr = moat->a;
+      p.to.port = uint16_t(p.to.port - shift);
+    }
+    return true;
+  };
+  establish();
+  IpAddr old_a = moat->a;
+  moat->a = ip("10.9.9.9");  // a new private address behind a new mapping
+  shift = 31000;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  auto p = portal->e.show(now)[0];
+  EXPECT_EQ(p["remote"], (Endpoint{outside, uint16_t(kNattPort + 31000)}.str()));
+  EXPECT_EQ(p["nat"], "remote");
+  ASSERT_FALSE(portal->sink.moved_.empty());
+  EXPECT_TRUE(portal->sink.moved_.back().udp_encap);
+  EXPECT_EQ(moat->e.show(now)[0]["nat"], "local");
+  ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
+  run();
+  EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
+}
+
 TEST_F(Pair, TerminateDeletesBothSides) {
   establish();
   ASSERT_TRUE(moat->e.terminate("portal", now));
