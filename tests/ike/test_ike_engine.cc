@@ -737,39 +737,63 @@ TEST_F(Pair, SimultaneousIkeRekeysKeepOneIkeSaAndEveryChildSa) {
 }
 
 // §2.8.2's special case: the portal's rekey completes before the moat's
-// request reaches it; the moat saw the collision, the portal did not. The
-// portal's delete of the old IKE SA tells the moat to forget its own rekey.
-TEST_F(Pair, IkeRekeyCollisionSeenByOneSideOnly) {
+// request reaches it; the moat saw the collision, the portal did not.
+// - late_after_delete: the portal's delete of the old IKE SA reaches the
+//   moat first and tells it to forget its own rekey;
+// - late_before_delete: the moat's request reaches the portal while the
+//   portal closes the old IKE SA: TEMPORARY_FAILURE, and the moat forgets.
+class OneSided : public Pair, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(OneSided, IkeRekeyCollisionSeenByOneSideOnly) {
+  bool before_delete = GetParam();
   establish();
   ASSERT_TRUE(moat->e.rekey_ike("portal", now));
   ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
-  std::optional<Pkt> held;
+  std::optional<Pkt> held, held_delete;
+  int from_moat = 0, from_portal = 0;
   net.filter = [&](Pkt& p) {
-    if (!held && p.from.addr == moat->a) {
-      held = p;
+    if (p.from.addr == portal->a && before_delete) {
+      // The portal's 2nd message is its delete of the old IKE SA, its 3rd
+      // the TEMPORARY_FAILURE: the network swaps them.
+      if (++from_portal == 2) {
+        held_delete = p;
+        return false;
+      }
+      if (from_portal == 3) net.q.push_back(*held_delete);
+    }
+    if (!(p.from.addr == moat->a)) return true;
+    if (++from_moat == 1) {
+      held = p;  // the moat's rekey request, held back
       return false;
     }
+    // The moat's answer to the portal's rekey: with before_delete, the held
+    // request arrives right after it, ahead of the portal's delete.
+    if (from_moat == 2 && before_delete) net.q.push_front(*held), held.reset();
     return true;
   };
   run();
-  ASSERT_TRUE(held);
   net.filter = nullptr;
-  net.q.push_back(*held);  // late: for an IKE SA the portal has closed
+  if (held) net.q.push_back(*held);  // late: for an IKE SA the portal has deleted
   run();
   advance(60000);
-  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
-  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u) << logs();
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u) << logs();
   auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
   EXPECT_EQ(m["spi_i"], p["spi_i"]);
   EXPECT_EQ(p["role"], "initiator");
   EXPECT_EQ(m["children"].size(), 1u);
   EXPECT_EQ(p["children"].size(), 1u);
   EXPECT_EQ(moat->sink.removed.size() + portal->sink.removed.size(), 0u);
+  bool temp_fail = std::any_of(moat->logs.begin(), moat->logs.end(),
+                               [](auto& l) { return l.find("the peer's rekey stands") != std::string::npos; });
+  EXPECT_EQ(temp_fail, before_delete) << logs();
   ASSERT_TRUE(moat->e.rekey_child("portal", now));
   run();
   EXPECT_EQ(portal->sink.rekeys.size(), 1u);
   EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
 }
+INSTANTIATE_TEST_SUITE_P(Pair, OneSided, ::testing::Values(false, true),
+                         [](auto& i) { return i.param ? "late_before_delete" : "late_after_delete"; });
 
 // MOBIKE (RFC 4555) is negotiated in IKE_AUTH only when both ends allow it.
 TEST_F(Pair, MobikeIsNegotiatedOnlyWhenBothEndsAllowIt) {
