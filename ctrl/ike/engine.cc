@@ -496,12 +496,27 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
       case kReqRekeyChild: create_child_response(sa, *inner); break;
       case kReqRekeyIke: rekey_ike_response(sa, *inner); break;
       case kReqDpd: break;
-      case kReqUpdateAddresses:
-        for (auto& x : *inner)
-          if (x.type == kPlNotify)
-            if (auto n = parse_notify(x.body); n && n->type <= kNErrorMax)
-              log(fmt::format("{}: UPDATE_SA_ADDRESSES answered {}", sa.who(), notify_name(n->type)));
+      case kReqUpdateAddresses: {
+        // The answer's NAT detection says whether the new path has a NAT (RFC 4555 §3.8).
+        bool saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
+        for (auto& x : *inner) {
+          auto n = x.type == kPlNotify ? parse_notify(x.body) : Parsed<NotifyPayload>(tl::unexpect, ParseError{});
+          if (!n) continue;
+          if (n->type <= kNErrorMax)
+            log(fmt::format("{}: UPDATE_SA_ADDRESSES answered {}", sa.who(), notify_name(n->type)));
+          if (n->type == kNNatDetectionSourceIp) saw_src = true, src_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.remote);
+          if (n->type == kNNatDetectionDestinationIp) saw_dst = true, dst_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.local);
+        }
+        if (saw_src || saw_dst) {
+          bool nat_remote = saw_src && !src_ok, nat_local = saw_dst && !dst_ok;
+          if (nat_remote != sa.nat_remote || nat_local != sa.nat_local) {
+            sa.nat_remote = nat_remote;
+            sa.nat_local = nat_local;
+            move_sa(sa, sa.local, sa.remote);  // the CHILD SAs' udp_encap follows
+          }
+        }
         break;
+      }
     }
     auto it = sas_.find(spi);
     if (it != sas_.end()) pump(*it->second);

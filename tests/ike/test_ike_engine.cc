@@ -912,6 +912,38 @@ TEST_F(Pair, MobikeUpdateBehindANatFollowsTheNewMapping) {
   EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
 }
 
+// The moat moves from a public address to one behind a NAT: both ends learn
+// it from the NAT detection in the update and its answer, and the CHILD SAs
+// turn UDP encapsulation on (moved()).
+TEST_F(Pair, MobikeUpdateIntoANatTurnsOnUdpEncapsulation) {
+  establish();
+  ASSERT_EQ(moat->e.show(now)[0]["nat"], "none");
+  IpAddr old_a = moat->a, outside = ip("203.0.113.9");
+  moat->a = ip("10.9.9.9");
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) {
+      p.from.addr = outside;
+      p.from.port = uint16_t(p.from.port + 30000);
+    } else if (p.to.addr == outside) {
+      p.to.addr = moat->a;
+      p.to.port = uint16_t(p.to.port - 30000);
+    }
+    return true;
+  };
+  ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
+  run();
+  EXPECT_EQ(moat->e.show(now)[0]["nat"], "local");
+  EXPECT_EQ(portal->e.show(now)[0]["nat"], "remote");
+  ASSERT_FALSE(moat->sink.moved_.empty());
+  ASSERT_FALSE(portal->sink.moved_.empty());
+  EXPECT_TRUE(moat->sink.moved_.back().udp_encap);
+  EXPECT_TRUE(portal->sink.moved_.back().udp_encap);
+  EXPECT_EQ(portal->sink.moved_.back().remote.addr, outside);
+  ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
+  run();
+  EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
+}
+
 TEST_F(Pair, TerminateDeletesBothSides) {
   establish();
   ASSERT_TRUE(moat->e.terminate("portal", now));
