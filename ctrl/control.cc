@@ -777,6 +777,10 @@ void Control::set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port) {
   if (auto ok = sad_->set_peer(sa, addr, port); !ok) fmt::print(stderr, "moatd: {}\n", ok.error());
 }
 
+void Control::set_sa_local(uint32_t sa, uint32_t addr) {
+  if (auto ok = sad_->set_local(sa, addr); !ok) fmt::print(stderr, "moatd: {}\n", ok.error());
+}
+
 tl::expected<void, std::string> Control::switch_outbound(uint32_t tunnel, uint32_t sa) {
   uint32_t previous = sad_->tunnel_sa(tunnel);
   if (previous == sa) return {};
@@ -969,7 +973,9 @@ tl::expected<void, std::string> Control::set_address(const std::string& name, co
       return tl::unexpected(fmt::format("{} overlaps port {} ({})", a.str(), c_.ports[i].name, o->str()));
   }
   uint16_t id = ports_[cfg].id;
+  std::optional<uint32_t> old_addr;
   if (auto& old = c_.ports[cfg].address) {
+    old_addr = old->addr;
     routes_->del_connected(id, *old);
     // Connections masqueraded to (or forwarded from) the old address
     // cannot continue: their replies would go to an address we no longer
@@ -995,6 +1001,8 @@ tl::expected<void, std::string> Control::set_address(const std::string& name, co
   if (taps_[cfg].fd() >= 0)
     if (auto ok = taps_[cfg].set_address(a.addr, a.len, c_.punt_netns); !ok) return ok;
   send_arp(id, RTE_ARP_OP_REQUEST, a.addr, {}, {});  // gratuitous
+  // IKE SAs we initiated from the old address move with MOBIKE (RFC 4555).
+  if (ike_ && old_addr && *old_addr != a.addr) ike_->address_changed(*old_addr, a.addr);
   return {};
 }
 

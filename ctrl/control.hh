@@ -105,6 +105,7 @@ class Control {
   tl::expected<void, std::string> remove_sa(uint32_t sa);
   tl::expected<void, std::string> switch_outbound(uint32_t tunnel, uint32_t sa);
   void set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port);
+  void set_sa_local(uint32_t sa, uint32_t addr);
   std::optional<uint32_t> tunnel_id(const std::string& name) const;
   SaConfig tunnel_template(uint32_t tunnel) const;
   nlohmann::ordered_json show_tunnels() const;

@@ -50,6 +50,10 @@ void IkeHost::unknown_spi(uint32_t spi, uint32_t src) {
   if (engine_) engine_->unknown_spi(spi, ike::IpAddr::v4(src), ike::UdpDriver::now_ms());
 }
 
+void IkeHost::address_changed(uint32_t old, uint32_t now) {
+  if (engine_) engine_->local_address_changed(ike::IpAddr::v4(old), ike::IpAddr::v4(now), ike::UdpDriver::now_ms());
+}
+
 nlohmann::ordered_json IkeHost::show() const {
   if (!engine_) return nlohmann::ordered_json::array();
   return engine_->show(ike::UdpDriver::now_ms());
@@ -137,7 +141,10 @@ void IkeHost::remove(const ike::ChildSa& sa) {
 void IkeHost::moved(const ike::ChildSa& sa) {
   auto it = sas_.find(sa.id);
   if (it == sas_.end()) return;
-  if (it->second.out != kNoSa) c_.set_sa_peer(it->second.out, v4(sa.remote.addr), sa.remote.port);
+  if (it->second.out != kNoSa) {
+    c_.set_sa_peer(it->second.out, v4(sa.remote.addr), sa.remote.port);
+    if (sa.local.addr.is_v4()) c_.set_sa_local(it->second.out, v4(sa.local.addr));
+  }
   if (it->second.in != kNoSa) c_.set_sa_peer(it->second.in, v4(sa.remote.addr), sa.remote.port);
 }
 

@@ -29,6 +29,8 @@ class IkeHost : public ike::ChildSaSink {
   void poll();
   // Seed 003 §6.1: ESP for an SPI nobody knows is a peer that lost its state.
   void unknown_spi(uint32_t spi, uint32_t src);
+  // A port's address changed: MOBIKE SAs we initiated from `old` move to `now`.
+  void address_changed(uint32_t old, uint32_t now);
   nlohmann::ordered_json show() const;
   ike::Engine& engine() { return *engine_; }
 

@@ -448,10 +448,11 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     uint16_t frag = df ? RTE_IPV4_HDR_DF_FLAG : 0;
     uint8_t proto = sa.nat_t ? uint8_t(IPPROTO_UDP) : kProtoEsp;
     uint32_t dst = uint32_t(peer >> 16);
+    uint32_t src = sa.local.load(std::memory_order_relaxed);  // one read: header and checksum agree
     // The checksum is summed from the values, not read back from the header
     // just written: byte stores read back as words stall store forwarding.
     uint32_t sum = (0x4500u | tos) + outer_len + id + frag + (uint32_t(sa.ttl) << 8 | proto) +
-                   (sa.local >> 16) + (sa.local & 0xffff) + (dst >> 16) + (dst & 0xffff);
+                   (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     ip->version_ihl = 0x45;
@@ -462,7 +463,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     ip->time_to_live = sa.ttl;
     ip->next_proto_id = proto;
     ip->hdr_checksum = rte_cpu_to_be_16(uint16_t(~sum));
-    ip->src_addr = rte_cpu_to_be_32(sa.local);
+    ip->src_addr = rte_cpu_to_be_32(src);
     ip->dst_addr = rte_cpu_to_be_32(dst);
     uint8_t* esp = p + kEth + sizeof(rte_ipv4_hdr);
     if (sa.nat_t) {

@@ -215,7 +215,7 @@ tl::expected<uint32_t, std::string> Sad::add_sa(const SaConfig& c, uint64_t now_
   std::memset(static_cast<void*>(&drops_[i]), 0, sizeof(SaDrops));
   s.spi = c.spi;
   s.tunnel = c.tunnel;
-  s.local = c.local;
+  s.local.store(c.local, std::memory_order_relaxed);
   s.local_port = c.local_port;
   s.mtu = c.mtu;
   s.peer.store(uint64_t(c.peer) << 16 | c.peer_port, std::memory_order_relaxed);
@@ -355,6 +355,13 @@ tl::expected<void, std::string> Sad::set_peer(uint32_t sa, uint32_t addr, uint16
   sas_[sa].peer.store(uint64_t(addr) << 16 | port, std::memory_order_release);
   cfg_[sa].peer = addr;
   cfg_[sa].peer_port = port;
+  return {};
+}
+
+tl::expected<void, std::string> Sad::set_local(uint32_t sa, uint32_t addr) {
+  if (!usable(sa)) return tl::unexpected(fmt::format("set_local: SA {} is not live", sa));
+  sas_[sa].local.store(addr, std::memory_order_release);
+  cfg_[sa].local = addr;
   return {};
 }
 

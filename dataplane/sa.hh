@@ -137,7 +137,7 @@ struct alignas(64) Sa {
   // ---- line 0: written before publication, then read-only (peer aside) ----
   uint32_t spi;
   uint32_t tunnel;
-  uint32_t local;
+  std::atomic<uint32_t> local;  // set_local may change it (MOBIKE: our address moved)
   uint16_t local_port;
   uint16_t mtu;
   std::atomic<uint64_t> peer;  // addr << 16 | port: set_peer changes both at once
@@ -266,6 +266,8 @@ class Sad {
   // Moves the peer (its outer address and UDP port) without losing a packet:
   // each packet reads both in one atomic load.
   tl::expected<void, std::string> set_peer(uint32_t sa, uint32_t addr, uint16_t port);
+  // Our outer address (the port's address changed and IKE moved the SA).
+  tl::expected<void, std::string> set_local(uint32_t sa, uint32_t addr);
   // Seconds lifetimes: posts soft/hard events and expires SAs. Call ~1/s.
   void tick(uint64_t now_s);
   // Frees slots whose grace period is over. Call from the control loop.

@@ -64,8 +64,10 @@ class ChildSaSink {
   // has since sent another request); send with `now` from here on, give up
   // `old`'s outbound half, keep accepting `old` inbound until remove(old).
   virtual void rekeyed(const ChildSa& old, const ChildSa& now) = 0;
-  // The peer's outer address or port changed (NAT rebinding, RFC 7296 §2.23):
-  // re-point the outbound encapsulation of `sa`.
+  // The outer addresses changed: the peer's address or port (NAT rebinding,
+  // RFC 7296 §2.23, or its MOBIKE UPDATE_SA_ADDRESSES), or ours (we sent
+  // UPDATE_SA_ADDRESSES after a port's address changed). Re-point the
+  // outbound encapsulation of `sa` to `sa.local` -> `sa.remote`.
   virtual void moved(const ChildSa& sa) {}
 };
 

@@ -100,7 +100,7 @@ std::string proposal_text(Record& r, const YAML::Node& map, const char* key, con
 
 const std::set<std::string> kKeys = {"name",          "local_id", "remote_id", "psk",    "psk_file", "remote",
                                      "local",         "start",    "funnels",   "lifetime", "rekey",  "dpd",
-                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl", "ike_rekey"};
+                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl", "ike_rekey", "mobike"};
 
 }  // namespace
 
@@ -206,6 +206,11 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
     else if (*s == "false" || *s == "no") p.start = false;
     else r.error(doc["start"], "start", fmt::format("\"{}\" is not true or false", *s));
     if (p.start && !p.remote) r.error(doc["start"], "start", "needs \"remote\" to initiate to");
+  }
+  if (auto s = scalar(r, doc, "mobike", false)) {
+    if (*s == "true" || *s == "yes") p.mobike = true;
+    else if (*s == "false" || *s == "no") p.mobike = false;
+    else r.error(doc["mobike"], "mobike", fmt::format("\"{}\" is not true or false", *s));
   }
   for (auto [key, proto, dflt, dst] :
        {std::tuple{"ike_proposals", uint8_t(kProtoIke), "aes128gcm16-prfsha256-x25519", &p.ike_proposals},

@@ -21,7 +21,9 @@ const char* state_name(State s) {
   return "?";
 }
 
-enum ReqKind : uint8_t { kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke };
+enum ReqKind : uint8_t {
+  kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke, kReqUpdateAddresses
+};
 
 bool child_error(uint16_t n) {
   return n == kNNoProposalChosen || n == kNTsUnacceptable || n == kNSinglePairRequired ||
@@ -150,6 +152,11 @@ struct Engine::IkeSa {
   std::vector<Bytes> resp_msg;
   Bytes req_hash;
   bool peer_frag = false;  // the peer sent IKEV2_FRAGMENTATION_SUPPORTED
+  // MOBIKE (RFC 4555) negotiated in IKE_AUTH; `original_initiator`: we sent
+  // that IKE_AUTH (only that end sends UPDATE_SA_ADDRESSES, §3.1). Both pass
+  // to the IKE SAs that rekey this one.
+  bool mobike = false, original_initiator = false;
+  Endpoint rx_local, rx_remote;  // where the request being processed came to/from
   struct {
     uint32_t mid = 0;
     bool response = false;
@@ -183,6 +190,14 @@ struct Engine::IkeSa {
   uint64_t rekey_spi = 0;
   Bytes rekey_ni;
   std::unique_ptr<Dh> rekey_dh;
+  // §2.8.2: the peer rekeyed this IKE SA while our rekey of it was on the
+  // wire; our SPI of the new SA its exchange made (the CHILD SAs live there
+  // until our answer settles which new SA survives).
+  uint64_t peer_rekey_spi = 0;
+  // An SA the peer is to delete (a collision's redundant new SA it made, or
+  // the old SA when the peer's rekey won); we delete it ourselves after
+  // half_open_timeout_ms if it does not.
+  bool awaiting_delete = false;
 
   uint64_t our_spi() const { return initiator ? spi_i : spi_r; }
   ByteView ke_out() const { return initiator ? keys.sk_ei : keys.sk_er; }
@@ -447,15 +462,11 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     if (sa.state != State::established || sa.nat_local || sa.nat_remote) {
       if (sa.state == State::established)
         log(fmt::format("{}: peer moved to {}", sa.who(), remote.str()));
-      sa.remote = remote;
-      sa.local = local;
-      for (auto& c : sa.children) {
-        c.local = local;
-        c.remote = remote;
-        sink_.moved(c);
-      }
+      move_sa(sa, local, remote);
     }
   }
+  sa.rx_local = local;
+  sa.rx_remote = remote;
   uint64_t spi = sa.our_spi();
   auto inner = parse_chain(first, *pt);
   if (!inner) {
@@ -485,6 +496,27 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
       case kReqRekeyChild: create_child_response(sa, *inner); break;
       case kReqRekeyIke: rekey_ike_response(sa, *inner); break;
       case kReqDpd: break;
+      case kReqUpdateAddresses: {
+        // The answer's NAT detection says whether the new path has a NAT (RFC 4555 §3.8).
+        bool saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
+        for (auto& x : *inner) {
+          auto n = x.type == kPlNotify ? parse_notify(x.body) : Parsed<NotifyPayload>(tl::unexpect, ParseError{});
+          if (!n) continue;
+          if (n->type <= kNErrorMax)
+            log(fmt::format("{}: UPDATE_SA_ADDRESSES answered {}", sa.who(), notify_name(n->type)));
+          if (n->type == kNNatDetectionSourceIp) saw_src = true, src_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.remote);
+          if (n->type == kNNatDetectionDestinationIp) saw_dst = true, dst_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.local);
+        }
+        if (saw_src || saw_dst) {
+          bool nat_remote = saw_src && !src_ok, nat_local = saw_dst && !dst_ok;
+          if (nat_remote != sa.nat_remote || nat_local != sa.nat_local) {
+            sa.nat_remote = nat_remote;
+            sa.nat_local = nat_local;
+            move_sa(sa, sa.local, sa.remote);  // the CHILD SAs' udp_encap follows
+          }
+        }
+        break;
+      }
     }
     auto it = sas_.find(spi);
     if (it != sas_.end()) pump(*it->second);
@@ -502,6 +534,17 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
       c.add_notify(kNInvalidSyntax);
       respond(sa, h, c);
     }
+  }
+}
+
+void Engine::move_sa(IkeSa& sa, const Endpoint& local, const Endpoint& remote) {
+  sa.remote = remote;
+  sa.local = local;
+  for (auto& c : sa.children) {
+    c.local = local;
+    c.remote = remote;
+    c.udp_encap = sa.nat_local || sa.nat_remote;
+    sink_.moved(c);
   }
 }
 
@@ -615,6 +658,8 @@ void Engine::fire(IkeSa& sa, TimerKind k) {
       if (sa.state == State::half_open) {
         ++stats_.half_open_expired;
         delete_sa(sa.our_spi(), "half-open IKE SA expired", false);
+      } else if (sa.awaiting_delete) {
+        delete_sa(sa.our_spi(), "replaced by a rekey; the peer did not delete it", false);
       }
       return;
     case TimerKind::dpd: {
@@ -993,6 +1038,7 @@ void Engine::send_auth(IkeSa& sa) {
   });
   if (!other) c.add_notify(kNInitialContact);
   if (p.remote_id.type) c.add(kPlIdr, encode_id(p.remote_id));
+  if (p.mobike) c.add_notify(kNMobikeSupported);
   auto auth = make_auth(p, sa.suite.prf, octets);
   if (!auth) return fail(sa, "cannot authenticate: " + auth.error());
   add_cert(c, p);
@@ -1045,6 +1091,11 @@ void Engine::auth_response(IkeSa& sa, const std::vector<Payload>& pl) {
     return fail(sa, "responder's AUTH: " + ok.error());
   }
   sa.dh.reset();
+  sa.original_initiator = true;
+  sa.mobike = p.mobike && std::any_of(pl.begin(), pl.end(), [](auto& x) {
+    auto n = x.type == kPlNotify ? parse_notify(x.body) : Parsed<NotifyPayload>(tl::unexpect, ParseError{});
+    return n && n->type == kNMobikeSupported;
+  });
   established(sa);
   uint32_t spi_in = sa.pending_spi;
   sa.pending_spi = 0;
@@ -1253,7 +1304,7 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
     return;
   }
   const Payload *idip = nullptr, *idrp = nullptr, *authp = nullptr, *sap = nullptr, *tsip = nullptr, *tsrp = nullptr;
-  bool initial_contact = false;
+  bool initial_contact = false, mobike = false;
   for (auto& x : pl) {
     switch (x.type) {
       case kPlIdi: idip = &x; break;
@@ -1264,6 +1315,7 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
       case kPlTsr: tsrp = &x; break;
       case kPlNotify:
         if (auto n = parse_notify(x.body); n && n->type == kNInitialContact) initial_contact = true;
+        else if (n && n->type == kNMobikeSupported) mobike = true;
         break;
     }
   }
@@ -1320,6 +1372,8 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
   c.add(kPlIdr, idr_body);
   add_cert(c, *peer);
   c.add(kPlAuth, encode_auth(*my_auth));
+  sa.mobike = mobike && peer->mobike;
+  if (sa.mobike) c.add_notify(kNMobikeSupported);
   established(sa);
 
   if (initial_contact) {
@@ -1410,6 +1464,7 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
     stale.push_back(it->spi_in);
   }
   if (!delete_ike && !ours.empty()) c.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, ours}));
+  mobike_update(sa, pl, c);
   respond(sa, m.h, c);
   // Deletes are requests of their own; a response carries only answers (§1.4.1).
   for (uint32_t in : stale) {
@@ -1421,6 +1476,70 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
     sa.state = State::deleting;
     delete_sa(spi, "deleted by the peer", sa.peer && sa.peer->start);
   }
+}
+
+// RFC 4555 §3.5: the peer (the original initiator) announces new addresses.
+// They are the ones this authenticated request came from and to (IP
+// header), never anything inside it. NAT detection is redone (§3.8) and a
+// COOKIE2 echoed (§3.7).
+void Engine::mobike_update(IkeSa& sa, const std::vector<Payload>& pl, ChainBuilder& c) {
+  bool update = false, saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
+  std::optional<Bytes> cookie2;
+  for (auto& x : pl) {
+    if (x.type != kPlNotify) continue;
+    auto n = parse_notify(x.body);
+    if (!n) continue;
+    if (n->type == kNUpdateSaAddresses) update = true;
+    if (n->type == kNCookie2) cookie2 = n->data;
+    if (n->type == kNNatDetectionSourceIp) saw_src = true, src_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.rx_remote);
+    if (n->type == kNNatDetectionDestinationIp) saw_dst = true, dst_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.rx_local);
+  }
+  if (cookie2 && cookie2->size() >= 8 && cookie2->size() <= 64) c.add_notify(kNCookie2, *cookie2);
+  if (!update) return;
+  if (!sa.mobike || sa.original_initiator || sa.state != State::established) {
+    ++stats_.mobike_ignored;
+    log(fmt::format("{}: UPDATE_SA_ADDRESSES from {} ignored: {}", sa.who(), sa.rx_remote.str(),
+                    !sa.mobike ? "MOBIKE was not negotiated" : "only the original initiator moves the SA"));
+    return;
+  }
+  if (saw_src || saw_dst) {
+    sa.nat_remote = saw_src && !src_ok;
+    sa.nat_local = saw_dst && !dst_ok;
+    c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, sa.spi_r, sa.rx_local));
+    c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, sa.spi_r, sa.rx_remote));
+  }
+  ++stats_.mobike_moved;
+  if (!(sa.rx_remote == sa.remote) || !(sa.rx_local == sa.local))
+    log(fmt::format("{}: UPDATE_SA_ADDRESSES: the peer moved from {} to {}{}", sa.who(), sa.remote.str(),
+                    sa.rx_remote.str(), sa.nat_local || sa.nat_remote ? " (NAT-T)" : ""));
+  move_sa(sa, sa.rx_local, sa.rx_remote);
+}
+
+size_t Engine::local_address_changed(const IpAddr& old_addr, const IpAddr& new_addr, uint64_t now_ms) {
+  now_ = now_ms;
+  size_t moved = 0;
+  for (auto& [spi, sp] : sas_) {
+    IkeSa& sa = *sp;
+    if (sa.state != State::established || !(sa.local.addr == old_addr)) continue;
+    if (!sa.mobike || !sa.original_initiator) {
+      log(fmt::format("{}: our address {} changed to {}; {}", sa.who(), old_addr.str(), new_addr.str(),
+                      sa.mobike ? "the peer initiated this IKE SA and must move it" : "no MOBIKE with this peer"));
+      continue;
+    }
+    log(fmt::format("{}: our address {} changed to {}: sending UPDATE_SA_ADDRESSES", sa.who(), old_addr.str(),
+                    new_addr.str()));
+    // Requests already queued leave from the new address too: they are
+    // sealed when they leave (retransmissions of the one on the wire also).
+    move_sa(sa, Endpoint{new_addr, sa.local.port}, sa.remote);
+    ChainBuilder c;
+    c.add_notify(kNUpdateSaAddresses);
+    c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, sa.spi_r, sa.local));
+    c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, sa.spi_r, sa.remote));
+    ++stats_.mobike_sent;
+    queue_request(sa, uint8_t(Exchange::informational), std::move(c), kReqUpdateAddresses);
+    ++moved;
+  }
+  return moved;
 }
 
 void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl) {
@@ -1447,6 +1566,10 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
     e.add_notify(n);
     respond(sa, m.h, e);
   };
+  // An IKE SA being closed (rekeyed, or its delete under way): §2.25, and
+  // §2.8.2's rekey the peer sent before it saw ours complete.
+  if (sa.state == State::deleting && sa.peer)
+    return refuse(kNTemporaryFailure, "the IKE SA is being rekeyed or deleted");
   if (sa.state != State::established || !sa.peer) return refuse(kNInvalidSyntax, "IKE SA not established");
   const PeerConfig& p = *sa.peer;
   if (!sap || !np) return refuse(kNInvalidSyntax, "SA or Nonce missing");
@@ -1587,6 +1710,8 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   n->nat_local = sa.nat_local;
   n->nat_remote = sa.nat_remote;
   n->peer_frag = sa.peer_frag;
+  n->mobike = sa.mobike;
+  n->original_initiator = sa.original_initiator;
   n->suite = suite;
   n->ni = ni;
   n->nr = random_bytes(32);
@@ -1605,25 +1730,43 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   c.add(kPlNonce, n->nr);
   c.add(kPlKe, encode_ke(KePayload{suite.dh, (*dh)->public_value()}));
   respond(sa, m.h, c);
-  for (auto& ch : sa.children) {
-    ch.ike_spi_i = n->spi_i;
-    ch.ike_spi_r = n->spi_r;
-    child_spis_[ch.spi_in] = n->spi_r;
-  }
-  n->children = std::move(sa.children);
-  n->peer_rekeys = std::move(sa.peer_rekeys);
-  n->replaced = std::move(sa.replaced);
-  sa.children.clear();
-  sa.peer_rekeys.clear();
-  sa.replaced.clear();
-  if (!n->peer_rekeys.empty()) arm(*n, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
+  adopt_children(sa, *n);
   sa.state = State::deleting;
   log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
                   n->spi_i, n->spi_r, suite.str()));
   IkeSa& r = *n;
   sas_[n->spi_r] = std::move(n);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
+  schedule_ike_rekey(r);
   schedule_child_rekey(r);
+  // Our own rekey of this IKE SA not sent yet: the peer's does the job.
+  auto queued = std::find_if(sa.queue.begin(), sa.queue.end(), [](auto& q) { return q.kind == kReqRekeyIke; });
+  if (queued != sa.queue.end()) {
+    sa.queue.erase(queued);
+    sa.rekey_spi = 0;
+    sa.rekey_dh.reset();
+  }
+  // Ours is on the wire: a collision (§2.8.2), settled by the nonces when
+  // our answer arrives. The CHILD SAs wait on the peer's new SA meanwhile.
+  if (sa.req_active && sa.req_kind == kReqRekeyIke) {
+    sa.peer_rekey_spi = r.spi_r;
+    log(fmt::format("{}: IKE SA rekey collision: the peer's rekey crossed ours", sa.who()));
+  }
+}
+
+void Engine::adopt_children(IkeSa& from, IkeSa& to) {
+  for (auto& ch : from.children) {
+    ch.ike_spi_i = to.spi_i;
+    ch.ike_spi_r = to.spi_r;
+    child_spis_[ch.spi_in] = to.our_spi();
+  }
+  for (auto& ch : from.children) to.children.push_back(std::move(ch));
+  for (auto& r : from.peer_rekeys) to.peer_rekeys.push_back(std::move(r));
+  to.replaced.insert(to.replaced.end(), from.replaced.begin(), from.replaced.end());
+  from.children.clear();
+  from.peer_rekeys.clear();
+  from.replaced.clear();
+  if (!to.peer_rekeys.empty()) arm(to, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
 }
 
 tl::expected<void, std::string> Engine::rekey_ike(const std::string& tunnel, uint64_t now_ms) {
@@ -1658,9 +1801,16 @@ tl::expected<void, std::string> Engine::rekey_ike(const std::string& tunnel, uin
 
 void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   auto failed = [&](const std::string& why) {
-    log(fmt::format("{}: IKE SA rekey failed: {}; trying again later", sa.who(), why));
     sa.rekey_spi = 0;
     sa.rekey_dh.reset();
+    if (sa.peer_rekey_spi) {
+      // §2.8.2: the peer finished its rekey before it saw ours
+      // (TEMPORARY_FAILURE); its new SA, which holds the CHILD SAs, stays.
+      log(fmt::format("{}: our IKE SA rekey was answered {}; the peer's rekey stands", sa.who(), why));
+      sa.peer_rekey_spi = 0;
+      return;
+    }
+    log(fmt::format("{}: IKE SA rekey failed: {}; trying again later", sa.who(), why));
     // Retry in a minute: the old SA still works.
     arm(sa, TimerKind::ike_rekey, now_ + 60000);
   };
@@ -1695,6 +1845,8 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   n->nat_local = sa.nat_local;
   n->nat_remote = sa.nat_remote;
   n->peer_frag = sa.peer_frag;
+  n->mobike = sa.mobike;
+  n->original_initiator = sa.original_initiator;
   n->suite = *suite;
   n->ni = sa.rekey_ni;
   n->nr = *nr;
@@ -1704,24 +1856,55 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   n->state = State::established;
   n->established_ms = now_;
   n->last_heard_ms = now_;
-  for (auto& ch : sa.children) {
-    ch.ike_spi_i = n->spi_i;
-    ch.ike_spi_r = n->spi_r;
-    child_spis_[ch.spi_in] = n->spi_i;
-  }
-  n->children = std::move(sa.children);
-  n->peer_rekeys = std::move(sa.peer_rekeys);
-  n->replaced = std::move(sa.replaced);
-  sa.children.clear();
-  sa.peer_rekeys.clear();
-  sa.replaced.clear();
   sa.rekey_dh.reset();
+  sa.rekey_spi = 0;
+  IkeSa* theirs = nullptr;
+  if (sa.peer_rekey_spi)
+    if (auto t = sas_.find(sa.peer_rekey_spi); t != sas_.end()) theirs = t->second.get();
+  sa.peer_rekey_spi = 0;
+  if (theirs) {
+    // Both ends rekeyed this IKE SA at once (§2.8.2): three IKE SAs now. The
+    // new one whose exchange holds the lowest of the four nonces is
+    // redundant and its creator deletes it; the other inherits every CHILD
+    // SA, and its creator deletes the old IKE SA.
+    ++stats_.rekey_collisions;
+    auto lower = [](const Bytes& a, const Bytes& b) {
+      return std::lexicographical_compare(a.begin(), a.end(), b.begin(), b.end());
+    };
+    const Bytes& ours_min = lower(n->ni, n->nr) ? n->ni : n->nr;
+    const Bytes& theirs_min = lower(theirs->ni, theirs->nr) ? theirs->ni : theirs->nr;
+    if (lower(ours_min, theirs_min)) {
+      log(fmt::format("{}: IKE SA rekey collision: ours ({:016x}_i {:016x}_r) holds the lowest nonce and is redundant; "
+                      "deleting it, the peer's ({:016x}_i {:016x}_r) stays",
+                      sa.who(), n->spi_i, n->spi_r, theirs->spi_i, theirs->spi_r));
+      // It never held a CHILD SA; the peer deletes the old IKE SA.
+      IkeSa& r = *n;
+      r.state = State::deleting;
+      r.no_reinit = true;
+      sas_[n->spi_i] = std::move(n);
+      ChainBuilder d;
+      d.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
+      queue_request(r, uint8_t(Exchange::informational), std::move(d), kReqDeleteIke);
+      sa.awaiting_delete = true;
+      sa.no_reinit = true;
+      arm(sa, TimerKind::half_open, now_ + opts_.half_open_timeout_ms);
+      return;
+    }
+    log(fmt::format("{}: IKE SA rekey collision: the peer's ({:016x}_i {:016x}_r) holds the lowest nonce and is "
+                    "redundant (the peer deletes it); ours ({:016x}_i {:016x}_r) stays",
+                    sa.who(), theirs->spi_i, theirs->spi_r, n->spi_i, n->spi_r));
+    adopt_children(*theirs, *n);
+    theirs->state = State::deleting;
+    theirs->no_reinit = true;
+    theirs->awaiting_delete = true;
+    arm(*theirs, TimerKind::half_open, now_ + opts_.half_open_timeout_ms);
+  }
+  adopt_children(sa, *n);
   log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r rekeyed to {:016x}_i {:016x}_r ({})", sa.who(), sa.spi_i, sa.spi_r,
                   n->spi_i, n->spi_r, suite->str()));
   IkeSa& r = *n;
   sas_[n->spi_i] = std::move(n);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
-  if (!r.peer_rekeys.empty()) arm(r, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
   schedule_ike_rekey(r);
   schedule_child_rekey(r);
   // The old SA goes (§2.18): its CHILD SAs already live on the new one.
@@ -1945,6 +2128,7 @@ nlohmann::ordered_json Engine::show(uint64_t now_ms) const {
     j["local"] = sa->local.str();
     j["remote"] = sa->remote.str();
     j["nat"] = sa->nat_local ? (sa->nat_remote ? "both" : "local") : (sa->nat_remote ? "remote" : "none");
+    j["mobike"] = sa->mobike;
     j["proposal"] = sa->suite.encr ? sa->suite.str() : "";
     j["age_s"] = (now_ms - sa->created_ms) / 1000;
     auto ch = nlohmann::ordered_json::array();

@@ -59,6 +59,10 @@ struct PeerConfig {
   uint32_t child_rekey_s = 0;        // 0: 90% of the lifetime, minus jitter
   uint32_t dpd_s = 0;                // liveness check after this much silence; 0: off
   uint32_t ike_rekey_s = 14400;      // `start` side rekeys the IKE SA this often (minus jitter); 0: never
+  // MOBIKE (RFC 4555): offer/accept MOBIKE_SUPPORTED in IKE_AUTH. With it the
+  // peer may move the SA with UPDATE_SA_ADDRESSES, and when we initiated the
+  // IKE SA we announce our own new address (local_address_changed()).
+  bool mobike = true;
 };
 
 struct EngineOptions {
@@ -124,12 +128,15 @@ class Transport {
   X(child_removed, "CHILD SAs removed")                                                  \
   X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
   X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
-  X(rekey_collisions, "simultaneous CHILD SA rekeys resolved by the nonce rule (§2.8.1)")  \
+  X(rekey_collisions, "simultaneous CHILD or IKE SA rekeys resolved by the nonce rule (§2.8.1, §2.8.2)")  \
   X(rekey_switch_timeouts, "outbound switched to a peer's rekeyed SA without its confirmation") \
   X(rx_fragments, "IKE fragments received (RFC 7383)")                                  \
   X(tx_fragments, "IKE fragments sent")                                                  \
   X(invalid_spi_sent, "INVALID_SPI notifications sent for unknown ESP SPIs")             \
-  X(invalid_spi_limited, "unknown-SPI events not answered (rate limit or no IKE SA)")
+  X(invalid_spi_limited, "unknown-SPI events not answered (rate limit or no IKE SA)")         \
+  X(mobike_moved, "IKE SAs moved by the peer's UPDATE_SA_ADDRESSES (RFC 4555)")             \
+  X(mobike_ignored, "UPDATE_SA_ADDRESSES on an IKE SA without MOBIKE (nothing moved)")      \
+  X(mobike_sent, "UPDATE_SA_ADDRESSES sent after our own address changed")
 
 struct Stats {
 #define X(name, desc) uint64_t name = 0;
@@ -162,6 +169,12 @@ class Engine {
   tl::expected<void, std::string> rekey_ike(const std::string& tunnel, uint64_t now_ms);
   // Sends an empty INFORMATIONAL (liveness check) on the tunnel's IKE SA.
   tl::expected<void, std::string> check_liveness(const std::string& tunnel, uint64_t now_ms);
+
+  // One of our addresses changed (e.g. `moatctl address set` on a port):
+  // every IKE SA we initiated from `old_addr` with MOBIKE moves to
+  // `new_addr` and tells the peer with UPDATE_SA_ADDRESSES (RFC 4555 §3.5),
+  // its CHILD SAs too (ChildSaSink::moved). Returns how many SAs moved.
+  size_t local_address_changed(const IpAddr& old_addr, const IpAddr& new_addr, uint64_t now_ms);
 
   // The ESP data path received an SPI it does not know from `from` (a peer
   // holding a stale SA, seed 003 §6.1). Rate-limited to once a second per
@@ -206,11 +219,17 @@ class Engine {
   void auth_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
   void auth_response(IkeSa& sa, const std::vector<Payload>& pl);
   void informational_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
+  void mobike_update(IkeSa& sa, const std::vector<Payload>& pl, ChainBuilder& c);
   void create_child_request(IkeSa& sa, const Message& m, const std::vector<Payload>& pl);
   void create_child_response(IkeSa& sa, const std::vector<Payload>& pl);
   void rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl);
   void rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Proposal>& props, const Bytes& ni,
                          const Payload* kep);
+  // Moves the CHILD SAs (and their pending rekey switches) to a new IKE SA,
+  // without a sink call: the data path does not know IKE SAs.
+  void adopt_children(IkeSa& from, IkeSa& to);
+  // Re-points the IKE SA and its CHILD SAs (sink moved()) at new endpoints.
+  void move_sa(IkeSa& sa, const Endpoint& local, const Endpoint& remote);
   void handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote);
 
   void queue_request(IkeSa& sa, uint8_t exchange, ChainBuilder chain, uint8_t kind, uint32_t child_spi = 0);

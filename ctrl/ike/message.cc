@@ -74,6 +74,9 @@ std::string notify_name(uint16_t t) {
     case kNEspTfcPaddingNotSupported: return "ESP_TFC_PADDING_NOT_SUPPORTED";
     case kNNonFirstFragmentsAlso: return "NON_FIRST_FRAGMENTS_ALSO";
     case kNMobikeSupported: return "MOBIKE_SUPPORTED";
+    case kNUpdateSaAddresses: return "UPDATE_SA_ADDRESSES";
+    case kNCookie2: return "COOKIE2";
+    case kNNoNatsAllowed: return "NO_NATS_ALLOWED";
     case kNFragmentationSupported: return "IKEV2_FRAGMENTATION_SUPPORTED";
     case kNSignatureHashAlgorithms: return "SIGNATURE_HASH_ALGORITHMS";
   }

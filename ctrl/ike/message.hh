@@ -70,6 +70,9 @@ enum NotifyType : uint16_t {
   kNEspTfcPaddingNotSupported = 16394,
   kNNonFirstFragmentsAlso = 16395,
   kNMobikeSupported = 16396,
+  kNUpdateSaAddresses = 16400,  // RFC 4555
+  kNCookie2 = 16401,
+  kNNoNatsAllowed = 16402,
   kNFragmentationSupported = 16430,
   kNSignatureHashAlgorithms = 16431,
 };

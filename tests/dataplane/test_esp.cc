@@ -277,6 +277,16 @@ TEST(Esp, OuterHeaderFollowsTheSa) {
   EXPECT_EQ(be16(moved[0], 36), 31000);
   EXPECT_EQ(be32(moved[0], 46), 2u);
   EXPECT_EQ(ref_checksum(&moved[0][14], 20), 0);
+
+  // set_local (MOBIKE: our port's address changed): the next packet leaves
+  // from the new address, with a header checksum that matches it.
+  ASSERT_TRUE(r.sad->set_local(out, 0xc6336405));
+  auto from_new = r.seal({inner_frame(50)}, out);
+  ASSERT_EQ(from_new.size(), 1u);
+  EXPECT_EQ(be32(from_new[0], 26), 0xc6336405u);
+  EXPECT_EQ(be32(from_new[0], 30), 0xcb007101u);
+  EXPECT_EQ(be32(from_new[0], 46), 3u);
+  EXPECT_EQ(ref_checksum(&from_new[0][14], 20), 0);
 }
 
 TEST(Esp, EcnDecapsulationPerRfc6040) {

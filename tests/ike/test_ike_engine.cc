@@ -106,6 +106,12 @@ struct Node {
 
 class Pair : public ::testing::Test {
  protected:
+  std::string logs() const {
+    std::string s;
+    for (auto& l : moat->logs) s += "moat: " + l + "\n";
+    for (auto& l : portal->logs) s += "portal: " + l + "\n";
+    return s;
+  }
   Net net;
   uint64_t now = 1000;
   std::unique_ptr<Node> moat = std::make_unique<Node>(net, "198.51.100.7");
@@ -679,6 +685,263 @@ TEST_F(Pair, IkeRekeyMovesTheChildSasAndDeletesTheOldIkeSa) {
   run();
   EXPECT_EQ(portal->sink.rekeys.size(), 1u);
   EXPECT_EQ(portal->e.stats().rx_bad_icv, 0u);
+}
+
+// §2.8.2: both ends rekey the IKE SA in the same instant. Three IKE SAs
+// exist for a moment; the new one holding the lowest of the four nonces is
+// deleted by its creator, the other inherits the CHILD SA, the old one goes.
+TEST_F(Pair, SimultaneousIkeRekeysKeepOneIkeSaAndEveryChildSa) {
+  establish();
+  int moat_won = 0, portal_won = 0;
+  for (int round = 0; round < 40 && (moat_won < 2 || portal_won < 2); ++round) {
+    uint32_t child_in = *moat->sink.in.begin();
+    ASSERT_TRUE(moat->e.rekey_ike("portal", now)) << round;
+    ASSERT_TRUE(portal->e.rekey_ike("branch-17", now)) << round;
+    run();
+    ASSERT_EQ(moat->e.stats().rekey_collisions, uint64_t(round + 1)) << round << logs();
+    ASSERT_EQ(portal->e.stats().rekey_collisions, uint64_t(round + 1)) << round;
+    ASSERT_EQ(moat->e.ike_sa_count(), 1u) << round;
+    ASSERT_EQ(portal->e.ike_sa_count(), 1u) << round;
+    auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+    ASSERT_EQ(m["state"], "ESTABLISHED");
+    ASSERT_EQ(p["state"], "ESTABLISHED");
+    EXPECT_EQ(m["spi_i"], p["spi_i"]);
+    EXPECT_EQ(m["spi_r"], p["spi_r"]);
+    EXPECT_NE(m["role"], p["role"]);
+    // Nothing lost, nothing re-made: the CHILD SA is the same one, on the survivor.
+    ASSERT_EQ(m["children"].size(), 1u);
+    ASSERT_EQ(p["children"].size(), 1u);
+    EXPECT_EQ(m["children"][0]["spi_in"], fmt::format("{:08x}", child_in));
+    EXPECT_EQ(moat->sink.removed.size(), 0u);
+    EXPECT_EQ(portal->sink.removed.size(), 0u);
+    (m["role"] == "initiator" ? moat_won : portal_won)++;
+    // The survivor's keys agree on both ends: a CHILD rekey goes through it.
+    ASSERT_TRUE(moat->e.rekey_child("portal", now)) << round;
+    run();
+    advance(EngineOptions{}.rekey_linger_ms);
+    ASSERT_EQ(moat->sink.live(), 1u) << round;
+    ASSERT_EQ(portal->sink.live(), 1u) << round;
+    moat->sink.removed.clear(), moat->sink.installed.erase(moat->sink.installed.begin());
+    portal->sink.removed.clear(), portal->sink.installed.erase(portal->sink.installed.begin());
+    ASSERT_TRUE(violations.empty()) << "round " << round << "\n" << violations_str();
+  }
+  EXPECT_GE(moat_won, 2);
+  EXPECT_GE(portal_won, 2);
+  EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
+  EXPECT_EQ(moat->e.stats().rx_unknown_spi + portal->e.stats().rx_unknown_spi, 0u);
+  EXPECT_EQ(moat->e.stats().ike_given_up + portal->e.stats().ike_given_up, 0u);
+  // Nothing left to time out: no IKE SA is waiting for a delete.
+  advance(60000);
+  EXPECT_EQ(moat->e.ike_sa_count(), 1u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+}
+
+// §2.8.2's special case: the portal's rekey completes before the moat's
+// request reaches it; the moat saw the collision, the portal did not.
+// - late_after_delete: the portal's delete of the old IKE SA reaches the
+//   moat first and tells it to forget its own rekey;
+// - late_before_delete: the moat's request reaches the portal while the
+//   portal closes the old IKE SA: TEMPORARY_FAILURE, and the moat forgets.
+class OneSided : public Pair, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(OneSided, IkeRekeyCollisionSeenByOneSideOnly) {
+  bool before_delete = GetParam();
+  establish();
+  ASSERT_TRUE(moat->e.rekey_ike("portal", now));
+  ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
+  std::optional<Pkt> held, held_delete;
+  int from_moat = 0, from_portal = 0;
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == portal->a && before_delete) {
+      // The portal's 2nd message is its delete of the old IKE SA, its 3rd
+      // the TEMPORARY_FAILURE: the network swaps them.
+      if (++from_portal == 2) {
+        held_delete = p;
+        return false;
+      }
+      if (from_portal == 3) net.q.push_back(*held_delete);
+    }
+    if (!(p.from.addr == moat->a)) return true;
+    if (++from_moat == 1) {
+      held = p;  // the moat's rekey request, held back
+      return false;
+    }
+    // The moat's answer to the portal's rekey: with before_delete, the held
+    // request arrives right after it, ahead of the portal's delete.
+    if (from_moat == 2 && before_delete) net.q.push_front(*held), held.reset();
+    return true;
+  };
+  run();
+  net.filter = nullptr;
+  if (held) net.q.push_back(*held);  // late: for an IKE SA the portal has deleted
+  run();
+  advance(60000);
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u) << logs();
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u) << logs();
+  auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+  EXPECT_EQ(m["spi_i"], p["spi_i"]);
+  EXPECT_EQ(p["role"], "initiator");
+  EXPECT_EQ(m["children"].size(), 1u);
+  EXPECT_EQ(p["children"].size(), 1u);
+  EXPECT_EQ(moat->sink.removed.size() + portal->sink.removed.size(), 0u);
+  bool temp_fail = std::any_of(moat->logs.begin(), moat->logs.end(),
+                               [](auto& l) { return l.find("the peer's rekey stands") != std::string::npos; });
+  EXPECT_EQ(temp_fail, before_delete) << logs();
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
+}
+INSTANTIATE_TEST_SUITE_P(Pair, OneSided, ::testing::Values(false, true),
+                         [](auto& i) { return i.param ? "late_before_delete" : "late_after_delete"; });
+
+// MOBIKE (RFC 4555) is negotiated in IKE_AUTH only when both ends allow it.
+TEST_F(Pair, MobikeIsNegotiatedOnlyWhenBothEndsAllowIt) {
+  establish();
+  EXPECT_EQ(moat->e.show(now)[0]["mobike"], true);
+  EXPECT_EQ(portal->e.show(now)[0]["mobike"], true);
+  for (int off = 0; off < 2; ++off) {
+    ASSERT_TRUE(moat->e.terminate("portal", now));
+    run();
+    auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+    m.remote = Endpoint{portal->a, kIkePort};
+    m.mobike = off != 0;
+    moat->e.set_peers({m}, now);
+    auto p = tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16", "10.17.0.0/16");
+    p.mobike = off == 0;
+    portal->e.set_peers({p}, now);
+    ASSERT_TRUE(moat->e.initiate("portal", now));
+    run();
+    ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+    EXPECT_EQ(moat->e.show(now)[0]["mobike"], false) << off;
+    EXPECT_EQ(portal->e.show(now)[0]["mobike"], false) << off;
+    // Without MOBIKE our address change is not announced.
+    EXPECT_EQ(moat->e.local_address_changed(moat->a, ip("198.51.100.99"), now), 0u);
+  }
+}
+
+// RFC 4555 §3.5: the moat (original initiator) gets a new address and sends
+// UPDATE_SA_ADDRESSES; the portal takes the new address from the IP header
+// of that authenticated request and moves the IKE SA and the CHILD SA.
+// Forged or replayed copies from elsewhere move nothing.
+TEST_F(Pair, MobikeUpdateSaAddressesMovesTheSaOnlyWhenAuthenticated) {
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99"), evil = ip("203.0.113.66");
+  moat->a = new_a;  // the network now delivers the moat's traffic at its new address
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  Pkt update = net.q.back();
+  EXPECT_EQ(update.from.addr, new_a);
+  run();
+  EXPECT_EQ(moat->e.stats().mobike_sent, 1u);
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  ASSERT_EQ(portal->sink.moved_.size(), 1u);
+  EXPECT_EQ(portal->sink.moved_[0].remote.addr, new_a);
+  ASSERT_EQ(moat->sink.moved_.size(), 1u);
+  EXPECT_EQ(moat->sink.moved_[0].local.addr, new_a);
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
+  EXPECT_EQ(moat->e.show(now)[0]["local"], (Endpoint{new_a, kIkePort}.str()));
+  // The answer carried NAT detection for the new path (no NAT here) and the
+  // portal now reaches the moat there.
+  EXPECT_EQ(portal->e.show(now)[0]["nat"], "none");
+  ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
+  run();
+  EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
+
+  // A replay of that authenticated request from another address: a
+  // retransmission, answered from the cache, nothing moves.
+  Pkt replay = update;
+  replay.from.addr = evil;
+  net.q.push_back(replay);
+  // A forgery: the same request as the next message ID (in the window, so
+  // it reaches the ICV check), from another address.
+  Pkt forged = update;
+  forged.from.addr = evil;
+  ASSERT_EQ(update.from.port, kIkePort);  // no non-ESP marker: the header is at 0
+  uint32_t mid = get32(forged.data.data() + 20) + 1;
+  forged.data[20] = uint8_t(mid >> 24), forged.data[21] = uint8_t(mid >> 16);
+  forged.data[22] = uint8_t(mid >> 8), forged.data[23] = uint8_t(mid);
+  net.q.push_back(forged);
+  run();
+  EXPECT_EQ(portal->e.stats().rx_retransmit, 1u);
+  EXPECT_EQ(portal->e.stats().rx_bad_icv, 1u);
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  EXPECT_EQ(portal->sink.moved_.size(), 1u);
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
+
+  // The portal did not initiate the IKE SA: its own address change is not
+  // announced by it (RFC 4555 §3.1: the original initiator decides).
+  EXPECT_EQ(portal->e.local_address_changed(portal->a, ip("192.0.2.9"), now), 0u);
+  // The moat's next messages come from its new address and keep working.
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  run();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->sink.installed.back().remote.addr, new_a);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// With a NAT in front of the moat, UPDATE_SA_ADDRESSES carries NAT detection
+// and the portal follows the NAT's new mapping (RFC 4555 §3.8).
+TEST_F(Pair, MobikeUpdateBehindANatFollowsTheNewMapping) {
+  IpAddr outside = ip("203.0.113.9");
+  uint16_t shift = 30000;
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) {
+      p.from.addr = outside;
+      p.from.port = uint16_t(p.from.port + shift);
+    } else if (p.to.addr == outside) {
+      p.to.addr = moat->a;
+      p.to.port = uint16_t(p.to.port - shift);
+    }
+    return true;
+  };
+  establish();
+  IpAddr old_a = moat->a;
+  moat->a = ip("10.9.9.9");  // a new private address behind a new mapping
+  shift = 31000;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  auto p = portal->e.show(now)[0];
+  EXPECT_EQ(p["remote"], (Endpoint{outside, uint16_t(kNattPort + 31000)}.str()));
+  EXPECT_EQ(p["nat"], "remote");
+  ASSERT_FALSE(portal->sink.moved_.empty());
+  EXPECT_TRUE(portal->sink.moved_.back().udp_encap);
+  EXPECT_EQ(moat->e.show(now)[0]["nat"], "local");
+  ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
+  run();
+  EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
+}
+
+// The moat moves from a public address to one behind a NAT: both ends learn
+// it from the NAT detection in the update and its answer, and the CHILD SAs
+// turn UDP encapsulation on (moved()).
+TEST_F(Pair, MobikeUpdateIntoANatTurnsOnUdpEncapsulation) {
+  establish();
+  ASSERT_EQ(moat->e.show(now)[0]["nat"], "none");
+  IpAddr old_a = moat->a, outside = ip("203.0.113.9");
+  moat->a = ip("10.9.9.9");
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) {
+      p.from.addr = outside;
+      p.from.port = uint16_t(p.from.port + 30000);
+    } else if (p.to.addr == outside) {
+      p.to.addr = moat->a;
+      p.to.port = uint16_t(p.to.port - 30000);
+    }
+    return true;
+  };
+  ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
+  run();
+  EXPECT_EQ(moat->e.show(now)[0]["nat"], "local");
+  EXPECT_EQ(portal->e.show(now)[0]["nat"], "remote");
+  ASSERT_FALSE(moat->sink.moved_.empty());
+  ASSERT_FALSE(portal->sink.moved_.empty());
+  EXPECT_TRUE(moat->sink.moved_.back().udp_encap);
+  EXPECT_TRUE(portal->sink.moved_.back().udp_encap);
+  EXPECT_EQ(portal->sink.moved_.back().remote.addr, outside);
+  ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
+  run();
+  EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
 }
 
 TEST_F(Pair, TerminateDeletesBothSides) {

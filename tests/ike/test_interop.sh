@@ -136,7 +136,7 @@ connections {
         remote_addrs = ${SW_REMOTE:-$M_WAN}
         proposals = $1
         encap = yes
-        mobike = no
+        mobike = ${SW_MOBIKE:-no}
         local { $auth_local }
         remote { $auth_remote }
         children {
@@ -413,6 +413,38 @@ case_behind_nat() {
     case_end; result $name $rc
 }
 want behind-nat && case_behind_nat
+
+# MOBIKE (RFC 4555): strongSwan initiates with mobike = yes, so both ends
+# negotiate it; then strongSwan's address changes (192.0.2.2 -> .3) and it
+# sends UPDATE_SA_ADDRESSES from the new one: Moat must move the IKE SA and
+# its CHILD SA there and keep answering (liveness checks from strongSwan).
+case_mobike_roam() {
+    local name=mobike-roam rc=0 i
+    log "--- $name"
+    : >"$RUN/swan/charon.log"
+    moat_conf "aes128gcm16-prfsha256-x25519" "aes128gcm16" "$PSK" false && iked_start || rc=1
+    SW_MOBIKE=yes SW_LOCAL=%any charon_conf "aes128gcm16-prfsha256-x25519" "aes128gcm16" "$PSK" none && charon_start || rc=1
+    sw --initiate --child net --timeout 10 >"$RUN/$name.initiate" 2>&1 || { log "swanctl --initiate failed"; rc=1; }
+    wait_installed || rc=1
+    iked_show && python3 -c "import json; s=json.load(open('$RUN/show.json'))['ike_sas'][0]; assert s['mobike'], s" \
+        || { log "MOBIKE not negotiated"; rc=1; }
+    nsx "$NS_S" ip addr del $S_WAN/24 dev wan0
+    nsx "$NS_S" ip addr add 192.0.2.3/24 dev wan0
+    for i in $(seq 1 50); do
+        iked_show && python3 -c "import json; s=json.load(open('$RUN/show.json')); a=s['ike_sas'][0]; assert a['remote'].startswith('192.0.2.3:') and s['stats']['mobike_moved'] >= 1" 2>/dev/null && break
+        sleep 0.2
+    done
+    python3 -c "import json; s=json.load(open('$RUN/show.json')); a=s['ike_sas'][0]; print('moat sees', a['remote'], 'mobike_moved', s['stats']['mobike_moved']); assert a['remote'].startswith('192.0.2.3:') and s['stats']['mobike_moved'] >= 1" \
+        || { log "Moat did not move the SA to strongSwan's new address"; rc=1; }
+    grep -q "192.0.2.3" "$RUN/sa.log" || { log "the CHILD SA was not moved (no moved() in the sink log)"; rc=1; }
+    # strongSwan checks the new path itself (liveness): the SA must stay up.
+    sw --list-sas >"$RUN/$name.sas" 2>&1
+    grep -q "local  '$S_ID' @ 192.0.2.3" "$RUN/$name.sas" && grep -q INSTALLED "$RUN/$name.sas" || { log "strongSwan's SA did not move or died"; cat "$RUN/$name.sas"; rc=1; }
+    nsx "$NS_S" ip addr del 192.0.2.3/24 dev wan0; nsx "$NS_S" ip addr add $S_WAN/24 dev wan0
+    [ $rc = 0 ] || { tail -20 "$RUN/iked.log"; grep -i "mobike\|address" "$RUN/swan/charon.log" | tail -20; }
+    case_end; result $name $rc
+}
+want mobike-roam && case_mobike_roam
 
 # ECDSA certificates (RFC 7427 signatures): a test CA, one certificate each.
 MOAT_DN="C=CH, O=Moat, CN=moat.example.net"; SWAN_DN="C=CH, O=Moat, CN=swan.example.net"

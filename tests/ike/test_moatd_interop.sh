@@ -20,6 +20,9 @@
 #   initiator: moatd restarted with `start: true`; the tunnel comes up, pings
 #              pass both ways; the same rekeys under a flood; ike terminate /
 #              initiate; charon restarted: moatd brings it back.
+#   MOBIKE:    charon with mobike = yes, moatd initiates; `moatctl address
+#              set wan 198.51.100.5/24`: moatd sends UPDATE_SA_ADDRESSES,
+#              charon moves the SAs there, pings pass both ways.
 #
 # Needs root, charon-systemd, swanctl. Cleans up namespaces and daemons on any
 # exit; every wait is bounded.   env: MOATD, MOATCTL; KEEP=1 keeps the run dir.
@@ -132,7 +135,7 @@ connections {
         remote_addrs = 198.51.100.1
         proposals = aes128gcm16-prfsha256-x25519
         encap = yes
-        mobike = no
+        mobike = ${SW_MOBIKE:-no}
         dpd_delay = 2s
         local { auth = psk
                 id = $S_ID }
@@ -466,4 +469,27 @@ charon_start
 wait_up "initiator after charon restart" 60
 pings_both_ways "initiator after charon restart"
 
-log "PASS: moatd <-> strongSwan: both roles, traffic both ways, show ike/tunnels, charon restarts, rekey under load"
+# MOBIKE (RFC 4555): moatd initiated the IKE SA with MOBIKE; its WAN port's
+# address changes (moatctl address set); it sends UPDATE_SA_ADDRESSES from
+# the new address, charon moves the SAs, ESP leaves from the new address.
+log "--- MOBIKE: moatctl address set moves the SAs moatd initiated"
+charon_stop
+SW_MOBIKE=yes charon_conf none
+charon_start
+ctl ike terminate swan >/dev/null 2>&1; ctl ike initiate swan >/dev/null 2>&1
+sleep 1
+wait_up "MOBIKE" 20
+ctl --json show ike | $PY -c '
+import json, sys
+doc = json.load(sys.stdin)
+sas = doc if isinstance(doc, list) else doc.get("sas", doc.get("ike", []))
+s = [x for x in sas if x.get("state") == "ESTABLISHED"]
+sys.exit(0 if s and s[0].get("mobike") else 1)' \
+    || fail "MOBIKE: not negotiated with charon (mobike = yes)"
+ctl address set wan 198.51.100.5/24 >/dev/null || fail "moatctl address set failed"
+for i in $(seq 1 50); do sw --list-sas 2>/dev/null | grep -q "remote '$M_ID' @ 198.51.100.5" && break; sleep 0.2; done
+sw --list-sas 2>/dev/null | grep -q "remote '$M_ID' @ 198.51.100.5" || { sw --list-sas; fail "MOBIKE: charon did not move the SA to moatd's new address"; }
+[ "$(ike_stat mobike_sent)" -ge 1 ] || fail "MOBIKE: moatd counted no UPDATE_SA_ADDRESSES"
+pings_both_ways "after moatd's address change (MOBIKE)"
+
+log "PASS: moatd <-> strongSwan: both roles, traffic both ways, show ike/tunnels, charon restarts, rekey under load, MOBIKE"
