@@ -100,7 +100,6 @@ struct ShaperConfig {
   std::string port;
   int line = 0;
   qos::Plan plan;               // classes[0]: the root, the link
-  std::vector<int> class_line;  // per plan class: its line in the file
   std::string default_leaf;     // the leaf of class default (empty: the first leaf)
   std::string dscp[64];         // leaf name for packets of class default marked so
   // The portal: one subtree per tunnel under `moats_parent` (a class of

@@ -73,14 +73,12 @@ bool given(const YAML::Node& n) { return n.IsDefined() && !n.IsNull(); }
 struct ClassNode {
   qos::ClassSpec spec;
   std::string parent;
-  int line = 0;
 };
 
 // One class entry: {name, parent, rate, ceil, burst, cburst, prio, queue, drop}.
 bool read_class(Reader& r, const YAML::Node& n, const std::string& where, bool allow_parent, ClassNode& out) {
   size_t before = r.errors();
   bool have_rate = false, have_ceil = false;
-  out.line = n.Mark().line + 1;
   std::set<std::string> keys = {"name", "rate", "ceil", "burst", "cburst", "prio", "queue", "drop"};
   if (allow_parent) keys.insert("parent");
   r.fields(n, where.c_str(), keys, [&](const std::string& k, const YAML::Node& v) {
@@ -120,7 +118,7 @@ bool read_class(Reader& r, const YAML::Node& n, const std::string& where, bool a
 // children) and checks it; errors at the class's node.
 bool build_plan(Reader& r, const YAML::Node& list_node, const std::vector<ClassNode>& nodes,
                 const std::vector<YAML::Node>& yn, const std::string& where, qos::Plan& plan,
-                std::vector<int>& lines, bool subtree = false) {
+                bool subtree = false) {
   size_t before = r.errors();
   std::map<std::string, int32_t> index;
   for (auto& c : plan.classes) index[c.name] = int32_t(index.size());
@@ -142,7 +140,6 @@ bool build_plan(Reader& r, const YAML::Node& list_node, const std::vector<ClassN
     }
     index[s.name] = int32_t(plan.classes.size());
     plan.classes.push_back(s);
-    lines.push_back(cn.line);
   }
   if (r.errors() != before) return false;
   // A moat's subtree is checked as a tree of its own; its top may borrow
@@ -213,7 +210,6 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
   root.rate = root.ceil = link;
   root.burst = root.cburst = link_burst;
   sc.plan.classes.push_back(root);
-  sc.class_line.push_back(sc.line);
   if (given(classes_node)) {
     std::vector<ClassNode> nodes;
     std::vector<YAML::Node> yn;
@@ -225,7 +221,7 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
       }
     });
     if (r.errors() != before) return;
-    if (!build_plan(r, classes_node, nodes, yn, where, sc.plan, sc.class_line)) return;
+    if (!build_plan(r, classes_node, nodes, yn, where, sc.plan)) return;
   }
   if (given(moats_node)) {
     sc.moats = true;
@@ -259,14 +255,9 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
       bool found = false;
       for (auto& cl : sc.plan.classes) found |= cl.name == sc.moats_parent;
       if (!found) return r.error(moats_node["parent"], fmt::format("{}.moats: no class named \"{}\"", where, sc.moats_parent));
-      if (is_leaf(sc.plan, sc.moats_parent) && sc.plan.classes.size() > 1 && sc.moats_parent != sc.port) {
-        // A leaf becomes an inner class when moats hang under it: allowed,
-        // but then it has no queue of its own.
-      }
     }
     sc.moat.classes.push_back(moat.spec);
     sc.moat.classes[0].parent = -1;
-    std::vector<int> mlines{moat.line};
     if (given(mclasses)) {
       std::vector<ClassNode> nodes;
       std::vector<YAML::Node> yn;
@@ -278,7 +269,7 @@ void read_shaper(Reader& r, const YAML::Node& n, Config& c) {
         }
       });
       if (r.errors() != before) return;
-      if (!build_plan(r, mclasses, nodes, yn, where + ".moats", sc.moat, mlines, true)) return;
+      if (!build_plan(r, mclasses, nodes, yn, where + ".moats", sc.moat, true)) return;
     }
     if (given(mdefault)) {
       auto s = r.str(mdefault, "moats.default");

@@ -26,18 +26,6 @@ namespace {
 // a plan whose classes match nothing, so adopt() hands every packet back.
 constexpr const char* kDrainName = "\x01(shaping removed)";
 
-int32_t find_class(const qos::Plan& p, const std::string& name) {
-  for (size_t i = 0; i < p.classes.size(); i++)
-    if (p.classes[i].name == name) return int32_t(i);
-  return -1;
-}
-
-bool leaf(const qos::Plan& p, int32_t idx) {
-  for (auto& c : p.classes)
-    if (c.parent == idx) return false;
-  return idx >= 0;
-}
-
 // `/moat/qos,PORT[,FIRST]`: the class counters of a port's tree for metrics
 // scrapers, the figures `show qos` shows. The callback runs on DPDK's
 // telemetry thread, which is no RCU reader: the mutex keeps the table it
@@ -95,10 +83,13 @@ tl::expected<std::unique_ptr<QosTable>, std::string> Control::build_qos(const Co
     // "TUNNEL/CLASS".
     std::vector<int32_t> moat_base(c.tunnels.size(), -1);
     if (sc.moats) {
-      int32_t parent = sc.moats_parent.empty() ? 0 : find_class(plan, sc.moats_parent);
+      // The config's own classes by name (the moats' are "TUNNEL/CLASS").
+      std::map<std::string, int32_t> top;
+      for (size_t i = 0; i < plan.classes.size(); i++) top[plan.classes[i].name] = int32_t(i);
+      int32_t parent = sc.moats_parent.empty() ? 0 : top.at(sc.moats_parent);
       for (size_t t = 0; t < c.tunnels.size(); t++) {
         const TunnelConfig& tc = c.tunnels[t];
-        if (find_class(plan, tc.name) >= 0)
+        if (top.count(tc.name))
           return tl::unexpected(fmt::format("{}: tunnel {} has the name of a class of this tree", where, tc.name));
         int32_t base = int32_t(plan.classes.size());
         qos::ClassSpec m = sc.moat.classes[0];
@@ -138,6 +129,11 @@ tl::expected<std::unique_ptr<QosTable>, std::string> Control::build_qos(const Co
     }
     auto sp = std::make_unique<ShapedPort>();
     sp->sched = std::make_unique<qos::Scheduler>(plan, tsc_hz_);
+    const qos::Scheduler& s = *sp->sched;
+    auto leaf = [&](const std::string& name) {  // its index, or -1 when not a leaf
+      int32_t i = s.find(name);
+      return i >= 0 && s.is_leaf(uint32_t(i)) ? i : -1;
+    };
     // One owner per port keeps the scheduler lock-free; ports spread over
     // the workers.
     sp->owner = pid % nworkers;
@@ -155,14 +151,13 @@ tl::expected<std::unique_ptr<QosTable>, std::string> Control::build_qos(const Co
     sp->ncls = uint16_t(names.size());
     // No leaf at the top (a portal with only moats): what belongs to no
     // moat leaves unshaped, as HTB's direct queue.
-    int32_t dflt = sc.default_leaf.empty() ? -1 : find_class(plan, sc.default_leaf);
-    if (!sc.default_leaf.empty() && !leaf(plan, dflt))
+    int32_t dflt = sc.default_leaf.empty() ? -1 : leaf(sc.default_leaf);
+    if (!sc.default_leaf.empty() && dflt < 0)
       return tl::unexpected(fmt::format("{}: default {} is not a leaf", where, sc.default_leaf));
     sp->default_leaf = dflt < 0 ? kNoLeaf : uint32_t(dflt);
     sp->by_class.assign(names.size(), sp->default_leaf);
     for (size_t k = 1; k < names.size(); k++) {
-      int32_t l = find_class(plan, names[k]);
-      if (l > 0 && leaf(plan, l)) sp->by_class[k] = uint32_t(l);
+      if (int32_t l = leaf(names[k]); l > 0) sp->by_class[k] = uint32_t(l);
     }
     for (unsigned d = 0; d < 64; d++)
       if (!sc.dscp[d].empty())
@@ -171,11 +166,11 @@ tl::expected<std::unique_ptr<QosTable>, std::string> Control::build_qos(const Co
       sp->ntunnels = uint16_t(c.tunnels.size());
       sp->tunnel_leaf.assign(size_t(sp->ntunnels) * sp->ncls, sp->default_leaf);
       for (size_t t = 0; t < c.tunnels.size(); t++) {
-        int32_t md = find_class(plan, c.tunnels[t].name + "/" + sc.moat_default);
+        int32_t md = leaf(c.tunnels[t].name + "/" + sc.moat_default);
         if (sc.moat.classes.size() == 1 || md < 0) md = moat_base[t];  // the moat itself is the leaf
         for (size_t k = 0; k < names.size(); k++) {
-          int32_t l = k ? find_class(plan, c.tunnels[t].name + "/" + names[k]) : -1;
-          sp->tunnel_leaf[t * sp->ncls + k] = uint32_t(l > 0 && leaf(plan, l) ? l : md);
+          int32_t l = k ? leaf(c.tunnels[t].name + "/" + names[k]) : -1;
+          sp->tunnel_leaf[t * sp->ncls + k] = uint32_t(l > 0 ? l : md);
         }
       }
     }

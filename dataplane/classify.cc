@@ -4,6 +4,7 @@
 #include <rte_icmp.h>
 #include <rte_ip.h>
 
+#include "dataplane/nat.hh"
 #include "dataplane/worker.hh"
 
 namespace moat {
@@ -145,17 +146,7 @@ void qos_mark(Worker& w, const Classifier& c, Burst& b) {
     const Verdict& q = v[meta(m).rule[unsigned(Table::qos)]];
     meta(m).cls = uint8_t(q.cls);
     if (!(q.flags & Verdict::kMarkDscp)) continue;
-    auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off);
-    uint8_t tos = uint8_t((q.dscp << 2) | (ip->type_of_service & 0x03));  // ECN bits stay
-    if (tos == ip->type_of_service) continue;
-    // RFC 1624: the 16-bit word holding version/IHL and ToS changes.
-    uint16_t old_word = rte_cpu_to_be_16(uint16_t(ip->version_ihl << 8 | ip->type_of_service));
-    uint16_t new_word = rte_cpu_to_be_16(uint16_t(ip->version_ihl << 8 | tos));
-    uint32_t sum = uint16_t(~ip->hdr_checksum) + uint16_t(~old_word) + new_word;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    ip->hdr_checksum = uint16_t(~sum);
-    ip->type_of_service = tos;
+    set_dscp(rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off), q.dscp);
   }
 }
 

@@ -60,7 +60,7 @@ namespace {
 // Splits a non-DF packet larger than the egress MTU (RFC 791) with DPDK's
 // fragmenter, which wants the mbuf to start at the IPv4 header.
 void send(Worker& w, const ShapedPort* sp, uint16_t port, rte_mbuf* m) {
-  if (sp) shape_enqueue(w, *sp, nullptr, port, m);
+  if (sp) shape_enqueue(w, *sp, port, m);
   else tx_enqueue(w, port, m);
 }
 

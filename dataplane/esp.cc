@@ -295,8 +295,25 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
 namespace {
 
 // The AEAD part of a job, the same both ways (IPsec-MB takes the direction
-// from cipher_direction and the chain order).
-inline void set_aead(IMB_JOB* job, const Sa& sa, const SaKeys& k, const uint8_t* aad, uint64_t aad_len) {
+// from cipher_direction and the chain order): the nonce (salt and the
+// packet's 8-byte IV) and the AAD (RFC 4106 §5: SPI, [high 32 bits of the
+// ESN,] low 32 bits of the sequence number) in the job's scratch.
+inline void set_aead(IMB_JOB* job, const Sa& sa, const SaKeys& k, EspWorker::Scratch& sc, const uint8_t* esp,
+                     const uint8_t* iv, uint64_t seq) {
+  std::memcpy(sc.iv, sa.salt, 4);
+  std::memcpy(sc.iv + 4, iv, 8);
+  std::memcpy(sc.aad, esp, 4);
+  uint64_t aad_len = 8;
+  if (sa.esn) {
+    put_be32(sc.aad + 4, uint32_t(seq >> 32));
+    std::memcpy(sc.aad + 8, esp + 4, 4);
+    aad_len = 12;
+  } else {
+    std::memcpy(sc.aad + 4, esp + 4, 4);
+  }
+  const uint8_t* aad = sc.aad;
+  job->iv = sc.iv;
+  job->iv_len_in_bytes = 12;
   if (sa.cipher == Cipher::chacha20_poly1305) {
     job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
     job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
@@ -496,26 +513,12 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       // RFC 4106 §3.1 / RFC 7634 §2: the 8-byte IV only has to be unique per
       // key; the sequence number is (and reveals nothing new).
       put_be64(iv, seq);
-      std::memcpy(sc.iv, sa.salt, 4);
-      std::memcpy(sc.iv + 4, iv, 8);
-      // AAD (RFC 4106 §5): SPI, [high 32 bits of the ESN,] low 32 bits.
-      std::memcpy(sc.aad, esp, 4);
-      uint64_t aad_len = 8;
-      if (sa.esn) {
-        put_be32(sc.aad + 4, uint32_t(seq >> 32));
-        std::memcpy(sc.aad + 8, esp + 4, 4);
-        aad_len = 12;
-      } else {
-        std::memcpy(sc.aad + 4, esp + 4, 4);
-      }
       job->cipher_start_src_offset_in_bytes = uint64_t(payload - esp);
       job->msg_len_to_cipher_in_bytes = padded;
       job->hash_start_src_offset_in_bytes = uint64_t(payload - esp);
       job->msg_len_to_hash_in_bytes = padded;
-      job->iv = sc.iv;
-      job->iv_len_in_bytes = 12;
       job->auth_tag_output = icv;
-      set_aead(job, sa, k, sc.aad, aad_len);
+      set_aead(job, sa, k, sc, esp, iv, seq);
     } else {
       // CBC needs an unpredictable IV (RFC 3602 §2.4). NIST SP 800-38A
       // App. C: encrypt a nonce. Ciphering the IV field itself, holding the
@@ -747,22 +750,9 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     job->cipher_start_src_offset_in_bytes = uint64_t(payload - esp);
     job->msg_len_to_cipher_in_bytes = uint64_t(ct);
     if (is_aead(sa.cipher)) {
-      std::memcpy(sc.iv, sa.salt, 4);
-      std::memcpy(sc.iv + 4, iv, 8);
-      std::memcpy(sc.aad, esp, 4);
-      uint64_t aad_len = 8;
-      if (sa.esn) {
-        put_be32(sc.aad + 4, uint32_t(seq >> 32));
-        std::memcpy(sc.aad + 8, esp + 4, 4);
-        aad_len = 12;
-      } else {
-        std::memcpy(sc.aad + 4, esp + 4, 4);
-      }
       job->hash_start_src_offset_in_bytes = uint64_t(payload - esp);
       job->msg_len_to_hash_in_bytes = uint64_t(ct);
-      job->iv = sc.iv;
-      job->iv_len_in_bytes = 12;
-      set_aead(job, sa, k, sc.aad, aad_len);
+      set_aead(job, sa, k, sc, esp, iv, seq);
       std::memcpy(sc.icv, icv, kIcvLen);
     } else {
       job->iv = iv;

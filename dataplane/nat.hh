@@ -6,6 +6,7 @@
 // means "none" and stays zero), ICMP, and inside an ICMP error the quoted
 // header's own checksums together with the error's ICMP checksum that
 // covers them. Addresses and ports are in network order throughout.
+#include <rte_ip.h>
 #include <rte_mbuf.h>
 
 #include <cstdint>
@@ -22,6 +23,17 @@ inline uint16_t csum_update(uint16_t sum, uint16_t old_w, uint16_t new_w) {
   s = (s & 0xffff) + (s >> 16);
   s = (s & 0xffff) + (s >> 16);
   return uint16_t(~s);
+}
+
+// Rewrites the DSCP of an IPv4 header, ECN bits kept (qos rule `mark`,
+// policing's re-mark): the word holding version/IHL and ToS changes.
+inline void set_dscp(rte_ipv4_hdr* ip, uint8_t dscp) {
+  uint8_t tos = uint8_t((dscp << 2) | (ip->type_of_service & 0x03));
+  if (tos == ip->type_of_service) return;
+  uint16_t old_w = rte_cpu_to_be_16(uint16_t(ip->version_ihl << 8 | ip->type_of_service));
+  uint16_t new_w = rte_cpu_to_be_16(uint16_t(ip->version_ihl << 8 | tos));
+  ip->hdr_checksum = csum_update(ip->hdr_checksum, old_w, new_w);
+  ip->type_of_service = tos;
 }
 
 enum class CtKind : uint8_t {

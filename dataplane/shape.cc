@@ -6,6 +6,7 @@
 #include <rte_ip.h>
 
 #include "dataplane/egress.hh"
+#include "dataplane/nat.hh"
 #include "dataplane/worker.hh"
 
 namespace moat {
@@ -29,18 +30,10 @@ uint32_t leaf_of(const ShapedPort& sp, rte_mbuf* m) {
   return sp.by_class[cls];
 }
 
-void set_dscp(rte_mbuf* m, uint8_t dscp) {
-  auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off);
-  uint8_t tos = uint8_t((dscp << 2) | (ip->type_of_service & 0x03));
-  if (tos == ip->type_of_service) return;
-  ip->type_of_service = tos;
-  ip->hdr_checksum = 0;
-  ip->hdr_checksum = rte_ipv4_cksum(ip);
-}
 
 }  // namespace
 
-void shape_enqueue(Worker& w, const ShapedPort& sp, const Sad*, uint16_t port, rte_mbuf* m) {
+void shape_enqueue(Worker& w, const ShapedPort& sp, uint16_t port, rte_mbuf* m) {
   meta(m).qleaf = leaf_of(sp, m);
   if (meta(m).qleaf == kNoLeaf) {
     // The tree has no leaf for it (HTB's direct queue): unshaped.
@@ -129,7 +122,8 @@ void police(Worker& w, const QosTable& q, Burst& b) {
       w.drop(m, Drop::qos_policed);
       continue;
     }
-    if (colour == RTE_COLOR_YELLOW && pol.yellow_dscp != 0xff) set_dscp(m, pol.yellow_dscp);
+    if (colour == RTE_COLOR_YELLOW && pol.yellow_dscp != 0xff)
+      set_dscp(rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off), pol.yellow_dscp);
     b.pkts[kept++] = m;
   }
   b.n = kept;

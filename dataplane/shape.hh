@@ -26,7 +26,6 @@
 namespace moat {
 
 struct Worker;
-class Sad;
 
 inline constexpr uint32_t kNoLeaf = 0xffffffff;
 
@@ -71,7 +70,7 @@ struct QosTable {
 // Stage shape (called by egress for each packet ready to leave on a shaped
 // port): decides its leaf and queues it, directly when this worker owns
 // the port, else through the port's hand-off ring.
-void shape_enqueue(Worker& w, const ShapedPort& sp, const Sad* sad, uint16_t port, rte_mbuf* m);
+void shape_enqueue(Worker& w, const ShapedPort& sp, uint16_t port, rte_mbuf* m);
 // The owner's turn, once per loop: adopts a new plan, takes the hand-off
 // rings, and sends what the schedulers release now.
 unsigned shape_run(Worker& w, const Tables& t);

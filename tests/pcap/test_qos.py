@@ -14,7 +14,7 @@ import tempfile
 import time
 import unittest
 
-from scapy.all import IP, UDP, TCP, Ether, Raw, wrpcap
+from scapy.all import IP, UDP, TCP, Ether, Raw, raw, wrpcap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_pcap import HOST, R_LAN, Moatd, frames, not_arp, two_port_config  # noqa: E402
@@ -23,7 +23,7 @@ LINK = 2_000_000  # bit/s on the wan port
 SIZE = 1000       # IP bytes per packet; frames are 1014 B on the wire
 
 
-def qos_config(tree, extra=""):
+def qos_config(tree, extra="", rules_extra=""):
     cfg = two_port_config(wan_mtu=1500)
     return cfg + f"""
 zones:
@@ -34,7 +34,7 @@ qos:
   default: default
   rules:
     - {{name: audio, proto: udp, dport: 5004, class: audio}}
-    - {{name: web, proto: tcp, dport: 80, class: web}}
+    - {{name: web, proto: tcp, dport: 80, class: web{rules_extra}}}
     - {{name: video, proto: udp, dport: 6000, class: video}}
   shaping:
     - port: wan
@@ -78,21 +78,24 @@ def kind_of(p):
     return "web" if TCP in p else "other"
 
 
-def run(tree, inputs, extra="", timeout=20, metrics=None):
+def wait_drained(m, port="wan", timeout=20):
+    """Until the port's scheduler has let everything go (or the bound)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if all(c["qlen"] == 0 for c in m.ctl("show", "qos", port)[0]["classes"]):
+            return
+        time.sleep(0.2)
+
+
+def run(tree, inputs, extra="", timeout=20, metrics=None, rules_extra=""):
     """Feeds `inputs` (interleaved) and returns the wan frames, the drops and show qos
     (and into `metrics`, when given, the telemetry answer /moat/qos,wan)."""
     with tempfile.TemporaryDirectory(prefix="moat-qos-") as tmp:
         wrpcap(os.path.join(tmp, "in_lan.pcap"), inputs, linktype=1)
         wrpcap(os.path.join(tmp, "in_wan.pcap"), [], linktype=1)
-        with Moatd(tmp, qos_config(tree, extra)) as m:
+        with Moatd(tmp, qos_config(tree, extra, rules_extra)) as m:
             m.wait_rx(len(inputs), settle=0)
-            # Until the scheduler has let everything go (or a bound).
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                q = m.ctl("show", "qos", "wan")[0]
-                if all(c["qlen"] == 0 for c in q["classes"]):
-                    break
-                time.sleep(0.2)
+            wait_drained(m, timeout=timeout)
             drops = m.drops()
             shown = m.ctl("show", "qos", "wan")[0]
             if metrics is not None:
@@ -190,6 +193,26 @@ class Shaping(unittest.TestCase):
         got = rates(out, ["audio"])
         self.assertAlmostEqual(got["audio"] / LINK, 0.40, delta=0.03)
 
+    def test_rule_marks_and_policer_remarks_rewrite_dscp_with_a_valid_checksum(self):
+        # web: the rule's `mark: af21`; video: above its metered rate but
+        # within the peak, re-marked af13 (yellow). ECN bits stay, and the
+        # header checksum is right after the incremental update.
+        extra = "  police:\n    - {class: video, rate: 400kbit, peak: 100mbit, burst: 3000, peak_burst: 1mb, exceed: mark af13}\n"
+        ins = interleave([pkt("web", i, dscp=0) for i in range(20)], [pkt("video", i) for i in range(20)])
+        for p in ins:
+            p[IP].tos |= 1  # ECT(1)
+        out, drops, shown = run(SEED_TREE, ins, extra=extra, rules_extra=", mark: af21")
+        self.assertEqual(len(out), 40, drops)
+        web = [p for p in out if kind_of(p) == "web"]
+        video = [p for p in out if kind_of(p) == "video"]
+        self.assertTrue(all(p[IP].tos == (18 << 2) | 1 for p in web), {p[IP].tos for p in web})
+        self.assertGreater(sum(p[IP].tos == (14 << 2) | 1 for p in video), 10, {p[IP].tos for p in video})
+        for p in out:
+            ip = IP(raw(p[IP]))
+            want = ip.chksum
+            del ip.chksum
+            self.assertEqual(IP(raw(ip)).chksum, want, "IPv4 header checksum wrong after the DSCP rewrite")
+
     def test_policer_drops_what_exceeds_before_the_queue(self):
         # video policed at 400 kbit/s with a small burst: a back-to-back
         # backlog is mostly red and dropped at ingress (counted qos_policed).
@@ -232,9 +255,7 @@ class PlanChange(unittest.TestCase):
                 after = m.ctl("show", "qos", "wan")[0]
                 self.assertGreater(after["generation"], before["generation"])
                 self.assertEqual(after["classes"][0]["rate"], "4mbit")
-                deadline = time.time() + 20
-                while time.time() < deadline and any(c["qlen"] for c in m.ctl("show", "qos", "wan")[0]["classes"]):
-                    time.sleep(0.2)
+                wait_drained(m)
                 drops = m.drops()
             out = not_arp(frames(os.path.join(tmp, "out_wan.pcap")))
         self.assertEqual(len(out), 2 * n, drops)

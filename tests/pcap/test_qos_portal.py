@@ -23,7 +23,7 @@ from scapy.layers.ipsec import ESP
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_pcap import HOST, R_LAN, Moatd, frames, not_arp, two_port_config  # noqa: E402
-from test_qos import interleave  # noqa: E402
+from test_qos import interleave, wait_drained  # noqa: E402
 
 LINK = 2_000_000
 SIZE = 900  # inner IP bytes
@@ -88,12 +88,7 @@ class PortalShaping(unittest.TestCase):
             wrpcap(os.path.join(tmp, "in_wan.pcap"), [], linktype=1)
             with Moatd(tmp, portal_config(3, {2: "rate: 1mbit, ceil: 1mbit"})) as m:
                 m.wait_rx(len(ins), settle=0)
-                deadline = time.time() + 45
-                while time.time() < deadline:
-                    q = m.ctl("show", "qos", "wan")[0]
-                    if all(c["qlen"] == 0 for c in q["classes"]):
-                        break
-                    time.sleep(0.2)
+                wait_drained(m, timeout=45)
                 drops = m.drops()
                 q = m.ctl("show", "qos", "wan")[0]
             out = [p for p in not_arp(frames(os.path.join(tmp, "out_wan.pcap"))) if ESP in p]
