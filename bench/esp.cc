@@ -52,13 +52,22 @@ Esp::Esp(const Profile& p) {
   sas_.resize(n);
   for (unsigned i = 0; i < n; i++) {
     EspSa& sa = sas_[i];
-    sa.spi = p.esp.spi + i;
-    // SA i: tunnel i, from its own peer (inbound) to one local address.
-    sa.outer_src = p.esp.outer_src + i;
-    sa.outer_dst = p.esp.outer_dst;
-    const auto& key = p.esp.keys.size() == 1 ? p.esp.keys[0] : p.esp.keys[i];
-    std::memcpy(sa.key, key.data(), 16);
-    std::memcpy(sa.salt, key.data() + 16, 4);
+    const std::vector<uint8_t>* key;
+    if (!p.esp.list.empty()) {  // from moatd's configuration
+      const EspSaSpec& s = p.esp.list[i];
+      sa.spi = s.spi, sa.outer_src = s.outer_src, sa.outer_dst = s.outer_dst;
+      key = &s.key;
+    } else {
+      sa.spi = p.esp.spi + i;
+      // SA i: tunnel i, from its own peer (inbound) to one local address.
+      sa.outer_src = p.esp.outer_src + i;
+      sa.outer_dst = p.esp.outer_dst;
+      key = p.esp.keys.size() == 1 ? &p.esp.keys[0] : &p.esp.keys[i];
+    }
+    if (!sa_of_spi_.emplace(sa.spi, i).second)
+      throw std::runtime_error(fmt::format("ESP: SPI {:#x} is used by two SAs", sa.spi));
+    std::memcpy(sa.key, key->data(), 16);
+    std::memcpy(sa.salt, key->data() + 16, 4);
     sa.gcm_keys = static_cast<gcm_key_data*>(key_mem_) + i;
     IMB_AES128_GCM_PRE(mgr_, sa.key, keys_of(sa));
   }
@@ -258,8 +267,9 @@ std::optional<Decrypted> Esp::decrypt(const uint8_t* ip, size_t len) {
   const size_t total = (size_t(ip[2]) << 8) | ip[3];
   if (total > len || total < kEspOuterBytes + kEspIcvBytes + 4) return std::nullopt;
   const uint8_t* esp = ip + kIpv4Bytes;
-  const uint32_t idx = get32(esp) - sas_[0].spi;
-  if (idx >= sas_.size()) return std::nullopt;
+  const auto at = sa_of_spi_.find(get32(esp));
+  if (at == sa_of_spi_.end()) return std::nullopt;
+  const uint32_t idx = at->second;
   const EspSa& sa = sas_[idx];
   const size_t ct_len = total - kEspOuterBytes - kEspIcvBytes;
   if (ct_len % 4) return std::nullopt;

@@ -101,7 +101,7 @@ class Esp {
   static unsigned inner_len(unsigned size);
 
   // Verifies and decrypts the ESP packet starting at the outer IPv4 header
-  // (tunnel mode, SPI in this profile's range); nullopt when the SPI is not
+  // (tunnel mode, an SPI of this profile); nullopt when the SPI is not
   // ours, the packet is malformed or the ICV does not match.
   std::optional<Decrypted> decrypt(const uint8_t* ip, size_t len);
 
@@ -111,6 +111,7 @@ class Esp {
   const TagFix* tag_fix(unsigned sa, unsigned size);
 
   std::vector<EspSa> sas_;
+  std::unordered_map<uint32_t, uint32_t> sa_of_spi_;  // the sink's sampled decryptions only
   IMB_MGR* mgr_ = nullptr;
   std::vector<std::unique_ptr<TagFix>> fixes_;
   std::unordered_map<uint64_t, const TagFix*> fix_index_;  // (sa << 16 | size) -> table

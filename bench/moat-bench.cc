@@ -161,6 +161,19 @@ Json profile_json(const Profile& p) {
                            {"outer_dst", ipv4_str(p.esp.outer_dst)},
                            {"keys", p.esp.keys.size()},
                            {"verify_every", p.esp.verify_every}};
+    if (!p.esp.list.empty()) {
+      // The SAs came from moatd's configuration: which file and tunnels,
+      // never the keys.
+      Json sas = Json::array();
+      for (const auto& s : p.esp.list)
+        sas.push_back({{"tunnel", s.tunnel}, {"spi", s.spi}, {"outer_src", ipv4_str(s.outer_src)},
+                       {"outer_dst", ipv4_str(s.outer_dst)}});
+      auto& e = j["traffic"]["esp"];
+      e["moat_config"] = p.esp.moat_config;
+      e["keys"] = p.esp.list.size();
+      e.erase("spi"), e.erase("outer_src"), e.erase("outer_dst");
+      e["list"] = std::move(sas);
+    }
   }
   return j;
 }
@@ -215,7 +228,7 @@ Json trial_json(const Profile& p, const TrialResult& r) {
               {"flows_seen", r.flows_seen},
               {"rx_ttl", r.rx_ttl},
               {"unexpected", {{"stale", r.stale}, {"foreign", r.foreign}, {"reflected", r.reflected}}},
-              {"esp", {{"checked", r.esp_checked}, {"failed", r.esp_check_failed}}},
+              {"esp", {{"checked", r.esp_checked}, {"failed", r.esp_check_failed}, {"stale", r.esp_stale}}},
               {"verdict", r.verdict},
               {"interrupted", r.interrupted}};
 }

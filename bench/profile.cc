@@ -46,6 +46,8 @@ class Reader {
   }
   void error(const YAML::Node& n, std::string what) { error(n.Mark(), std::move(what)); }
   size_t errors() const { return errors_.size(); }
+  // A reader for another file whose errors join this one's.
+  Reader other(std::string file) const { return Reader(std::move(file), errors_); }
 
   bool fields(const YAML::Node& n, const std::string& where, const std::set<std::string>& allowed,
               const std::function<void(const std::string&, const YAML::Node&)>& fn) {
@@ -295,14 +297,106 @@ void read_dscp(Reader& r, const YAML::Node& n, Profile& p) {
   }
 }
 
+// moatd's static SAs for the profile's direction, from moatd's own
+// configuration file, so a benchmark cannot drift from the router's keys.
+// Only tunnels[].{name, local, peer, sa} is read, by the key layout of
+// docs/CONFIGURATION.md: moat-bench does not link moatd's configuration
+// code, which brings the rule compiler and DPDK tables with it. Errors are
+// the moatd file's own file:line:col.
+void read_moat_config(Reader& r, const YAML::Node& at, const std::string& file, EspSpec& e) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(file);
+  } catch (const YAML::BadFile&) {
+    r.error(at, fmt::format("traffic.esp.moat_config: cannot read {}", file));
+    return;
+  } catch (const YAML::Exception& x) {
+    r.other(file).error(x.mark, x.msg);
+    return;
+  }
+  Reader m = r.other(file);
+  const YAML::Node tunnels = root.IsMap() ? root["tunnels"] : YAML::Node();
+  if (!tunnels.IsSequence()) {
+    r.error(at, fmt::format("traffic.esp.moat_config: {} has no tunnels list", file));
+    return;
+  }
+  const bool in = e.direction == EspDirection::inbound;
+  for (const auto& t : tunnels) {
+    if (!t.IsMap() || !t["sa"]) continue;  // IKE tunnels have no static keys
+    const std::string name = t["name"] && t["name"].IsScalar() ? t["name"].Scalar() : "?";
+    const YAML::Node sa = t["sa"];
+    const std::string what = fmt::format("tunnel {}: sa", name);
+    if (!sa.IsMap()) {
+      m.error(sa, what + ": expected a mapping");
+      continue;
+    }
+    auto cipher = sa["cipher"] ? m.str(sa["cipher"], what + ".cipher") : std::nullopt;
+    if (!cipher) {
+      if (!sa["cipher"]) m.error(sa, what + ": no cipher");
+      continue;
+    }
+    if (*cipher != "aes-gcm-128") {
+      m.error(sa["cipher"], fmt::format("{}.cipher: {}: moat-bench generates and checks aes-gcm-128 only", what,
+                                        *cipher));
+      continue;
+    }
+    YAML::Node one = sa[in ? "in" : "out"];
+    if (!one) continue;  // no SA this way: the tunnel carries none of this traffic
+    if (one.IsSequence()) {
+      // Several inbound SAs (a make-before-break overlap): the first.
+      if (one.size() == 0) continue;
+      one = one[0];
+    }
+    EspSaSpec s;
+    s.tunnel = name;
+    const std::string sw = fmt::format("{}.{}", what, in ? "in" : "out");
+    bool ok = one.IsMap() && one["spi"] && one["key"];
+    if (!ok) {
+      m.error(one, sw + ": spi and key are required");
+      continue;
+    }
+    if (auto v = m.uint(one["spi"], sw + ".spi", 256, 0xffffffffu)) s.spi = uint32_t(*v);
+    else ok = false;
+    if (auto k = m.hex(one["key"], sw + ".key", 20)) s.key = *k;
+    else ok = false;
+    uint32_t local = 0, peer = 0;
+    for (auto [key, out] : {std::pair{"local", &local}, std::pair{"peer", &peer}}) {
+      if (!t[key]) {
+        m.error(t, fmt::format("tunnel {}: {} is required for its ESP", name, key));
+        ok = false;
+      } else if (auto a = m.str(t[key], fmt::format("tunnel {}: {}", name, key)); a && parse_ipv4(*a)) {
+        *out = *parse_ipv4(*a);
+      } else {
+        if (a) m.error(t[key], fmt::format("tunnel {}: {}: \"{}\" is not an IPv4 address", name, key, *a));
+        ok = false;
+      }
+    }
+    if (!ok) continue;
+    s.outer_src = in ? peer : local;
+    s.outer_dst = in ? local : peer;
+    e.list.push_back(std::move(s));
+  }
+  if (e.list.empty())
+    r.error(at, fmt::format("traffic.esp.moat_config: {} has no tunnel with an aes-gcm-128 `{}` SA", file,
+                            in ? "in" : "out"));
+}
+
 void read_esp(Reader& r, const YAML::Node& n, Profile& p, Marks& mk) {
   EspSpec& e = p.esp;
   mk.esp = n.Mark();
   bool have_dir = false, have_src = false, have_dst = false;
+  std::vector<YAML::Node> given;  // keys that moat_config makes redundant
+  YAML::Node moat_config;
+  bool have_moat_config = false;
   r.fields(n, "traffic.esp",
-           {"direction", "sas", "spi", "outer_src", "outer_dst", "key", "keys", "verify_every"},
+           {"direction", "sas", "spi", "outer_src", "outer_dst", "key", "keys", "verify_every", "moat_config"},
            [&](const std::string& k, const YAML::Node& v) {
-             if (k == "direction") {
+             if (k != "direction" && k != "verify_every" && k != "moat_config") given.push_back(v);
+             if (k == "moat_config") {
+               if (auto f = r.str(v, "traffic.esp.moat_config")) e.moat_config = *f;
+               moat_config = v;
+               have_moat_config = true;
+             } else if (k == "direction") {
                have_dir = true;
                auto s = r.str(v, "traffic.esp.direction");
                if (s && *s == "inbound") e.direction = EspDirection::inbound;
@@ -334,6 +428,20 @@ void read_esp(Reader& r, const YAML::Node& n, Profile& p, Marks& mk) {
              }
            });
   if (!have_dir) r.error(n, "traffic.esp: direction is required (inbound or outbound)");
+  if (have_moat_config) {
+    for (const auto& v : given)
+      r.error(v, "traffic.esp: sas, spi, outer_src, outer_dst and keys come from moat_config; drop this key");
+    if (e.moat_config.empty() || !have_dir) return;
+    // Relative to the profile, as a profile and its router's configuration
+    // usually sit side by side.
+    std::string file = e.moat_config;
+    if (file[0] != '/' && p.path.find('/') != std::string::npos) file = p.path.substr(0, p.path.rfind('/') + 1) + file;
+    read_moat_config(r, moat_config, file, e);
+    if (e.list.empty()) return;
+    e.sas = unsigned(e.list.size());
+    mk.have_keys = true;
+    return;
+  }
   if (!have_src || !have_dst) r.error(n, "traffic.esp: outer_src and outer_dst are required");
   if (!mk.have_keys) r.error(n, "traffic.esp: key (or keys) is required");
 }
@@ -533,12 +641,13 @@ void read(Reader& r, const YAML::Node& root, Profile& p) {
   }
 
   if (p.esp.direction != EspDirection::none) {
-    if (mk.have_keys && p.esp.keys.size() != 1 && p.esp.keys.size() != p.esp.sas)
+    if (mk.have_keys && p.esp.list.empty() && p.esp.keys.size() != 1 && p.esp.keys.size() != p.esp.sas)
       r.error(mk.esp_keys, fmt::format("traffic.esp.keys: {} keys for {} SAs (give one key, or one per SA)",
                                        p.esp.keys.size(), p.esp.sas));
     if (p.esp.direction == EspDirection::outbound && p.flows < p.esp.sas)
       r.error(mk.esp, fmt::format("traffic.esp: {} flows cannot cover {} SAs' selectors", p.flows, p.esp.sas));
-    if (p.esp.direction == EspDirection::inbound && uint64_t(p.esp.outer_src) + p.esp.sas - 1 > 0xffffffffu)
+    if (p.esp.list.empty() && p.esp.direction == EspDirection::inbound &&
+        uint64_t(p.esp.outer_src) + p.esp.sas - 1 > 0xffffffffu)
       r.error(mk.esp, "traffic.esp.outer_src: the SAs' outer sources run past 255.255.255.255");
   }
   if (p.min_rate_pps > p.max_rate_pps && p.max_rate_pps > 0)

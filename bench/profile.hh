@@ -70,8 +70,21 @@ enum class EspDirection { none, inbound, outbound };
 // SAs, sequence numbers increasing per SA, and the sink expects the inner
 // cleartext. outbound: the generator sends cleartext spread over the SAs'
 // selectors (flow f belongs to SA f % sas) and the sink expects ESP.
+// One SA taken from a moatd configuration (EspSpec::moat_config).
+struct EspSaSpec {
+  std::string tunnel;  // the moatd tunnel it came from, for messages
+  uint32_t spi = 0, outer_src = 0, outer_dst = 0;
+  std::vector<uint8_t> key;  // 20 bytes: AES-128 key + salt
+};
+
 struct EspSpec {
   EspDirection direction = EspDirection::none;
+  // moatd's configuration file whose static SAs to use: SA i is the i-th
+  // tunnel with an AES-GCM-128 SA for this direction (inbound: the
+  // tunnel's `in` SA, from its peer to its local address; outbound: its
+  // `out` SA). Then sas, spi, outer_src/dst and keys come from `list`.
+  std::string moat_config;
+  std::vector<EspSaSpec> list;
   unsigned sas = 1;
   uint32_t spi = 0x1000;           // SA i has SPI spi + i
   uint32_t outer_src = 0, outer_dst = 0;  // SA i: outer_src + i -> outer_dst

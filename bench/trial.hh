@@ -62,7 +62,10 @@ struct TrialResult {
   uint64_t duplicates = 0;    // sequence equal to the highest seen in its flow
   uint64_t flows_seen = 0;
   int rx_ttl = -1;            // TTL of the last frame: 63 after one routing hop
-  uint64_t esp_checked = 0, esp_check_failed = 0;  // tunnel traffic: sampled decryptions
+  // Tunnel traffic, sampled decryptions: checked decrypted with the keys;
+  // failed did not (ICV, SPI, padding) or held a foreign inner packet;
+  // stale held one of ours from before the window (also in `stale`).
+  uint64_t esp_checked = 0, esp_check_failed = 0, esp_stale = 0;
   LatencyHist latency;        // TSC >> kTsShift units
   uint64_t tsc_hz = 0;
   bool interrupted = false;

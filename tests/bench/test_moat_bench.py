@@ -12,6 +12,8 @@
 - ESP (inbound tunnel traffic): scapy decrypts every frame the generator
   wrote to a pcap, with sequence numbers 1, 2, 3... per SA; in a memif loop
   the sink decrypts its samples and nothing is lost at a low fixed rate;
+  SAs (SPI, key, outer addresses) taken from a moatd configuration file,
+  and a bad one refused at its file:line:col;
 - the JSON has the documented fields, and bench/plot.py draws it.
 
 Nothing here asserts on speed: rates are far below what the loop carries
@@ -265,6 +267,94 @@ time_limit_s: 90  # a loaded CI machine: correctness is tested here, not speed
             self.assertEqual(t["esp"]["checked"], t["received"]["packets"] // 4)
             self.assertEqual(t["latency_ns"]["samples"], t["esp"]["checked"])
             self.assertEqual(t["wrong_size"], 0)
+
+    MOATD_CONF = """# moatd's own configuration: moat-bench takes the SAs from here
+tunnels:
+  - name: branch-a
+    local: 192.0.2.1
+    peer: 198.51.100.7
+    sa: {cipher: aes-gcm-128, out: {spi: 0x7001, key: 0x0f0e0d0c0b0a09080706050403020100a1a2a3a4},
+         in: {spi: 0x2005, key: 0x101112131415161718191a1b1c1d1e1f20212223}}
+  - name: by-ike
+    local: 192.0.2.1
+    peer: 203.0.113.9
+  - name: branch-b
+    local: 192.0.2.1
+    peer: 198.51.100.99
+    sa:
+      cipher: aes-gcm-128
+      out: {spi: 0x7002, key: 0x303132333435363738393a3b3c3d3e3f40414243}
+      in:
+        - {spi: 0x3001, key: 0x505152535455565758595a5b5c5d5e5f60616263}
+        - {spi: 0x3002, key: 0x707172737475767778797a7b7c7d7e7f80818283}
+"""
+    # SPI -> (key, outer source) that the moatd configuration above implies for inbound traffic.
+    MOATD_IN = {0x2005: ("101112131415161718191a1b1c1d1e1f20212223", "198.51.100.7"),
+                0x3001: ("505152535455565758595a5b5c5d5e5f60616263", "198.51.100.99")}
+
+    def test_esp_keys_come_from_a_moatd_config(self):
+        from scapy.all import IP, ESP, raw, rdpcap
+        from scapy.layers.ipsec import SecurityAssociation
+        with open(os.path.join(self.tmp, "moatd.yaml"), "w") as f:
+            f.write(self.MOATD_CONF)
+        pcap = os.path.join(self.tmp, "esp.pcap")
+        # moat_config relative to the profile's directory.
+        text = f"""
+ports:
+  - {{name: gen, device: "net_pcap0,tx_pcap={pcap}"}}
+  - {{name: sink, device: "net_null1,no-rx=1"}}
+generator: {{port: gen}}
+sink: {{port: sink}}
+eal: {{memory_mb: 256, file_prefix: moat-bench-test-conf-{os.getpid()}}}
+traffic:
+  sizes: [200]
+  flows: 4
+  esp: {{direction: inbound, moat_config: moatd.yaml, verify_every: 1}}
+trial: {{duration_s: 0.2, warmup_s: 0}}
+search: {{mode: fixed, rate_pps: 100}}
+time_limit_s: 90
+"""
+        p, doc, _ = run(text, self.tmp, "conf")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        esp = doc["profile"]["traffic"]["esp"]
+        self.assertEqual([s["tunnel"] for s in esp["list"]], ["branch-a", "branch-b"])
+        self.assertNotIn("101112131415161718191a1b1c1d1e1f20212223", json.dumps(doc))
+        seen = set()
+        for f in rdpcap(pcap):
+            ip = IP(raw(f[IP]))
+            spi = ip[ESP].spi
+            key, src = self.MOATD_IN[spi]
+            self.assertEqual((ip.src, ip.dst), (src, "192.0.2.1"))
+            sa = SecurityAssociation(ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(key),
+                                     tunnel_header=IP(src=ip.src, dst=ip.dst))
+            sa.decrypt(ip)  # raises when the ICV does not match
+            seen.add(spi)
+        self.assertEqual(seen, set(self.MOATD_IN))
+        # The sink finds each SA's key by its SPI (not contiguous here).
+        text = loop_profile(self.tmp, "confloop", "{mode: fixed, rate_pps: 2000}", sizes="[200]").replace(
+            "flows: 64}", "flows: 64, esp: {direction: inbound, moat_config: moatd.yaml, verify_every: 2}}")
+        p, doc, _ = run(text, self.tmp, "confloop")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        t = doc["trials"][0]
+        self.assertEqual(t["lost_packets"], 0, t)
+        self.assertEqual(t["esp"]["failed"], 0)
+        self.assertEqual(t["esp"]["checked"], t["received"]["packets"] // 2)
+
+    def test_bad_moatd_config_is_refused_with_its_place(self):
+        conf = os.path.join(self.tmp, "moatd.yaml")
+        with open(conf, "w") as f:
+            f.write(self.MOATD_CONF.replace("cipher: aes-gcm-128\n", "cipher: chacha20-poly1305\n"))
+        path = os.path.join(self.tmp, "p.yaml")
+        with open(path, "w") as f:
+            f.write("ports:\n  - {name: gen, device: net_null0}\n  - {name: sink, device: net_null1}\n"
+                    "generator: {port: gen}\nsink: {port: sink}\n"
+                    f"traffic: {{sizes: 200, esp: {{direction: inbound, moat_config: {conf}, spi: 0x1000}}}}\n")
+        p = subprocess.run([BENCH, path, "--check"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn(f"{conf}:15:15: tunnel branch-b: sa.cipher: chacha20-poly1305: moat-bench generates and "
+                      "checks aes-gcm-128 only", p.stderr)
+        self.assertIn(f"{path}:6:", p.stderr)
+        self.assertIn("come from moat_config; drop this key", p.stderr)
 
     def test_example_profiles_are_valid(self):
         d = os.path.join(SRC, "bench/profiles")
