@@ -524,7 +524,7 @@ TrialResult Harness::run(const TrialSpec& spec, const ProgressFn& progress) {
       if (!split) sink_->poll(ctl);
       now = rte_rdtsc();
       const uint64_t last = std::max(sink_->last_rx_tsc(), t0);
-      if (sink_->early() >= warm_sent) break;
+      if (warm_sent && sink_->early() >= warm_sent) break;  // a trial without warm-up: the quiet gap
       if (now - last > uint64_t(kQuietS * double(hz)) || now - t0 > uint64_t(spec.drain_s * double(hz))) break;
     }
   }
