@@ -62,6 +62,25 @@ search: {search}
 """
 
 
+def pcap_profile(pcap, name, sizes, flows, esp, rate):
+    """The generator writes its frames to a pcap file; nothing comes back."""
+    return f"""
+ports:
+  - {{name: gen, device: "net_pcap0,tx_pcap={pcap}"}}
+  - {{name: sink, device: "net_null1,no-rx=1"}}
+generator: {{port: gen}}
+sink: {{port: sink}}
+eal: {{memory_mb: 256, file_prefix: moat-bench-test-{name}-{os.getpid()}}}
+traffic:
+  sizes: {sizes}
+  flows: {flows}
+  {esp}
+trial: {{duration_s: 0.2, warmup_s: 0}}
+search: {{mode: fixed, rate_pps: {rate}}}
+time_limit_s: 90  # a loaded CI machine: correctness is tested here, not speed
+"""
+
+
 class MoatBench(unittest.TestCase):
     def setUp(self):
         self.tmpdir = tempfile.TemporaryDirectory(prefix="moat-bench-test-")
@@ -217,21 +236,7 @@ time_limit_s: 90  # a loaded CI machine: correctness is tested here, not speed
         from scapy.all import IP, UDP, ESP, raw, rdpcap
         from scapy.layers.ipsec import SecurityAssociation
         pcap = os.path.join(self.tmp, "esp.pcap")
-        text = f"""
-ports:
-  - {{name: gen, device: "net_pcap0,tx_pcap={pcap}"}}
-  - {{name: sink, device: "net_null1,no-rx=1"}}
-generator: {{port: gen}}
-sink: {{port: sink}}
-eal: {{memory_mb: 256, file_prefix: moat-bench-test-pcap-{os.getpid()}}}
-traffic:
-  sizes: [130, 1518]
-  flows: 6
-  {self.ESP.format(sas=3, every=1)}
-trial: {{duration_s: 0.2, warmup_s: 0}}
-search: {{mode: fixed, rate_pps: 200}}
-time_limit_s: 90  # a loaded CI machine: correctness is tested here, not speed
-"""
+        text = pcap_profile(pcap, "pcap", "[130, 1518]", 6, self.ESP.format(sas=3, every=1), 200)
         p, doc, _ = run(text, self.tmp, "pcap")
         self.assertEqual(p.returncode, 0, p.stderr)
         frames = rdpcap(pcap)
@@ -299,21 +304,8 @@ tunnels:
             f.write(self.MOATD_CONF)
         pcap = os.path.join(self.tmp, "esp.pcap")
         # moat_config relative to the profile's directory.
-        text = f"""
-ports:
-  - {{name: gen, device: "net_pcap0,tx_pcap={pcap}"}}
-  - {{name: sink, device: "net_null1,no-rx=1"}}
-generator: {{port: gen}}
-sink: {{port: sink}}
-eal: {{memory_mb: 256, file_prefix: moat-bench-test-conf-{os.getpid()}}}
-traffic:
-  sizes: [200]
-  flows: 4
-  esp: {{direction: inbound, moat_config: moatd.yaml, verify_every: 1}}
-trial: {{duration_s: 0.2, warmup_s: 0}}
-search: {{mode: fixed, rate_pps: 100}}
-time_limit_s: 90
-"""
+        text = pcap_profile(pcap, "conf", "[200]", 4, "esp: {direction: inbound, moat_config: moatd.yaml, verify_every: 1}",
+                            100)
         p, doc, _ = run(text, self.tmp, "conf")
         self.assertEqual(p.returncode, 0, p.stderr)
         esp = doc["profile"]["traffic"]["esp"]
