@@ -93,6 +93,10 @@ struct TunnelConfig {
   // The portal's shaping of this moat's downstream (qos.shaping moats):
   // guaranteed rate and ceiling in bytes/s; 0: the moats template's.
   uint64_t shape_rate = 0, shape_ceil = 0;
+  // An IKE tunnel whose record left the tunnels directory (`ike reload`):
+  // its id stays taken, so no other tunnel's id moves under the workers,
+  // and a record of the same name that comes back gets it again.
+  bool retired = false;
 };
 
 // A class tree on one egress port (qos.shaping, docs/CONFIGURATION.md).

@@ -15,6 +15,9 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
 #include <cstring>
 
 #include "ctrl/cli_server.hh"
@@ -237,28 +240,37 @@ uint16_t Control::port_id(const std::string& name) const {
 }
 
 void Control::add_ike_tunnels(Config& c) const {
-  for (auto& p : ike_peers_) {
-    if (std::any_of(c.tunnels.begin(), c.tunnels.end(), [&](const TunnelConfig& t) { return t.name == p.name; })) continue;
+  // Sets, not scans: a portal has thousands of tunnel files.
+  std::unordered_map<std::string_view, const ike::PeerConfig*> peers;
+  for (auto& p : ike_peers_) peers.emplace(p.name, &p);
+  std::unordered_set<std::string_view> names;
+  for (auto& t : c.tunnels) names.insert(t.name);
+  std::set<std::pair<uint32_t, uint8_t>> prefixes;
+  for (auto& r : c.routes) prefixes.emplace(r.prefix.addr, r.prefix.len);
+  if (ike_slots_.empty()) return;
+  auto z = std::find(c.rules.zones.begin(), c.rules.zones.end(), "vpn");
+  if (z == c.rules.zones.end()) z = c.rules.zones.insert(z, "vpn");
+  const uint8_t zone = uint8_t(z - c.rules.zones.begin());
+  for (auto& name : ike_slots_) {
+    if (names.count(name)) continue;  // a static tunnel of that name: IKE keys it
     TunnelConfig t;
-    t.name = p.name;
+    t.name = name;
     t.zone = "vpn";
-    auto z = std::find(c.rules.zones.begin(), c.rules.zones.end(), t.zone);
-    uint8_t zone = uint8_t(z - c.rules.zones.begin());
-    if (z == c.rules.zones.end()) c.rules.zones.push_back(t.zone);
     t.tmpl.tunnel = uint32_t(c.tunnels.size());
-    for (auto& ts : p.remote_ts)
-      for (auto& [a, len] : ts.prefixes())
-        if (a.is_v4() && len > 0) {
-          RouteConfig r;
-          uint32_t x;
-          memcpy(&x, a.b.data(), 4);
-          r.prefix = Ipv4Prefix{ntohl(x), len};
-          r.type = RouteType::tunnel;
-          r.tunnel = p.name;
-          if (std::none_of(c.routes.begin(), c.routes.end(), [&](const RouteConfig& o) {
-                return o.prefix.addr == r.prefix.addr && o.prefix.len == r.prefix.len; }))
-            c.routes.push_back(r);
-        }
+    auto it = peers.find(name);
+    t.retired = it == peers.end();
+    if (!t.retired)
+      for (auto& ts : it->second->remote_ts)
+        for (auto& [a, len] : ts.prefixes())
+          if (a.is_v4() && len > 0) {
+            RouteConfig r;
+            uint32_t x;
+            memcpy(&x, a.b.data(), 4);
+            r.prefix = Ipv4Prefix{ntohl(x), len};
+            r.type = RouteType::tunnel;
+            r.tunnel = name;
+            if (prefixes.emplace(r.prefix.addr, r.prefix.len).second) c.routes.push_back(r);
+          }
     c.rules.tunnels.push_back(t.name);
     c.rules.tunnel_zone.push_back(zone);
     c.tunnels.push_back(std::move(t));
@@ -273,6 +285,8 @@ tl::expected<void, std::string> Control::start() {
     auto dir = ike::load_tunnel_dir(c_.ike_dir);
     for (auto& e : dir.errors) fmt::print(stderr, "moatd: {}\n", e.str());
     ike_peers_ = std::move(dir.tunnels);
+    for (auto& p : ike_peers_) ike_slots_.push_back(p.name);
+    static_tunnels_ = c_.tunnels.size();
     add_ike_tunnels(c_);
   }
   unsigned nworkers = c_.workers();
@@ -839,6 +853,7 @@ json Control::show_tunnels() const {
   uint64_t now = rte_rdtsc();
   for (size_t t = 0; t < c_.tunnels.size(); t++) {
     const TunnelConfig& tc = c_.tunnels[t];
+    if (tc.retired) continue;
     json o;
     o["tunnel"] = tc.name;
     o["zone"] = tc.zone;
@@ -938,6 +953,96 @@ tl::expected<json, std::string> Control::reload_rules(const std::string& path) {
   out["generation"] = rules_generation_;
   out["acl_rules"] = classifier_->acl_rules;
   out["build_us"] = rules_build_us_;
+  return out;
+}
+
+tl::expected<json, std::string> Control::reload_ike() {
+  if (!ike_) return tl::unexpected(std::string("no IKE (the config has no ike.tunnels_dir)"));
+  auto dir = ike::load_tunnel_dir(c_.ike_dir);
+  json out;
+  json errors = json::array(), kept = json::array(), added = json::array(), removed = json::array();
+  for (auto& e : dir.errors) errors.push_back(e.str());
+  // A record that no longer loads keeps its tunnel running as it was: a
+  // typo in one moat's file must not cut that moat off.
+  std::unordered_set<std::string> broken, loaded, before;
+  for (auto& e : dir.errors) broken.insert(e.file);
+  for (auto& p : dir.tunnels) loaded.insert(p.name);
+  for (auto& p : ike_peers_) {
+    before.insert(p.name);
+    const std::string file = p.origin.substr(0, p.origin.rfind(':'));
+    if (broken.count(file) && loaded.insert(p.name).second) {
+      dir.tunnels.push_back(p);
+      kept.push_back(p.name);
+    }
+  }
+  // New names take new tunnel ids after every id ever given out; a name
+  // that comes back gets its old id.
+  std::vector<std::string> slots = ike_slots_;
+  std::unordered_set<std::string> in_slots(slots.begin(), slots.end());
+  for (auto& p : dir.tunnels) {
+    if (!before.count(p.name)) added.push_back(p.name);
+    if (in_slots.insert(p.name).second) slots.push_back(p.name);
+  }
+  for (auto& p : ike_peers_)
+    if (!loaded.count(p.name)) removed.push_back(p.name);
+  if (static_tunnels_ + slots.size() >= sad_->capacity())
+    return tl::unexpected(fmt::format("{}: {} tunnels do not fit the SAD's {} tunnel ids (control.max_sas); raise it "
+                                      "and restart moatd (the tunnels in force are unchanged)",
+                                      c_.ike_dir, static_tunnels_ + slots.size(), sad_->capacity() - 1));
+
+  // The tunnels, their zone and routes as the new directory has them; the
+  // config file's own tunnels and the rules in force stay.
+  std::vector<ike::PeerConfig> old_peers = std::move(ike_peers_);
+  std::vector<std::string> old_slots = std::move(ike_slots_);
+  ike_peers_ = dir.tunnels;
+  ike_slots_ = std::move(slots);
+  Config next;
+  next.tunnels.assign(c_.tunnels.begin(), c_.tunnels.begin() + long(static_tunnels_));
+  std::unordered_set<std::string_view> statics;
+  for (auto& t : next.tunnels) statics.insert(t.name);
+  auto ike_route = [&](const RouteConfig& r) { return r.type == RouteType::tunnel && !statics.count(r.tunnel); };
+  for (auto& r : c_.routes)
+    if (!ike_route(r)) next.routes.push_back(r);
+  next.rules = rules_;
+  next.rules.tunnels.resize(static_tunnels_);
+  next.rules.tunnel_zone.resize(static_tunnels_);
+  add_ike_tunnels(next);
+  if (auto ok = publish_rules(next.rules); !ok) {
+    ike_peers_ = std::move(old_peers);
+    ike_slots_ = std::move(old_slots);
+    return tl::unexpected(ok.error() + "\nthe tunnels in force are unchanged");
+  }
+  using Key = std::tuple<uint32_t, uint8_t, std::string>;
+  std::set<Key> was, wanted;
+  for (auto& r : c_.routes)
+    if (ike_route(r)) was.emplace(r.prefix.addr, r.prefix.len, r.tunnel);
+  for (auto& r : next.routes)
+    if (ike_route(r)) wanted.emplace(r.prefix.addr, r.prefix.len, r.tunnel);
+  c_.tunnels = std::move(next.tunnels);  // the route table names tunnels through it
+  c_.routes = std::move(next.routes);
+  tunnel_sas_.resize(c_.tunnels.size());
+  for (auto& [addr, len, tunnel] : was)
+    if (!wanted.count({addr, len, tunnel})) (void)routes_->del(Ipv4Prefix{addr, len});
+  for (auto& [addr, len, tunnel] : wanted)
+    if (!was.count({addr, len, tunnel}))
+      if (auto ok = routes_->add(Ipv4Prefix{addr, len}, RouteType::tunnel, 0, tunnel, RouteTable::Origin::config); !ok)
+        errors.push_back(fmt::format("tunnel {}: {}", tunnel, ok.error()));
+  // The portal's per-moat subtrees follow the tunnels (queues adopted by name).
+  if (std::any_of(c_.shapers.begin(), c_.shapers.end(), [](const ShaperConfig& sc) { return sc.moats; })) {
+    if (auto q = build_qos(c_)) install_qos(std::move(*q));
+    else errors.push_back(q.error() + " (the shaping plans in force are unchanged)");
+  }
+  // Last: removed tunnels' peers are told (INFORMATIONAL DELETE, as `ike
+  // terminate` does), then their SAs leave the SAD with the records.
+  const uint64_t now = ike::UdpDriver::now_ms();
+  for (auto& name : removed) (void)ike_->engine().terminate(name.get<std::string>(), now);
+  ike_->engine().set_peers(std::move(dir.tunnels), now);
+  out["tunnels"] = ike_peers_.size();
+  out["added"] = added;
+  out["removed"] = removed;
+  out["kept_as_they_were"] = kept;
+  out["errors"] = errors;
+  out["generation"] = rules_generation_;
   return out;
 }
 
@@ -1252,6 +1357,12 @@ void Control::register_cli() {
   cli_->on("conntrack flush", [this](const std::vector<std::string>&) {
     // Every connection is forgotten; their next packets meet the rules again.
     return json{{"expired", conntrack_ ? conntrack_->expire_all() : 0}};
+  });
+  cli_->on("ike reload", [this](const std::vector<std::string>& a) {
+    if (!a.empty()) throw CliError("usage: ike reload");
+    auto r = reload_ike();
+    if (!r) throw CliError("ike reload: " + r.error());
+    return *r;
   });
   cli_->on("rules reload", [this](const std::vector<std::string>& a) {
     if (a.size() > 1) throw CliError("usage: rules reload [FILE]");

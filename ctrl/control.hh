@@ -92,6 +92,12 @@ class Control {
   // Reads the rule tables from a config file and publishes them; on any
   // error the rules in force stay. Ports and zones must be unchanged.
   tl::expected<nlohmann::ordered_json, std::string> reload_rules(const std::string& path);
+  // `moatctl ike reload`: the tunnels directory read again while everything
+  // runs: new records become tunnels (routes, zone, SAs once IKE brings
+  // them up), removed ones are torn down, changed ones apply to their next
+  // IKE SA. A broken record is reported with file:line:col and its tunnel,
+  // if it had one, keeps running as it was.
+  tl::expected<nlohmann::ordered_json, std::string> reload_ike();
   nlohmann::ordered_json show_rules() const;
   // Connection tracking: counts and up to `limit` connections.
   nlohmann::ordered_json show_conntrack(size_t limit) const;
@@ -155,10 +161,13 @@ class Control {
   uint64_t tsc_hz_ = 0;
   uint64_t last_tick_ms_ = 0;
   void drain_sa_events();
-  // Tunnels the IKE directory names that the config does not: zone vpn,
-  // routes into them for their remote funnels.
+  // Tunnels the IKE directory names that the config does not, in the order
+  // of ike_slots_ (their ids): zone vpn, routes into them for their remote
+  // funnels; a retired slot gets neither.
   void add_ike_tunnels(Config& c) const;
   std::vector<ike::PeerConfig> ike_peers_;
+  std::vector<std::string> ike_slots_;  // IKE tunnel names in tunnel id order; never shrinks
+  size_t static_tunnels_ = 0;           // tunnels from the config file: ids 0 .. static_tunnels_ - 1
   std::unique_ptr<class IkeHost> ike_;
   std::unique_ptr<Sad> sad_;
   std::vector<std::unique_ptr<EspWorker>> esp_workers_;

@@ -20,6 +20,9 @@
 #   initiator: moatd restarted with `start: true`; the tunnel comes up, pings
 #              pass both ways; the same rekeys under a flood; ike terminate /
 #              initiate; charon restarted: moatd brings it back.
+#   reload:    moatctl ike reload after the tunnel's file is removed (the
+#              tunnel goes, charon is told), put back (it comes up), and
+#              broken (named at its place; the running tunnel stays).
 #   MOBIKE:    charon with mobike = yes, moatd initiates; `moatctl address
 #              set wan 198.51.100.5/24`: moatd sends UPDATE_SA_ADDRESSES,
 #              charon moves the SAs there, pings pass both ways.
@@ -469,6 +472,43 @@ charon_start
 wait_up "initiator after charon restart" 60
 pings_both_ways "initiator after charon restart"
 
+# The tunnels directory changed at run time (moatctl ike reload): a removed
+# record tears its tunnel down (charon is told, the route into it goes); a
+# record added back comes up by itself; a broken record is named with its
+# file:line:col and skipped, and a broken record of a running tunnel keeps
+# that tunnel as it was.
+log "--- moatctl ike reload: tunnels removed, added and broken at run time"
+reload_json() { ctl --json ike reload >"$RUN/reload.json" 2>&1 || { cat "$RUN/reload.json"; fail "$1: moatctl ike reload failed"; }; }
+reload_has() { # WHAT PYTHON-EXPRESSION over r (the reply)
+    $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(0 if eval(sys.argv[2]) else 1)' \
+        "$RUN/reload.json" "$2" || { cat "$RUN/reload.json"; fail "$1: reload reply: not $2"; }
+}
+mv "$RUN/moats.d/swan.yaml" "$RUN/swan.yaml.saved"
+reload_json "remove"
+reload_has "remove" 'r["removed"] == ["swan"] and r["tunnels"] == 0'
+for i in $(seq 1 50); do swan_installed || break; sleep 0.2; done
+swan_installed && { sw --list-sas; fail "ike reload: charon still has the CHILD SA of the removed tunnel"; }
+ctl --json show tunnels | $PY -c 'import json, sys; sys.exit(1 if any(t["tunnel"] == "swan" for t in json.load(sys.stdin)) else 0)' \
+    || fail "ike reload: show tunnels still lists the removed tunnel"
+nsx "$NS_H" ping -q -c 2 -i 0.2 -W 1 10.9.0.1 >/dev/null 2>&1 && fail "ike reload: 10.9.0.1 still answers after its tunnel was removed"
+log "removed: charon's SA is gone, so is the tunnel"
+printf 'remote_id: other@moat.test\npsk: "x"\nfunnels: 5\n' >"$RUN/moats.d/broken.yaml"
+cp "$RUN/swan.yaml.saved" "$RUN/moats.d/swan.yaml"
+reload_json "add back"
+reload_has "add back" 'r["added"] == ["swan"] and r["tunnels"] == 1'
+reload_has "add back" 'any("broken.yaml:3:" in e for e in r["errors"])'
+wait_up "after ike reload added the tunnel back" 30
+pings_both_ways "after ike reload added the tunnel back"
+echo "funnels: [oops" >>"$RUN/moats.d/swan.yaml"
+reload_json "broken"
+reload_has "broken" 'r["kept_as_they_were"] == ["swan"] and any("swan.yaml:" in e for e in r["errors"])'
+sleep 1
+moat_established || fail "ike reload: a broken record took its running tunnel down"
+pings_both_ways "after ike reload of a broken record"
+cp "$RUN/swan.yaml.saved" "$RUN/moats.d/swan.yaml"; rm -f "$RUN/moats.d/broken.yaml"
+reload_json "repaired"
+reload_has "repaired" 'r["errors"] == [] and r["added"] == [] and r["removed"] == []'
+
 # MOBIKE (RFC 4555): moatd initiated the IKE SA with MOBIKE; its WAN port's
 # address changes (moatctl address set); it sends UPDATE_SA_ADDRESSES from
 # the new address, charon moves the SAs, ESP leaves from the new address.
@@ -492,4 +532,4 @@ sw --list-sas 2>/dev/null | grep -q "remote '$M_ID' @ 198.51.100.5" || { sw --li
 [ "$(ike_stat mobike_sent)" -ge 1 ] || fail "MOBIKE: moatd counted no UPDATE_SA_ADDRESSES"
 pings_both_ways "after moatd's address change (MOBIKE)"
 
-log "PASS: moatd <-> strongSwan: both roles, traffic both ways, show ike/tunnels, charon restarts, rekey under load, MOBIKE"
+log "PASS: moatd <-> strongSwan: both roles, traffic both ways, show ike/tunnels, charon restarts, rekey under load, ike reload, MOBIKE"
