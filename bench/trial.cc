@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <set>
 #include <stdexcept>
 
 namespace moat::bench {
@@ -425,9 +426,37 @@ Harness::Harness(const Profile& p) : p_(p) {
 
 Harness::~Harness() {
   gen_.reset();
-  // Both ports stopped before either is closed: a memif loop has the two
-  // ends of one link in this process.
-  for (auto& port : ports_) rte_eth_dev_stop(port.id);
+  // A memif loop has both ends of one link in this process. Stopping or
+  // closing one end makes EAL's interrupt thread tear the other end's
+  // connection down; stopping or closing that end from here at the same
+  // time raced it (a segfault once in a few hundred runs on a loaded
+  // machine). So after each step the other ends' links must read down,
+  // i.e. the interrupt thread has been through them, before the next.
+  auto settle = [&](size_t i) {
+    for (size_t j = 0; j < ports_.size(); j++) {
+      if (j == i) continue;
+      for (int k = 0; k < 200; k++) {  // at most 1 s: a peer in another process never answers here
+        rte_eth_link l{};
+        if (rte_eth_link_get_nowait(ports_[j].id, &l) != 0 || !l.link_status) break;
+        rte_delay_ms(5);
+      }
+    }
+    rte_delay_ms(5);  // the handler finishes after it marks the link down
+  };
+  // Only ends of one link in this process answer each other: memif ports
+  // on the same socket file.
+  auto socket_of = [](const std::string& dev) {
+    auto at = dev.find("socket=");
+    return at == std::string::npos ? std::string() : dev.substr(at, dev.find(',', at) - at);
+  };
+  std::set<std::string> sockets;
+  bool loop = false;
+  for (auto& ps : p_.ports)
+    if (auto s = socket_of(ps.device); !s.empty()) loop = !sockets.insert(s).second || loop;
+  for (size_t i = 0; i < ports_.size(); i++) {
+    rte_eth_dev_stop(ports_[i].id);
+    if (loop) settle(i);
+  }
   for (auto& port : ports_) rte_eth_dev_close(port.id);
 }
 
