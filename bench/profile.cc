@@ -1,5 +1,7 @@
 #include "bench/profile.hh"
 
+#include "ctrl/yaml_reader.hh"
+
 #include <arpa/inet.h>
 #include <yaml-cpp/yaml.h>
 
@@ -15,8 +17,6 @@
 
 namespace moat::bench {
 
-std::string ProfileError::str() const { return fmt::format("{}:{}:{}: {}", file, line, col, what); }
-
 unsigned min_frame_for(const Profile& p) {
   const unsigned l4 = p.protocol == Protocol::udp ? kUdpBytes + kStampBytes : kTcpBytes;
   const unsigned clear = kEthBytes + kIpv4Bytes + l4 + kFcsBytes;
@@ -30,125 +30,14 @@ unsigned min_frame_for(const Profile& p) {
 
 namespace {
 
-std::optional<uint32_t> parse_ipv4(const std::string& s) {
-  in_addr a;
-  if (inet_pton(AF_INET, s.c_str(), &a) != 1) return std::nullopt;
-  return ntohl(a.s_addr);
-}
-
-// Walks the YAML tree, recording errors at the node they concern.
-class Reader {
+// moat-bench's reader: the YAML walker moatd's configuration uses
+// (ctrl/yaml_reader.hh), plus the address and port ranges of profiles.
+class Reader : public YamlReader {
  public:
-  Reader(std::string file, std::vector<ProfileError>& errors) : file_(std::move(file)), errors_(errors) {}
-
-  void error(const YAML::Mark& mk, std::string what) {
-    errors_.push_back(ProfileError{file_, mk.line + 1, mk.column + 1, std::move(what)});
-  }
-  void error(const YAML::Node& n, std::string what) { error(n.Mark(), std::move(what)); }
-  size_t errors() const { return errors_.size(); }
-  // A reader for another file whose errors join this one's.
-  Reader other(std::string file) const { return Reader(std::move(file), errors_); }
-
-  bool fields(const YAML::Node& n, const std::string& where, const std::set<std::string>& allowed,
-              const std::function<void(const std::string&, const YAML::Node&)>& fn) {
-    if (!n.IsMap()) {
-      error(n, fmt::format("{}: expected a mapping", where));
-      return false;
-    }
-    for (auto it = n.begin(); it != n.end(); ++it) {
-      std::string key = it->first.Scalar();
-      if (!allowed.count(key)) {
-        std::string known;
-        for (auto& k : allowed) known += (known.empty() ? "" : ", ") + k;
-        error(it->first, fmt::format("{}: unknown key \"{}\" (known: {})", where, key, known));
-        continue;
-      }
-      fn(key, it->second);
-    }
-    return true;
-  }
-
-  void boolean(const YAML::Node& n, const std::string& what, bool& out) {
-    const std::string s = n.IsScalar() ? n.Scalar() : std::string();
-    if (s == "true" || s == "yes" || s == "on") out = true;
-    else if (s == "false" || s == "no" || s == "off") out = false;
-    else error(n, fmt::format("{}: expected true or false", what));
-  }
-
-  std::optional<std::string> str(const YAML::Node& n, const std::string& what) {
-    if (!n.IsScalar()) {
-      error(n, fmt::format("{}: expected a string", what));
-      return std::nullopt;
-    }
-    return n.Scalar();
-  }
-
-  // Integers in decimal or 0x hex.
-  std::optional<uint64_t> uint(const YAML::Node& n, const std::string& what, uint64_t lo, uint64_t hi) {
-    const std::string s = n.IsScalar() ? n.Scalar() : "";
-    uint64_t v = 0;
-    size_t used = 0;
-    bool ok = !s.empty() && s[0] != '-' && s[0] != '+';
-    if (ok) {
-      try {
-        v = std::stoull(s, &used, 0);
-      } catch (...) {
-        ok = false;
-      }
-    }
-    if (!ok || used != s.size()) {
-      error(n, fmt::format("{}: expected an integer from {} to {}", what, lo, hi));
-      return std::nullopt;
-    }
-    if (v < lo || v > hi) {
-      error(n, fmt::format("{}: {} is out of range ({} to {})", what, s, lo, hi));
-      return std::nullopt;
-    }
-    return v;
-  }
-
-  template <typename T>
-  void uint(const YAML::Node& n, const std::string& what, T& out, uint64_t lo, uint64_t hi) {
-    if (auto v = uint(n, what, lo, hi)) out = T(*v);
-  }
-
-  void number(const YAML::Node& n, const std::string& what, double& out, double lo, double hi) {
-    const std::string s = n.IsScalar() ? n.Scalar() : "";
-    double v = 0;
-    size_t used = 0;
-    try {
-      v = std::stod(s, &used);
-    } catch (...) {
-      used = 0;
-    }
-    if (s.empty() || used != s.size() || !std::isfinite(v)) {
-      error(n, fmt::format("{}: expected a number from {} to {}", what, lo, hi));
-      return;
-    }
-    if (v < lo || v > hi) {
-      error(n, fmt::format("{}: {} is out of range ({} to {})", what, s, lo, hi));
-      return;
-    }
-    out = v;
-  }
-
-  void mac(const YAML::Node& n, const std::string& what, std::array<uint8_t, 6>& out) {
-    auto s = str(n, what);
-    if (!s) return;
-    unsigned b[6];
-    char tail;
-    if (std::sscanf(s->c_str(), "%2x:%2x:%2x:%2x:%2x:%2x%c", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &tail) != 6) {
-      error(n, fmt::format("{}: \"{}\" is not a MAC address (aa:bb:cc:dd:ee:ff)", what, *s));
-      return;
-    }
-    for (int i = 0; i < 6; i++) out[i] = uint8_t(b[i]);
-  }
-
-  void ipv4(const YAML::Node& n, const std::string& what, uint32_t& out) {
-    if (auto s = str(n, what)) {
-      if (auto a = parse_ipv4(*s)) out = *a;
-      else error(n, fmt::format("{}: \"{}\" is not an IPv4 address", what, *s));
-    }
+  using YamlReader::YamlReader;
+  using YamlReader::mac;
+  void mac(const YAML::Node& n, std::string_view what, std::array<uint8_t, 6>& out) {
+    if (auto a = mac(n, what)) out = *a;
   }
 
   // "10.0.1.2", "10.0.1.2-10.0.1.200" (inclusive).
@@ -187,32 +76,6 @@ class Reader {
     out = Range{a, b - a + 1};
   }
 
-  std::optional<std::vector<uint8_t>> hex(const YAML::Node& n, const std::string& what, size_t bytes) {
-    auto s = str(n, what);
-    if (!s) return std::nullopt;
-    std::string h = *s;
-    if (h.rfind("0x", 0) == 0) h = h.substr(2);
-    if (h.size() != 2 * bytes || h.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos) {
-      error(n, fmt::format("{}: expected {} bytes in hex ({} digits)", what, bytes, 2 * bytes));
-      return std::nullopt;
-    }
-    std::vector<uint8_t> v(bytes);
-    for (size_t i = 0; i < bytes; i++) v[i] = uint8_t(std::stoul(h.substr(2 * i, 2), nullptr, 16));
-    return v;
-  }
-
-  template <typename F>
-  void list(const YAML::Node& n, const std::string& what, F&& each) {
-    if (!n.IsSequence()) {
-      error(n, fmt::format("{}: expected a list", what));
-      return;
-    }
-    for (const auto& e : n) each(e);
-  }
-
- private:
-  std::string file_;
-  std::vector<ProfileError>& errors_;
 };
 
 // The "simple IMIX": 7 : 4 : 1 of 64, 594 and 1518-byte frames (IP packets
@@ -314,7 +177,7 @@ void read_moat_config(Reader& r, const YAML::Node& at, const std::string& file, 
     r.other(file).error(x.mark, x.msg);
     return;
   }
-  Reader m = r.other(file);
+  YamlReader m = r.other(file);
   const YAML::Node tunnels = root.IsMap() ? root["tunnels"] : YAML::Node();
   if (!tunnels.IsSequence()) {
     r.error(at, fmt::format("traffic.esp.moat_config: {} has no tunnels list", file));

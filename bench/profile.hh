@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "ctrl/place_error.hh"
+
 namespace moat::bench {
 
 // Frame sizes count the Ethernet frame *including* its 4-byte FCS, as
@@ -27,12 +29,7 @@ constexpr unsigned kStampBytes = 8;
 // pad length + next header, 16-byte ICV (RFC 4106).
 constexpr unsigned kEspHdrBytes = 8, kEspIvBytes = 8, kEspTrailerBytes = 2, kEspIcvBytes = 16;
 
-struct ProfileError {
-  std::string file;
-  int line = 0, col = 0;  // 1-based
-  std::string what;
-  std::string str() const;
-};
+using ProfileError = PlaceError;  // file:line:col: what
 
 struct PortSpec {
   std::string name;

@@ -14,8 +14,6 @@
 
 namespace moat {
 
-std::string ConfigError::str() const { return fmt::format("{}:{}:{}: {}", file, line, col, what); }
-
 std::string ipv4_str(uint32_t a) {
   return fmt::format("{}.{}.{}.{}", a >> 24, (a >> 16) & 0xff, (a >> 8) & 0xff, a & 0xff);
 }
@@ -36,12 +34,6 @@ const char* route_type_name(RouteType t) {
     case RouteType::tunnel: return "tunnel";
   }
   return "?";
-}
-
-std::optional<uint32_t> parse_ipv4(const std::string& s) {
-  in_addr a;
-  if (inet_pton(AF_INET, s.c_str(), &a) != 1) return std::nullopt;
-  return ntohl(a.s_addr);
 }
 
 std::optional<Ipv4Prefix> parse_prefix(const std::string& s, bool strict, std::string* why) {

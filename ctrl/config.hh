@@ -12,19 +12,14 @@
 #include <vector>
 
 #include "classifier/rules.hh"
+#include "ctrl/place_error.hh"
 #include "dataplane/sa.hh"
 #include "dataplane/conntrack.hh"
 #include "qos/htb.hh"
 
 namespace moat {
 
-struct ConfigError {
-  std::string file;
-  int line = 0;  // 1-based
-  int col = 0;   // 1-based
-  std::string what;
-  std::string str() const;
-};
+using ConfigError = PlaceError;
 
 struct Ipv4Prefix {
   uint32_t addr = 0;  // host order
@@ -176,7 +171,6 @@ Config load_config(const std::string& path, std::vector<ConfigError>& errors);
 // Parses "a.b.c.d" / "a.b.c.d/len" (host bits of a route prefix must be zero
 // when `strict`). Used by the config and by `moatctl route`.
 std::optional<Ipv4Prefix> parse_prefix(const std::string& s, bool strict, std::string* why);
-std::optional<uint32_t> parse_ipv4(const std::string& s);
 std::string ipv4_str(uint32_t host_order);
 std::string mac_str(const rte_ether_addr& a);
 
