@@ -13,9 +13,9 @@
 # daemons on any exit; each wait is bounded.
 #   env: MOAT_IKED (path to moat-iked), KEEP=1 keeps the run dir.
 set -u
+. "$(dirname "$0")/swan.sh"  # charon: CHARON, stop_pid, swan_daemon_conf, sw, charon_start, charon_stop
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 IKED="${MOAT_IKED:?set MOAT_IKED to the moat-iked binary}"
-CHARON=/usr/sbin/charon-systemd
 [ "$(id -u)" = 0 ] || { echo "FAIL: needs root (namespaces)"; exit 1; }
 [ -x "$CHARON" ] && command -v swanctl >/dev/null || { echo "FAIL: strongSwan missing (scripts/setup.sh installs it)"; exit 1; }
 
@@ -30,15 +30,6 @@ PASS=0; FAILS=()
 log() { echo "[interop] $*"; }
 nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
-stop_pid() { # PIDFILE NAME: TERM then KILL, only if it is still NAME
-    local f=$1 name=$2 pid i
-    [ -s "$f" ] || return 0
-    pid=$(cat "$f"); rm -f "$f"
-    kill -0 "$pid" 2>/dev/null && grep -q "$name" "/proc/$pid/cmdline" 2>/dev/null || return 0
-    kill -TERM "$pid"
-    for i in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-}
 
 cleanup() {
     stop_pid "$RUN/iked.pid" moat-iked
@@ -82,39 +73,7 @@ NFT
 
 # ---------------------------------------------------------------- strongSwan
 charon_conf() { # IKE_PROPOSALS ESP_PROPOSALS PSK START(none|start) REMOTE_ID
-    mkdir -p "$RUN/swan/swanctl"
-    cat >"$RUN/swan/strongswan.conf" <<EOF
-charon {
-    load_modular = no
-    load = random nonce openssl aes sha1 sha2 hmac gcm pem pkcs1 pkcs8 x509 pubkey constraints kdf kernel-libipsec kernel-netlink socket-default vici updown
-    port = 500
-    port_nat_t = 4500
-    install_routes = yes
-    routing_table = 220
-    routing_table_prio = 220
-    retransmit_tries = 2
-    retransmit_timeout = 1
-    retransmit_base = 1.4
-    fragment_size = ${SW_FRAG:-1280}
-    plugins { vici { socket = unix://$RUN/swan/charon.vici } }
-    filelog {
-        main {
-            path = $RUN/swan/charon.log
-            append = yes
-            flush_line = yes
-            default = 1
-            ike = 2
-            chd = 4
-            knl = 2
-        }
-    }
-}
-charon-systemd { journal { default = -1 } }
-swanctl {
-    load = pem pkcs1 pkcs8 x509 revocation constraints pubkey openssl random
-    socket = unix://$RUN/swan/charon.vici
-}
-EOF
+    SW_TRIES=2 SW_CHD_LOG=4 swan_daemon_conf
     local auth_local="auth = psk
                 id = $S_ID" auth_remote="auth = psk
                  id = ${5:-$M_ID}"
@@ -156,18 +115,6 @@ secrets {
               secret = "$3" }
 }
 EOF
-}
-
-sw() { nsx "$NS_S" env STRONGSWAN_CONF="$RUN/swan/strongswan.conf" SWANCTL_DIR="$RUN/swan/swanctl" swanctl "$@" --uri "unix://$RUN/swan/charon.vici"; }
-
-charon_start() {
-    rm -f "$RUN/swan/charon.vici"
-    nsx "$NS_S" sh -c 'echo $$ >"$0"; exec "$@"' "$RUN/charon.pid" env STRONGSWAN_CONF="$RUN/swan/strongswan.conf" \
-        setsid "$CHARON" >"$RUN/swan/charon.stdout" 2>&1 </dev/null &
-    local i
-    for i in $(seq 1 50); do [ -S "$RUN/swan/charon.vici" ] && break; sleep 0.1; done
-    [ -S "$RUN/swan/charon.vici" ] || { log "charon did not start"; return 1; }
-    sw --load-all >"$RUN/swan/load.out" 2>&1 || { log "swanctl --load-all failed"; cat "$RUN/swan/load.out"; return 1; }
 }
 
 # ---------------------------------------------------------------- Moat

@@ -30,8 +30,8 @@
 # Needs root, charon-systemd, swanctl. Cleans up namespaces and daemons on any
 # exit; every wait is bounded.   env: MOATD, MOATCTL; KEEP=1 keeps the run dir.
 set -u
+. "$(dirname "$0")/swan.sh"  # charon: CHARON, stop_pid, swan_daemon_conf, sw, charon_start, charon_stop
 MOATD="${MOATD:?set MOATD}"; MOATCTL="${MOATCTL:?set MOATCTL}"
-CHARON=/usr/sbin/charon-systemd
 [ "$(id -u)" = 0 ] || { echo "FAIL: needs root (namespaces)"; exit 1; }
 [ -x "$CHARON" ] && command -v swanctl >/dev/null || { echo "FAIL: strongSwan missing (scripts/setup.sh installs it)"; exit 1; }
 
@@ -53,15 +53,6 @@ fail() {
     exit 1
 }
 
-stop_pid() { # PIDFILE NAME: TERM then KILL, only if it is still NAME
-    local f=$1 name=$2 pid i
-    [ -s "$f" ] || return 0
-    pid=$(cat "$f"); rm -f "$f"
-    kill -0 "$pid" 2>/dev/null && grep -q "$name" "/proc/$pid/cmdline" 2>/dev/null || return 0
-    kill -TERM "$pid"
-    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-}
 
 cleanup() {
     stop_pid "$RUN/moatd.pid" moatd
@@ -98,37 +89,7 @@ nsx "$NS_S" ip addr add 10.9.0.1/24 dev lan0
 nsx "$NS_S" ip link set lan1 up; nsx "$NS_S" ip link set lan0 up
 
 # ---------------------------------------------------------------- strongSwan
-cat >"$RUN/swan/strongswan.conf" <<EOF
-charon {
-    load_modular = no
-    load = random nonce openssl aes sha1 sha2 hmac gcm pem pkcs1 pkcs8 x509 pubkey constraints kdf kernel-libipsec kernel-netlink socket-default vici updown
-    port = 500
-    port_nat_t = 4500
-    install_routes = yes
-    routing_table = 220
-    routing_table_prio = 220
-    retransmit_tries = 3
-    retransmit_timeout = 1
-    retransmit_base = 1.4
-    plugins { vici { socket = unix://$RUN/swan/charon.vici } }
-    filelog {
-        main {
-            path = $RUN/swan/charon.log
-            append = yes
-            flush_line = yes
-            default = 1
-            ike = 2
-            knl = 2
-            esp = 1
-        }
-    }
-}
-charon-systemd { journal { default = -1 } }
-swanctl {
-    load = pem pkcs1 pkcs8 x509 revocation constraints pubkey openssl random
-    socket = unix://$RUN/swan/charon.vici
-}
-EOF
+swan_daemon_conf
 charon_conf() { # START_ACTION (start|none): start also re-initiates whenever the tunnel dies
     cat >"$RUN/swan/swanctl/swanctl.conf" <<EOF
 connections {
@@ -164,18 +125,6 @@ secrets {
 }
 EOF
 }
-sw() { nsx "$NS_S" env STRONGSWAN_CONF="$RUN/swan/strongswan.conf" SWANCTL_DIR="$RUN/swan/swanctl" swanctl "$@" --uri "unix://$RUN/swan/charon.vici"; }
-charon_start() {
-    rm -f "$RUN/swan/charon.vici"
-    nsx "$NS_S" sh -c 'echo $$ >"$0"; exec "$@"' "$RUN/charon.pid" env STRONGSWAN_CONF="$RUN/swan/strongswan.conf" \
-        setsid "$CHARON" >>"$RUN/swan/charon.stdout" 2>&1 </dev/null &
-    local i
-    for i in $(seq 1 50); do [ -S "$RUN/swan/charon.vici" ] && break; sleep 0.1; done
-    [ -S "$RUN/swan/charon.vici" ] || fail "charon did not start"
-    sw --load-all >"$RUN/swan/load.out" 2>&1 || { cat "$RUN/swan/load.out"; fail "swanctl --load-all failed"; }
-}
-charon_stop() { stop_pid "$RUN/charon.pid" charon-systemd; }
-
 # ---------------------------------------------------------------- moatd
 moatd_conf() { # START (true|false)
     cat >"$RUN/moats.d/swan.yaml" <<EOF
@@ -286,14 +235,14 @@ log "=== moatd responds, charon initiates"
 moatd_conf false
 moatd_start
 charon_conf start
-charon_start
+charon_start || fail "charon did not start"
 wait_up responder 20
 pings_both_ways responder
 check_show responder
 
 log "--- charon restarted (start_action=start): the tunnel comes back by itself"
 charon_stop
-charon_start
+charon_start || fail "charon did not start"
 sleep 1
 wait_up "responder after charon restart" 30
 pings_both_ways "responder after charon restart"
@@ -443,7 +392,7 @@ log "=== moatd initiates (start: true), charon responds"
 charon_stop
 stop_pid "$RUN/moatd.pid" moatd
 charon_conf none
-charon_start
+charon_start || fail "charon did not start"
 moatd_conf true
 moatd_start
 wait_up initiator 30
@@ -468,7 +417,7 @@ check_show "after ike terminate/initiate"
 
 log "--- charon restarted (start_action=none): moatd brings the tunnel back"
 charon_stop
-charon_start
+charon_start || fail "charon did not start"
 wait_up "initiator after charon restart" 60
 pings_both_ways "initiator after charon restart"
 
@@ -515,7 +464,7 @@ reload_has "repaired" 'r["errors"] == [] and r["added"] == [] and r["removed"] =
 log "--- MOBIKE: moatctl address set moves the SAs moatd initiated"
 charon_stop
 SW_MOBIKE=yes charon_conf none
-charon_start
+charon_start || fail "charon did not start"
 ctl ike terminate swan >/dev/null 2>&1; ctl ike initiate swan >/dev/null 2>&1
 sleep 1
 wait_up "MOBIKE" 20
