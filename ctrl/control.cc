@@ -8,6 +8,7 @@
 #include <rte_errno.h>
 #include <rte_ethdev.h>
 #include <rte_ip.h>
+#include <rte_udp.h>
 #include <rte_lcore.h>
 #include <rte_malloc.h>
 #include <rte_telemetry.h>
@@ -484,6 +485,49 @@ void Control::inject(rte_mbuf* m, uint32_t flow_hash) {
     count(Drop::punt_full);
     rte_pktmbuf_free(m);
   }
+}
+
+void Control::esp_reassembled(uint32_t dst, uint16_t dport, uint32_t src, uint16_t sport, const uint8_t* esp,
+                              size_t len) {
+  // Why through the kernel: a worker cannot tell an ESP fragment from an IKE
+  // one (only the first fragment has the UDP header, and a large IKE
+  // message must reach the kernel's socket whole), so UDP fragments for us
+  // go to the punt path and come back here once whole. Rare by design: it
+  // takes a path MTU below what the peer sends.
+  rte_mbuf* m = rte_pktmbuf_alloc(pool_);
+  const size_t frame = sizeof(rte_ether_hdr) + sizeof(rte_ipv4_hdr) + sizeof(rte_udp_hdr) + len;
+  if (!m || frame > rte_pktmbuf_tailroom(m) || len > 0xffff - sizeof(rte_ipv4_hdr) - sizeof(rte_udp_hdr)) {
+    if (m) rte_pktmbuf_free(m);
+    count(Drop::esp_no_room);
+    return;
+  }
+  auto* eth = reinterpret_cast<rte_ether_hdr*>(rte_pktmbuf_append(m, uint16_t(frame)));
+  std::memset(eth, 0, sizeof *eth);
+  eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
+  auto* ip = reinterpret_cast<rte_ipv4_hdr*>(eth + 1);
+  std::memset(ip, 0, sizeof *ip);
+  ip->version_ihl = 0x45;
+  ip->total_length = rte_cpu_to_be_16(uint16_t(frame - sizeof(rte_ether_hdr)));
+  ip->time_to_live = 64;
+  ip->next_proto_id = IPPROTO_UDP;
+  ip->src_addr = rte_cpu_to_be_32(src);
+  ip->dst_addr = rte_cpu_to_be_32(dst);
+  ip->hdr_checksum = rte_ipv4_cksum(ip);
+  auto* udp = reinterpret_cast<rte_udp_hdr*>(ip + 1);
+  udp->src_port = rte_cpu_to_be_16(sport);
+  udp->dst_port = rte_cpu_to_be_16(dport);
+  udp->dgram_len = rte_cpu_to_be_16(uint16_t(sizeof(rte_udp_hdr) + len));
+  udp->dgram_cksum = 0;  // RFC 3948 §2.1: ESP in UDP needs none
+  std::memcpy(udp + 1, esp, len);
+  PktMeta& md = meta(m);
+  md = PktMeta{};
+  md.l3_off = sizeof(rte_ether_hdr);
+  md.in_port = kNoPort;
+  for (size_t i = 0; i < c_.ports.size(); i++)
+    if (c_.ports[i].address && c_.ports[i].address->addr == dst) md.in_port = ports_[i].id;
+  md.out_port = kNoPort;
+  md.inject = Inject::esp;
+  inject(m, src);
 }
 
 void Control::send_arp(uint16_t port, uint16_t op, uint32_t tip, const rte_ether_addr& dst_mac,

@@ -113,6 +113,10 @@ class Control {
   void set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port);
   void set_sa_local(uint32_t sa, uint32_t addr);
   std::optional<uint32_t> tunnel_id(const std::string& name) const;
+  // ESP in UDP that came in outer fragments and that the kernel reassembled
+  // behind the punt path (the IKE socket got it): back to a worker as a
+  // received UDP datagram from `src` to `dst`, to be decrypted there.
+  void esp_reassembled(uint32_t dst, uint16_t dport, uint32_t src, uint16_t sport, const uint8_t* esp, size_t len);
   SaConfig tunnel_template(uint32_t tunnel) const;
   nlohmann::ordered_json show_tunnels() const;
 

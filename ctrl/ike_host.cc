@@ -38,6 +38,10 @@ tl::expected<void, std::string> IkeHost::start(std::vector<ike::PeerConfig> peer
   engine_ = std::make_unique<ike::Engine>(driver_, *this, ike::EngineOptions{},
                                           [](const std::string& s) { fmt::print(stderr, "moatd: ike: {}\n", s); });
   driver_.attach(engine_.get());
+  driver_.on_esp([this](const ike::Endpoint& local, const ike::Endpoint& remote, ike::ByteView esp) {
+    if (local.addr.is_v4() && remote.addr.is_v4())
+      c_.esp_reassembled(v4(local.addr), local.port, v4(remote.addr), remote.port, esp.data(), esp.size());
+  });
   engine_->set_peers(std::move(peers), now_ms);
   return {};
 }

@@ -28,6 +28,8 @@ enum class Inject : uint8_t {
   route = 2,  // IPv4 from a local service (TAP): route it like transit
   egress = 3,       // routed and held for ARP: the neighbour is known now
   unreachable = 4,  // held for ARP that never came: ICMP host unreachable
+  esp = 5,          // ESP in UDP to us that arrived in outer fragments, which the
+                    // kernel reassembled: decrypt it like a received one
 };
 
 struct PktMeta {

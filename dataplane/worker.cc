@@ -85,6 +85,13 @@ void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   }
 }
 
+// ESP for us, in place: the inner packets, each marked with its tunnel.
+static void decrypt(Worker& w, const Tables& t, Burst& b) {
+  if (!b.n) return;
+  esp_inbound(w, *w.esp, *t.sad, b);
+  for (uint16_t i = 0; i < b.n; i++) meta(b.pkts[i]).in_tunnel = uint16_t(t.sad->sa(meta(b.pkts[i]).sa).tunnel);
+}
+
 void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner) {
   inner.n = 0;
   if (!t.sad || !w.esp) return;
@@ -98,9 +105,18 @@ void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner) {
       local.pkts[kept++] = m;
   }
   local.n = kept;
+  decrypt(w, t, inner);
+}
+
+// Decrypted packets: from their tunnel's zone, routed and classified like
+// any received packet.
+static void forward_inner(Worker& w, const Tables& t, const PortTable& pt, Burst& inner) {
   if (!inner.n) return;
-  esp_inbound(w, *w.esp, *t.sad, inner);
-  for (uint16_t i = 0; i < inner.n; i++) meta(inner.pkts[i]).in_tunnel = uint16_t(t.sad->sa(meta(inner.pkts[i]).sa).tunnel);
+  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, inner);
+  route(w, t, pt, inner);
+  policy(w, t, pt, inner, w.local);
+  local_deliver(w, t, pt, w.local);
+  egress(w, t, pt, inner);
 }
 
 void process_burst(Worker& w, const Tables& t, Burst& b) {
@@ -114,28 +130,21 @@ void process_burst(Worker& w, const Tables& t, Burst& b) {
   tunnel_in(w, t, w.local, inner);
   local_deliver(w, t, pt, w.local);
   egress(w, t, pt, b);
-  // Decrypted packets: from their tunnel's zone, routed and classified like
-  // any received packet.
-  if (inner.n) {
-    if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, inner);
-    route(w, t, pt, inner);
-    policy(w, t, pt, inner, w.local);
-    local_deliver(w, t, pt, w.local);
-    egress(w, t, pt, inner);
-  }
+  forward_inner(w, t, pt, inner);
   route_generated(w, t, pt);
   punt_flush(w);
 }
 
 // Packets from the control thread: complete frames (ARP), held packets whose
-// next hop now has a MAC, and IPv4 from local services to be routed.
+// next hop now has a MAC, IPv4 from local services to be routed, and ESP
+// in UDP that came in outer fragments (whole again, through the kernel).
 static unsigned process_inject(Worker& w, const Tables& t) {
   rte_mbuf* pkts[kMaxBurst];
   unsigned n = rte_ring_dequeue_burst(w.inject_ring, reinterpret_cast<void**>(pkts), w.burst, nullptr);
   if (!n) return 0;
   w.stats.injected.add(n);
   const PortTable& pt = *t.ports.load(std::memory_order_acquire);
-  Burst to_route, to_egress;
+  Burst to_route, to_egress, esp;
   for (unsigned i = 0; i < n; i++) {
     rte_mbuf* m = pkts[i];
     PktMeta& md = meta(m);
@@ -154,6 +163,10 @@ static unsigned process_inject(Worker& w, const Tables& t) {
       case Inject::unreachable:
         send_icmp_error(w, pt, m, Drop::arp_failed, kIcmpUnreach, kUnreachHost);
         break;
+      case Inject::esp:
+        if (!t.sad || !w.esp) { w.drop(m, Drop::inject_bad); break; }
+        esp.push(m);
+        break;
       default:
         w.drop(m, Drop::inject_bad);
         break;
@@ -165,6 +178,8 @@ static unsigned process_inject(Worker& w, const Tables& t) {
   local_deliver(w, t, pt, w.local);
   egress(w, t, pt, to_route);
   egress(w, t, pt, to_egress);
+  decrypt(w, t, esp);
+  forward_inner(w, t, pt, esp);
   route_generated(w, t, pt);
   punt_flush(w);
   return n;

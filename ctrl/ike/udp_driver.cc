@@ -82,6 +82,11 @@ void UdpDriver::drain(int fd, uint16_t port) {
         local.addr.family = AF_INET;
         memcpy(local.addr.b.data(), &pi.ipi_addr, 4);
       }
+    if (esp_ && port == kNattPort && local.addr.family && len > 8 &&
+        (buf[0] | buf[1] | buf[2] | buf[3]) != 0) {
+      esp_(local, remote, ByteView(buf, size_t(len)));
+      continue;
+    }
     if (engine_ && local.addr.family) engine_->receive(local, remote, ByteView(buf, size_t(len)), now_ms());
   }
 }
