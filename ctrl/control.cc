@@ -16,6 +16,8 @@
 
 #include <chrono>
 #include <cstring>
+#include <set>
+#include <unordered_set>
 
 #include "ctrl/cli_server.hh"
 #include "ctrl/ike/config.hh"
@@ -237,8 +239,13 @@ uint16_t Control::port_id(const std::string& name) const {
 }
 
 void Control::add_ike_tunnels(Config& c) const {
+  // Sets, not scans: a portal's directory holds thousands of moats.
+  std::unordered_set<std::string> names;
+  for (auto& t : c.tunnels) names.insert(t.name);
+  std::set<std::pair<uint32_t, uint8_t>> prefixes;
+  for (auto& r : c.routes) prefixes.insert({r.prefix.addr, r.prefix.len});
   for (auto& p : ike_peers_) {
-    if (std::any_of(c.tunnels.begin(), c.tunnels.end(), [&](const TunnelConfig& t) { return t.name == p.name; })) continue;
+    if (!names.insert(p.name).second) continue;
     TunnelConfig t;
     t.name = p.name;
     t.zone = "vpn";
@@ -255,9 +262,7 @@ void Control::add_ike_tunnels(Config& c) const {
           r.prefix = Ipv4Prefix{ntohl(x), len};
           r.type = RouteType::tunnel;
           r.tunnel = p.name;
-          if (std::none_of(c.routes.begin(), c.routes.end(), [&](const RouteConfig& o) {
-                return o.prefix.addr == r.prefix.addr && o.prefix.len == r.prefix.len; }))
-            c.routes.push_back(r);
+          if (prefixes.insert({r.prefix.addr, r.prefix.len}).second) c.routes.push_back(r);
         }
     c.rules.tunnels.push_back(t.name);
     c.rules.tunnel_zone.push_back(zone);
@@ -275,6 +280,8 @@ tl::expected<void, std::string> Control::start() {
     ike_peers_ = std::move(dir.tunnels);
     add_ike_tunnels(c_);
   }
+  tunnel_ids_.clear();
+  for (size_t i = 0; i < c_.tunnels.size(); i++) tunnel_ids_.emplace(c_.tunnels[i].name, uint32_t(i));
   unsigned nworkers = c_.workers();
   if (nworkers == 0) return tl::unexpected(std::string("eal.lcores: no worker lcore"));
   if (rte_lcore_count() != nworkers + 1)
@@ -766,9 +773,9 @@ void Control::shutdown() {
 }
 
 std::optional<uint32_t> Control::tunnel_id(const std::string& name) const {
-  for (size_t i = 0; i < c_.tunnels.size(); i++)
-    if (c_.tunnels[i].name == name) return uint32_t(i);
-  return std::nullopt;
+  auto it = tunnel_ids_.find(name);
+  if (it == tunnel_ids_.end()) return std::nullopt;
+  return it->second;
 }
 
 SaConfig Control::tunnel_template(uint32_t tunnel) const { return c_.tunnels.at(tunnel).tmpl; }

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -159,6 +160,9 @@ class Control {
   // routes into them for their remote funnels.
   void add_ike_tunnels(Config& c) const;
   std::vector<ike::PeerConfig> ike_peers_;
+  // c_.tunnels by name, built in start(): the IKE host looks a tunnel up for
+  // every CHILD SA it installs, and a portal has thousands.
+  std::unordered_map<std::string, uint32_t> tunnel_ids_;
   std::unique_ptr<class IkeHost> ike_;
   std::unique_ptr<Sad> sad_;
   std::vector<std::unique_ptr<EspWorker>> esp_workers_;
