@@ -116,17 +116,6 @@ void add_hash_algorithms(ChainBuilder& c) {
   c.add_notify(kNSignatureHashAlgorithms, h);
 }
 
-// The identity index's key: type and data, case-folded where Identity::matches
-// ignores case. DNs match by canonical form, which has no public encoding in
-// OpenSSL: they share one key per type and are compared with matches().
-std::string identity_key(const Identity& id) {
-  std::string k(1, char(id.type));
-  if (id.type == kIdDn) return k;
-  for (uint8_t c : id.data)
-    k.push_back(id.type == kIdFqdn || id.type == kIdRfc822 ? char(tolower(c)) : char(c));
-  return k;
-}
-
 }  // namespace
 
 struct Engine::Request {
@@ -261,7 +250,7 @@ void Engine::set_peers(std::vector<PeerConfig> peers, uint64_t now_ms) {
   certreq_peer_ = nullptr;
   for (size_t i = 0; i < peers_.size(); ++i) {
     peer_by_name_.emplace(peers_[i]->name, i);  // the first of a name wins, as the scan did
-    peer_by_id_[identity_key(peers_[i]->remote_id)].push_back(i);
+    peer_by_id_[peers_[i]->remote_id.key()].push_back(i);
     if (!certreq_peer_ && peers_[i]->creds) certreq_peer_ = peers_[i].get();
   }
   for (auto spi : gone) delete_sa(spi, "its tunnel was removed from the configuration", false);
@@ -283,7 +272,7 @@ std::shared_ptr<const PeerConfig> Engine::find_peer(const std::string& name) con
 }
 
 std::shared_ptr<const PeerConfig> Engine::find_peer_by_id(const Identity& id, const std::optional<Identity>& idr) const {
-  auto it = peer_by_id_.find(identity_key(id));
+  auto it = peer_by_id_.find(id.key());
   if (it == peer_by_id_.end()) return nullptr;
   for (size_t i : it->second)
     if (peers_[i]->remote_id.matches(id) && (!idr || peers_[i]->local_id.matches(*idr))) return peers_[i];
