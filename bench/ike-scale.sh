@@ -3,7 +3,12 @@
 # identity each) against a responder in another namespace — Moat's moat-iked
 # or strongSwan's charon, pinned to the same CPU, same proposal (PSK + X25519).
 #   bench/ike-scale.sh BUILD_DIR [N=1000] [moat|charon|both]
-# Prints one JSON line per responder. Root; cleans up after itself.
+# Prints one JSON line per responder: the client's figures (wall-clock rate,
+# the client's own CPU seconds) and the responder's CPU seconds over the run
+# (utime+stime of the whole process, all threads, from /proc/PID/stat), so
+# "IKE SAs per responder CPU-second" — what "on one control core" means —
+# stands on this shared, noisy machine. Root; cleans up after itself.
+# Serialize with other benchmarks: flock /tmp/moat-bench.lock bench/ike-scale.sh ...
 set -u
 B="$(cd "${1:?build dir}" && pwd)"; N="${2:-1000}"; WHO="${3:-both}"
 CPU="${CPU:-1}"; PROPOSAL="${PROPOSAL:-aes128gcm16-prfsha256-x25519}"
@@ -24,9 +29,22 @@ nsx "$NR" ip addr add 172.16.0.1/12 dev "${P}r"
 for ns in "$NC" "$NR"; do nsx "$ns" ip link set lo up; done
 nsx "$NC" ip link set "${P}c" up; nsx "$NR" ip link set "${P}r" up
 
+WINDOW="${WINDOW:-64}"
+# CPU seconds (user + system, every thread) a process has used so far.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"; }
+# run_client PIDFILE: one JSON line, the client's and the responder's figures.
 run_client() {
-    nsx "$NC" taskset -c 0 "$B/bench/ike-load" --target 192.0.2.2 --n "$N" --window 64 --psk "$PSK" \
-        --proposal "$PROPOSAL" --timeout 120
+    local pid c0 c1 out
+    pid=$(cat "$1"); c0=$(cpu_s "$pid")
+    out=$(nsx "$NC" taskset -c 0 "$B/bench/ike-load" --target 192.0.2.2 --n "$N" --window "$WINDOW" --psk "$PSK" \
+        --proposal "$PROPOSAL" --timeout 120)
+    c1=$(cpu_s "$pid")
+    echo "$out" | python3 -c '
+import json, sys
+j = json.loads(sys.stdin.read()); cpu = float(sys.argv[2]) - float(sys.argv[1])
+j["responder_cpu_seconds"] = round(cpu, 2)
+j["per_responder_cpu_second"] = round(j["child_sas"] / cpu, 1) if cpu > 0 else None
+print(json.dumps(j)[1:])' "$c0" "$c1"
 }
 
 if [ "$WHO" = moat ] || [ "$WHO" = both ]; then
@@ -38,8 +56,11 @@ if [ "$WHO" = moat ] || [ "$WHO" = both ]; then
     nsx "$NR" sh -c 'echo $$ >"$0"; exec taskset -c "$1" "$2" --dir "$3"' "$RUN/iked.pid" "$CPU" "$B/ctrl/ike/moat-iked" \
         "$RUN/moats.d" >"$RUN/iked.log" 2>&1 &
     for i in $(seq 1 100); do grep -q "tunnels loaded" "$RUN/iked.log" 2>/dev/null && break; sleep 0.1; done
-    echo -n '{"responder": "moat", '; run_client | sed 's/^{//'
-    kill "$(cat "$RUN/iked.pid")"; rm -f "$RUN/iked.pid"; sleep 1
+    echo -n '{"responder": "moat", '; run_client "$RUN/iked.pid"
+    # moat-iked says goodbye to its peers for up to 2 s; charon cannot bind
+    # UDP 500 before it is gone.
+    pid=$(cat "$RUN/iked.pid"); kill "$pid"; rm -f "$RUN/iked.pid"
+    for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 fi
 
 if [ "$WHO" = charon ] || [ "$WHO" = both ]; then
@@ -80,6 +101,6 @@ EOC
     for i in $(seq 1 50); do [ -S "$RUN/swan/charon.vici" ] && break; sleep 0.1; done
     nsx "$NR" env STRONGSWAN_CONF="$RUN/swan/strongswan.conf" SWANCTL_DIR="$RUN/swan/swanctl" \
         swanctl --load-all --uri "unix://$RUN/swan/charon.vici" >"$RUN/swan/load.log" 2>&1 || cat "$RUN/swan/load.log"
-    echo -n '{"responder": "charon", '; run_client | sed 's/^{//'
+    echo -n '{"responder": "charon", '; run_client "$RUN/charon.pid"
     [ -n "${KEEP_LOG:-}" ] && cp "$RUN/swan/charon.log" "$KEEP_LOG"
 fi

@@ -20,6 +20,8 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <cstring>
+#include <set>
+#include <unordered_set>
 
 #include "ctrl/cli_server.hh"
 #include "ctrl/ike/config.hh"
@@ -290,6 +292,8 @@ tl::expected<void, std::string> Control::start() {
     static_tunnels_ = c_.tunnels.size();
     add_ike_tunnels(c_);
   }
+  tunnel_ids_.clear();
+  for (size_t i = 0; i < c_.tunnels.size(); i++) tunnel_ids_.emplace(c_.tunnels[i].name, uint32_t(i));
   unsigned nworkers = c_.workers();
   if (nworkers == 0) return tl::unexpected(std::string("eal.lcores: no worker lcore"));
   if (rte_lcore_count() != nworkers + 1)
@@ -824,9 +828,9 @@ void Control::shutdown() {
 }
 
 std::optional<uint32_t> Control::tunnel_id(const std::string& name) const {
-  for (size_t i = 0; i < c_.tunnels.size(); i++)
-    if (c_.tunnels[i].name == name) return uint32_t(i);
-  return std::nullopt;
+  auto it = tunnel_ids_.find(name);
+  if (it == tunnel_ids_.end()) return std::nullopt;
+  return it->second;
 }
 
 SaConfig Control::tunnel_template(uint32_t tunnel) const { return c_.tunnels.at(tunnel).tmpl; }
@@ -1065,6 +1069,7 @@ tl::expected<json, std::string> Control::reload_ike() {
   c_.tunnels = std::move(next.tunnels);  // the route table names tunnels through it
   c_.routes = std::move(next.routes);
   tunnel_sas_.resize(c_.tunnels.size());
+  for (size_t i = static_tunnels_; i < c_.tunnels.size(); i++) tunnel_ids_.emplace(c_.tunnels[i].name, uint32_t(i));
   for (auto& [addr, len, tunnel] : was)
     if (!wanted.count({addr, len, tunnel})) (void)routes_->del(Ipv4Prefix{addr, len});
   for (auto& [addr, len, tunnel] : wanted)

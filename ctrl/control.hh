@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -172,6 +173,10 @@ class Control {
   std::vector<ike::PeerConfig> ike_peers_;
   std::vector<std::string> ike_slots_;  // IKE tunnel names in tunnel id order; never shrinks
   size_t static_tunnels_ = 0;           // tunnels from the config file: ids 0 .. static_tunnels_ - 1
+  // c_.tunnels by name, built in start() and kept by ike reload: the IKE
+  // host looks a tunnel up for every CHILD SA it installs, and a portal has
+  // thousands.
+  std::unordered_map<std::string, uint32_t> tunnel_ids_;
   std::unique_ptr<class IkeHost> ike_;
   std::unique_ptr<Sad> sad_;
   std::vector<std::unique_ptr<EspWorker>> esp_workers_;

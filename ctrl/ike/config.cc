@@ -261,12 +261,15 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
     out.errors.insert(out.errors.end(), r.errors.begin(), r.errors.end());
     return;
   }
-  for (auto& o : out.tunnels) {
-    if (o.name == p.name) {
-      out.errors.push_back({path, doc.Mark().line + 1, doc.Mark().column + 1,
-                            fmt::format("tunnel \"{}\": name already used by {}; record skipped", p.name, o.origin)});
-      return;
-    }
+  if (auto it = out.by_name.find(p.name); it != out.by_name.end()) {
+    out.errors.push_back({path, doc.Mark().line + 1, doc.Mark().column + 1,
+                          fmt::format("tunnel \"{}\": name already used by {}; record skipped", p.name,
+                                      out.tunnels[it->second].origin)});
+    return;
+  }
+  auto& same_key = out.by_remote_id[p.remote_id.key()];
+  for (size_t i : same_key) {
+    auto& o = out.tunnels[i];
     if (o.remote_id.matches(p.remote_id)) {
       auto m = doc["remote_id"].Mark();
       out.errors.push_back({path, m.line + 1, m.column + 1,
@@ -275,6 +278,8 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
       return;
     }
   }
+  same_key.push_back(out.tunnels.size());
+  out.by_name.emplace(p.name, out.tunnels.size());
   out.tunnels.push_back(std::move(p));
 }
 

@@ -318,28 +318,80 @@ Bytes random_bytes(size_t n) {
   return b;
 }
 
-static const EVP_MD* prf_md(uint16_t alg) {
+// OpenSSL 3 looks an algorithm up by name (a locked method store and a
+// property query) on every implicit use: HMAC(), SHA1(), EVP_sha256() or
+// EVP_aes_128_gcm() handed to an init call. At thousands of IKE SAs per
+// second those look-ups were a large share of the responder's time, so the
+// algorithms are fetched once per process and the contexts built from them
+// are kept per thread and re-keyed for each use.
+namespace {
+
+template <class T, void (*Free)(T*)>
+struct Owned {
+  T* p = nullptr;
+  ~Owned() { Free(p); }
+};
+
+// Fetched algorithms live as long as the process (OpenSSL keeps them
+// reference-counted; nothing gains from freeing them at exit).
+EVP_MAC* hmac_alg() {
+  static EVP_MAC* m = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+  return m;
+}
+
+const EVP_MD* fetched_md(const char* name) {
+  static EVP_MD* sha1 = EVP_MD_fetch(nullptr, "SHA1", nullptr);
+  static EVP_MD* sha256 = EVP_MD_fetch(nullptr, "SHA2-256", nullptr);
+  static EVP_MD* sha384 = EVP_MD_fetch(nullptr, "SHA2-384", nullptr);
+  static EVP_MD* sha512 = EVP_MD_fetch(nullptr, "SHA2-512", nullptr);
+  std::string_view n(name);
+  return n == "SHA1" ? sha1 : n == "SHA2-256" ? sha256 : n == "SHA2-384" ? sha384 : sha512;
+}
+
+const char* prf_md(uint16_t alg) {
   switch (alg) {
-    case kPrfSha256: return EVP_sha256();
-    case kPrfSha384: return EVP_sha384();
-    case kPrfSha512: return EVP_sha512();
+    case kPrfSha256: return "SHA2-256";
+    case kPrfSha384: return "SHA2-384";
+    case kPrfSha512: return "SHA2-512";
   }
   return nullptr;
 }
 
-static const EVP_MD* integ_md(uint16_t alg) {
+const char* integ_md(uint16_t alg) {
   switch (alg) {
-    case kIntegSha256: return EVP_sha256();
-    case kIntegSha384: return EVP_sha384();
-    case kIntegSha512: return EVP_sha512();
+    case kIntegSha256: return "SHA2-256";
+    case kIntegSha384: return "SHA2-384";
+    case kIntegSha512: return "SHA2-512";
   }
   return nullptr;
 }
 
-static Bytes hmac(const EVP_MD* md, ByteView key, ByteView data) {
+// One HMAC context per digest and thread; EVP_MAC_init with a key re-keys it
+// and keeps the digest set once.
+EVP_MAC_CTX* hmac_ctx(const char* digest) {
+  thread_local Owned<EVP_MAC_CTX, EVP_MAC_CTX_free> ctx[3];
+  std::string_view d(digest);
+  auto& c = ctx[d == "SHA2-256" ? 0 : d == "SHA2-384" ? 1 : 2];
+  if (!c.p) {
+    c.p = EVP_MAC_CTX_new(hmac_alg());
+    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, const_cast<char*>(digest), 0),
+                           OSSL_PARAM_construct_end()};
+    if (!c.p || EVP_MAC_CTX_set_params(c.p, params) != 1) abort();  // no HMAC in this OpenSSL: nothing works
+  }
+  return c.p;
+}
+
+}  // namespace
+
+static Bytes hmac(const char* digest, ByteView key, ByteView data) {
+  EVP_MAC_CTX* c = hmac_ctx(digest);
   Bytes out(EVP_MAX_MD_SIZE);
-  unsigned len = 0;
-  HMAC(md, key.data(), int(key.size()), data.data(), data.size(), out.data(), &len);
+  size_t len = 0;
+  // An empty key is valid for HMAC, but OpenSSL wants a non-null pointer.
+  static const uint8_t kEmpty = 0;
+  if (EVP_MAC_init(c, key.empty() ? &kEmpty : key.data(), key.size(), nullptr) != 1 ||
+      EVP_MAC_update(c, data.data(), data.size()) != 1 || EVP_MAC_final(c, out.data(), &len, out.size()) != 1)
+    abort();  // cannot happen with a fetched HMAC and a valid digest; a wrong MAC would be worse
   out.resize(len);
   return out;
 }
@@ -361,7 +413,7 @@ Bytes prf_plus(uint16_t alg, ByteView key, ByteView seed, size_t len) {
 
 Bytes sha1(ByteView data) {
   Bytes out(SHA_DIGEST_LENGTH);
-  SHA1(data.data(), data.size(), out.data());
+  if (EVP_Digest(data.data(), data.size(), out.data(), nullptr, fetched_md("SHA1"), nullptr) != 1) abort();
   return out;
 }
 
@@ -408,9 +460,11 @@ class X25519 : public Dh {
  public:
   bool init() {
     group_ = kDhX25519;
-    CtxPtr ctx(EVP_PKEY_CTX_new_id(EVP_PKEY_X25519, nullptr));
+    // The key generation and import contexts are made once per thread (see
+    // hmac_alg: each new one would look X25519 up in OpenSSL's store again).
+    EVP_PKEY_CTX* gen = x25519_ctx(true);
     EVP_PKEY* k = nullptr;
-    if (!ctx || EVP_PKEY_keygen_init(ctx.get()) != 1 || EVP_PKEY_keygen(ctx.get(), &k) != 1) return false;
+    if (!gen || EVP_PKEY_keygen(gen, &k) != 1) return false;
     key_.reset(k);
     pub_.resize(32);
     size_t len = 32;
@@ -418,8 +472,14 @@ class X25519 : public Dh {
   }
   tl::expected<Bytes, std::string> derive(ByteView peer) override {
     if (peer.size() != 32) return tl::unexpected(fmt::format("X25519 public value of {} bytes", peer.size()));
-    PkeyPtr p(EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, peer.data(), 32));
-    if (!p) return tl::unexpected(std::string("X25519 public value rejected"));
+    EVP_PKEY_CTX* imp = x25519_ctx(false);
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, const_cast<uint8_t*>(peer.data()), peer.size()),
+        OSSL_PARAM_construct_end()};
+    EVP_PKEY* raw = nullptr;
+    if (!imp || EVP_PKEY_fromdata(imp, &raw, EVP_PKEY_PUBLIC_KEY, params) != 1)
+      return tl::unexpected(std::string("X25519 public value rejected"));
+    PkeyPtr p(raw);
     auto s = derive_with(key_.get(), p.get(), false);
     // An all-zero result means a low-order point (RFC 7748 §6.1).
     if (s && std::all_of(s->begin(), s->end(), [](uint8_t c) { return c == 0; }))
@@ -428,6 +488,19 @@ class X25519 : public Dh {
   }
 
  private:
+  // keygen: a key generation context; else one for importing public values.
+  static EVP_PKEY_CTX* x25519_ctx(bool keygen) {
+    thread_local Owned<EVP_PKEY_CTX, EVP_PKEY_CTX_free> ctx[2];
+    auto& c = ctx[keygen ? 0 : 1];
+    if (!c.p) {
+      c.p = EVP_PKEY_CTX_new_from_name(nullptr, "X25519", nullptr);
+      if (c.p && (keygen ? EVP_PKEY_keygen_init(c.p) : EVP_PKEY_fromdata_init(c.p)) != 1) {
+        EVP_PKEY_CTX_free(c.p);
+        c.p = nullptr;
+      }
+    }
+    return c.p;
+  }
   PkeyPtr key_;
 };
 
@@ -606,20 +679,30 @@ ChildKeys derive_child_keys(const Suite& c, uint16_t prf_alg, ByteView sk_d, Byt
 }
 
 // ---------------------------------------------------------------- SK payload
+// Fetched once (see hmac_alg above); a context per thread, reset per use.
 static const EVP_CIPHER* cipher(const Suite& s) {
+  static EVP_CIPHER* const kAll[] = {
+      EVP_CIPHER_fetch(nullptr, "AES-128-CBC", nullptr), EVP_CIPHER_fetch(nullptr, "AES-192-CBC", nullptr),
+      EVP_CIPHER_fetch(nullptr, "AES-256-CBC", nullptr), EVP_CIPHER_fetch(nullptr, "AES-128-GCM", nullptr),
+      EVP_CIPHER_fetch(nullptr, "AES-192-GCM", nullptr), EVP_CIPHER_fetch(nullptr, "AES-256-GCM", nullptr),
+      EVP_CIPHER_fetch(nullptr, "ChaCha20-Poly1305", nullptr)};
+  int bits = s.encr_bits == 128 ? 0 : s.encr_bits == 192 ? 1 : 2;
   switch (s.encr) {
-    case kEncrAesCbc:
-      return s.encr_bits == 128 ? EVP_aes_128_cbc() : s.encr_bits == 192 ? EVP_aes_192_cbc() : EVP_aes_256_cbc();
-    case kEncrAesGcm16:
-      return s.encr_bits == 128 ? EVP_aes_128_gcm() : s.encr_bits == 192 ? EVP_aes_192_gcm() : EVP_aes_256_gcm();
-    case kEncrChacha20Poly1305: return EVP_chacha20_poly1305();
+    case kEncrAesCbc: return kAll[bits];
+    case kEncrAesGcm16: return kAll[3 + bits];
+    case kEncrChacha20Poly1305: return kAll[6];
   }
   return nullptr;
 }
 
 struct CipherCtx {
-  EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
-  ~CipherCtx() { EVP_CIPHER_CTX_free(c); }
+  EVP_CIPHER_CTX* c;
+  CipherCtx() {
+    thread_local Owned<EVP_CIPHER_CTX, EVP_CIPHER_CTX_free> ctx;
+    if (!ctx.p) ctx.p = EVP_CIPHER_CTX_new();
+    c = ctx.p;
+  }
+  ~CipherCtx() { EVP_CIPHER_CTX_reset(c); }  // no key material left behind
 };
 
 Bytes sk_seal(const Suite& s, ByteView ke, ByteView ka, Header h, uint8_t first_inner, ByteView inner,

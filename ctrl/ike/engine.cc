@@ -245,6 +245,14 @@ void Engine::set_peers(std::vector<PeerConfig> peers, uint64_t now_ms) {
     else sa.peer = *it;
   }
   peers_ = std::move(next);
+  peer_by_name_.clear();
+  peer_by_id_.clear();
+  certreq_peer_ = nullptr;
+  for (size_t i = 0; i < peers_.size(); ++i) {
+    peer_by_name_.emplace(peers_[i]->name, i);  // the first of a name wins, as the scan did
+    peer_by_id_[peers_[i]->remote_id.key()].push_back(i);
+    if (!certreq_peer_ && peers_[i]->creds) certreq_peer_ = peers_[i].get();
+  }
   for (auto spi : gone) delete_sa(spi, "its tunnel was removed from the configuration", false);
   responder_ike_.clear();
   for (auto& p : peers_)
@@ -259,14 +267,39 @@ void Engine::set_peers(std::vector<PeerConfig> peers, uint64_t now_ms) {
 }
 
 std::shared_ptr<const PeerConfig> Engine::find_peer(const std::string& name) const {
-  for (auto& p : peers_)
-    if (p->name == name) return p;
+  auto it = peer_by_name_.find(name);
+  return it == peer_by_name_.end() ? nullptr : peers_[it->second];
+}
+
+std::shared_ptr<const PeerConfig> Engine::find_peer_by_id(const Identity& id, const std::optional<Identity>& idr) const {
+  auto it = peer_by_id_.find(id.key());
+  if (it == peer_by_id_.end()) return nullptr;
+  for (size_t i : it->second)
+    if (peers_[i]->remote_id.matches(id) && (!idr || peers_[i]->local_id.matches(*idr))) return peers_[i];
+  for (size_t i : it->second)
+    if (peers_[i]->remote_id.matches(id)) return peers_[i];
   return nullptr;
 }
 
+void Engine::index_sa(const IkeSa& sa) {
+  if (sa.peer) sas_by_tunnel_[sa.peer->name].push_back(sa.our_spi());
+}
+
+std::vector<uint64_t> Engine::tunnel_sas(const std::string& tunnel) {
+  auto it = sas_by_tunnel_.find(tunnel);
+  if (it == sas_by_tunnel_.end()) return {};
+  std::erase_if(it->second, [&](uint64_t spi) {
+    auto s = sas_.find(spi);
+    return s == sas_.end() || !s->second->peer || s->second->peer->name != tunnel;
+  });
+  std::vector<uint64_t> out = it->second;
+  if (out.empty()) sas_by_tunnel_.erase(it);
+  return out;
+}
+
 Engine::IkeSa* Engine::find_established(const std::string& tunnel) {
-  for (auto& [spi, sa] : sas_)
-    if (sa->peer && sa->peer->name == tunnel && sa->state == State::established) return sa.get();
+  for (uint64_t spi : tunnel_sas(tunnel))
+    if (auto& sa = sas_.at(spi); sa->state == State::established) return sa.get();
   return nullptr;
 }
 
@@ -625,9 +658,8 @@ void Engine::tick(uint64_t now_ms) {
     if (r.at > now_ms) continue;
     // The entry stays (with its backoff) until an SA for the tunnel is established.
     r.at = UINT64_MAX;
-    bool busy = std::any_of(sas_.begin(), sas_.end(), [&](auto& kv) {
-      return kv.second->peer && kv.second->peer->name == name && kv.second->state != State::deleting;
-    });
+    auto spis = tunnel_sas(name);
+    bool busy = std::any_of(spis.begin(), spis.end(), [&](uint64_t s) { return sas_.at(s)->state != State::deleting; });
     if (busy) continue;
     if (auto ok = initiate(name, now_ms); !ok) {
       log(fmt::format("tunnel \"{}\": cannot initiate: {}", name, ok.error()));
@@ -772,6 +804,7 @@ void Engine::delete_sa(uint64_t spi, const std::string& why, bool reinit) {
   bool was_established = sa.state == State::established;
   ++stats_.ike_deleted;
   sas_.erase(it);
+  if (!name.empty()) (void)tunnel_sas(name);  // drops this SA's index entry
   if (reinit && !name.empty()) schedule_reinit(name, !was_established);
 }
 
@@ -903,6 +936,7 @@ tl::expected<void, std::string> Engine::initiate(const std::string& tunnel, uint
   sa->state = State::init_sent;
   IkeSa& r = *sa;
   sas_[sa->spi_i] = std::move(sa);
+  index_sa(r);
   log(fmt::format("tunnel \"{}\": initiating to {} ({})", tunnel, r.remote.str(), proposals_str(p->ike_proposals)));
   send_init(r);
   return {};
@@ -1032,9 +1066,10 @@ void Engine::send_auth(IkeSa& sa) {
   c.add(kPlIdi, idi);
   // INITIAL_CONTACT tells the peer to drop whatever it still holds for us (a
   // reboot on our side): seed 003 §6.1's stale SAs.
-  bool other = std::any_of(sas_.begin(), sas_.end(), [&](auto& kv) {
-    return kv.second.get() != &sa && kv.second->peer && kv.second->peer->name == p.name &&
-           kv.second->state == State::established;
+  auto spis = tunnel_sas(p.name);
+  bool other = std::any_of(spis.begin(), spis.end(), [&](uint64_t s) {
+    auto& o = sas_.at(s);
+    return o.get() != &sa && o->state == State::established;
   });
   if (!other) c.add_notify(kNInitialContact);
   if (p.remote_id.type) c.add(kPlIdr, encode_id(p.remote_id));
@@ -1259,12 +1294,10 @@ void Engine::init_request(const Endpoint& local, const Endpoint& remote, const M
   // Certificate tunnels: ask for the initiator's certificate (peers that send
   // theirs only "if asked") and offer RFC 7427 hashes. Which tunnel this is
   // becomes known only in IKE_AUTH, so the first one with certificates speaks.
-  for (auto& p : peers_)
-    if (p->creds) {
-      add_certreq(c, *p->creds);
-      add_hash_algorithms(c);
-      break;
-    }
+  if (certreq_peer_) {
+    add_certreq(c, *certreq_peer_->creds);
+    add_hash_algorithms(c);
+  }
   Header rh;
   rh.spi_i = sa->spi_i;
   rh.spi_r = sa->spi_r;
@@ -1336,20 +1369,10 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
   if (!idi || !auth) return reject(kNInvalidSyntax, "malformed IDi or AUTH");
   sa.remote_id = *idi;
   // The moat is whoever its identity says — its address means nothing.
-  std::shared_ptr<const PeerConfig> peer;
-  for (auto& p : peers_)
-    if (p->remote_id.matches(*idi) && (!idr || p->local_id.matches(*idr))) {
-      peer = p;
-      break;
-    }
-  if (!peer)
-    for (auto& p : peers_)
-      if (p->remote_id.matches(*idi)) {
-        peer = p;
-        break;
-      }
+  std::shared_ptr<const PeerConfig> peer = find_peer_by_id(*idi, idr);
   if (!peer) return reject(kNAuthenticationFailed, fmt::format("no tunnel for identity \"{}\"", idi->str()));
   sa.peer = peer;
+  index_sa(sa);
   if (!accept_proposal(sa.suite.to_proposal(1, {}), peer->ike_proposals, false))
     return reject(kNAuthenticationFailed,
                   fmt::format("IKE SA uses {}, not allowed for this tunnel ({})", sa.suite.str(),
@@ -1377,9 +1400,8 @@ void Engine::auth_request(IkeSa& sa, const Message& m, const std::vector<Payload
   established(sa);
 
   if (initial_contact) {
-    std::vector<uint64_t> old;
-    for (auto& [s, o] : sas_)
-      if (s != spi && o->peer && o->peer->name == peer->name) old.push_back(s);
+    auto old = tunnel_sas(peer->name);
+    std::erase(old, spi);
     for (auto s : old) {
       ++stats_.initial_contact_deleted;
       delete_sa(s, "the peer sent INITIAL_CONTACT (it restarted)", false);
@@ -1736,6 +1758,7 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
                   n->spi_i, n->spi_r, suite.str()));
   IkeSa& r = *n;
   sas_[n->spi_r] = std::move(n);
+  index_sa(r);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
   schedule_ike_rekey(r);
   schedule_child_rekey(r);
@@ -1882,6 +1905,7 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
       r.state = State::deleting;
       r.no_reinit = true;
       sas_[n->spi_i] = std::move(n);
+      index_sa(r);
       ChainBuilder d;
       d.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
       queue_request(r, uint8_t(Exchange::informational), std::move(d), kReqDeleteIke);
@@ -1904,6 +1928,7 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
                   n->spi_i, n->spi_r, suite->str()));
   IkeSa& r = *n;
   sas_[n->spi_i] = std::move(n);
+  index_sa(r);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
   schedule_ike_rekey(r);
   schedule_child_rekey(r);
@@ -2064,8 +2089,8 @@ tl::expected<void, std::string> Engine::terminate(const std::string& tunnel, uin
   reinit_.erase(tunnel);
   std::vector<uint64_t> now_gone;
   bool any = false;
-  for (auto& [spi, sa] : sas_) {
-    if (!sa->peer || sa->peer->name != tunnel) continue;
+  for (uint64_t spi : tunnel_sas(tunnel)) {
+    auto& sa = sas_.at(spi);
     any = true;
     sa->no_reinit = true;
     if (sa->state == State::established) {

@@ -260,6 +260,14 @@ class Engine {
   void fail(IkeSa& sa, const std::string& why);
   IkeSa* find_established(const std::string& tunnel);
   std::shared_ptr<const PeerConfig> find_peer(const std::string& name) const;
+  // The tunnel (a peer whose remote_id matches `id`; with `idr`, preferably
+  // one whose local_id matches it too), by the identity index.
+  std::shared_ptr<const PeerConfig> find_peer_by_id(const Identity& id, const std::optional<Identity>& idr) const;
+  // Records that `sa` (in sas_ under its SPI, its peer set) belongs to its tunnel.
+  void index_sa(const IkeSa& sa);
+  // Our SPIs of the tunnel's IKE SAs that are still in sas_ (stale index
+  // entries are dropped on the way).
+  std::vector<uint64_t> tunnel_sas(const std::string& tunnel);
   void schedule_reinit(const std::string& name, bool failed);
 
   Transport& transport_;
@@ -268,6 +276,13 @@ class Engine {
   LogFn log_;
   uint64_t now_ = 0;
   std::vector<std::shared_ptr<const PeerConfig>> peers_;
+  // Indexes over peers_ and sas_: a portal holds thousands of tunnels, and
+  // a scan of them per message (by name, by identity, for INITIAL_CONTACT)
+  // made setting up N SAs cost O(N^2). Rebuilt by set_peers().
+  std::unordered_map<std::string, size_t> peer_by_name_;
+  std::unordered_map<std::string, std::vector<size_t>> peer_by_id_;  // identity key -> peers_ indexes, in order
+  std::unordered_map<std::string, std::vector<uint64_t>> sas_by_tunnel_;  // tunnel -> our SPIs (may be stale)
+  const PeerConfig* certreq_peer_ = nullptr;  // the first tunnel with certificates (CERTREQ in IKE_SA_INIT)
   std::vector<Proposal> responder_ike_;  // union of the peers' IKE proposals
   std::unordered_map<uint64_t, std::unique_ptr<IkeSa>> sas_;  // by our SPI
   std::map<std::pair<uint64_t, std::string>, uint64_t> half_open_;  // (SPIi, remote) -> our SPI

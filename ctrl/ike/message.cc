@@ -347,6 +347,13 @@ bool Identity::matches(const Identity& o) const {
   return data == o.data;
 }
 
+std::string Identity::key() const {
+  std::string k(1, char(type));
+  if (type == kIdDn) return k;
+  for (uint8_t c : data) k.push_back(type == kIdFqdn || type == kIdRfc822 ? char(tolower(c)) : char(c));
+  return k;
+}
+
 static std::string trim(std::string_view s) {
   while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
   while (!s.empty() && s.back() == ' ') s.remove_suffix(1);

@@ -166,6 +166,10 @@ struct Identity {
   // Same identity: DNs compare by canonical form (X509_NAME_cmp), FQDN and
   // RFC822 case-insensitively, the rest byte for byte.
   bool matches(const Identity& o) const;
+  // A hash key: equal for identities that match(). Type and data, case-folded
+  // where matches() ignores case; every DN of a type shares one key (their
+  // canonical form has no public encoding), so a lookup still calls matches().
+  std::string key() const;
   // strongSwan's syntax: "@fqdn", "user@domain", "@#hex" (KEY_ID), "C=.., O=.., CN=.." (DN),
   // an IP address, or a bare name (FQDN).
   static tl::expected<Identity, std::string> parse(std::string_view s);
