@@ -632,6 +632,12 @@ struct Scheduler::Impl {
       __builtin_prefetch(reinterpret_cast<const char*>(p) + 64, 1);
     }
   }
+  // Last, through the parent's Node: the parent's list links for the leaf's
+  // priority, which it needs when the leaf's packet makes it active.
+  void prefetch_last(uint32_t c) const {
+    const Node& n = nodes[c];
+    if (n.parent != kNil) __builtin_prefetch(&links[nodes[n.parent].aux + n.prio], 1);
+  }
 
   // The leaf's next packet to send, through CoDel when the leaf has it
   // (RFC 8289 §5, the pseudocode's dequeue). Drops only while `dropped` has
@@ -807,13 +813,14 @@ uint64_t Scheduler::enqueue_burst(const uint32_t* leaves, void* const* pkts, con
   // Two passes so that the misses of a burst over thousands of leaves
   // overlap instead of following one another: every leaf's Node first,
   // then, a few packets ahead, what is found through it.
-  constexpr unsigned kAhead = 4;
+  constexpr unsigned kAhead = 4, kAheadLast = 2;
   const uint32_t nc = classes();
   for (unsigned i = 0; i < n; i++)
     if (leaves[i] < nc) s.prefetch(leaves[i]);
   uint64_t refused = 0;
   for (unsigned i = 0; i < n; i++) {
     if (i + kAhead < n && is_leaf(leaves[i + kAhead])) s.prefetch_next(leaves[i + kAhead]);
+    if (i + kAheadLast < n && is_leaf(leaves[i + kAheadLast])) s.prefetch_last(leaves[i + kAheadLast]);
     if (!enqueue(leaves[i], pkts[i], lens[i], now)) refused |= uint64_t{1} << i;
   }
   return refused;
