@@ -49,17 +49,16 @@ int telemetry_qos(const char*, const char* params, rte_tel_data* d) {
   const qos::Scheduler& s = *g_qos->port[it->second]->sched;
   rte_tel_data_start_dict(d);
   for (size_t k = first; k < s.classes() && k < first + RTE_TEL_MAX_DICT_ENTRIES; k++) {
-    const qos::ClassStats& st = s.stats(uint32_t(k));
+    const qos::ClassStats st = s.stats(uint32_t(k));
     rte_tel_data* c = rte_tel_data_alloc();
     if (!c) break;
     rte_tel_data_start_dict(c);
-    auto ld = [](const uint64_t& v) { return __atomic_load_n(&v, __ATOMIC_RELAXED); };
-    rte_tel_data_add_dict_u64(c, "sent_pkts", ld(st.sent_pkts));
-    rte_tel_data_add_dict_u64(c, "sent_bytes", ld(st.sent_bytes));
-    rte_tel_data_add_dict_u64(c, "dropped_pkts", ld(st.dropped_pkts));
-    rte_tel_data_add_dict_u64(c, "dropped_bytes", ld(st.dropped_bytes));
-    rte_tel_data_add_dict_u64(c, "borrowed_bytes", ld(st.borrowed_bytes));
-    rte_tel_data_add_dict_u64(c, "qlen", __atomic_load_n(&st.qlen, __ATOMIC_RELAXED));
+    rte_tel_data_add_dict_u64(c, "sent_pkts", st.sent_pkts);
+    rte_tel_data_add_dict_u64(c, "sent_bytes", st.sent_bytes);
+    rte_tel_data_add_dict_u64(c, "dropped_pkts", st.dropped_pkts);
+    rte_tel_data_add_dict_u64(c, "dropped_bytes", st.dropped_bytes);
+    rte_tel_data_add_dict_u64(c, "borrowed_bytes", st.borrowed_bytes);
+    rte_tel_data_add_dict_u64(c, "qlen", st.qlen);
     std::string name = s.plan().classes[k].name.substr(0, RTE_TEL_MAX_STRING_LEN - 1);
     rte_tel_data_add_dict_container(d, name.c_str(), c, 0);
   }
@@ -292,7 +291,7 @@ void Control::sample_qos() {
     }
     double dt = s.tsc ? double(now - s.tsc) / double(tsc_hz_) : 0;
     for (uint32_t k = 0; k < n; k++) {
-      uint64_t b = __atomic_load_n(&sp->sched->stats(k).sent_bytes, __ATOMIC_RELAXED);
+      uint64_t b = sp->sched->stats(k).sent_bytes;
       if (dt > 0) s.bps[k] = double(b - s.bytes[k]) * 8 / dt;
       s.bytes[k] = b;
     }
@@ -316,8 +315,7 @@ tl::expected<json, std::string> Control::show_qos(const std::string& port) const
     json classes = json::array();
     for (uint32_t k = 0; k < s.classes(); k++) {
       const qos::ClassSpec& cs = plan.classes[k];
-      const qos::ClassStats& st = s.stats(k);
-      auto ld = [](const uint64_t& v) { return __atomic_load_n(&v, __ATOMIC_RELAXED); };
+      const qos::ClassStats st = s.stats(k);
       json o;
       o["name"] = cs.name;
       o["parent"] = cs.parent >= 0 ? json(plan.classes[cs.parent].name) : json(nullptr);
@@ -325,12 +323,12 @@ tl::expected<json, std::string> Control::show_qos(const std::string& port) const
       o["rate"] = rate_str(cs.rate);
       o["ceil"] = rate_str(cs.ceil);
       o["prio"] = cs.prio;
-      o["sent_pkts"] = ld(st.sent_pkts);
-      o["sent_bytes"] = ld(st.sent_bytes);
-      o["dropped_pkts"] = ld(st.dropped_pkts);
-      o["dropped_bytes"] = ld(st.dropped_bytes);
-      o["borrowed_bytes"] = ld(st.borrowed_bytes);
-      o["qlen"] = __atomic_load_n(&st.qlen, __ATOMIC_RELAXED);
+      o["sent_pkts"] = st.sent_pkts;
+      o["sent_bytes"] = st.sent_bytes;
+      o["dropped_pkts"] = st.dropped_pkts;
+      o["dropped_bytes"] = st.dropped_bytes;
+      o["borrowed_bytes"] = st.borrowed_bytes;
+      o["qlen"] = st.qlen;
       o["rate_now_bps"] = rt != qos_rate_.end() && k < rt->second.bps.size() ? uint64_t(rt->second.bps[k]) : 0;
       classes.push_back(o);
     }

@@ -57,15 +57,21 @@ void tx_flush(Worker& w) {
 
 namespace {
 
-// Splits a non-DF packet larger than the egress MTU (RFC 791) with DPDK's
-// fragmenter, which wants the mbuf to start at the IPv4 header.
-void send(Worker& w, const ShapedPort* sp, uint16_t port, rte_mbuf* m) {
-  if (sp) shape_enqueue(w, *sp, port, m);
-  else tx_enqueue(w, port, m);
+void send(Worker& w, ShapeBurst& shaped, const ShapedPort* sp, uint16_t port, rte_mbuf* m) {
+  if (!sp) {
+    tx_enqueue(w, port, m);
+    return;
+  }
+  meta(m).out_port = port;
+  shaped.sp[shaped.n] = sp;
+  shaped.pkts[shaped.n++] = m;
+  if (shaped.n == kMaxBurst) shape_enqueue(w, shaped);
 }
 
-void fragment_and_send(Worker& w, const PortInfo& out, const ShapedPort* sp, uint16_t port, rte_mbuf* m,
-                       const rte_ether_addr& dst) {
+// Splits a non-DF packet larger than the egress MTU (RFC 791) with DPDK's
+// fragmenter, which wants the mbuf to start at the IPv4 header.
+void fragment_and_send(Worker& w, ShapeBurst& shaped, const PortInfo& out, const ShapedPort* sp, uint16_t port,
+                       rte_mbuf* m, const rte_ether_addr& dst) {
   // Fragments leave in the class of their packet.
   uint8_t cls = meta(m).cls;
   uint16_t out_tunnel = meta(m).out_tunnel;
@@ -92,7 +98,7 @@ void fragment_and_send(Worker& w, const PortInfo& out, const ShapedPort* sp, uin
     fm.out_tunnel = out_tunnel;
     if (!write_l2(f, out, dst, RTE_ETHER_TYPE_IPV4)) { w.drop(f, Drop::frag_failed); continue; }
     w.stats.fragments.add();
-    send(w, sp, port, f);
+    send(w, shaped, sp, port, f);
   }
 }
 
@@ -110,6 +116,7 @@ void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   }
   if (b.n) rte_hash_lookup_bulk_data(t.neigh, key_ptrs, b.n, &hits, data);
   const QosTable* q = t.qos.load(std::memory_order_acquire);
+  ShapeBurst shaped;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
@@ -124,12 +131,13 @@ void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
     if (sp && sp->drain) sp = nullptr;
     auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
     if (rte_be_to_cpu_16(ip->total_length) > out.mtu) {
-      fragment_and_send(w, out, sp, md.out_port, m, dst);
+      fragment_and_send(w, shaped, out, sp, md.out_port, m, dst);
       continue;
     }
     if (!write_l2(m, out, dst, RTE_ETHER_TYPE_IPV4)) { w.drop(m, Drop::inject_bad); continue; }
-    send(w, sp, md.out_port, m);
+    send(w, shaped, sp, md.out_port, m);
   }
+  if (shaped.n) shape_enqueue(w, shaped);
   b.n = 0;
 }
 

@@ -5,6 +5,8 @@
 #include <rte_ethdev.h>
 #include <rte_ip.h>
 
+#include <bit>
+
 #include "dataplane/egress.hh"
 #include "dataplane/nat.hh"
 #include "dataplane/worker.hh"
@@ -33,19 +35,36 @@ uint32_t leaf_of(const ShapedPort& sp, rte_mbuf* m) {
 
 }  // namespace
 
-void shape_enqueue(Worker& w, const ShapedPort& sp, uint16_t port, rte_mbuf* m) {
-  meta(m).qleaf = leaf_of(sp, m);
-  if (meta(m).qleaf == kNoLeaf) {
-    // The tree has no leaf for it (HTB's direct queue): unshaped.
-    tx_enqueue(w, port, m);
-    return;
+void shape_enqueue(Worker& w, ShapeBurst& b) {
+  uint32_t leaves[kMaxBurst];
+  void* pkts[kMaxBurst];
+  uint32_t lens[kMaxBurst];
+  for (uint16_t i = 0, j; i < b.n; i = j) {
+    // A run of packets for one port (egress's bursts rarely mix shaped ports).
+    const ShapedPort& sp = *b.sp[i];
+    unsigned n = 0;
+    for (j = i; j < b.n && b.sp[j] == &sp; j++) {
+      rte_mbuf* m = b.pkts[j];
+      meta(m).qleaf = leaf_of(sp, m);
+      if (meta(m).qleaf == kNoLeaf) {
+        // The tree has no leaf for it (HTB's direct queue): unshaped.
+        tx_enqueue(w, meta(m).out_port, m);
+        continue;
+      }
+      leaves[n] = meta(m).qleaf;
+      lens[n] = rte_pktmbuf_pkt_len(m);
+      pkts[n++] = m;
+    }
+    if (sp.owner == w.id) {
+      uint64_t refused = sp.sched->enqueue_burst(leaves, pkts, lens, n, w.now_tsc);
+      for (; refused; refused &= refused - 1)
+        w.drop(static_cast<rte_mbuf*>(pkts[std::countr_zero(refused)]), Drop::qos_queue_full);
+    } else {
+      unsigned k = rte_ring_mp_enqueue_burst(sp.handoff, pkts, n, nullptr);
+      for (; k < n; k++) w.drop(static_cast<rte_mbuf*>(pkts[k]), Drop::qos_handoff_full);
+    }
   }
-  meta(m).out_port = port;
-  if (sp.owner == w.id) {
-    if (!sp.sched->enqueue(meta(m).qleaf, m, rte_pktmbuf_pkt_len(m), w.now_tsc)) w.drop(m, Drop::qos_queue_full);
-    return;
-  }
-  if (rte_ring_mp_enqueue(sp.handoff, m) != 0) w.drop(m, Drop::qos_handoff_full);
+  b.n = 0;
 }
 
 unsigned shape_run(Worker& w, const Tables& t) {
@@ -86,11 +105,15 @@ unsigned shape_run(Worker& w, const Tables& t) {
     }
     if (!now || sp->drain) continue;
     // Packets other workers routed to this port.
-    rte_mbuf* in[kMaxBurst];
-    unsigned n = rte_ring_sc_dequeue_burst(sp->handoff, reinterpret_cast<void**>(in), kMaxBurst, nullptr);
-    for (unsigned i = 0; i < n; i++)
-      if (!now->enqueue(meta(in[i]).qleaf, in[i], rte_pktmbuf_pkt_len(in[i]), w.now_tsc))
-        w.drop(in[i], Drop::qos_queue_full);
+    void* in[kMaxBurst];
+    uint32_t leaves[kMaxBurst], lens[kMaxBurst];
+    unsigned n = rte_ring_sc_dequeue_burst(sp->handoff, in, kMaxBurst, nullptr);
+    for (unsigned i = 0; i < n; i++) {
+      leaves[i] = meta(static_cast<rte_mbuf*>(in[i])).qleaf;
+      lens[i] = rte_pktmbuf_pkt_len(static_cast<rte_mbuf*>(in[i]));
+    }
+    for (uint64_t refused = n ? now->enqueue_burst(leaves, in, lens, n, w.now_tsc) : 0; refused; refused &= refused - 1)
+      w.drop(static_cast<rte_mbuf*>(in[std::countr_zero(refused)]), Drop::qos_queue_full);
     if (now->next_send(w.now_tsc) > w.now_tsc) continue;
     unsigned nd = 0;
     unsigned out = now->dequeue(w.now_tsc, pkts, kMaxBurst, dropped, &nd);

@@ -67,10 +67,18 @@ struct QosTable {
   std::vector<std::vector<rte_meter_trtcm>> meters;
 };
 
-// Stage shape (called by egress for each packet ready to leave on a shaped
-// port): decides its leaf and queues it, directly when this worker owns
-// the port, else through the port's hand-off ring.
-void shape_enqueue(Worker& w, const ShapedPort& sp, uint16_t port, rte_mbuf* m);
+// Packets of one egress burst ready to leave on shaped ports (their port in
+// PktMeta::out_port), gathered so that each scheduler takes them as a burst.
+struct ShapeBurst {
+  const ShapedPort* sp[kMaxBurst];
+  rte_mbuf* pkts[kMaxBurst];
+  uint16_t n = 0;
+};
+
+// Stage shape (called by egress when its burst is done, or `b` is full):
+// decides each packet's leaf and queues it, directly when this worker owns
+// the port, else through the port's hand-off ring; empties `b`.
+void shape_enqueue(Worker& w, ShapeBurst& b);
 // The owner's turn, once per loop: adopts a new plan, takes the hand-off
 // rings, and sends what the schedulers release now.
 unsigned shape_run(Worker& w, const Tables& t);

@@ -74,38 +74,58 @@ struct Slot {
 };
 
 // A class's membership of one round-robin list for one priority, and its
-// deficit there.
+// deficit there. Trivial (set up by the constructor) so that it can share
+// a union in Node.
 struct Ring {
-  uint32_t next = kNil, prev = kNil;
-  int32_t deficit = 0;
+  uint32_t next, prev;
+  int32_t deficit;
   // It left the list in the middle of its turn (its ceil ran out, not its
   // queue): it rejoins at the cursor and finishes the turn, or a class that
   // changes mode often would forfeit turns. A class the cursor merely passed
   // to (its neighbour left) has not begun a turn and resumes none.
-  bool in_turn = false, resume = false;
+  bool in_turn, resume;
 };
 // [0]: in a row (as a lender), [1]: in its parent's feed (as a borrower).
 struct Link {
   Ring r[2];
 };
 
-struct Node {
-  int64_t tokens = 0, ctokens = 0;  // byte·ticks, as of t_c
-  int64_t buffer = 0, cbuffer = 0;  // full buckets
-  int64_t floor = 0, cfloor = 0;    // deepest debt kept
-  uint64_t t_c = 0;
-  uint64_t rate = 0, ceil = 0;      // B/s
-  uint64_t dt_full = 0, cdt_full = 0;  // ticks that fill a bucket from its floor
-  uint32_t parent = kNil;
-  uint32_t heap_pos = kNil;
-  uint32_t link_base = 0;           // into links: 1 slot for a leaf (its prio), 8 for an inner class
-  uint32_t feed_base = kNil;        // inner classes: 8 feed cursors; kNil marks a leaf
-  int32_t quantum = kMtu;
-  uint8_t level = 0, prio = 0, mode = kCan, act = 0;
-  // Leaves: a ring of `limit` slots, preallocated.
-  uint32_t q_base = 0, q_cap = 0, q_head = 0, q_len = 0;
-  uint64_t q_bytes = 0;
-  uint32_t codel = kNil;
+// One class in two cache lines, so that a packet's way through a tree of
+// 20,000 classes (the portal's) misses on few lines: the first holds what
+// the charge reads and writes on every class of the path (HTB's
+// htb_charge_class), the second what a leaf's enqueue and dequeue touch (its
+// queue and its two list memberships) or an inner class's feed cursors and
+// sent counters. Everything else (names, the plan, CoDel, heap positions,
+// drop and borrow counters, an inner class's 8 list links) is elsewhere.
+struct alignas(64) Node {
+  int64_t tokens, ctokens;    // byte·ticks, as of t_c
+  uint64_t t_c;
+  uint64_t rate, ceil;        // B/s
+  int64_t buffer, cbuffer;    // full buckets; the floors (deepest debt kept) are these plus Impl::debt below 0
+  uint32_t parent;
+  uint8_t level, prio, mode, act;  // level 0: a leaf
+
+  int32_t quantum;
+  uint32_t aux;  // a leaf: its Codel (kNil: tail drop); an inner class: its 8 Links in Impl::links
+  union {
+    struct {
+      // A ring of q_cap slots from Impl::slots[q_base], preallocated.
+      uint32_t q_base, q_cap, q_head, q_len;
+      uint64_t q_bytes;  // q_len and q_bytes are read by the control thread
+      Link link;         // its one priority's memberships
+    } leaf;
+    struct {
+      uint32_t feed[kPrios];  // cursor per priority
+      uint64_t sent_pkts, sent_bytes;
+    } inner;
+  };
+};
+static_assert(sizeof(Node) == 128);
+
+// A leaf's counters (the control thread reads them); an inner class's sent
+// counters live in its Node, which the charge touches anyway.
+struct LeafCounters {
+  uint64_t sent_pkts, sent_bytes, dropped_pkts, dropped_bytes;
 };
 
 // RFC 8289's state for one leaf; enqueue times in Impl::enq at e_base + slot.
@@ -188,10 +208,12 @@ std::vector<PlanError> validate(const Plan& p) {
 struct Scheduler::Impl {
   Plan plan;
   uint64_t hz;
+  int64_t debt;  // kDebtBytes in byte·ticks
   std::vector<Node> nodes;
-  std::vector<ClassStats> stats;
-  std::vector<Link> links;
-  std::vector<uint32_t> feeds;  // cursor per (inner class, prio)
+  std::vector<LeafCounters> counts;  // by class; only leaves' are used
+  std::vector<uint64_t> borrowed;    // by class: written only while a class borrows
+  std::vector<uint32_t> heap_pos;    // by class; kNil: not waiting
+  std::vector<Link> links;           // inner classes' 8 each
   std::vector<Slot> slots;
   std::vector<uint64_t> enq;  // CoDel leaves' enqueue times
   std::vector<Codel> codels;
@@ -205,13 +227,17 @@ struct Scheduler::Impl {
   uint32_t backlog = 0;
 
   Impl(const Plan& p, uint64_t hz_) : plan(p), hz(hz_ ? hz_ : 1) {
+    debt = static_cast<int64_t>(kDebtBytes * hz);
     const uint32_t n = static_cast<uint32_t>(plan.classes.size());
     nodes.resize(n);
-    stats.resize(n);
+    counts.resize(n);
+    borrowed.resize(n);
+    heap_pos.assign(n, kNil);
     for (auto& r : rows)
       for (auto& c : r) c = kNil;
     std::vector<uint32_t> children(n, 0);
     std::vector<uint64_t> min_child_rate(n, UINT64_MAX);
+    nodes[0].parent = kNil;
     for (uint32_t i = 1; i < n; i++) {
       uint32_t par = static_cast<uint32_t>(plan.classes[i].parent);
       nodes[i].parent = par;
@@ -222,24 +248,28 @@ struct Scheduler::Impl {
       Node& par = nodes[nodes[i].parent];
       par.level = std::max<uint8_t>(par.level, nodes[i].level + 1);
     }
-    uint64_t n_links = 0, n_feeds = 0, n_slots = 0, n_enq = 0;
+    const Ring idle{kNil, kNil, 0, false, false};
+    uint64_t n_links = 0, n_slots = 0, n_enq = 0;
     uint32_t n_codel = 0;
     for (uint32_t i = 0; i < n; i++) {
       const ClassSpec& s = plan.classes[i];
       Node& c = nodes[i];
       c.prio = s.prio;
-      c.link_base = static_cast<uint32_t>(n_links);
       if (children[i]) {
-        c.feed_base = static_cast<uint32_t>(n_feeds);
-        n_feeds += kPrios;
+        c.aux = static_cast<uint32_t>(n_links);
         n_links += kPrios;
+        for (uint32_t& f : c.inner.feed) f = kNil;
+        c.inner.sent_pkts = c.inner.sent_bytes = 0;
       } else {
-        n_links += 1;
-        c.q_base = static_cast<uint32_t>(n_slots);
-        c.q_cap = s.limit;
+        c.aux = kNil;
+        c.leaf.q_base = static_cast<uint32_t>(n_slots);
+        c.leaf.q_cap = s.limit;
+        c.leaf.q_head = c.leaf.q_len = 0;
+        c.leaf.q_bytes = 0;
+        c.leaf.link.r[0] = c.leaf.link.r[1] = idle;
         n_slots += s.limit;
         if (s.drop == DropPolicy::codel) {
-          c.codel = n_codel++;
+          c.aux = n_codel++;
           n_enq += s.limit;
         }
       }
@@ -259,28 +289,32 @@ struct Scheduler::Impl {
       cburst = std::min(cburst, max_bytes);
       c.buffer = static_cast<int64_t>(burst * hz);
       c.cbuffer = static_cast<int64_t>(cburst * hz);
-      c.floor = -c.buffer - static_cast<int64_t>(kDebtBytes * hz);
-      c.cfloor = -c.cbuffer - static_cast<int64_t>(kDebtBytes * hz);
-      c.dt_full = c.rate ? ceil_div(static_cast<uint64_t>(c.buffer - c.floor), c.rate) : UINT64_MAX;
-      c.cdt_full = ceil_div(static_cast<uint64_t>(c.cbuffer - c.cfloor), c.ceil);
       c.tokens = c.rate ? c.buffer : -1;  // a class with no rate only ever borrows
       c.ctokens = c.cbuffer;
+      c.t_c = 0;
       c.mode = c.rate ? kCan : kMay;
+      c.act = 0;
       by_name.emplace(plan.classes[i].name, static_cast<int32_t>(i));
     }
     links.resize(n_links);
-    feeds.assign(n_feeds, kNil);
     slots.resize(n_slots);
     enq.resize(n_enq);
     codels.resize(n_codel);
     uint64_t e = 0;
     for (uint32_t i = 0; i < n; i++) {
       Node& c = nodes[i];
-      uint32_t nl = c.feed_base == kNil ? 1 : kPrios;
-      for (uint32_t k = 0; k < nl; k++) links[c.link_base + k].r[0].deficit = links[c.link_base + k].r[1].deficit = c.quantum;
-      if (c.codel != kNil) {
+      if (c.level) {
+        for (uint32_t k = 0; k < kPrios; k++) {
+          Link& l = links[c.aux + k];
+          l.r[0] = l.r[1] = idle;
+          l.r[0].deficit = l.r[1].deficit = c.quantum;
+        }
+        continue;
+      }
+      c.leaf.link.r[0].deficit = c.leaf.link.r[1].deficit = c.quantum;
+      if (c.aux != kNil) {
         const ClassSpec& s = plan.classes[i];
-        Codel& q = codels[c.codel];
+        Codel& q = codels[c.aux];
         q.target = s.codel_target_us * hz / 1000000;
         q.interval = s.codel_interval_us * hz / 1000000;
         q.e_base = static_cast<uint32_t>(e);
@@ -290,20 +324,19 @@ struct Scheduler::Impl {
     heap.reserve(n);
   }
 
-  bool is_leaf(uint32_t c) const { return nodes[c].feed_base == kNil; }
-  Link& link(uint32_t c, unsigned p) { return links[nodes[c].link_base + (is_leaf(c) ? 0 : p)]; }
+  bool is_leaf(uint32_t c) const { return nodes[c].level == 0; }
+  Link& link(uint32_t c, unsigned p) { return is_leaf(c) ? nodes[c].leaf.link : links[nodes[c].aux + p]; }
 
-  // Buckets brought to `now` without storing (HTB's diff, capped by mbuffer).
-  static int64_t toks_at(const Node& c, uint64_t now) {
-    uint64_t dt = now - c.t_c;
-    if (dt >= c.dt_full) return c.buffer;
-    return std::min(c.tokens + static_cast<int64_t>(c.rate * dt), c.buffer);
+  // Buckets brought to `now` without storing (HTB's diff, capped by the
+  // bucket). A product that overflows, or that fills the bucket, gives a
+  // full bucket, so no per-class fill time is kept.
+  static int64_t fill(int64_t tk, int64_t full, uint64_t r, uint64_t dt) {
+    uint64_t gain;
+    if (__builtin_mul_overflow(r, dt, &gain) || gain >= static_cast<uint64_t>(full - tk)) return full;
+    return tk + static_cast<int64_t>(gain);
   }
-  static int64_t ctoks_at(const Node& c, uint64_t now) {
-    uint64_t dt = now - c.t_c;
-    if (dt >= c.cdt_full) return c.cbuffer;
-    return std::min(c.ctokens + static_cast<int64_t>(c.ceil * dt), c.cbuffer);
-  }
+  static int64_t toks_at(const Node& c, uint64_t now) { return fill(c.tokens, c.buffer, c.rate, now - c.t_c); }
+  static int64_t ctoks_at(const Node& c, uint64_t now) { return fill(c.ctokens, c.cbuffer, c.ceil, now - c.t_c); }
   // The mode at `now`; *wait: ticks until it may rise (UINT64_MAX: never by itself).
   static Mode mode_at(const Node& c, uint64_t now, uint64_t* wait) {
     int64_t ct = ctoks_at(c, now);
@@ -381,7 +414,7 @@ struct Scheduler::Impl {
       uint32_t par = nodes[c].parent;
       for (uint8_t m = mask; m; m &= m - 1) {
         unsigned p = std::countr_zero(m);
-        uint32_t& cur = feeds[nodes[par].feed_base + p];
+        uint32_t& cur = nodes[par].inner.feed[p];
         if (cur != kNil) mask &= ~(1u << p);  // the parent is active for p already
         list_add(cur, c, p, 1);
       }
@@ -397,7 +430,7 @@ struct Scheduler::Impl {
       uint8_t gone = 0;
       for (uint8_t m = mask; m; m &= m - 1) {
         unsigned p = std::countr_zero(m);
-        uint32_t& cur = feeds[nodes[par].feed_base + p];
+        uint32_t& cur = nodes[par].inner.feed[p];
         list_del(cur, c, p, 1);
         if (cur == kNil) gone |= 1u << p;
       }
@@ -423,8 +456,8 @@ struct Scheduler::Impl {
   // resolution, and one heap op per mode change is not what costs here.
   void heap_swap(uint32_t a, uint32_t b) {
     std::swap(heap[a], heap[b]);
-    nodes[heap[a].cls].heap_pos = a;
-    nodes[heap[b].cls].heap_pos = b;
+    heap_pos[heap[a].cls] = a;
+    heap_pos[heap[b].cls] = b;
   }
   void sift_up(uint32_t i) {
     while (i && heap[(i - 1) / 2].key > heap[i].key) {
@@ -444,7 +477,7 @@ struct Scheduler::Impl {
     }
   }
   void heap_del(uint32_t c) {
-    uint32_t i = nodes[c].heap_pos;
+    uint32_t i = heap_pos[c];
     if (i == kNil) return;
     uint32_t last = static_cast<uint32_t>(heap.size()) - 1;
     if (i != last) {
@@ -455,17 +488,17 @@ struct Scheduler::Impl {
     } else {
       heap.pop_back();
     }
-    nodes[c].heap_pos = kNil;
+    heap_pos[c] = kNil;
   }
   void heap_set(uint32_t c, uint64_t key) {
     if (c == 0) {  // the root: the link's own timer, read by the gate and next_send
       root_wake = key;
       return;
     }
-    uint32_t i = nodes[c].heap_pos;
+    uint32_t i = heap_pos[c];
     if (i == kNil) {
       i = static_cast<uint32_t>(heap.size());
-      nodes[c].heap_pos = i;
+      heap_pos[c] = i;
       heap.push_back({key, c});
       sift_up(i);
     } else {
@@ -510,18 +543,22 @@ struct Scheduler::Impl {
   // and those above it pay tokens; those below it borrowed.
   void charge(uint32_t leaf, unsigned lend_level, uint32_t len, uint64_t t) {
     const int64_t cost = static_cast<int64_t>(len) * static_cast<int64_t>(hz);
+    radd(counts[leaf].sent_pkts, uint64_t{1});
+    radd(counts[leaf].sent_bytes, uint64_t{len});
     for (uint32_t c = leaf; c != kNil; c = nodes[c].parent) {
       Node& n = nodes[c];
       int64_t tk = toks_at(n, t);
       if (n.level >= lend_level)
-        tk = std::max(tk - cost, n.floor);
+        tk = std::max(tk - cost, -n.buffer - debt);
       else
-        radd(stats[c].borrowed_bytes, uint64_t{len});
+        radd(borrowed[c], uint64_t{len});
       n.tokens = tk;
-      n.ctokens = std::max(ctoks_at(n, t) - cost, n.cfloor);
+      n.ctokens = std::max(ctoks_at(n, t) - cost, -n.cbuffer - debt);
       n.t_c = t;
-      radd(stats[c].sent_pkts, uint64_t{1});
-      radd(stats[c].sent_bytes, uint64_t{len});
+      if (n.level) {
+        radd(n.inner.sent_pkts, uint64_t{1});
+        radd(n.inner.sent_bytes, uint64_t{len});
+      }
       update_mode(c, t, false);
     }
   }
@@ -534,43 +571,72 @@ struct Scheduler::Impl {
     if (!nodes[c].act) return;
     relink(c, static_cast<Mode>(nodes[c].mode), kCant);
     nodes[c].act = 0;
-    for (Ring& r : links[nodes[c].link_base].r) r.in_turn = r.resume = false;  // an empty queue ends the turn
+    for (Ring& r : nodes[c].leaf.link.r) r.in_turn = r.resume = false;  // an empty queue ends the turn
   }
 
   bool push(uint32_t c, void* pkt, uint32_t len, uint64_t t) {
     Node& n = nodes[c];
-    if (n.q_len >= n.q_cap) return false;
-    uint32_t i = n.q_head + n.q_len;
-    if (i >= n.q_cap) i -= n.q_cap;
-    slots[n.q_base + i] = {pkt, len};
-    if (n.codel != kNil) enq[codels[n.codel].e_base + i] = t;
-    n.q_len++;
-    n.q_bytes += len;
+    auto& q = n.leaf;
+    if (q.q_len >= q.q_cap) return false;
+    uint32_t i = q.q_head + q.q_len;
+    if (i >= q.q_cap) i -= q.q_cap;
+    slots[q.q_base + i] = {pkt, len};
+    if (n.aux != kNil) enq[codels[n.aux].e_base + i] = t;
+    rset(q.q_len, q.q_len + 1);
+    rset(q.q_bytes, q.q_bytes + len);
     backlog++;
-    rset(stats[c].qlen, n.q_len);
-    rset(stats[c].qbytes, static_cast<uint32_t>(n.q_bytes));
-    if (n.q_len == 1) leaf_activate(c);
+    if (q.q_len == 1) leaf_activate(c);
     return true;
   }
   // Takes the head packet; the caller deactivates the leaf when it empties.
   void* pop(uint32_t c, uint32_t* len, uint64_t* enq_time) {
     Node& n = nodes[c];
-    if (!n.q_len) return nullptr;
-    const Slot& s = slots[n.q_base + n.q_head];
-    if (enq_time) *enq_time = n.codel != kNil ? enq[codels[n.codel].e_base + n.q_head] : now;
+    auto& q = n.leaf;
+    if (!q.q_len) return nullptr;
+    const Slot& s = slots[q.q_base + q.q_head];
+    if (enq_time) *enq_time = n.aux != kNil ? enq[codels[n.aux].e_base + q.q_head] : now;
     *len = s.len;
     void* p = s.pkt;
-    n.q_head = n.q_head + 1 == n.q_cap ? 0 : n.q_head + 1;
-    n.q_len--;
-    n.q_bytes -= s.len;
+    rset(q.q_len, q.q_len - 1);
+    rset(q.q_bytes, q.q_bytes - s.len);
+    // An emptied queue starts again at its first slot: a leaf that holds a
+    // packet or two at a time (the portal's usual case) keeps reusing one
+    // cache line instead of walking its whole ring.
+    q.q_head = !q.q_len || q.q_head + 1 == q.q_cap ? 0 : q.q_head + 1;
     backlog--;
-    rset(stats[c].qlen, n.q_len);
-    rset(stats[c].qbytes, static_cast<uint32_t>(n.q_bytes));
     return p;
   }
   void count_drop(uint32_t c, uint32_t len) {
-    radd(stats[c].dropped_pkts, uint64_t{1});
-    radd(stats[c].dropped_bytes, uint64_t{len});
+    radd(counts[c].dropped_pkts, uint64_t{1});
+    radd(counts[c].dropped_bytes, uint64_t{len});
+  }
+
+  // Starts loading what enqueue(leaf) touches first (the leaf's Node and
+  // counters), for a caller that has a burst to queue.
+  void prefetch(uint32_t c) const {
+    const Node* n = &nodes[c];
+    __builtin_prefetch(n, 1);
+    __builtin_prefetch(reinterpret_cast<const char*>(n) + 64, 1);
+  }
+  // What it touches next, found through the Node (which prefetch() started
+  // loading some packets earlier): its slot and its parent's Node.
+  void prefetch_next(uint32_t c) const {
+    const Node& n = nodes[c];
+    uint32_t i = n.leaf.q_head + n.leaf.q_len;
+    if (i >= n.leaf.q_cap) i -= n.leaf.q_cap;
+    __builtin_prefetch(&slots[n.leaf.q_base + i], 1);
+    __builtin_prefetch(&counts[c], 1);
+    if (n.parent != kNil) {
+      const Node* p = &nodes[n.parent];
+      __builtin_prefetch(p, 1);
+      __builtin_prefetch(reinterpret_cast<const char*>(p) + 64, 1);
+    }
+  }
+  // Last, through the parent's Node: the parent's list links for the leaf's
+  // priority, which it needs when the leaf's packet makes it active.
+  void prefetch_last(uint32_t c) const {
+    const Node& n = nodes[c];
+    if (n.parent != kNil) __builtin_prefetch(&links[nodes[n.parent].aux + n.prio], 1);
   }
 
   // The leaf's next packet to send, through CoDel when the leaf has it
@@ -578,8 +644,8 @@ struct Scheduler::Impl {
   // room; returns nullptr when the queue ran dry.
   void* leaf_take(uint32_t c, uint64_t t, uint32_t* len, void** dropped, unsigned* nd, unsigned dcap) {
     Node& n = nodes[c];
-    if (n.codel == kNil) return pop(c, len, nullptr);
-    Codel& q = codels[n.codel];
+    if (n.aux == kNil) return pop(c, len, nullptr);
+    Codel& q = codels[n.aux];
     bool ok_to_drop = false;
     auto dodequeue = [&]() -> void* {
       uint64_t et = 0;
@@ -589,7 +655,7 @@ struct Scheduler::Impl {
         q.first_above = 0;
         return nullptr;
       }
-      if (t - et < q.target || n.q_bytes <= kMtu) {
+      if (t - et < q.target || n.leaf.q_bytes <= kMtu) {
         q.first_above = 0;  // below target, or less than a packet queued behind it
       } else if (q.first_above == 0) {
         q.first_above = t + q.interval;
@@ -655,9 +721,16 @@ struct Scheduler::Impl {
       uint32_t c = *cursor[d];
       path[d++] = c;
       while (!is_leaf(c)) {
-        cursor[d] = &feeds[nodes[c].feed_base + p];
+        cursor[d] = &nodes[c].inner.feed[p];
         c = *cursor[d];
         path[d++] = c;
+      }
+      // The leaf after this one in its list is likely the next to send: its
+      // Node and counters start loading while this packet is charged.
+      const uint32_t next = nodes[c].leaf.link.r[d != 1].next;
+      if (next != c && next != kNil) {
+        prefetch(next);
+        __builtin_prefetch(&counts[next], 1);
       }
       uint32_t len = 0;
       void* pkt = leaf_take(c, t, &len, dropped, &nd, dcap);
@@ -676,7 +749,7 @@ struct Scheduler::Impl {
           *cursor[i] = l.next;
         }
       }
-      if (!nodes[c].q_len) leaf_deactivate(c);
+      if (!nodes[c].leaf.q_len) leaf_deactivate(c);
       charge(c, lv, len, t);
       out[n++] = pkt;
     }
@@ -690,6 +763,25 @@ struct Scheduler::Impl {
     if (nodes[0].mode != kCan) return std::max(t, root_wake);
     if (level_mask) return t;
     return heap.empty() ? UINT64_MAX : std::max(t, heap[0].key);
+  }
+
+  ClassStats stats(uint32_t c) const {
+    auto ld = [](const auto& v) { return __atomic_load_n(&v, __ATOMIC_RELAXED); };
+    ClassStats s;
+    const Node& n = nodes[c];
+    if (is_leaf(c)) {
+      s.sent_pkts = ld(counts[c].sent_pkts);
+      s.sent_bytes = ld(counts[c].sent_bytes);
+      s.dropped_pkts = ld(counts[c].dropped_pkts);
+      s.dropped_bytes = ld(counts[c].dropped_bytes);
+      s.qlen = ld(n.leaf.q_len);
+      s.qbytes = static_cast<uint32_t>(ld(n.leaf.q_bytes));
+    } else {
+      s.sent_pkts = ld(n.inner.sent_pkts);
+      s.sent_bytes = ld(n.inner.sent_bytes);
+    }
+    s.borrowed_bytes = ld(borrowed[c]);
+    return s;
   }
 };
 
@@ -715,6 +807,25 @@ bool Scheduler::enqueue(uint32_t leaf, void* pkt, uint32_t len, uint64_t now) {
   return true;
 }
 
+uint64_t Scheduler::enqueue_burst(const uint32_t* leaves, void* const* pkts, const uint32_t* lens, unsigned n,
+                                  uint64_t now) {
+  Impl& s = *impl_;
+  // Two passes so that the misses of a burst over thousands of leaves
+  // overlap instead of following one another: every leaf's Node first,
+  // then, a few packets ahead, what is found through it.
+  constexpr unsigned kAhead = 4, kAheadLast = 2;
+  const uint32_t nc = classes();
+  for (unsigned i = 0; i < n; i++)
+    if (leaves[i] < nc) s.prefetch(leaves[i]);
+  uint64_t refused = 0;
+  for (unsigned i = 0; i < n; i++) {
+    if (i + kAhead < n && is_leaf(leaves[i + kAhead])) s.prefetch_next(leaves[i + kAhead]);
+    if (i + kAheadLast < n && is_leaf(leaves[i + kAheadLast])) s.prefetch_last(leaves[i + kAheadLast]);
+    if (!enqueue(leaves[i], pkts[i], lens[i], now)) refused |= uint64_t{1} << i;
+  }
+  return refused;
+}
+
 unsigned Scheduler::dequeue(uint64_t now, void** out, unsigned max, void** dropped, unsigned* n_dropped) {
   return impl_->dequeue(now, out, max, dropped, n_dropped);
 }
@@ -730,16 +841,16 @@ unsigned Scheduler::adopt(Scheduler& old_s, void** orphans, unsigned max) {
   unsigned no = 0;
   const uint32_t n = static_cast<uint32_t>(o.nodes.size());
   for (uint32_t c = 0; c < n; c++) {
-    if (!o.is_leaf(c) || !o.nodes[c].q_len) continue;
+    if (!o.is_leaf(c) || !o.nodes[c].leaf.q_len) continue;
     int32_t d = find(o.plan.classes[c].name);
     const bool here = d >= 0 && s.is_leaf(static_cast<uint32_t>(d));
-    while (o.nodes[c].q_len) {
-      const bool fits = here && s.nodes[d].q_len < s.nodes[d].q_cap;
+    while (o.nodes[c].leaf.q_len) {
+      const bool fits = here && s.nodes[d].leaf.q_len < s.nodes[d].leaf.q_cap;
       if (!fits && no == max) return no;
       uint32_t len;
       uint64_t et;
       void* p = o.pop(c, &len, &et);
-      if (!o.nodes[c].q_len) o.leaf_deactivate(c);
+      if (!o.nodes[c].leaf.q_len) o.leaf_deactivate(c);
       if (fits) {
         s.push(static_cast<uint32_t>(d), p, len, et);  // the sojourn time carries over
       } else {
@@ -751,6 +862,6 @@ unsigned Scheduler::adopt(Scheduler& old_s, void** orphans, unsigned max) {
   return no;
 }
 
-const ClassStats& Scheduler::stats(uint32_t cls) const { return impl_->stats[cls]; }
+ClassStats Scheduler::stats(uint32_t cls) const { return impl_->stats(cls); }
 
 }  // namespace moat::qos

@@ -53,8 +53,7 @@ struct PlanError {
 };
 std::vector<PlanError> validate(const Plan& p);
 
-// Counters of one class. Written by the owner worker only (relaxed stores),
-// read by the control thread.
+// Counters of one class, as Scheduler::stats() reads them.
 struct ClassStats {
   uint64_t sent_pkts = 0, sent_bytes = 0;
   uint64_t dropped_pkts = 0, dropped_bytes = 0;  // tail drop and AQM drop
@@ -81,6 +80,10 @@ class Scheduler {
   // Returns false when the leaf's queue is full: the caller drops the packet
   // (the drop is counted here).
   bool enqueue(uint32_t leaf, void* pkt, uint32_t len, uint64_t now);
+  // enqueue() for each of n <= 64 packets in order, with the memory of the
+  // burst's leaves loaded ahead (at the portal a burst hits n different
+  // leaves and moats among thousands). Bit i of the result: packet i refused.
+  uint64_t enqueue_burst(const uint32_t* leaves, void* const* pkts, const uint32_t* lens, unsigned n, uint64_t now);
 
   // Takes up to `max` packets that may leave at `now`, in the order they are
   // to be sent, into `out`. Packets the AQM drops go to `dropped` (up to
@@ -100,7 +103,10 @@ class Scheduler {
   // Returns the number put into `orphans`.
   unsigned adopt(Scheduler& old, void** orphans, unsigned max);
 
-  const ClassStats& stats(uint32_t cls) const;
+  // A snapshot of the class's counters (relaxed loads; the owner keeps
+  // writing). Inner classes count what they sent and borrowed; drops and
+  // queues are counted at the leaves.
+  ClassStats stats(uint32_t cls) const;
 
  private:
   struct Impl;

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <functional>
 #include <string>
 #include <vector>
@@ -497,6 +498,94 @@ TEST(HtbAdopt, KeepsQueuedPacketsInOrderAndHandsBackOrphans) {
   }
   EXPECT_EQ(got_a, (std::vector<uintptr_t>{1, 2, 3, 4, 5}));
   EXPECT_EQ(got_b, (std::vector<uintptr_t>{11, 12, 13}));
+}
+
+// enqueue_burst is enqueue() for each packet in order: the same packets
+// refused (a full leaf, a class that is no leaf, an index out of range) and
+// the same order out, on a tree where the burst spans moats and priorities.
+TEST(HtbBurst, EnqueueBurstIsEnqueueInOrder) {
+  Plan p;
+  p.classes.push_back(cls("root", -1, 10000000, 10000000));
+  for (unsigned m = 0; m < 8; m++) {
+    int32_t inner = static_cast<int32_t>(p.classes.size());
+    p.classes.push_back(cls("m" + std::to_string(m), 0, 1200000, 5000000));
+    for (unsigned k = 0; k < 3; k++) {
+      p.classes.push_back(cls("m" + std::to_string(m) + "/" + std::to_string(k), inner, 300000, 3000000, k));
+      p.classes.back().limit = 3;
+    }
+  }
+  ASSERT_TRUE(validate(p).empty());
+  Scheduler one(p, kHz), burst(p, kHz);
+  const uint32_t n_cls = one.classes();
+  uintptr_t id = 1;
+  uint32_t x = 12345;
+  auto rnd = [&x] { return x = x * 1103515245 + 12345, (x >> 8) % 1000; };
+  std::vector<uintptr_t> out_one, out_burst;
+  uint64_t refused_total = 0;
+  for (uint64_t t = 0; t < 2 * kSec; t += kMs) {
+    uint32_t leaves[64], lens[64];
+    void* pkts[64];
+    const unsigned n = 1 + rnd() % 64;
+    for (unsigned i = 0; i < n; i++) {
+      leaves[i] = rnd() % 50 == 0 ? n_cls + 1 : rnd() % n_cls;  // some inner classes and one beyond the tree
+      lens[i] = 64 + rnd();
+      pkts[i] = reinterpret_cast<void*>(id++);
+    }
+    uint64_t want = 0;
+    for (unsigned i = 0; i < n; i++)
+      if (!one.enqueue(leaves[i], pkts[i], lens[i], t)) want |= uint64_t{1} << i;
+    const uint64_t got = burst.enqueue_burst(leaves, pkts, lens, n, t);
+    ASSERT_EQ(got, want) << "t=" << t;
+    refused_total += std::popcount(got);
+    void* o[64];
+    for (unsigned k = one.dequeue(t, o, 64, nullptr, nullptr), i = 0; i < k; i++)
+      out_one.push_back(reinterpret_cast<uintptr_t>(o[i]));
+    for (unsigned k = burst.dequeue(t, o, 64, nullptr, nullptr), i = 0; i < k; i++)
+      out_burst.push_back(reinterpret_cast<uintptr_t>(o[i]));
+  }
+  EXPECT_GT(refused_total, 1000u);  // full leaves and non-leaves were both offered
+  EXPECT_GT(out_one.size(), 10000u);
+  EXPECT_EQ(out_one, out_burst);
+  for (uint32_t c = 0; c < n_cls; c++) {
+    EXPECT_EQ(one.stats(c).sent_bytes, burst.stats(c).sent_bytes) << c;
+    EXPECT_EQ(one.stats(c).dropped_pkts, burst.stats(c).dropped_pkts) << c;
+  }
+}
+
+// Counters where they are kept: a leaf's sends, drops and queue; an inner
+// class's sends (the sum of its leaves') and borrowing; no drops above a leaf.
+TEST(HtbStats, InnerClassesCountTheirLeavesSendsAndOnlyLeavesDrop) {
+  Plan p;
+  // A link that never holds them back: only their own buckets count.
+  p.classes = {cls("root", -1, 1000000, 1000000), cls("m", 0, 4000, 1000000), cls("a", 1, 1000, 1000000, 0),
+               cls("b", 1, 3000, 1000000, 1)};
+  p.classes[2].limit = 4;
+  p.classes[1].burst = 100000;                     // m lends all they want
+  p.classes[2].burst = p.classes[3].burst = 400;  // one packet on their own rate, then they borrow
+  Scheduler s(p, kHz);
+  auto h = [](uintptr_t v) { return reinterpret_cast<void*>(v); };
+  for (uintptr_t i = 1; i <= 6; i++) s.enqueue(2, h(i), 500, 0);  // 2 beyond the limit
+  for (uintptr_t i = 11; i <= 13; i++) s.enqueue(3, h(i), 300, 0);
+  EXPECT_EQ(s.stats(2).qlen, 4u);
+  EXPECT_EQ(s.stats(2).qbytes, 2000u);
+  EXPECT_EQ(s.stats(2).dropped_pkts, 2u);
+  EXPECT_EQ(s.stats(2).dropped_bytes, 1000u);
+  void* out[16];
+  for (uint64_t t = 0; s.backlog() && t < 100 * kSec; t = s.next_send(t)) s.dequeue(t, out, 16, nullptr, nullptr);
+  EXPECT_EQ(s.stats(2).sent_pkts, 4u);
+  EXPECT_EQ(s.stats(3).sent_pkts, 3u);
+  EXPECT_EQ(s.stats(2).qlen, 0u);
+  for (uint32_t c : {0u, 1u}) {
+    EXPECT_EQ(s.stats(c).sent_pkts, 7u) << c;
+    EXPECT_EQ(s.stats(c).sent_bytes, 2900u) << c;
+    EXPECT_EQ(s.stats(c).dropped_pkts, 0u) << c;
+    EXPECT_EQ(s.stats(c).qlen, 0u) << c;
+  }
+  // 2,000 and 900 bytes at once against 400-byte buckets: both leaves
+  // borrowed (from m, which had rate to spare), m did not.
+  EXPECT_GT(s.stats(2).borrowed_bytes, 0u);
+  EXPECT_GT(s.stats(3).borrowed_bytes, 0u);
+  EXPECT_EQ(s.stats(1).borrowed_bytes, 0u);
 }
 
 Plan codel_plan(uint64_t link) {
