@@ -183,19 +183,10 @@ tl::expected<void, std::string> esp_worker_init(EspWorker& ew, const std::string
                                       imb_get_strerror(imb_get_errno(ew.mb))));
   }
   uint64_t hz = rte_get_tsc_hz();
-  // The table holds frag_flows packets in reassembly at once; older ones
-  // time out. 4 entries per bucket, not the library's maximum of 16: a
-  // lookup for a datagram not yet held (every first fragment) compares the
-  // key of every entry of both candidate buckets, one 192-byte entry each,
-  // so 16-way buckets read 32 mostly cold entries a datagram, 4-way 8.
-  // Twice as many slots as flows keep the fill at which a datagram is first
-  // refused for want of a free slot in its two buckets where 16-way buckets
-  // had it (about 63 % of frag_flows for random keys, by simulation; 4-way
-  // with as many slots as flows refuses at 36 %).
-  constexpr uint32_t kFragBucketEntries = 4;
-  uint32_t buckets = rte_align32pow2((2 * c.frag_flows + kFragBucketEntries - 1) / kFragBucketEntries);
-  ew.frag = rte_ip_frag_table_create(buckets, kFragBucketEntries, c.frag_flows, hz / 1000 * c.frag_timeout_ms,
-                                     SOCKET_ID_ANY);
+  // 16 entries per bucket (the library's maximum associativity); the table
+  // holds frag_flows packets in reassembly at once, older ones time out.
+  uint32_t buckets = rte_align32pow2((c.frag_flows + 15) / 16);
+  ew.frag = rte_ip_frag_table_create(buckets, 16, c.frag_flows, hz / 1000 * c.frag_timeout_ms, SOCKET_ID_ANY);
   if (!ew.frag) {
     esp_worker_fini(ew);
     return tl::unexpected(fmt::format("ESP worker {}: reassembly table of {} flows: allocation failed", name, c.frag_flows));
