@@ -293,6 +293,25 @@ class Sampler:
                 "rx": sum(v[0] for v in w.values()), "tx": sum(v[1] for v in w.values())}
 
 
+class LateStart(RuntimeError):
+    """The control socket answered only after the worker was past 40 % of
+    the first pass: on a loaded CPU 0 the control thread can reach its loop
+    tens of milliseconds after the workers started. Nothing was measured
+    wrong; the case is run again (run_case_retry)."""
+
+
+def run_case_retry(tmp, pcaps, name, moatd=MOATD, tries=3):
+    for t in range(tries):
+        try:
+            res = run_case(tmp, pcaps, name, moatd)
+            res["tries"] = t + 1
+            return res
+        except LateStart as e:
+            if t == tries - 1:
+                raise
+            print(f"esp-pcap: {e}; again", file=sys.stderr)
+
+
 def run_case(tmp, pcaps, name, moatd=MOATD):
     pcap, direction, sas, mtu, workers = CASES_ALL[name]
     per_queue = pcap_count(pcaps[pcap])
@@ -351,7 +370,7 @@ def run_case(tmp, pcaps, name, moatd=MOATD):
             a = samples[0] if samples[0]["tx"] >= lo else next(x for x in samples if x["tx"] >= lo)
             b = [x for x in samples if x["tx"] <= hi][-1]
             if b["tx"] - a["tx"] < 0.5 * inner_total:
-                raise RuntimeError(f"{name}: under half the pass sampled (raise N)")
+                raise LateStart(f"{name}: under half the pass sampled (raise N)")
             (l,) = a["w"].keys()
             cpu_s = (b["w"][l][2] - a["w"][l][2]) / 1e9
             if cpu_s < 0.02:
@@ -448,10 +467,10 @@ def main():
                     # mean follows the machine's load across the case.
                     op, size = RAW[c]
                     before, before_wall, cmd = crypto_perf(op, [size])
-                res = run_case(tmp, pcaps, c)
+                res = run_case_retry(tmp, pcaps, c)
                 rd["cases"][c] = res
                 if MOATD_B:
-                    rd.setdefault("cases_b", {})[c] = run_case(tmp, pcaps, c, MOATD_B)
+                    rd.setdefault("cases_b", {})[c] = run_case_retry(tmp, pcaps, c, MOATD_B)
                 if c in RAW:
                     after, after_wall, cmd = crypto_perf(op, [size])
                     rd[f"raw_{op}_mops"][size] = (before[size] + after[size]) / 2

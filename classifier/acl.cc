@@ -88,6 +88,8 @@ tl::expected<std::unique_ptr<Classifier>, std::string> compile(const RuleSet& rs
       c->verdict[t].push_back(r.verdict);
     }
   }
+  for (const Verdict& v : c->verdict[unsigned(Table::nat)])
+    if (NatAction(v.action) == NatAction::dnat) c->has_dnat = true;
   c->acl_rules = uint32_t(total);
   if (!total) return c;  // every packet gets every table's default
 

@@ -41,6 +41,9 @@ struct Classifier {
   uint32_t acl_rules = 0;  // rules after expanding lists
   unsigned categories = kTables;
   std::vector<uint8_t> tunnel_zone;  // zone id per tunnel id
+  // Some nat verdict (default included) is dnat: without one the data path
+  // skips the dnat stage, which could only pass every packet on.
+  bool has_dnat = false;
   Classifier() = default;
   Classifier(const Classifier&) = delete;
   Classifier& operator=(const Classifier&) = delete;

@@ -68,6 +68,17 @@ void Conntrack::lookup(const CtKey* const* keys, unsigned n, uint32_t* refs) con
   void* data[RTE_HASH_LOOKUP_BULK_MAX];
   uint64_t hits = 0;
   if (!n) return;
+  // No entry taken from the free ring means no key in the hash (an entry
+  // leaves the ring before its keys go in and returns only after they are
+  // gone and a grace period has passed): every lookup would miss. A router
+  // whose rules track nothing (a portal that only terminates tunnels) then
+  // pays two loads per burst instead of a cuckoo probe per packet into a
+  // table sized for max_connections, mostly cold (ESP inbound probes it for
+  // the outer and the inner packet).
+  if (rte_ring_count(free_) == max_) {
+    for (unsigned i = 0; i < n; i++) refs[i] = 0;
+    return;
+  }
   rte_hash_lookup_bulk_data(hash_, reinterpret_cast<const void**>(const_cast<const CtKey**>(keys)), n, &hits, data);
   for (unsigned i = 0; i < n; i++)
     refs[i] = (hits >> i) & 1 ? uint32_t(reinterpret_cast<uintptr_t>(data[i])) : 0;

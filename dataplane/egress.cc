@@ -105,27 +105,38 @@ void fragment_and_send(Worker& w, ShapeBurst& shaped, const PortInfo& out, const
 }  // namespace
 
 void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+  // A burst mostly goes to few next hops (every ESP packet of a tunnel to its
+  // peer's): a run of packets with the key of the one before shares its
+  // lookup, so the hash sees each run once.
   NeighKey keys[kMaxBurst];
   const void* key_ptrs[kMaxBurst];
   void* data[kMaxBurst];
+  uint8_t key_of[kMaxBurst];
   uint64_t hits = 0;
+  unsigned nk = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     const PktMeta& md = meta(b.pkts[i]);
-    keys[i] = NeighKey{md.nh_ip, md.out_port};
-    key_ptrs[i] = &keys[i];
+    if (nk && keys[nk - 1].ip == md.nh_ip && keys[nk - 1].port == md.out_port) {
+      key_of[i] = uint8_t(nk - 1);
+      continue;
+    }
+    keys[nk] = NeighKey{md.nh_ip, md.out_port};
+    key_ptrs[nk] = &keys[nk];
+    key_of[i] = uint8_t(nk++);
   }
-  if (b.n) rte_hash_lookup_bulk_data(t.neigh, key_ptrs, b.n, &hits, data);
+  if (nk) rte_hash_lookup_bulk_data(t.neigh, key_ptrs, nk, &hits, data);
   const QosTable* q = t.qos.load(std::memory_order_acquire);
   ShapeBurst shaped;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
-    if (!(hits & (uint64_t(1) << i))) {
+    unsigned k = key_of[i];
+    if (!(hits & (uint64_t(1) << k))) {
       md.punt = Punt::resolve;
       w.punt.push(m);
       continue;
     }
-    rte_ether_addr dst = unpack_mac(reinterpret_cast<uintptr_t>(data[i]));
+    rte_ether_addr dst = unpack_mac(reinterpret_cast<uintptr_t>(data[k]));
     const PortInfo& out = pt.port[md.out_port];
     const ShapedPort* sp = q ? q->port[md.out_port].get() : nullptr;
     if (sp && sp->drain) sp = nullptr;

@@ -421,16 +421,30 @@ const SaConfig* Sad::config(uint32_t i) const {
 }
 
 void Sad::lookup_spis(const uint32_t* spi_be, unsigned n, uint32_t* idx) const {
+  // A burst from one peer is mostly one SA: a run of packets with the SPI of
+  // the one before shares its lookup, so the hash probes once per run.
   constexpr unsigned kMaxBurstLookup = RTE_HASH_LOOKUP_BULK_MAX;
   const void* keys[kMaxBurstLookup];
   void* data[kMaxBurstLookup];
+  uint8_t key_of[kMaxBurstLookup];
   for (unsigned base = 0; base < n; base += kMaxBurstLookup) {
     unsigned k = n - base < kMaxBurstLookup ? n - base : kMaxBurstLookup;
-    for (unsigned j = 0; j < k; j++) keys[j] = &spi_be[base + j];
+    unsigned nk = 0;
+    for (unsigned j = 0; j < k; j++) {
+      const uint32_t* s = &spi_be[base + j];
+      if (nk && *static_cast<const uint32_t*>(keys[nk - 1]) == *s) {
+        key_of[j] = uint8_t(nk - 1);
+        continue;
+      }
+      keys[nk] = s;
+      key_of[j] = uint8_t(nk++);
+    }
     uint64_t hits = 0;
-    rte_hash_lookup_bulk_data(spi_, keys, k, &hits, data);
-    for (unsigned j = 0; j < k; j++)
-      idx[base + j] = (hits >> j) & 1 ? uint32_t(reinterpret_cast<uintptr_t>(data[j]) - 1) : kNoSa;
+    rte_hash_lookup_bulk_data(spi_, keys, nk, &hits, data);
+    for (unsigned j = 0; j < k; j++) {
+      unsigned u = key_of[j];
+      idx[base + j] = (hits >> u) & 1 ? uint32_t(reinterpret_cast<uintptr_t>(data[u]) - 1) : kNoSa;
+    }
   }
 }
 

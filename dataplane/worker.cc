@@ -49,7 +49,7 @@ void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& lo
   Burst to_tunnel;
   if (c) {
     classify(w, *c, pt, b, local);
-    if (t.conntrack) dnat(w, t, *c, pt, b);
+    if (t.conntrack && c->has_dnat) dnat(w, t, *c, pt, b);
     filter(w, *c, pt, b);
     filter(w, *c, pt, local);
     if (t.conntrack) {

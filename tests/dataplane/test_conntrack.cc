@@ -716,6 +716,52 @@ TEST_F(Moat, ErrorsAboutTranslatedPacketsQuoteThemAsTheyArrived) {
   EXPECT_EQ(bad_checksums(err), "");
 }
 
+// The lookup skips the hash while no entry is taken from the free ring (a
+// router that tracks nothing): it must still find every connection as soon
+// as one exists, in both directions, and miss again once all are gone.
+TEST_F(Moat, LookupFindsConnectionsAfterTheTableWasEmpty) {
+  make_ct(64);
+  CtKey a{};
+  a.src = 0x0a000102;
+  a.dst = 0xc6336401;
+  a.sport = 1234;
+  a.dport = 53;
+  a.proto = 17;
+  CtKey b = a;
+  b.sport = 1235;
+  const CtKey* keys[3] = {&a, &b, &a};
+  uint32_t refs[3] = {7, 7, 7};
+  ct->lookup(keys, 3, refs);
+  EXPECT_EQ(refs[0], 0u);
+  EXPECT_EQ(refs[1], 0u);
+  EXPECT_EQ(refs[2], 0u);
+  bool full = true;
+  uint32_t ref = ct->insert(a, reversed(a), 0, 0, 0, 1, &full);
+  ASSERT_NE(ref, 0u);
+  EXPECT_FALSE(full);
+  CtKey ra = reversed(a);
+  const CtKey* keys2[3] = {&a, &b, &ra};
+  ct->lookup(keys2, 3, refs);
+  EXPECT_EQ(refs[0], ref);
+  EXPECT_EQ(refs[1], 0u);
+  EXPECT_EQ(ct_ref_index(refs[2]), ct_ref_index(ref));
+  EXPECT_EQ(ct_ref_dir(refs[2]), 1u);
+  // Expired and reclaimed after a grace period (no reader is registered
+  // here, so it is over at once): empty again, misses again.
+  EXPECT_EQ(ct->expire_all(), 1u);
+  ct->reclaim();
+  EXPECT_EQ(ct->in_use(), 0u);
+  ct->lookup(keys2, 3, refs);
+  EXPECT_EQ(refs[0], 0u);
+  EXPECT_EQ(refs[2], 0u);
+  // And a new connection is found at once.
+  uint32_t ref2 = ct->insert(b, reversed(b), 0, 0, 0, 2, &full);
+  ASSERT_NE(ref2, 0u);
+  ct->lookup(keys2, 3, refs);
+  EXPECT_EQ(refs[0], 0u);
+  EXPECT_EQ(refs[1], ref2);
+}
+
 // nat_rewrite on random packets, checked against full recomputation.
 TEST(NatRewrite, ChecksumsMatchRecomputation) {
   std::mt19937 rng(7);

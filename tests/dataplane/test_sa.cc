@@ -130,6 +130,24 @@ TEST(Sad, AddsLooksUpAndDeletesUnderRcu) {
   sad->lookup_spis(spis, 2, idx);
   EXPECT_EQ(idx[0], *in);
   EXPECT_EQ(idx[1], kNoSa) << "outbound SAs are not in the SPI table";
+  // Runs of one SPI share a lookup: every packet still gets its own answer,
+  // across runs, unknown SPIs and more than one bulk lookup's worth of keys.
+  {
+    auto in2 = sad->add_sa(cfg(SaDir::inbound, 0x1001));
+    ASSERT_TRUE(in2) << in2.error();
+    constexpr unsigned kN = 70;  // > RTE_HASH_LOOKUP_BULK_MAX (64)
+    uint32_t many[kN], got[kN], want[kN];
+    for (unsigned i = 0; i < kN; i++) {
+      uint32_t spi = i < 5 ? 0x1000 : i < 7 ? 0x1001 : i < 9 ? 0x9999 : i % 3 == 0 ? 0x1001 : 0x1000;
+      many[i] = rte_cpu_to_be_32(spi);
+      want[i] = spi == 0x1000 ? *in : spi == 0x1001 ? *in2 : kNoSa;
+    }
+    sad->lookup_spis(many, kN, got);
+    for (unsigned i = 0; i < kN; i++) EXPECT_EQ(got[i], want[i]) << "packet " << i;
+    ASSERT_TRUE(sad->delete_sa(*in2));
+    rte_rcu_qsbr_quiescent(q, 0);
+    sad->reclaim();  // its slot is free again for the checks below
+  }
 
   ASSERT_TRUE(sad->delete_sa(*in));
   sad->lookup_spis(spis, 1, idx);
