@@ -751,11 +751,28 @@ struct Scheduler::Impl {
         c = *cursor[d];
         path[d++] = c;
       }
-      // The leaf after this one in its list is likely the next to send: its
-      // Node (with its counters and first slots) starts loading while this
-      // packet is charged.
-      const uint32_t next = nodes[c].leaf.link.r[d != 1].next;
-      if (next != c && next != kNil) prefetch(next);
+      // The leaf after this one in its list is likely the next to send (at
+      // the portal a leaf holds one packet and leaves the list with it). Its
+      // Node was loaded ahead by the packet before: through it, start
+      // loading the Node of the leaf after it, and its parent's Node, which
+      // its unlinking and charge touch; and this leaf's parent's links for
+      // p (its Node was loaded ahead the same way), which unlinking touches.
+      const unsigned k = d != 1;  // the leaf's list: a row when it lends, else its parent's feed
+      const uint32_t next = nodes[c].leaf.link.r[k].next;
+      if (next != c && next != kNil) {
+        const Node& nn = nodes[next];
+        prefetch(next);
+        if (nn.level == 0) {
+          const uint32_t after = nn.leaf.link.r[k].next;
+          if (after != next && after < nodes.size()) prefetch(after);
+          if (nn.parent != kNil) {
+            const char* pn = reinterpret_cast<const char*>(&nodes[nn.parent]);
+            __builtin_prefetch(pn, 1);
+            __builtin_prefetch(pn + 64, 1);
+          }
+        }
+      }
+      if (d > 1) __builtin_prefetch(&links[nodes[path[d - 2]].aux + p], 1);
       uint32_t len = 0;
       void* pkt = leaf_take(c, t, &len, dropped, &nd, dcap);
       if (!pkt) {
@@ -779,6 +796,16 @@ struct Scheduler::Impl {
     }
     if (n_dropped) *n_dropped = nd;
     return n;
+  }
+
+  bool enqueue(uint32_t leaf, void* pkt, uint32_t len, uint64_t t) {
+    if (leaf >= nodes.size() || !is_leaf(leaf)) return false;
+    now = std::max(now, t);
+    if (!push(leaf, pkt, len, now)) {
+      count_drop(leaf, len);
+      return false;
+    }
+    return true;
   }
 
   uint64_t next_send(uint64_t t) const {
@@ -821,14 +848,7 @@ int32_t Scheduler::find(const std::string& name) const {
 }
 
 bool Scheduler::enqueue(uint32_t leaf, void* pkt, uint32_t len, uint64_t now) {
-  Impl& s = *impl_;
-  if (!is_leaf(leaf)) return false;
-  s.now = std::max(s.now, now);
-  if (!s.push(leaf, pkt, len, s.now)) {
-    s.count_drop(leaf, len);
-    return false;
-  }
-  return true;
+  return impl_->enqueue(leaf, pkt, len, now);
 }
 
 uint64_t Scheduler::enqueue_burst(const uint32_t* leaves, void* const* pkts, const uint32_t* lens, unsigned n,
@@ -838,14 +858,15 @@ uint64_t Scheduler::enqueue_burst(const uint32_t* leaves, void* const* pkts, con
   // overlap instead of following one another: every leaf's Node first,
   // then, a few packets ahead, what is found through it.
   constexpr unsigned kAhead = 4, kAheadLast = 2;
-  const uint32_t nc = classes();
+  const uint32_t nc = static_cast<uint32_t>(s.nodes.size());
+  auto leaf = [&](uint32_t c) { return c < nc && s.is_leaf(c); };
   for (unsigned i = 0; i < n; i++)
     if (leaves[i] < nc) s.prefetch(leaves[i]);
   uint64_t refused = 0;
   for (unsigned i = 0; i < n; i++) {
-    if (i + kAhead < n && is_leaf(leaves[i + kAhead])) s.prefetch_next(leaves[i + kAhead]);
-    if (i + kAheadLast < n && is_leaf(leaves[i + kAheadLast])) s.prefetch_last(leaves[i + kAheadLast]);
-    if (!enqueue(leaves[i], pkts[i], lens[i], now)) refused |= uint64_t{1} << i;
+    if (i + kAhead < n && leaf(leaves[i + kAhead])) s.prefetch_next(leaves[i + kAhead]);
+    if (i + kAheadLast < n && leaf(leaves[i + kAheadLast])) s.prefetch_last(leaves[i + kAheadLast]);
+    if (!s.enqueue(leaves[i], pkts[i], lens[i], now)) refused |= uint64_t{1} << i;
   }
   return refused;
 }
