@@ -336,7 +336,7 @@ struct Scheduler::Impl {
   }
 
   bool is_leaf(uint32_t c) const { return nodes[c].level == 0; }
-  // Slot i of leaf c's ring.
+  // Slot i of the ring of leaf `n` (slots 0 and 1 live in the Node).
   Slot& slot(Node& n, uint32_t i) { return i < kInlineSlots ? n.slot[i] : slots[n.leaf.q_base + i - kInlineSlots]; }
   const Slot* slot_addr(const Node& n, uint32_t i) const {
     return i < kInlineSlots ? &n.slot[i] : &slots[n.leaf.q_base + i - kInlineSlots];
