@@ -90,13 +90,26 @@ struct Link {
   Ring r[2];
 };
 
-// One class in two cache lines, so that a packet's way through a tree of
-// 20,000 classes (the portal's) misses on few lines: the first holds what
-// the charge reads and writes on every class of the path (HTB's
-// htb_charge_class), the second what a leaf's enqueue and dequeue touch (its
-// queue and its two list memberships) or an inner class's feed cursors and
-// sent counters. Everything else (names, the plan, CoDel, heap positions,
-// drop and borrow counters, an inner class's 8 list links) is elsewhere.
+// A leaf's counters (the control thread reads them); an inner class's sent
+// counters live in its Node's second line, which the charge touches anyway.
+struct LeafCounters {
+  uint64_t sent_pkts, sent_bytes, dropped_pkts, dropped_bytes;
+};
+
+// How many of a leaf's queue slots live in its Node: at the portal a leaf
+// holds a packet or two at a time (an emptied queue restarts at slot 0), so
+// its packets stay in the Node's third line instead of a line of their own.
+constexpr uint32_t kInlineSlots = 2;
+
+// One class in three cache lines, so that a packet's way through a tree of
+// 20,000 classes (the portal's) misses on few lines, all of them adjacent:
+// the first holds what the charge reads and writes on every class of the
+// path (HTB's htb_charge_class), the second what a leaf's enqueue and
+// dequeue touch (its queue and its two list memberships) or an inner class's
+// feed cursors and sent counters, the third a leaf's counters and its first
+// queue slots. Everything else (names, the plan, CoDel, heap positions,
+// borrow counters, an inner class's 8 list links, slots beyond the first
+// two) is elsewhere.
 struct alignas(64) Node {
   int64_t tokens, ctokens;    // byte·ticks, as of t_c
   uint64_t t_c;
@@ -109,7 +122,8 @@ struct alignas(64) Node {
   uint32_t aux;  // a leaf: its Codel (kNil: tail drop); an inner class: its 8 Links in Impl::links
   union {
     struct {
-      // A ring of q_cap slots from Impl::slots[q_base], preallocated.
+      // A ring of q_cap slots: 0 and 1 in `slot` below, the rest from
+      // Impl::slots[q_base], preallocated.
       uint32_t q_base, q_cap, q_head, q_len;
       uint64_t q_bytes;  // q_len and q_bytes are read by the control thread
       Link link;         // its one priority's memberships
@@ -119,14 +133,12 @@ struct alignas(64) Node {
       uint64_t sent_pkts, sent_bytes;
     } inner;
   };
+  // Third line, leaves only (an inner class leaves it unused: 4,097 of the
+  // portal's 20,481 classes).
+  LeafCounters counts;
+  Slot slot[kInlineSlots];
 };
-static_assert(sizeof(Node) == 128);
-
-// A leaf's counters (the control thread reads them); an inner class's sent
-// counters live in its Node, which the charge touches anyway.
-struct LeafCounters {
-  uint64_t sent_pkts, sent_bytes, dropped_pkts, dropped_bytes;
-};
+static_assert(sizeof(Node) == 192);
 
 // RFC 8289's state for one leaf; enqueue times in Impl::enq at e_base + slot.
 struct Codel {
@@ -210,7 +222,6 @@ struct Scheduler::Impl {
   uint64_t hz;
   int64_t debt;  // kDebtBytes in byte·ticks
   std::vector<Node> nodes;
-  std::vector<LeafCounters> counts;  // by class; only leaves' are used
   std::vector<uint64_t> borrowed;    // by class: written only while a class borrows
   std::vector<uint32_t> heap_pos;    // by class; kNil: not waiting
   std::vector<Link> links;           // inner classes' 8 each
@@ -230,7 +241,6 @@ struct Scheduler::Impl {
     debt = static_cast<int64_t>(kDebtBytes * hz);
     const uint32_t n = static_cast<uint32_t>(plan.classes.size());
     nodes.resize(n);
-    counts.resize(n);
     borrowed.resize(n);
     heap_pos.assign(n, kNil);
     for (auto& r : rows)
@@ -264,10 +274,11 @@ struct Scheduler::Impl {
         c.aux = kNil;
         c.leaf.q_base = static_cast<uint32_t>(n_slots);
         c.leaf.q_cap = s.limit;
+        c.counts = {};
         c.leaf.q_head = c.leaf.q_len = 0;
         c.leaf.q_bytes = 0;
         c.leaf.link.r[0] = c.leaf.link.r[1] = idle;
-        n_slots += s.limit;
+        n_slots += s.limit > kInlineSlots ? s.limit - kInlineSlots : 0;
         if (s.drop == DropPolicy::codel) {
           c.aux = n_codel++;
           n_enq += s.limit;
@@ -325,6 +336,11 @@ struct Scheduler::Impl {
   }
 
   bool is_leaf(uint32_t c) const { return nodes[c].level == 0; }
+  // Slot i of the ring of leaf `n` (slots 0 and 1 live in the Node).
+  Slot& slot(Node& n, uint32_t i) { return i < kInlineSlots ? n.slot[i] : slots[n.leaf.q_base + i - kInlineSlots]; }
+  const Slot* slot_addr(const Node& n, uint32_t i) const {
+    return i < kInlineSlots ? &n.slot[i] : &slots[n.leaf.q_base + i - kInlineSlots];
+  }
   Link& link(uint32_t c, unsigned p) { return is_leaf(c) ? nodes[c].leaf.link : links[nodes[c].aux + p]; }
 
   // Buckets brought to `now` without storing (HTB's diff, capped by the
@@ -337,14 +353,13 @@ struct Scheduler::Impl {
   }
   static int64_t toks_at(const Node& c, uint64_t now) { return fill(c.tokens, c.buffer, c.rate, now - c.t_c); }
   static int64_t ctoks_at(const Node& c, uint64_t now) { return fill(c.ctokens, c.cbuffer, c.ceil, now - c.t_c); }
-  // The mode at `now`; *wait: ticks until it may rise (UINT64_MAX: never by itself).
-  static Mode mode_at(const Node& c, uint64_t now, uint64_t* wait) {
-    int64_t ct = ctoks_at(c, now);
+  // The mode of a class whose buckets hold `t` and `ct` now; *wait: ticks
+  // until it may rise (UINT64_MAX: never by itself).
+  static Mode mode_of(const Node& c, int64_t t, int64_t ct, uint64_t* wait) {
     if (ct < 0) {
       *wait = ceil_div(static_cast<uint64_t>(-ct), c.ceil);
       return kCant;
     }
-    int64_t t = toks_at(c, now);
     if (t >= 0) {
       *wait = 0;
       return kCan;
@@ -514,9 +529,13 @@ struct Scheduler::Impl {
   // charge costs one spurious event, and a key is never late because buckets
   // only fill with time.
   void update_mode(uint32_t c, uint64_t now, bool rekey) {
-    Node& n = nodes[c];
+    const Node& n = nodes[c];
     uint64_t wait;
-    Mode m = mode_at(n, now, &wait);
+    const Mode m = mode_of(n, toks_at(n, now), ctoks_at(n, now), &wait);
+    set_mode(c, now, m, wait, rekey);
+  }
+  void set_mode(uint32_t c, uint64_t now, Mode m, uint64_t wait, bool rekey) {
+    Node& n = nodes[c];
     if (m == n.mode && !rekey) return;
     if (m != n.mode) {
       Mode from = static_cast<Mode>(n.mode);
@@ -543,8 +562,8 @@ struct Scheduler::Impl {
   // and those above it pay tokens; those below it borrowed.
   void charge(uint32_t leaf, unsigned lend_level, uint32_t len, uint64_t t) {
     const int64_t cost = static_cast<int64_t>(len) * static_cast<int64_t>(hz);
-    radd(counts[leaf].sent_pkts, uint64_t{1});
-    radd(counts[leaf].sent_bytes, uint64_t{len});
+    radd(nodes[leaf].counts.sent_pkts, uint64_t{1});
+    radd(nodes[leaf].counts.sent_bytes, uint64_t{len});
     for (uint32_t c = leaf; c != kNil; c = nodes[c].parent) {
       Node& n = nodes[c];
       int64_t tk = toks_at(n, t);
@@ -552,14 +571,21 @@ struct Scheduler::Impl {
         tk = std::max(tk - cost, -n.buffer - debt);
       else
         radd(borrowed[c], uint64_t{len});
+      const int64_t ctk = std::max(ctoks_at(n, t) - cost, -n.cbuffer - debt);
       n.tokens = tk;
-      n.ctokens = std::max(ctoks_at(n, t) - cost, -n.cbuffer - debt);
+      n.ctokens = ctk;
       n.t_c = t;
       if (n.level) {
         radd(n.inner.sent_pkts, uint64_t{1});
         radd(n.inner.sent_bytes, uint64_t{len});
       }
-      update_mode(c, t, false);
+      // update_mode(c, t, false) from the buckets just computed: brought to
+      // t again they are the same (full is a fixed point), so the mode needs
+      // no second pair of fills. A class that stays in mode can (every class
+      // at the portal's rates) ends here.
+      uint64_t wait;
+      const Mode m = mode_of(n, tk, ctk, &wait);
+      set_mode(c, t, m, wait, false);
     }
   }
 
@@ -580,7 +606,7 @@ struct Scheduler::Impl {
     if (q.q_len >= q.q_cap) return false;
     uint32_t i = q.q_head + q.q_len;
     if (i >= q.q_cap) i -= q.q_cap;
-    slots[q.q_base + i] = {pkt, len};
+    slot(n, i) = {pkt, len};
     if (n.aux != kNil) enq[codels[n.aux].e_base + i] = t;
     rset(q.q_len, q.q_len + 1);
     rset(q.q_bytes, q.q_bytes + len);
@@ -593,7 +619,7 @@ struct Scheduler::Impl {
     Node& n = nodes[c];
     auto& q = n.leaf;
     if (!q.q_len) return nullptr;
-    const Slot& s = slots[q.q_base + q.q_head];
+    const Slot& s = slot(n, q.q_head);
     if (enq_time) *enq_time = n.aux != kNil ? enq[codels[n.aux].e_base + q.q_head] : now;
     *len = s.len;
     void* p = s.pkt;
@@ -607,16 +633,17 @@ struct Scheduler::Impl {
     return p;
   }
   void count_drop(uint32_t c, uint32_t len) {
-    radd(counts[c].dropped_pkts, uint64_t{1});
-    radd(counts[c].dropped_bytes, uint64_t{len});
+    radd(nodes[c].counts.dropped_pkts, uint64_t{1});
+    radd(nodes[c].counts.dropped_bytes, uint64_t{len});
   }
 
-  // Starts loading what enqueue(leaf) touches first (the leaf's Node and
-  // counters), for a caller that has a burst to queue.
+  // Starts loading what enqueue(leaf) touches first (the leaf's Node: its
+  // queue, counters and first slots), for a caller that has a burst to queue.
   void prefetch(uint32_t c) const {
-    const Node* n = &nodes[c];
+    const char* n = reinterpret_cast<const char*>(&nodes[c]);
     __builtin_prefetch(n, 1);
-    __builtin_prefetch(reinterpret_cast<const char*>(n) + 64, 1);
+    __builtin_prefetch(n + 64, 1);
+    __builtin_prefetch(n + 128, 1);
   }
   // What it touches next, found through the Node (which prefetch() started
   // loading some packets earlier): its slot and its parent's Node.
@@ -624,8 +651,7 @@ struct Scheduler::Impl {
     const Node& n = nodes[c];
     uint32_t i = n.leaf.q_head + n.leaf.q_len;
     if (i >= n.leaf.q_cap) i -= n.leaf.q_cap;
-    __builtin_prefetch(&slots[n.leaf.q_base + i], 1);
-    __builtin_prefetch(&counts[c], 1);
+    if (i >= kInlineSlots) __builtin_prefetch(slot_addr(n, i), 1);
     if (n.parent != kNil) {
       const Node* p = &nodes[n.parent];
       __builtin_prefetch(p, 1);
@@ -725,13 +751,28 @@ struct Scheduler::Impl {
         c = *cursor[d];
         path[d++] = c;
       }
-      // The leaf after this one in its list is likely the next to send: its
-      // Node and counters start loading while this packet is charged.
-      const uint32_t next = nodes[c].leaf.link.r[d != 1].next;
+      // The leaf after this one in its list is likely the next to send (at
+      // the portal a leaf holds one packet and leaves the list with it). Its
+      // Node was loaded ahead by the packet before: through it, start
+      // loading the Node of the leaf after it, and its parent's Node, which
+      // its unlinking and charge touch; and this leaf's parent's links for
+      // p (its Node was loaded ahead the same way), which unlinking touches.
+      const unsigned k = d != 1;  // the leaf's list: a row when it lends, else its parent's feed
+      const uint32_t next = nodes[c].leaf.link.r[k].next;
       if (next != c && next != kNil) {
+        const Node& nn = nodes[next];
         prefetch(next);
-        __builtin_prefetch(&counts[next], 1);
+        if (nn.level == 0) {
+          const uint32_t after = nn.leaf.link.r[k].next;
+          if (after != next && after < nodes.size()) prefetch(after);
+          if (nn.parent != kNil) {
+            const char* pn = reinterpret_cast<const char*>(&nodes[nn.parent]);
+            __builtin_prefetch(pn, 1);
+            __builtin_prefetch(pn + 64, 1);
+          }
+        }
       }
+      if (d > 1) __builtin_prefetch(&links[nodes[path[d - 2]].aux + p], 1);
       uint32_t len = 0;
       void* pkt = leaf_take(c, t, &len, dropped, &nd, dcap);
       if (!pkt) {
@@ -757,6 +798,16 @@ struct Scheduler::Impl {
     return n;
   }
 
+  bool enqueue(uint32_t leaf, void* pkt, uint32_t len, uint64_t t) {
+    if (leaf >= nodes.size() || !is_leaf(leaf)) return false;
+    now = std::max(now, t);
+    if (!push(leaf, pkt, len, now)) {
+      count_drop(leaf, len);
+      return false;
+    }
+    return true;
+  }
+
   uint64_t next_send(uint64_t t) const {
     if (!backlog) return UINT64_MAX;
     t = std::max(t, now);
@@ -770,10 +821,10 @@ struct Scheduler::Impl {
     ClassStats s;
     const Node& n = nodes[c];
     if (is_leaf(c)) {
-      s.sent_pkts = ld(counts[c].sent_pkts);
-      s.sent_bytes = ld(counts[c].sent_bytes);
-      s.dropped_pkts = ld(counts[c].dropped_pkts);
-      s.dropped_bytes = ld(counts[c].dropped_bytes);
+      s.sent_pkts = ld(n.counts.sent_pkts);
+      s.sent_bytes = ld(n.counts.sent_bytes);
+      s.dropped_pkts = ld(n.counts.dropped_pkts);
+      s.dropped_bytes = ld(n.counts.dropped_bytes);
       s.qlen = ld(n.leaf.q_len);
       s.qbytes = static_cast<uint32_t>(ld(n.leaf.q_bytes));
     } else {
@@ -797,14 +848,7 @@ int32_t Scheduler::find(const std::string& name) const {
 }
 
 bool Scheduler::enqueue(uint32_t leaf, void* pkt, uint32_t len, uint64_t now) {
-  Impl& s = *impl_;
-  if (!is_leaf(leaf)) return false;
-  s.now = std::max(s.now, now);
-  if (!s.push(leaf, pkt, len, s.now)) {
-    s.count_drop(leaf, len);
-    return false;
-  }
-  return true;
+  return impl_->enqueue(leaf, pkt, len, now);
 }
 
 uint64_t Scheduler::enqueue_burst(const uint32_t* leaves, void* const* pkts, const uint32_t* lens, unsigned n,
@@ -814,14 +858,15 @@ uint64_t Scheduler::enqueue_burst(const uint32_t* leaves, void* const* pkts, con
   // overlap instead of following one another: every leaf's Node first,
   // then, a few packets ahead, what is found through it.
   constexpr unsigned kAhead = 4, kAheadLast = 2;
-  const uint32_t nc = classes();
+  const uint32_t nc = static_cast<uint32_t>(s.nodes.size());
+  auto leaf = [&](uint32_t c) { return c < nc && s.is_leaf(c); };
   for (unsigned i = 0; i < n; i++)
     if (leaves[i] < nc) s.prefetch(leaves[i]);
   uint64_t refused = 0;
   for (unsigned i = 0; i < n; i++) {
-    if (i + kAhead < n && is_leaf(leaves[i + kAhead])) s.prefetch_next(leaves[i + kAhead]);
-    if (i + kAheadLast < n && is_leaf(leaves[i + kAheadLast])) s.prefetch_last(leaves[i + kAheadLast]);
-    if (!enqueue(leaves[i], pkts[i], lens[i], now)) refused |= uint64_t{1} << i;
+    if (i + kAhead < n && leaf(leaves[i + kAhead])) s.prefetch_next(leaves[i + kAhead]);
+    if (i + kAheadLast < n && leaf(leaves[i + kAheadLast])) s.prefetch_last(leaves[i + kAheadLast]);
+    if (!s.enqueue(leaves[i], pkts[i], lens[i], now)) refused |= uint64_t{1} << i;
   }
   return refused;
 }
