@@ -65,17 +65,8 @@ fi
 mkdir -p "$out"
 key=0x00112233445566778899aabbccddeeff01020304
 
-run=$(mktemp -d /tmp/moat-esp.XXXXXX)
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  rm -rf "$run"
-}
+. bench/runs-lib.sh
+runs_init moat-esp
 # moatd's worker now ($dut: the timeout wrapping moatd): "time ticks tx"
 # (utime + stime of the worker thread; packets the workers sent), or nothing
 # when moatd did not answer.
@@ -93,8 +84,6 @@ rules_generation() {
   "$moatctl" --socket "$run/moatd.sock" --json show rules 2>/dev/null |
     /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["generation"])' 2>/dev/null || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 status=0
 for dir in "${dirs[@]}"; do
@@ -256,10 +245,7 @@ PY
       { echo "esp-runs: moatctl show qos b failed" >&2; status=1; }
   fi
   "$moatctl" --socket "$run/moatd.sock" --json show stats >"$out/esp-$dir-${sas}sa$tag-stats.json" 2>/dev/null || true
-  kill -TERM "$dut" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$dut" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$dut" 2>/dev/null || true
-  wait "$dut" 2>/dev/null || true
+  stop_process "$dut"
   cp "$run/dut.log" "$out/esp-$dir-${sas}sa$tag-moatd.log"
   pids=()
 done

@@ -42,19 +42,8 @@ testpmd=${TESTPMD:-dpdk-testpmd}
 mkdir -p "$out"
 rm -f "$out"/*-r[0-9]*.json  # this script's own results: the summary must not mix runs
 
-run=$(mktemp -d /tmp/moat-ref.XXXXXX)
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  rm -rf "$run"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. bench/runs-lib.sh
+runs_init moat-ref
 
 fill() {  # template → stdout
   sed -e "s|@RUN@|$run|g" -e "s|@SIZES@|$sizes|g" -e "s|@DURATION@|$dur|g" \
@@ -97,10 +86,7 @@ router() {  # $1 moatd|testpmd, $2 round
   dut=$!
   pids+=("$dut")
   wait "$gen" || { echo "ref-runs: moat-bench against $1 exited with $?; router log:" >&2; tail -5 "$run/dut.log" >&2; status=1; }
-  kill -TERM "$dut" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$dut" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$dut" 2>/dev/null || true
-  wait "$dut" 2>/dev/null || true
+  stop_process "$dut"
   pids=()  # all waited for: never signal a PID that may have been reused
 }
 
