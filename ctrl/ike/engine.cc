@@ -1800,9 +1800,21 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
     respond(sa, m.h, e);
   };
   // An IKE SA being closed (rekeyed, or its delete under way): §2.25, and
-  // §2.8.2's rekey the peer sent before it saw ours complete.
-  if (sa.state == State::deleting && sa.peer)
+  // §2.8.2's rekey the peer sent before it saw ours complete. A CHILD SA
+  // that is no longer here (it moved to the IKE SA that replaced this one)
+  // does not exist on it (§2.25.2).
+  if (sa.state == State::deleting && sa.peer) {
+    ++stats_.rekey_refused;
+    if (rekey_out && std::none_of(sa.children.begin(), sa.children.end(), [&](auto& ch) { return ch.spi_out == *rekey_out; })) {
+      log(fmt::format("{}: CREATE_CHILD_SA refused: CHILD SA {:08x}_o is not on this IKE SA (it is being replaced); "
+                      "CHILD_SA_NOT_FOUND", sa.who(), *rekey_out));
+      ChainBuilder e;
+      e.add_notify(kNChildSaNotFound, {}, kProtoEsp, u32_bytes(*rekey_out));
+      respond(sa, m.h, e);
+      return;
+    }
     return refuse(kNTemporaryFailure, "the IKE SA is being rekeyed or deleted");
+  }
   if (sa.state != State::established || !sa.peer) return refuse(kNInvalidSyntax, "IKE SA not established");
   const PeerConfig& p = *sa.peer;
   if (!sap || !np) return refuse(kNInvalidSyntax, "SA or Nonce missing");
@@ -1812,6 +1824,12 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
   if ((*props)[0].protocol == kProtoIke) {
     rekey_ike_request(sa, m, *props, *ni, kep);
     return;
+  }
+  // §2.25.2: our rekey of this IKE SA is on the wire; the CHILD SAs are
+  // about to move. The peer tries again on the IKE SA that survives.
+  if (sa.req_active && sa.req_kind == kReqRekeyIke) {
+    ++stats_.rekey_refused;
+    return refuse(kNTemporaryFailure, "our rekey of the IKE SA is under way (TEMPORARY_FAILURE, §2.25.2)");
   }
   if (!tsip || !tsrp) return refuse(kNInvalidSyntax, "TSi or TSr missing");
   auto tsi = parse_ts(tsip->body);
@@ -2302,18 +2320,32 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
   }
   auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, gir, sa.pending_nonce, *nr);
   if (dh) log(fmt::format("{}: CHILD SA rekey with PFS ({})", sa.who(), transform_name(kTfDh, dh->group())));
+  // §2.25.2: the peer rekeyed the IKE SA while our CHILD rekey was on the
+  // wire and answered it anyway; the old CHILD SA lives on the new IKE SA
+  // now, and so does the new one (this IKE SA is going: its CHILD SAs with it).
+  IkeSa* home = &sa;
+  if (it == sa.children.end() && sa.state == State::deleting)
+    if (auto o = child_spis_.find(old_spi); o != child_spis_.end())
+      if (auto h = sas_.find(o->second); h != sas_.end() && h->second.get() != &sa) home = h->second.get();
+  if (home != &sa) {
+    c->ike_spi_i = home->spi_i;
+    c->ike_spi_r = home->spi_r;
+    it = std::find_if(home->children.begin(), home->children.end(), [&](auto& x) { return x.spi_in == old_spi; });
+    log(fmt::format("{}: CHILD rekey answered on the IKE SA being replaced; the new CHILD SA joins {:016x}_i {:016x}_r",
+                    sa.who(), home->spi_i, home->spi_r));
+  }
   ChildSa now = *c;
-  install_child(sa, std::move(*c));
-  if (it != sa.children.end()) {
+  install_child(*home, std::move(*c));
+  if (it != home->children.end()) {
     // install_child may have reallocated: look the old one up again.
-    auto old = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& x) { return x.spi_in == old_spi; });
+    auto old = std::find_if(home->children.begin(), home->children.end(), [&](auto& x) { return x.spi_in == old_spi; });
     ++stats_.child_rekeyed;
     // The responder installed the new SA before answering: switch now.
-    sa.replaced.push_back(old_spi);
+    home->replaced.push_back(old_spi);
     sink_.rekeyed(*old, now);
     ChainBuilder d;
     d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(old_spi)}}));
-    queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, old_spi);
+    queue_request(*home, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, old_spi);
   }
 }
 

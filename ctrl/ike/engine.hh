@@ -150,6 +150,7 @@ class Transport {
   X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
   X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
   X(rekey_collisions, "simultaneous CHILD or IKE SA rekeys resolved by the nonce rule (§2.8.1, §2.8.2)")  \
+  X(rekey_refused, "CREATE_CHILD_SA requests answered TEMPORARY_FAILURE or CHILD_SA_NOT_FOUND during an IKE SA rekey or delete (§2.25)") \
   X(rekey_switch_timeouts, "outbound switched to a peer's rekeyed SA without its confirmation") \
   X(rx_fragments, "IKE fragments received (RFC 7383)")                                  \
   X(tx_fragments, "IKE fragments sent")                                                  \

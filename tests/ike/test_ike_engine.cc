@@ -1383,6 +1383,113 @@ TEST_F(Pair, PortalAllowingNoNatRefusesAnUpdateThatShowsOne) {
   EXPECT_EQ(portal->e.show(now)[0]["nat"], "none");
 }
 
+// ---------------------------------------------------------------- §2.25.2: CHILD rekeys crossing an IKE SA rekey
+
+// The moat rekeys the IKE SA while the portal rekeys the CHILD SA: the moat
+// answers the CHILD rekey TEMPORARY_FAILURE (its IKE rekey is on the wire),
+// the portal tries again later on the IKE SA that survives, and succeeds.
+TEST_F(Pair, ChildRekeyDuringOurIkeRekeyGetsTemporaryFailure) {
+  establish();
+  ASSERT_TRUE(moat->e.rekey_ike("portal", now));
+  ASSERT_TRUE(portal->e.rekey_child("branch-17", now));
+  run();
+  EXPECT_EQ(moat->e.stats().rekey_refused, 1u) << logs();
+  EXPECT_EQ(portal->e.stats().child_failed, 1u);
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(moat->e.show(now)[0]["spi_i"], portal->e.show(now)[0]["spi_i"]);
+  EXPECT_TRUE(portal->sink.rekeys.empty());
+  advance(60 * 1000);  // the retry, on the new IKE SA
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u) << logs();
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// The moat's CHILD rekey reaches the portal on the old IKE SA after the
+// portal's IKE rekey moved the CHILD SAs away (the old IKE SA's delete not
+// yet done): CHILD_SA_NOT_FOUND; the moat retries on the new IKE SA.
+TEST_F(Pair, ChildRekeyOnAReplacedIkeSaGetsChildSaNotFound) {
+  establish();
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  std::optional<Pkt> child_req, ike_delete;
+  net.filter = [&](Pkt& p) {
+    bool req = !(p.data[19] & kFlagResponse);
+    if (req && p.from.addr == moat->a && p.data[18] == uint8_t(Exchange::create_child_sa) && !child_req) {
+      child_req = p;  // held
+      return false;
+    }
+    if (req && p.from.addr == portal->a && p.data[18] == uint8_t(Exchange::informational) && !ike_delete) {
+      ike_delete = p;  // the portal's delete of the old IKE SA, held
+      return false;
+    }
+    return true;
+  };
+  run();
+  ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
+  run();
+  ASSERT_TRUE(child_req && ike_delete) << logs();
+  net.q.push_back(*child_req);
+  run();
+  EXPECT_EQ(portal->e.stats().rekey_refused, 1u) << logs();
+  EXPECT_EQ(moat->e.stats().child_failed, 1u);
+  net.q.push_back(*ike_delete);
+  run();
+  net.filter = nullptr;
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  advance(60 * 1000);  // the moat's retry, on the new IKE SA
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u) << logs();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// A peer that answers our CHILD rekey on the old IKE SA after its IKE
+// rekey moved the CHILD SAs (strongSwan may): the new CHILD SA joins the
+// new IKE SA, and is not lost when the old IKE SA is deleted.
+TEST_F(Pair, ChildRekeyAnsweredOnAReplacedIkeSaJoinsTheNewOne) {
+  establish();
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  std::optional<Pkt> answer;
+  net.filter = [&](Pkt& p) {
+    if (!answer && p.from.addr == portal->a && (p.data[19] & kFlagResponse) &&
+        p.data[18] == uint8_t(Exchange::create_child_sa)) {
+      answer = p;  // the portal's answer to the moat's CHILD rekey, held
+      return false;
+    }
+    return true;
+  };
+  run();
+  ASSERT_TRUE(answer);
+  ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
+  // The portal's IKE rekey reaches the moat (its CHILD rekey still open):
+  // answered; the moat's CHILD SA moves to the new IKE SA.
+  ASSERT_TRUE(step());
+  ASSERT_TRUE(step());
+  net.q.push_front(*answer);
+  run();
+  net.filter = nullptr;
+  advance(EngineOptions{}.rekey_linger_ms);
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u) << logs();
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u) << logs();
+  EXPECT_EQ(portal->sink.live(), 1u);
+  auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+  ASSERT_EQ(m["children"].size(), 1u);
+  ASSERT_EQ(p["children"].size(), 1u);
+  EXPECT_EQ(m["children"][0]["spi_in"], p["children"][0]["spi_out"]);
+  EXPECT_EQ(m["children"][0]["spi_in"], fmt::format("{:08x}", moat->sink.installed.back().spi_in));
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
 TEST(IkeConfig, BrokenRecordIsReportedAndSkipped) {
   auto dir = std::filesystem::temp_directory_path() / ("moat-ike-cfg-" + std::to_string(getpid()));
   std::filesystem::create_directories(dir);
