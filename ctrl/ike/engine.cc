@@ -595,6 +595,7 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
           log(fmt::format("{}: return routability check of {}: {}; the CHILD SAs stay at {}", sa.who(),
                           sa.remote.str(), echo ? "COOKIE2 does not match" : "no COOKIE2 in the answer",
                           sa.dp_remote.str()));
+          sa.rr_cookie.clear();  // the peer's next move checks again
           break;
         }
         sa.rr_pending = false;
@@ -656,6 +657,9 @@ void Engine::move_peer(IkeSa& sa, const Endpoint& local, const Endpoint& remote)
     move_sa(sa, local, remote);
     return;
   }
+  // A check of this very address under way covers it (strongSwan probes the
+  // new path, then sends UPDATE_SA_ADDRESSES from it).
+  if (sa.rr_pending && !sa.rr_cookie.empty() && sa.remote == remote && sa.local == local) return;
   if (!sa.rr_pending) {
     sa.dp_local = sa.children.front().local;
     sa.dp_remote = sa.children.front().remote;

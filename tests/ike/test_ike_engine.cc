@@ -928,6 +928,8 @@ TEST_F(Pair, MobikeUpdateBehindANatFollowsTheNewMapping) {
   EXPECT_EQ(p["nat"], "remote");
   ASSERT_FALSE(portal->sink.moved_.empty());
   EXPECT_TRUE(portal->sink.moved_.back().udp_encap);
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_EQ(portal->sink.moved_.back().remote, (Endpoint{outside, uint16_t(kNattPort + 31000)}));
   EXPECT_EQ(moat->e.show(now)[0]["nat"], "local");
   ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
   run();
@@ -1226,6 +1228,38 @@ TEST_F(Pair, MobikeChildSasMoveOnlyAfterTheReturnRoutabilityCheck) {
   EXPECT_TRUE(violations.empty()) << violations_str();
 }
 
+// Behind a NAT whose mapping changed, an authenticated message from the new
+// mapping (§2.23) starts a check; the UPDATE_SA_ADDRESSES that follows from
+// there while it runs (strongSwan probes first, then updates) starts no
+// second one. The CHILD SA moves once, after the echo.
+TEST_F(Pair, MobikeNatRebindingIsCheckedOnce) {
+  IpAddr outside = ip("203.0.113.9");
+  uint16_t shift = 30000;
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) p.from.addr = outside, p.from.port = uint16_t(p.from.port + shift);
+    else if (p.to.addr == outside) p.to.addr = moat->a, p.to.port = uint16_t(p.to.port - shift);
+    return true;
+  };
+  establish();
+  shift = 31000;  // the NAT rebinds
+  ASSERT_TRUE(moat->e.check_liveness("portal", now));
+  step();  // from the new mapping: the IKE SA follows, a check starts
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  ASSERT_EQ(moat->e.local_address_changed(moat->a, moat->a, now), 1u);  // queued behind the liveness check
+  step();  // the liveness answer: the moat's UPDATE_SA_ADDRESSES leaves
+  ASSERT_EQ(net.q.size(), 2u);  // the portal's check, the moat's update
+  std::swap(net.q[0], net.q[1]);
+  step();  // the update, while the check runs
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  run();
+  ASSERT_EQ(portal->sink.moved_.size(), 1u) << logs();
+  EXPECT_EQ(portal->sink.moved_[0].remote, (Endpoint{outside, uint16_t(kNattPort + 31000)}));
+  EXPECT_EQ(portal->e.stats().mobike_check_failed, 0u);
+}
+
 // Nobody answers at the new address: the data path never moves there; the
 // check is retransmitted a bounded number of times, then the IKE SA is
 // given up like any unanswered request.
@@ -1289,6 +1323,12 @@ TEST_F(Pair, MobikeCheckAnsweredWithoutTheCookieMovesNothing) {
   run();
   EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
   EXPECT_EQ(portal->e.stats().mobike_check_failed, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  // The moat announces the same address again: checked again (and fails again).
+  ASSERT_EQ(moat->e.local_address_changed(new_a, new_a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_checks, 2u);
+  EXPECT_EQ(portal->e.stats().mobike_check_failed, 2u);
   EXPECT_TRUE(portal->sink.moved_.empty());
   ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
   run();
