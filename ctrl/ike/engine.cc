@@ -2424,6 +2424,9 @@ nlohmann::ordered_json Engine::show(uint64_t now_ms) const {
     j["remote"] = sa->remote.str();
     j["nat"] = sa->nat_local ? (sa->nat_remote ? "both" : "local") : (sa->nat_remote ? "remote" : "none");
     j["mobike"] = sa->mobike;
+    if (sa->rr_pending)  // RFC 4555 §3.7: the IKE SA moved, the CHILD SAs wait for the COOKIE2 echo
+      j["mobike_check"] = fmt::format("{} {}; ESP still to {}", sa->rr_cookie.empty() ? "failed at" : "checking",
+                                      sa->remote.str(), sa->dp_remote.str());
     j["proposal"] = sa->suite.encr ? sa->suite.str() : "";
     j["age_s"] = (now_ms - sa->created_ms) / 1000;
     auto ch = nlohmann::ordered_json::array();

@@ -1215,6 +1215,8 @@ TEST_F(Pair, MobikeChildSasMoveOnlyAfterTheReturnRoutabilityCheck) {
   EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
   EXPECT_TRUE(portal->sink.moved_.empty());  // the data path still sends to the old address
   EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_EQ(portal->e.show(now)[0]["mobike_check"],
+            fmt::format("checking {}; ESP still to {}", Endpoint{new_a, kIkePort}.str(), Endpoint{old_a, kIkePort}.str()));
   ASSERT_EQ(net.q.size(), 2u);  // the answer, then the check (a request) to the new address
   EXPECT_EQ(net.q[1].to.addr, new_a);
   EXPECT_FALSE(net.q[1].data[19] & kFlagResponse);
@@ -1226,6 +1228,7 @@ TEST_F(Pair, MobikeChildSasMoveOnlyAfterTheReturnRoutabilityCheck) {
   EXPECT_EQ(portal->sink.moved_[0].remote.addr, new_a);
   EXPECT_EQ(portal->e.stats().mobike_check_failed, 0u);
   EXPECT_TRUE(violations.empty()) << violations_str();
+  EXPECT_FALSE(portal->e.show(now)[0].contains("mobike_check"));
 }
 
 // Behind a NAT whose mapping changed, an authenticated message from the new
