@@ -44,9 +44,16 @@ struct ChildSa {
   std::vector<TrafficSelector> local_ts, remote_ts;
 
   // Lifetimes (0 = none). Soft: the engine rekeys (it keeps its own clock for
-  // time); hard: the data path must stop using the SA.
+  // time, in either role); hard: the engine deletes the SA (INFORMATIONAL
+  // DELETE, remove()) if no rekey replaced it; the data path may enforce it too.
   uint32_t soft_lifetime_s = 0, hard_lifetime_s = 0;
   uint64_t soft_lifetime_bytes = 0, hard_lifetime_bytes = 0;
+
+  // The engine's own bookkeeping, in its clock (ms; 0 = never): when it
+  // rekeys this SA (the soft lifetime minus jitter, in either role) and when
+  // it deletes it if no rekey replaced it by then (the hard lifetime).
+  // Hosts ignore them.
+  uint64_t rekey_at_ms = 0, expire_at_ms = 0;
 };
 
 class ChildSaSink {

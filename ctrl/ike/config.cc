@@ -100,7 +100,8 @@ std::string proposal_text(Record& r, const YAML::Node& map, const char* key, con
 
 const std::set<std::string> kKeys = {"name",          "local_id", "remote_id", "psk",    "psk_file", "remote",
                                      "local",         "start",    "funnels",   "lifetime", "rekey",  "dpd",
-                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl", "ike_rekey", "mobike"};
+                                     "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl", "ike_rekey", "mobike",
+                                     "ike_lifetime", "mobike_check", "no_nats_allowed"};
 
 }  // namespace
 
@@ -207,11 +208,13 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
     else r.error(doc["start"], "start", fmt::format("\"{}\" is not true or false", *s));
     if (p.start && !p.remote) r.error(doc["start"], "start", "needs \"remote\" to initiate to");
   }
-  if (auto s = scalar(r, doc, "mobike", false)) {
-    if (*s == "true" || *s == "yes") p.mobike = true;
-    else if (*s == "false" || *s == "no") p.mobike = false;
-    else r.error(doc["mobike"], "mobike", fmt::format("\"{}\" is not true or false", *s));
-  }
+  for (auto [key, dst] : {std::pair{"mobike", &p.mobike}, std::pair{"mobike_check", &p.mobike_check},
+                           std::pair{"no_nats_allowed", &p.no_nats_allowed}})
+    if (auto s = scalar(r, doc, key, false)) {
+      if (*s == "true" || *s == "yes") *dst = true;
+      else if (*s == "false" || *s == "no") *dst = false;
+      else r.error(doc[key], key, fmt::format("\"{}\" is not true or false", *s));
+    }
   for (auto [key, proto, dflt, dst] :
        {std::tuple{"ike_proposals", uint8_t(kProtoIke), "aes128gcm16-prfsha256-x25519", &p.ike_proposals},
         std::tuple{"esp_proposals", uint8_t(kProtoEsp), "aes128gcm16", &p.esp_proposals}}) {
@@ -254,6 +257,9 @@ void load_tunnel_file(const std::string& path, TunnelDir& out) {
   if (auto v = seconds(r, doc, "rekey")) p.child_rekey_s = *v;
   if (auto v = seconds(r, doc, "dpd")) p.dpd_s = *v;
   if (auto v = seconds(r, doc, "ike_rekey")) p.ike_rekey_s = *v;
+  if (auto v = seconds(r, doc, "ike_lifetime")) p.ike_lifetime_s = *v;
+  if (p.ike_lifetime_s && p.ike_rekey_s && p.ike_rekey_s >= p.ike_lifetime_s)
+    r.error(doc["ike_lifetime"], "ike_lifetime", "must be longer than ike_rekey");
   if (p.child_rekey_s && p.child_rekey_s >= p.child_lifetime_s)
     r.error(doc["rekey"], "rekey", "must be shorter than lifetime");
   if (!r.errors.empty()) {

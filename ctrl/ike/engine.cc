@@ -22,8 +22,25 @@ const char* state_name(State s) {
 }
 
 enum ReqKind : uint8_t {
-  kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke, kReqUpdateAddresses
+  kReqInit, kReqAuth, kReqDeleteIke, kReqDeleteChild, kReqDpd, kReqRekeyChild, kReqRekeyIke, kReqUpdateAddresses,
+  kReqReturnRoutability
 };
+
+// NO_NATS_ALLOWED's data (RFC 4555 §3.9): the addresses and ports the
+// sender used, source first.
+Bytes nat_addresses(const Endpoint& src, const Endpoint& dst) {
+  auto sa = src.addr.bytes(), da = dst.addr.bytes();
+  Bytes b(sa.begin(), sa.end());
+  b.insert(b.end(), da.begin(), da.end());
+  put16(b, src.port);
+  put16(b, dst.port);
+  return b;
+}
+
+uint64_t jittered_ms(uint32_t s) {  // s seconds minus up to 10%, so that many SAs do not rekey at once
+  uint64_t ms = uint64_t(s) * 1000;
+  return ms - get32(random_bytes(4).data()) % (ms / 10 + 1);
+}
 
 bool child_error(uint16_t n) {
   return n == kNNoProposalChosen || n == kNTsUnacceptable || n == kNSinglePairRequired ||
@@ -123,6 +140,7 @@ struct Engine::Request {
   ChainBuilder chain;
   uint8_t kind = 0;
   uint32_t child_spi = 0;
+  Bytes cookie2;  // kReqReturnRoutability: what the answer must echo
 };
 
 struct Engine::IkeSa {
@@ -146,6 +164,7 @@ struct Engine::IkeSa {
   bool req_active = false;
   uint8_t req_kind = 0, req_exchange = 0;
   uint32_t req_mid = 0, req_child = 0, req_tries = 0;
+  Bytes req_cookie2;
   std::vector<Bytes> req_msg;  // one datagram, or the fragments of one message
   std::deque<Request> queue;
   bool has_resp = false;
@@ -157,6 +176,16 @@ struct Engine::IkeSa {
   // to the IKE SAs that rekey this one.
   bool mobike = false, original_initiator = false;
   Endpoint rx_local, rx_remote;  // where the request being processed came to/from
+  // RFC 4555 §3.7 return routability check under way: the IKE SA talks to
+  // its new address already; the CHILD SAs stay at `dp_*` (what the data
+  // path uses) until the INFORMATIONAL carrying `rr_cookie` is answered with
+  // it. New CHILD SAs get `dp_*` too meanwhile.
+  bool rr_pending = false;
+  Bytes rr_cookie;
+  Endpoint dp_local, dp_remote;
+  bool dp_encap = false;
+  bool rr_start = false;  // send the check once the message being processed is dealt with
+  bool reinit_on_delete = false;  // our delete of it answered: a `start` tunnel re-initiates
   struct {
     uint32_t mid = 0;
     bool response = false;
@@ -210,6 +239,14 @@ struct Engine::IkeSa {
     return n + " at " + remote.str();
   }
 };
+
+namespace {
+// Not replaced by a rekey of ours, nor by one of the peer's awaiting the switch.
+bool rekeyable(const Engine::IkeSa& sa, const ChildSa& c) {
+  return !sa.is_replaced(c.spi_in) &&
+         std::none_of(sa.peer_rekeys.begin(), sa.peer_rekeys.end(), [&](auto& r) { return r.old_in == c.spi_in; });
+}
+}  // namespace
 
 nlohmann::ordered_json Stats::json() const {
   nlohmann::ordered_json j;
@@ -491,7 +528,11 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
   sa.last_heard_ms = now_;
   // Authenticated traffic from a new address moves the SA (§2.23) — the
   // float to 4500 before IKE_AUTH, or a moat whose ISP changed its address.
-  if (!(remote == sa.remote) || !(local == sa.local)) {
+  // On a MOBIKE SA the CHILD SAs follow only after a return routability
+  // check (RFC 4555 §3.7), and an UPDATE_SA_ADDRESSES does the move itself.
+  bool moved_here = !(remote == sa.remote) || !(local == sa.local);
+  bool mobike_move = moved_here && sa.state == State::established && sa.mobike;
+  if (moved_here && !mobike_move) {
     if (sa.state != State::established || sa.nat_local || sa.nat_remote) {
       if (sa.state == State::established)
         log(fmt::format("{}: peer moved to {}", sa.who(), remote.str()));
@@ -517,6 +558,19 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     }
     return;
   }
+  if (mobike_move && (sa.nat_local || sa.nat_remote)) {
+    bool update = !h.response() && std::any_of(inner->begin(), inner->end(), [](auto& x) {
+      auto n = x.type == kPlNotify ? parse_notify(x.body) : Parsed<NotifyPayload>(tl::unexpect, ParseError{});
+      return n && n->type == kNUpdateSaAddresses;
+    });
+    if (!update) {
+      log(fmt::format("{}: peer moved to {}", sa.who(), remote.str()));
+      move_peer(sa, local, remote);
+    }
+  }
+  auto checks = [&] {  // after the message is dealt with (answered first)
+    if (auto it = sas_.find(spi); it != sas_.end() && it->second->rr_start) start_return_routability(*it->second);
+  };
   if (h.response()) {
     uint8_t kind = sa.req_kind;
     uint32_t child = sa.req_child;
@@ -524,11 +578,32 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     disarm(sa, TimerKind::retransmit);
     switch (kind) {
       case kReqAuth: auth_response(sa, *inner); break;
-      case kReqDeleteIke: delete_sa(spi, "deleted by us", false); return;
+      case kReqDeleteIke: delete_sa(spi, "deleted by us", sa.reinit_on_delete); return;
       case kReqDeleteChild: retire_child(sa, child); break;
       case kReqRekeyChild: create_child_response(sa, *inner); break;
       case kReqRekeyIke: rekey_ike_response(sa, *inner); break;
       case kReqDpd: break;
+      case kReqReturnRoutability: {
+        std::optional<Bytes> echo;
+        for (auto& x : *inner)
+          if (auto n = x.type == kPlNotify ? parse_notify(x.body) : Parsed<NotifyPayload>(tl::unexpect, ParseError{});
+              n && n->type == kNCookie2)
+            echo = n->data;
+        if (!sa.rr_pending || sa.req_cookie2 != sa.rr_cookie) break;  // a newer check decides
+        if (!echo || !equal_ct(*echo, sa.rr_cookie)) {
+          ++stats_.mobike_check_failed;
+          log(fmt::format("{}: return routability check of {}: {}; the CHILD SAs stay at {}", sa.who(),
+                          sa.remote.str(), echo ? "COOKIE2 does not match" : "no COOKIE2 in the answer",
+                          sa.dp_remote.str()));
+          sa.rr_cookie.clear();  // the peer's next move checks again
+          break;
+        }
+        sa.rr_pending = false;
+        log(fmt::format("{}: the peer answered the return routability check at {}: the CHILD SAs move there", sa.who(),
+                        sa.remote.str()));
+        move_sa(sa, sa.local, sa.remote);
+        break;
+      }
       case kReqUpdateAddresses: {
         // The answer's NAT detection says whether the new path has a NAT (RFC 4555 §3.8).
         bool saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
@@ -536,7 +611,10 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
           auto n = x.type == kPlNotify ? parse_notify(x.body) : Parsed<NotifyPayload>(tl::unexpect, ParseError{});
           if (!n) continue;
           if (n->type <= kNErrorMax)
-            log(fmt::format("{}: UPDATE_SA_ADDRESSES answered {}", sa.who(), notify_name(n->type)));
+            log(fmt::format("{}: UPDATE_SA_ADDRESSES answered {}{}", sa.who(), notify_name(n->type),
+                            n->type == kNUnexpectedNatDetected ? ": the peer refuses the NAT on our new path and did not move"
+                                                               : ""));
+          if (n->type == kNUnexpectedNatDetected) ++stats_.mobike_nat_refused;
           if (n->type == kNNatDetectionSourceIp) saw_src = true, src_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.remote);
           if (n->type == kNNatDetectionDestinationIp) saw_dst = true, dst_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.local);
         }
@@ -553,6 +631,7 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
     }
     auto it = sas_.find(spi);
     if (it != sas_.end()) pump(*it->second);
+    checks();
     return;
   }
   // A request after our answer to the peer's CHILD rekey: the peer has
@@ -568,6 +647,41 @@ void Engine::handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local
       respond(sa, h, c);
     }
   }
+  checks();
+}
+
+void Engine::move_peer(IkeSa& sa, const Endpoint& local, const Endpoint& remote) {
+  bool check = sa.peer && sa.peer->mobike_check && !sa.children.empty() && !(sa.children.front().remote == remote);
+  if (!check) {
+    sa.rr_pending = false;
+    move_sa(sa, local, remote);
+    return;
+  }
+  // A check of this very address under way covers it (strongSwan probes the
+  // new path, then sends UPDATE_SA_ADDRESSES from it).
+  if (sa.rr_pending && !sa.rr_cookie.empty() && sa.remote == remote && sa.local == local) return;
+  if (!sa.rr_pending) {
+    sa.dp_local = sa.children.front().local;
+    sa.dp_remote = sa.children.front().remote;
+    sa.dp_encap = sa.children.front().udp_encap;
+  }
+  sa.local = local;  // the IKE SA only: its requests and answers go there now
+  sa.remote = remote;
+  sa.rr_pending = true;
+  sa.rr_cookie = random_bytes(16);
+  sa.rr_start = true;
+}
+
+void Engine::start_return_routability(IkeSa& sa) {
+  sa.rr_start = false;
+  if (!sa.rr_pending || sa.state != State::established) return;
+  ++stats_.mobike_checks;
+  log(fmt::format("{}: checking that the peer receives at {} (COOKIE2) before its CHILD SAs move there from {}",
+                  sa.who(), sa.remote.str(), sa.dp_remote.str()));
+  ChainBuilder c;
+  c.add_notify(kNCookie2, sa.rr_cookie);
+  sa.queue.push_back(Request{uint8_t(Exchange::informational), std::move(c), kReqReturnRoutability, 0, sa.rr_cookie});
+  pump(sa);
 }
 
 void Engine::move_sa(IkeSa& sa, const Endpoint& local, const Endpoint& remote) {
@@ -589,7 +703,8 @@ void Engine::respond(IkeSa& sa, const Header& req, const ChainBuilder& chain) {
   h.flags = uint8_t(kFlagResponse | (sa.initiator ? kFlagInitiator : 0));
   h.mid = req.mid;
   auto msgs = seal(sa, h, chain);
-  send_all(sa, msgs);
+  // To where the request came from (§2.11), even when the SA did not move there.
+  for (auto& m : msgs) send_to(sa.rx_local, sa.rx_remote, m);
   sa.has_resp = true;
   sa.resp_msg = std::move(msgs);
   sa.peer_mid = req.mid + 1;
@@ -616,6 +731,7 @@ void Engine::pump(IkeSa& sa) {
   sa.req_exchange = r.exchange;
   sa.req_mid = h.mid;
   sa.req_child = r.child_spi;
+  sa.req_cookie2 = std::move(r.cookie2);
   sa.req_tries = 0;
   send_all(sa, sa.req_msg);
   arm(sa, TimerKind::retransmit, now_ + opts_.retransmit_base_ms);
@@ -705,8 +821,23 @@ void Engine::fire(IkeSa& sa, TimerKind k) {
       return;
     }
     case TimerKind::child_rekey:
-      if (sa.state == State::established && sa.peer) (void)rekey_child(sa.peer->name, now_);
+      child_timers(sa);
       return;
+    case TimerKind::ike_expire: {
+      if (sa.state != State::established || !sa.peer) return;
+      ++stats_.ike_expired;
+      log(fmt::format("{}: IKE SA {:016x}_i {:016x}_r reached its lifetime without a rekey; deleting it{}", sa.who(),
+                      sa.spi_i, sa.spi_r, sa.peer->start ? " and initiating a new one" : ""));
+      sa.state = State::deleting;
+      sa.reinit_on_delete = sa.peer->start;
+      sa.queue.clear();
+      ChainBuilder d;
+      d.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
+      // Behind a request on the wire that is never answered, the retransmits'
+      // give-up deletes it (and re-initiates a `start` tunnel).
+      queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteIke);
+      return;
+    }
     case TimerKind::ike_rekey:
       if (sa.state == State::established && sa.peer) (void)rekey_ike(sa.peer->name, now_);
       return;
@@ -831,14 +962,21 @@ void Engine::established(IkeSa& sa) {
     reinit_.erase(sa.peer->name);
     if (sa.peer->dpd_s) arm(sa, TimerKind::dpd, now_ + uint64_t(sa.peer->dpd_s) * 1000);
     schedule_ike_rekey(sa);
+    schedule_ike_expire(sa);
   }
 }
 
 void Engine::schedule_ike_rekey(IkeSa& sa) {
-  if (!sa.peer || !sa.peer->start || !sa.peer->ike_rekey_s) return;
-  uint64_t ms = uint64_t(sa.peer->ike_rekey_s) * 1000;
-  ms -= get32(random_bytes(4).data()) % (ms / 10 + 1);
-  arm(sa, TimerKind::ike_rekey, now_ + ms);
+  // Either end rekeys (a responder-only tunnel does not rely on its peer);
+  // when both do at once, §2.8.2's collision rule keeps one new IKE SA.
+  if (!sa.peer || !sa.peer->ike_rekey_s) return;
+  arm(sa, TimerKind::ike_rekey, now_ + jittered_ms(sa.peer->ike_rekey_s));
+}
+
+void Engine::schedule_ike_expire(IkeSa& sa) {
+  if (!sa.peer) return;
+  uint32_t life = sa.peer->ike_lifetime_s ? sa.peer->ike_lifetime_s : sa.peer->ike_rekey_s + sa.peer->ike_rekey_s / 10;
+  if (life) arm(sa, TimerKind::ike_expire, now_ + uint64_t(life) * 1000);
 }
 
 uint32_t Engine::new_child_spi() {
@@ -880,6 +1018,13 @@ std::optional<ChildSa> Engine::make_child(IkeSa& sa, bool we_initiated, const Su
   if (sa.peer) {
     c.hard_lifetime_s = sa.peer->child_lifetime_s;
     c.soft_lifetime_s = sa.peer->child_rekey_s ? sa.peer->child_rekey_s : sa.peer->child_lifetime_s * 9 / 10;
+    if (c.soft_lifetime_s) c.rekey_at_ms = now_ + jittered_ms(c.soft_lifetime_s);
+    if (c.hard_lifetime_s) c.expire_at_ms = now_ + uint64_t(c.hard_lifetime_s) * 1000;
+  }
+  if (sa.rr_pending) {  // the data path stays where it was until the peer's new address is checked
+    c.local = sa.dp_local;
+    c.remote = sa.dp_remote;
+    c.udp_encap = sa.dp_encap;
   }
   return c;
 }
@@ -895,15 +1040,70 @@ void Engine::install_child(IkeSa& sa, ChildSa c) {
 }
 
 void Engine::schedule_child_rekey(IkeSa& sa) {
-  // The side that brings the tunnel up (`start`) keeps it fresh; the other
-  // only answers, so the two never race to rekey the same SA.
-  if (!sa.peer || !sa.peer->start || sa.children.empty()) return;
-  uint32_t soft = sa.children.back().soft_lifetime_s;
-  if (!soft) return;
-  // Jitter of up to 10% so that many tunnels do not rekey at once.
-  uint64_t ms = uint64_t(soft) * 1000;
-  ms -= get32(random_bytes(4).data()) % (ms / 10 + 1);
-  arm(sa, TimerKind::child_rekey, now_ + ms);
+  // Both ends keep their CHILD SAs fresh, whichever role they had: a
+  // responder-only tunnel must not rely on its peer to rekey before the hard
+  // lifetime. Two ends that rekey the same SA at once collide (§2.8.1) and
+  // keep one SA.
+  if (sa.state != State::established || !sa.peer) return;
+  uint64_t next = UINT64_MAX;
+  for (auto& c : sa.children) {
+    if (c.expire_at_ms) next = std::min(next, c.expire_at_ms);
+    // A rekey waits for the CHILD negotiation under way; its end reschedules.
+    if (c.rekey_at_ms && !sa.pending_spi && rekeyable(sa, c)) next = std::min(next, c.rekey_at_ms);
+  }
+  if (next == UINT64_MAX) disarm(sa, TimerKind::child_rekey);
+  else arm(sa, TimerKind::child_rekey, std::max(next, now_));
+}
+
+void Engine::child_timers(IkeSa& sa) {
+  if (sa.state != State::established || !sa.peer) return;
+  std::vector<uint32_t> expired;
+  for (auto& c : sa.children)
+    if (c.expire_at_ms && c.expire_at_ms <= now_) expired.push_back(c.spi_in);
+  for (uint32_t in : expired) expire_child(sa, in);
+  if (sa.state != State::established) return;
+  if (!sa.pending_spi)
+    for (auto& c : sa.children) {
+      if (!c.rekey_at_ms || c.rekey_at_ms > now_ || !rekeyable(sa, c)) continue;
+      uint32_t in = c.spi_in;
+      log(fmt::format("{}: CHILD SA {:08x}_i {:08x}_o reached its soft lifetime; rekeying it ({})", sa.who(), c.spi_in,
+                      c.spi_out, sa.initiator ? "we initiated the IKE SA" : "we responded to the IKE SA"));
+      if (auto ok = start_child_rekey(sa, in); !ok) {
+        log(fmt::format("{}: cannot rekey CHILD SA {:08x}_i: {}; trying again in a minute", sa.who(), in, ok.error()));
+        for (auto& x : sa.children)
+          if (x.spi_in == in) x.rekey_at_ms = now_ + 60000;
+      }
+      break;
+    }
+  schedule_child_rekey(sa);
+}
+
+void Engine::expire_child(IkeSa& sa, uint32_t spi_in) {
+  auto it = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& c) { return c.spi_in == spi_in; });
+  if (it == sa.children.end()) return;
+  ++stats_.child_expired;
+  log(fmt::format("{}: CHILD SA {:08x}_i {:08x}_o reached its hard lifetime ({} s) without a rekey; deleting it",
+                  sa.who(), it->spi_in, it->spi_out, it->hard_lifetime_s));
+  ChildSa c = std::move(*it);
+  sa.children.erase(it);
+  std::erase(sa.replaced, spi_in);
+  std::erase_if(sa.peer_rekeys, [&](auto& r) { return r.old_in == spi_in || r.new_in == spi_in; });
+  // The data path stops at once; the peer hears of it as soon as the window allows.
+  sink_.remove(c);
+  ++stats_.child_removed;
+  child_spis_.erase(spi_in);
+  ChainBuilder d;
+  d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(spi_in)}}));
+  queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, spi_in);
+  if (sa.children.empty() && !sa.pending_spi && sa.peer && sa.peer->start) {
+    // We cannot create a CHILD SA outside IKE_AUTH: a new IKE SA brings one.
+    log(fmt::format("{}: its last CHILD SA expired; deleting the IKE SA and initiating a new one", sa.who()));
+    sa.state = State::deleting;
+    sa.reinit_on_delete = true;
+    ChainBuilder x;
+    x.add(kPlDelete, encode_delete(DeletePayload{kProtoIke, {}}));
+    queue_request(sa, uint8_t(Exchange::informational), std::move(x), kReqDeleteIke);
+  }
 }
 
 // ---------------------------------------------------------------- initiator
@@ -1506,17 +1706,18 @@ void Engine::informational_request(IkeSa& sa, const Message& m, const std::vecto
 // COOKIE2 echoed (§3.7).
 void Engine::mobike_update(IkeSa& sa, const std::vector<Payload>& pl, ChainBuilder& c) {
   bool update = false, saw_src = false, src_ok = false, saw_dst = false, dst_ok = false;
-  std::optional<Bytes> cookie2;
+  std::optional<Bytes> cookie2, no_nats;
   for (auto& x : pl) {
     if (x.type != kPlNotify) continue;
     auto n = parse_notify(x.body);
     if (!n) continue;
     if (n->type == kNUpdateSaAddresses) update = true;
     if (n->type == kNCookie2) cookie2 = n->data;
+    if (n->type == kNNoNatsAllowed) no_nats = n->data;
     if (n->type == kNNatDetectionSourceIp) saw_src = true, src_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.rx_remote);
     if (n->type == kNNatDetectionDestinationIp) saw_dst = true, dst_ok |= n->data == nat_hash(sa.spi_i, sa.spi_r, sa.rx_local);
   }
-  if (cookie2 && cookie2->size() >= 8 && cookie2->size() <= 64) c.add_notify(kNCookie2, *cookie2);
+  if (cookie2 && cookie2->size() >= 8 && cookie2->size() <= 64 && opts_.echo_cookie2) c.add_notify(kNCookie2, *cookie2);
   if (!update) return;
   if (!sa.mobike || sa.original_initiator || sa.state != State::established) {
     ++stats_.mobike_ignored;
@@ -1524,9 +1725,22 @@ void Engine::mobike_update(IkeSa& sa, const std::vector<Payload>& pl, ChainBuild
                     !sa.mobike ? "MOBIKE was not negotiated" : "only the original initiator moves the SA"));
     return;
   }
+  bool nat_remote = saw_src && !src_ok, nat_local = saw_dst && !dst_ok;
+  // §3.9: the peer says which addresses it sent from and to; a NAT that
+  // rewrote them, or any NAT when our tunnel allows none, moves nothing.
+  bool rewritten = no_nats && *no_nats != nat_addresses(sa.rx_remote, sa.rx_local);
+  if (rewritten || (sa.peer && sa.peer->no_nats_allowed && (nat_remote || nat_local))) {
+    ++stats_.mobike_nat_refused;
+    log(fmt::format("{}: UPDATE_SA_ADDRESSES from {}: {}; answered UNEXPECTED_NAT_DETECTED, nothing moved", sa.who(),
+                    sa.rx_remote.str(),
+                    rewritten ? "NO_NATS_ALLOWED names other addresses than the packet's (a NAT rewrote them)"
+                              : "a NAT on the new path, and this tunnel allows none (no_nats_allowed)"));
+    c.add_notify(kNUnexpectedNatDetected);
+    return;
+  }
   if (saw_src || saw_dst) {
-    sa.nat_remote = saw_src && !src_ok;
-    sa.nat_local = saw_dst && !dst_ok;
+    sa.nat_remote = nat_remote;
+    sa.nat_local = nat_local;
     c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, sa.spi_r, sa.rx_local));
     c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, sa.spi_r, sa.rx_remote));
   }
@@ -1534,7 +1748,7 @@ void Engine::mobike_update(IkeSa& sa, const std::vector<Payload>& pl, ChainBuild
   if (!(sa.rx_remote == sa.remote) || !(sa.rx_local == sa.local))
     log(fmt::format("{}: UPDATE_SA_ADDRESSES: the peer moved from {} to {}{}", sa.who(), sa.remote.str(),
                     sa.rx_remote.str(), sa.nat_local || sa.nat_remote ? " (NAT-T)" : ""));
-  move_sa(sa, sa.rx_local, sa.rx_remote);
+  move_peer(sa, sa.rx_local, sa.rx_remote);
 }
 
 size_t Engine::local_address_changed(const IpAddr& old_addr, const IpAddr& new_addr, uint64_t now_ms) {
@@ -1557,6 +1771,7 @@ size_t Engine::local_address_changed(const IpAddr& old_addr, const IpAddr& new_a
     c.add_notify(kNUpdateSaAddresses);
     c.add_notify(kNNatDetectionSourceIp, nat_hash(sa.spi_i, sa.spi_r, sa.local));
     c.add_notify(kNNatDetectionDestinationIp, nat_hash(sa.spi_i, sa.spi_r, sa.remote));
+    if (sa.peer && sa.peer->no_nats_allowed) c.add_notify(kNNoNatsAllowed, nat_addresses(sa.local, sa.remote));
     ++stats_.mobike_sent;
     queue_request(sa, uint8_t(Exchange::informational), std::move(c), kReqUpdateAddresses);
     ++moved;
@@ -1589,9 +1804,21 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
     respond(sa, m.h, e);
   };
   // An IKE SA being closed (rekeyed, or its delete under way): §2.25, and
-  // §2.8.2's rekey the peer sent before it saw ours complete.
-  if (sa.state == State::deleting && sa.peer)
+  // §2.8.2's rekey the peer sent before it saw ours complete. A CHILD SA
+  // that is no longer here (it moved to the IKE SA that replaced this one)
+  // does not exist on it (§2.25.2).
+  if (sa.state == State::deleting && sa.peer) {
+    ++stats_.rekey_refused;
+    if (rekey_out && std::none_of(sa.children.begin(), sa.children.end(), [&](auto& ch) { return ch.spi_out == *rekey_out; })) {
+      log(fmt::format("{}: CREATE_CHILD_SA refused: CHILD SA {:08x}_o is not on this IKE SA (it is being replaced); "
+                      "CHILD_SA_NOT_FOUND", sa.who(), *rekey_out));
+      ChainBuilder e;
+      e.add_notify(kNChildSaNotFound, {}, kProtoEsp, u32_bytes(*rekey_out));
+      respond(sa, m.h, e);
+      return;
+    }
     return refuse(kNTemporaryFailure, "the IKE SA is being rekeyed or deleted");
+  }
   if (sa.state != State::established || !sa.peer) return refuse(kNInvalidSyntax, "IKE SA not established");
   const PeerConfig& p = *sa.peer;
   if (!sap || !np) return refuse(kNInvalidSyntax, "SA or Nonce missing");
@@ -1601,6 +1828,12 @@ void Engine::create_child_request(IkeSa& sa, const Message& m, const std::vector
   if ((*props)[0].protocol == kProtoIke) {
     rekey_ike_request(sa, m, *props, *ni, kep);
     return;
+  }
+  // §2.25.2: our rekey of this IKE SA is on the wire; the CHILD SAs are
+  // about to move. The peer tries again on the IKE SA that survives.
+  if (sa.req_active && sa.req_kind == kReqRekeyIke) {
+    ++stats_.rekey_refused;
+    return refuse(kNTemporaryFailure, "our rekey of the IKE SA is under way (TEMPORARY_FAILURE, §2.25.2)");
   }
   if (!tsip || !tsrp) return refuse(kNInvalidSyntax, "TSi or TSr missing");
   auto tsi = parse_ts(tsip->body);
@@ -1761,6 +1994,7 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   index_sa(r);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
   schedule_ike_rekey(r);
+  schedule_ike_expire(r);
   schedule_child_rekey(r);
   // Our own rekey of this IKE SA not sent yet: the peer's does the job.
   auto queued = std::find_if(sa.queue.begin(), sa.queue.end(), [](auto& q) { return q.kind == kReqRekeyIke; });
@@ -1931,6 +2165,7 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   index_sa(r);
   if (r.peer->dpd_s) arm(r, TimerKind::dpd, now_ + uint64_t(r.peer->dpd_s) * 1000);
   schedule_ike_rekey(r);
+  schedule_ike_expire(r);
   schedule_child_rekey(r);
   // The old SA goes (§2.18): its CHILD SAs already live on the new one.
   sa.state = State::deleting;
@@ -1946,15 +2181,24 @@ tl::expected<void, std::string> Engine::rekey_child(const std::string& tunnel, u
   if (!sa) return tl::unexpected(fmt::format("tunnel \"{}\" has no established IKE SA", tunnel));
   if (sa->children.empty()) return tl::unexpected(fmt::format("tunnel \"{}\" has no CHILD SA", tunnel));
   if (sa->pending_spi) return tl::unexpected(fmt::format("tunnel \"{}\": a CHILD SA negotiation is under way", tunnel));
-  const PeerConfig& p = *sa->peer;
   // The newest CHILD SA that no rekey replaced or is about to replace.
   const ChildSa* cand = nullptr;
   for (auto& c : sa->children)
     if (!sa->is_replaced(c.spi_in) &&
         std::none_of(sa->peer_rekeys.begin(), sa->peer_rekeys.end(), [&](auto& r) { return r.old_in == c.spi_in; }))
-      cand = &c;
+        cand = &c;
   if (!cand) return tl::unexpected(fmt::format("tunnel \"{}\": its CHILD SA is being rekeyed", tunnel));
-  const ChildSa& old = *cand;
+  return start_child_rekey(*sa, cand->spi_in);
+}
+
+tl::expected<void, std::string> Engine::start_child_rekey(IkeSa& sa_ref, uint32_t old_in) {
+  IkeSa* sa = &sa_ref;
+  const PeerConfig& p = *sa->peer;
+  const std::string& tunnel = p.name;
+  auto oit = std::find_if(sa->children.begin(), sa->children.end(), [&](auto& c) { return c.spi_in == old_in; });
+  if (oit == sa->children.end()) return tl::unexpected(fmt::format("tunnel \"{}\": no CHILD SA {:08x}_i", tunnel, old_in));
+  if (sa->pending_spi) return tl::unexpected(fmt::format("tunnel \"{}\": a CHILD SA negotiation is under way", tunnel));
+  const ChildSa& old = *oit;
   // PFS (§1.3.1): when the tunnel's ESP proposals name a DH group, the rekey
   // carries a KE for the first one (IKE_AUTH's CHILD SA cannot: §1.2).
   uint16_t group = 0;
@@ -2003,7 +2247,18 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
     ++stats_.child_failed;
     child_spis_.erase(spi_in);
     log(fmt::format("{}: CHILD SA rekey failed: {}", sa.who(), why));
-    schedule_child_rekey(sa);
+    // Again before the hard lifetime, a few times (the old SA still works).
+    // The CHILD SA may live on another IKE SA by now (an IKE rekey crossed ours).
+    auto owner = child_spis_.find(old_spi);
+    auto ike = owner == child_spis_.end() ? sas_.end() : sas_.find(owner->second);
+    IkeSa& home = ike == sas_.end() ? sa : *ike->second;
+    for (auto& c : home.children)
+      if (c.spi_in == old_spi) {
+        uint64_t left = c.expire_at_ms > now_ ? c.expire_at_ms - now_ : 0;
+        c.rekey_at_ms = now_ + (c.expire_at_ms ? std::clamp<uint64_t>(left / 4, 1000, 60000) : 60000);
+      }
+    schedule_child_rekey(home);
+    if (&home != &sa) schedule_child_rekey(sa);
   };
   const Payload *sap = nullptr, *np = nullptr, *tsip = nullptr, *tsrp = nullptr, *kep = nullptr;
   for (auto& x : pl) {
@@ -2059,6 +2314,7 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
       ChainBuilder d;
       d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(spi_in)}}));
       queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, spi_in);
+      schedule_child_rekey(sa);
       return;
     }
     log(fmt::format("{}: CHILD rekey collision on {:08x}_i: the peer's ({:08x}_i) holds the lowest nonce and is "
@@ -2068,18 +2324,32 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
   }
   auto c = make_child(sa, true, *cs, spi_in, get32((*props)[0].spi.data()), *tsi, *tsr, gir, sa.pending_nonce, *nr);
   if (dh) log(fmt::format("{}: CHILD SA rekey with PFS ({})", sa.who(), transform_name(kTfDh, dh->group())));
+  // §2.25.2: the peer rekeyed the IKE SA while our CHILD rekey was on the
+  // wire and answered it anyway; the old CHILD SA lives on the new IKE SA
+  // now, and so does the new one (this IKE SA is going: its CHILD SAs with it).
+  IkeSa* home = &sa;
+  if (it == sa.children.end() && sa.state == State::deleting)
+    if (auto o = child_spis_.find(old_spi); o != child_spis_.end())
+      if (auto h = sas_.find(o->second); h != sas_.end() && h->second.get() != &sa) home = h->second.get();
+  if (home != &sa) {
+    c->ike_spi_i = home->spi_i;
+    c->ike_spi_r = home->spi_r;
+    it = std::find_if(home->children.begin(), home->children.end(), [&](auto& x) { return x.spi_in == old_spi; });
+    log(fmt::format("{}: CHILD rekey answered on the IKE SA being replaced; the new CHILD SA joins {:016x}_i {:016x}_r",
+                    sa.who(), home->spi_i, home->spi_r));
+  }
   ChildSa now = *c;
-  install_child(sa, std::move(*c));
-  if (it != sa.children.end()) {
+  install_child(*home, std::move(*c));
+  if (it != home->children.end()) {
     // install_child may have reallocated: look the old one up again.
-    auto old = std::find_if(sa.children.begin(), sa.children.end(), [&](auto& x) { return x.spi_in == old_spi; });
+    auto old = std::find_if(home->children.begin(), home->children.end(), [&](auto& x) { return x.spi_in == old_spi; });
     ++stats_.child_rekeyed;
     // The responder installed the new SA before answering: switch now.
-    sa.replaced.push_back(old_spi);
+    home->replaced.push_back(old_spi);
     sink_.rekeyed(*old, now);
     ChainBuilder d;
     d.add(kPlDelete, encode_delete(DeletePayload{kProtoEsp, {u32_bytes(old_spi)}}));
-    queue_request(sa, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, old_spi);
+    queue_request(*home, uint8_t(Exchange::informational), std::move(d), kReqDeleteChild, old_spi);
   }
 }
 
@@ -2154,6 +2424,9 @@ nlohmann::ordered_json Engine::show(uint64_t now_ms) const {
     j["remote"] = sa->remote.str();
     j["nat"] = sa->nat_local ? (sa->nat_remote ? "both" : "local") : (sa->nat_remote ? "remote" : "none");
     j["mobike"] = sa->mobike;
+    if (sa->rr_pending)  // RFC 4555 §3.7: the IKE SA moved, the CHILD SAs wait for the COOKIE2 echo
+      j["mobike_check"] = fmt::format("{} {}; ESP still to {}", sa->rr_cookie.empty() ? "failed at" : "checking",
+                                      sa->remote.str(), sa->dp_remote.str());
     j["proposal"] = sa->suite.encr ? sa->suite.str() : "";
     j["age_s"] = (now_ms - sa->created_ms) / 1000;
     auto ch = nlohmann::ordered_json::array();

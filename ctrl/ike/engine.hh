@@ -55,14 +55,32 @@ struct PeerConfig {
   std::optional<Endpoint> remote;  // where to initiate to; unset: respond only
   std::optional<IpAddr> local;     // our source address; unset: Transport::source_for
   bool start = false;              // initiate at start and re-initiate when the SA dies
-  uint32_t child_lifetime_s = 3600;  // hard lifetime handed to the data path
+  // CHILD SA lifetimes. Either end rekeys at `child_rekey_s` (minus up to
+  // 10% jitter), whichever role it had; an SA not rekeyed by
+  // `child_lifetime_s` is deleted (and handed to the data path as its hard
+  // lifetime). Both ends rekeying at once is a collision (§2.8.1).
+  uint32_t child_lifetime_s = 3600;
   uint32_t child_rekey_s = 0;        // 0: 90% of the lifetime, minus jitter
   uint32_t dpd_s = 0;                // liveness check after this much silence; 0: off
-  uint32_t ike_rekey_s = 14400;      // `start` side rekeys the IKE SA this often (minus jitter); 0: never
+  // IKE SA lifetimes: either end rekeys it at `ike_rekey_s` (minus up to 10%
+  // jitter; 0: never); one that reaches `ike_lifetime_s` without a rekey is
+  // deleted, and a `start` tunnel initiates a new one (0: ike_rekey_s plus
+  // 10%, or never when ike_rekey_s is 0).
+  uint32_t ike_rekey_s = 14400;
+  uint32_t ike_lifetime_s = 0;
   // MOBIKE (RFC 4555): offer/accept MOBIKE_SUPPORTED in IKE_AUTH. With it the
   // peer may move the SA with UPDATE_SA_ADDRESSES, and when we initiated the
   // IKE SA we announce our own new address (local_address_changed()).
   bool mobike = true;
+  // RFC 4555 §3.7: before the CHILD SAs follow the peer to a new address
+  // (its UPDATE_SA_ADDRESSES, or an authenticated message from there), an
+  // INFORMATIONAL with COOKIE2 must come back from it echoed. The RFC's
+  // default (SHOULD); false moves at once, for peers known to behave.
+  bool mobike_check = true;
+  // RFC 4555 §3.9: no NAT may sit between us. Our UPDATE_SA_ADDRESSES carry
+  // NO_NATS_ALLOWED, and a peer's update that shows a NAT is answered
+  // UNEXPECTED_NAT_DETECTED and moves nothing.
+  bool no_nats_allowed = false;
 };
 
 struct EngineOptions {
@@ -90,6 +108,9 @@ struct EngineOptions {
   //   switched are still on the way (strongSwan's delete_rekeyed_delay).
   uint32_t rekey_switch_ms = 5000;
   uint32_t rekey_linger_ms = 5000;
+  // RFC 4555 §3.7 requires echoing a COOKIE2; false models a peer that does
+  // not (tests of our return routability check). Leave it true.
+  bool echo_cookie2 = true;
 };
 
 class Transport {
@@ -129,6 +150,7 @@ class Transport {
   X(child_rekeyed, "CHILD SAs rekeyed")                                                  \
   X(child_failed, "CHILD SA negotiations that failed (IKE SA kept)")                     \
   X(rekey_collisions, "simultaneous CHILD or IKE SA rekeys resolved by the nonce rule (§2.8.1, §2.8.2)")  \
+  X(rekey_refused, "CREATE_CHILD_SA requests answered TEMPORARY_FAILURE or CHILD_SA_NOT_FOUND during an IKE SA rekey or delete (§2.25)") \
   X(rekey_switch_timeouts, "outbound switched to a peer's rekeyed SA without its confirmation") \
   X(rx_fragments, "IKE fragments received (RFC 7383)")                                  \
   X(tx_fragments, "IKE fragments sent")                                                  \
@@ -136,7 +158,12 @@ class Transport {
   X(invalid_spi_limited, "unknown-SPI events not answered (rate limit or no IKE SA)")         \
   X(mobike_moved, "IKE SAs moved by the peer's UPDATE_SA_ADDRESSES (RFC 4555)")             \
   X(mobike_ignored, "UPDATE_SA_ADDRESSES on an IKE SA without MOBIKE (nothing moved)")      \
-  X(mobike_sent, "UPDATE_SA_ADDRESSES sent after our own address changed")
+  X(mobike_sent, "UPDATE_SA_ADDRESSES sent after our own address changed")              \
+  X(mobike_checks, "return routability checks (COOKIE2) sent to a peer's new address")  \
+  X(mobike_check_failed, "return routability checks answered without the right COOKIE2 (nothing moved)") \
+  X(mobike_nat_refused, "address updates refused or answered with UNEXPECTED_NAT_DETECTED (RFC 4555 §3.9)") \
+  X(child_expired, "CHILD SAs deleted at their hard lifetime, not rekeyed in time")     \
+  X(ike_expired, "IKE SAs deleted at their lifetime, not rekeyed in time")
 
 struct Stats {
 #define X(name, desc) uint64_t name = 0;
@@ -192,7 +219,7 @@ class Engine {
   struct IkeSa;
 
  private:
-  enum class TimerKind : uint8_t { retransmit, half_open, dpd, child_rekey, ike_rekey, rekey_switch, kinds };
+  enum class TimerKind : uint8_t { retransmit, half_open, dpd, child_rekey, ike_rekey, rekey_switch, ike_expire, kinds };
   struct Timer {
     uint64_t when;
     uint64_t spi;
@@ -230,6 +257,9 @@ class Engine {
   void adopt_children(IkeSa& from, IkeSa& to);
   // Re-points the IKE SA and its CHILD SAs (sink moved()) at new endpoints.
   void move_sa(IkeSa& sa, const Endpoint& local, const Endpoint& remote);
+  // The peer moved (MOBIKE): the IKE SA follows now; the CHILD SAs follow
+  // after a return routability check when the peer's address changed.
+  void move_peer(IkeSa& sa, const Endpoint& local, const Endpoint& remote);
   void handle_encrypted(IkeSa& sa, const Message& m, const Endpoint& local, const Endpoint& remote);
 
   void queue_request(IkeSa& sa, uint8_t exchange, ChainBuilder chain, uint8_t kind, uint32_t child_spi = 0);
@@ -252,8 +282,19 @@ class Engine {
   // switch to (the redundant SA of a collision).
   void switch_to_peer_rekeys(IkeSa& sa, const std::vector<Payload>* deleting);
   uint32_t new_child_spi();
+  // Arms the IKE SA's CHILD timer for the next rekey or expiry of its CHILD SAs.
   void schedule_child_rekey(IkeSa& sa);
+  // The CHILD timer fired: deletes the CHILD SAs past their hard lifetime and
+  // starts the rekey of one past its soft lifetime (one negotiation at a time).
+  void child_timers(IkeSa& sa);
+  // Starts the CREATE_CHILD_SA rekey of `old` (our spi_in).
+  tl::expected<void, std::string> start_child_rekey(IkeSa& sa, uint32_t old_in);
+  void expire_child(IkeSa& sa, uint32_t spi_in);
   void schedule_ike_rekey(IkeSa& sa);
+  void schedule_ike_expire(IkeSa& sa);
+  // RFC 4555 §3.7: the CHILD SAs follow the IKE SA to its new address once
+  // an INFORMATIONAL with a fresh COOKIE2 sent there is answered with it.
+  void start_return_routability(IkeSa& sa);
 
   void established(IkeSa& sa);
   void delete_sa(uint64_t spi, const std::string& why, bool reinit);

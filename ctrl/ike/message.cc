@@ -62,6 +62,8 @@ std::string notify_name(uint16_t t) {
     case kNFailedCpRequired: return "FAILED_CP_REQUIRED";
     case kNTsUnacceptable: return "TS_UNACCEPTABLE";
     case kNInvalidSelectors: return "INVALID_SELECTORS";
+    case kNUnacceptableAddresses: return "UNACCEPTABLE_ADDRESSES";
+    case kNUnexpectedNatDetected: return "UNEXPECTED_NAT_DETECTED";
     case kNTemporaryFailure: return "TEMPORARY_FAILURE";
     case kNChildSaNotFound: return "CHILD_SA_NOT_FOUND";
     case kNInitialContact: return "INITIAL_CONTACT";

@@ -57,6 +57,8 @@ enum NotifyType : uint16_t {
   kNFailedCpRequired = 37,
   kNTsUnacceptable = 38,
   kNInvalidSelectors = 39,
+  kNUnacceptableAddresses = 40,  // RFC 4555
+  kNUnexpectedNatDetected = 41,  // RFC 4555
   kNTemporaryFailure = 43,
   kNChildSaNotFound = 44,
   kNErrorMax = 16383,  // types below this are errors

@@ -148,6 +148,28 @@ class Pair : public ::testing::Test {
     }
   }
 
+  // Delivers the next datagram only (through the filter); false when none.
+  bool step() {
+    if (net.q.empty()) return false;
+    Pkt p = net.q.front();
+    net.q.pop_front();
+    if (net.filter && !net.filter(p)) return true;
+    net.log.push_back(p);
+    moat->sink.now = portal->sink.now = now;
+    if (Node* n = node_at(p.to.addr)) n->e.receive(p.to, p.from, p.data, now);
+    check_datapath();
+    return true;
+  }
+
+  PeerConfig moat_peer() const {
+    auto m = tunnel("portal", "branch-17@moats.example.net", "portal.example.net", psk, "10.17.0.0/24", "10.0.0.0/8");
+    m.remote = Endpoint{portal->a, kIkePort};
+    return m;
+  }
+  PeerConfig portal_peer() const {
+    return tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16", "10.17.0.0/16");
+  }
+
   void advance(uint64_t ms) {
     now += ms;
     moat->sink.now = portal->sink.now = now;
@@ -906,6 +928,8 @@ TEST_F(Pair, MobikeUpdateBehindANatFollowsTheNewMapping) {
   EXPECT_EQ(p["nat"], "remote");
   ASSERT_FALSE(portal->sink.moved_.empty());
   EXPECT_TRUE(portal->sink.moved_.back().udp_encap);
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_EQ(portal->sink.moved_.back().remote, (Endpoint{outside, uint16_t(kNattPort + 31000)}));
   EXPECT_EQ(moat->e.show(now)[0]["nat"], "local");
   ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
   run();
@@ -975,6 +999,540 @@ TEST_F(Pair, StartTunnelComesBackAfterThePortalForgetsIt) {
   EXPECT_GE(moat->e.stats().ike_given_up, 1u);
 }
 
+// ---------------------------------------------------------------- lifetimes
+
+bool has_log(const Node& n, const std::string& what) {
+  return std::any_of(n.logs.begin(), n.logs.end(), [&](auto& l) { return l.find(what) != std::string::npos; });
+}
+
+// A responder-only tunnel does not rely on its peer: the portal (which
+// never initiates) rekeys its CHILD SA at its own soft lifetime, make-
+// before-break, and the moat's timer for that SA does not rekey it again.
+TEST_F(Pair, ResponderRekeysItsChildSaAtTheSoftLifetime) {
+  auto m = moat_peer();
+  m.child_lifetime_s = 5000;  // the moat would rekey later: 4050-4500 s
+  moat->e.set_peers({m}, now);
+  auto p = portal_peer();
+  p.child_lifetime_s = 3600;  // rekey at 90% minus up to 10% jitter: 2916-3240 s
+  portal->e.set_peers({p}, now);
+  establish();
+  uint64_t t0 = now;
+  ASSERT_EQ(portal->e.show(now)[0]["role"], "responder");
+  advance(2900 * 1000);
+  EXPECT_TRUE(portal->sink.rekeys.empty());  // not before its soft lifetime
+  advance(340 * 1000);                       // t0 + 3240 s
+  ASSERT_EQ(portal->sink.rekeys.size(), 1u) << logs();
+  ASSERT_EQ(moat->sink.rekeys.size(), 1u) << logs();
+  EXPECT_TRUE(has_log(*portal, "reached its soft lifetime; rekeying it (we responded to the IKE SA)"));
+  EXPECT_EQ(portal->sink.installed.back().spi_out, moat->sink.installed.back().spi_in);
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  // The old SA's hard lifetime (t0 + 3600 s) and the moat's own soft
+  // lifetime for it (t0 + 4050..4500 s) pass: the SA was rekeyed, nothing
+  // expires and nobody rekeys twice (the new SA's own soft lifetimes come
+  // after t0 + 5832 s).
+  while (now < t0 + 4600 * 1000) advance(100 * 1000);
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->e.stats().child_expired + moat->e.stats().child_expired, 0u);
+  EXPECT_EQ(portal->e.stats().rekey_collisions + moat->e.stats().rekey_collisions, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// Both ends' timers fire in the same instant: a collision (§2.8.1), one SA
+// left on both ends, nothing lost; and no second rekey afterwards.
+TEST_F(Pair, BothEndsRekeyingAtTheSoftLifetimeCollideOnce) {
+  establish();
+  uint64_t t0 = now;
+  advance(3240 * 1000);  // both soft lifetimes (2916-3240 s) are due in this tick
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(moat->e.stats().rekey_collisions, 1u) << logs();
+  EXPECT_EQ(portal->e.stats().rekey_collisions, 1u);
+  ASSERT_EQ(moat->sink.live(), 1u);
+  ASSERT_EQ(portal->sink.live(), 1u);
+  EXPECT_EQ(*moat->sink.in.begin(), portal->sink.out);
+  EXPECT_EQ(*portal->sink.in.begin(), moat->sink.out);
+  size_t mi = moat->sink.installed.size(), pi = portal->sink.installed.size();
+  while (now < t0 + 5500 * 1000) advance(100 * 1000);  // before the new SA's soft lifetime
+  EXPECT_EQ(moat->sink.installed.size(), mi);
+  EXPECT_EQ(portal->sink.installed.size(), pi);
+  EXPECT_EQ(moat->e.stats().child_expired + portal->e.stats().child_expired, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// The timers fire apart: the first end rekeys, the other finds its SA
+// already rekeyed when its own timer fires and does nothing.
+TEST_F(Pair, SecondEndsTimerDoesNotRekeyAgain) {
+  establish();
+  uint64_t t0 = now;
+  // To each timer in turn (next_deadline() may name stale ones too): the
+  // first CHILD timer to fire rekeys; both ends' timers are past at 3240 s.
+  for (int i = 0; i < 50 && now < t0 + 3240 * 1000; ++i) {
+    uint64_t next = std::min({moat->e.next_deadline(), portal->e.next_deadline(), t0 + 3240 * 1000});
+    advance(next > now ? next - now : 1);
+  }
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.installed.size(), 2u);
+  EXPECT_EQ(portal->sink.installed.size(), 2u);
+  EXPECT_EQ(moat->e.stats().rekey_collisions + portal->e.stats().rekey_collisions, 0u);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// The portal's CHILD SA lives 100 s (rekey at 81-90 s). The moat refuses
+// every rekey (its proposals changed): at 100 s the portal deletes the SA,
+// tells the moat (INFORMATIONAL DELETE), and both data paths drop it.
+TEST_F(Pair, ChildSaNotRekeyedIsDeletedAtTheHardLifetime) {
+  auto p = portal_peer();
+  p.child_lifetime_s = 100;
+  p.child_rekey_s = 90;
+  portal->e.set_peers({p}, now);
+  establish();
+  uint64_t t0 = now;
+  auto m = moat_peer();
+  m.esp_proposals = *parse_proposals("aes256gcm16", kProtoEsp);  // nothing the portal offers
+  moat->e.set_peers({m}, now);
+  while (now < t0 + 99 * 1000) advance(1000);
+  EXPECT_GE(portal->e.stats().child_failed, 2u) << logs();  // tried, and tried again
+  EXPECT_EQ(portal->sink.live(), 1u);                        // still in use before the hard lifetime
+  EXPECT_EQ(moat->sink.live(), 1u);
+  advance(1000);
+  EXPECT_EQ(portal->e.stats().child_expired, 1u);
+  EXPECT_EQ(portal->sink.live(), 0u);
+  EXPECT_EQ(moat->sink.live(), 0u);  // it got the delete
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(moat->e.ike_sa_count(), 1u);
+  EXPECT_EQ(portal->e.stats().ike_given_up, 0u);
+}
+
+// The peer never answers the rekey: the SA still leaves the data path at
+// its hard lifetime (the delete waits behind the unanswered request, whose
+// retransmissions then give the IKE SA up).
+TEST_F(Pair, ChildSaLeavesTheDataPathAtTheHardLifetimeWhenThePeerNeverAnswers) {
+  auto p = portal_peer();
+  p.child_lifetime_s = 100;
+  p.child_rekey_s = 90;
+  portal->e.set_peers({p}, now);
+  establish();
+  uint64_t t0 = now;
+  net.filter = [&](Pkt& x) {
+    return !(x.from.addr == portal->a && x.data[18] == uint8_t(Exchange::create_child_sa) && !(x.data[19] & kFlagResponse));
+  };
+  while (now < t0 + 99 * 1000) advance(1000);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_GE(portal->e.stats().tx_retransmits, 1u);
+  advance(1000);
+  EXPECT_EQ(portal->e.stats().child_expired, 1u);
+  EXPECT_EQ(portal->sink.live(), 0u);
+  ASSERT_EQ(portal->sink.removed.size(), 1u);
+  EXPECT_EQ(portal->sink.removed[0].spi_in, portal->sink.installed[0].spi_in);
+  for (int i = 0; i < 120 && portal->e.ike_sa_count(); ++i) advance(1000);
+  EXPECT_EQ(portal->e.stats().ike_given_up, 1u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 0u);
+}
+
+// The IKE SA: the responder rekeys it at its own `ike_rekey` (the moat
+// never would); the CHILD SA moves to the new IKE SA untouched.
+TEST_F(Pair, ResponderRekeysTheIkeSa) {
+  auto m = moat_peer();
+  m.ike_rekey_s = 0;
+  moat->e.set_peers({m}, now);
+  auto p = portal_peer();
+  p.ike_rekey_s = 600;
+  portal->e.set_peers({p}, now);
+  establish();
+  auto before = portal->e.show(now)[0];
+  advance(600 * 1000);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u) << logs();
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  auto after = portal->e.show(now)[0], ma = moat->e.show(now)[0];
+  EXPECT_NE(after["spi_i"], before["spi_i"]);
+  EXPECT_EQ(after["role"], "initiator");  // of the new IKE SA
+  EXPECT_EQ(after["spi_r"], ma["spi_r"]);
+  EXPECT_EQ(after["children"].size(), 1u);
+  EXPECT_EQ(portal->sink.removed.size() + moat->sink.removed.size(), 0u);
+  advance(100 * 1000);  // past the old SA's lifetime (660 s): nothing expires
+  EXPECT_EQ(portal->e.stats().ike_expired, 0u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+}
+
+// Without a rekey the IKE SA is deleted at its lifetime (with its CHILD
+// SAs, at both ends); a `start` tunnel then initiates a new one.
+TEST_F(Pair, IkeSaNotRekeyedIsDeletedAtItsLifetime) {
+  auto p = portal_peer();
+  p.ike_rekey_s = 0;
+  p.ike_lifetime_s = 600;
+  portal->e.set_peers({p}, now);
+  auto m = moat_peer();
+  m.ike_rekey_s = 0;
+  moat->e.set_peers({m}, now);
+  establish();
+  advance(599 * 1000);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+  advance(1000);
+  EXPECT_EQ(portal->e.stats().ike_expired, 1u) << logs();
+  EXPECT_EQ(portal->e.ike_sa_count(), 0u);
+  EXPECT_EQ(moat->e.ike_sa_count(), 0u);
+  EXPECT_EQ(portal->sink.live(), 0u);
+  EXPECT_EQ(moat->sink.live(), 0u);
+}
+
+TEST_F(Pair, StartTunnelInitiatesAgainWhenItsIkeSaExpires) {
+  auto m = moat_peer();
+  m.start = true;
+  m.ike_rekey_s = 0;
+  m.ike_lifetime_s = 600;
+  moat->e.set_peers({m}, now);
+  advance(0);
+  ASSERT_EQ(portal->e.stats().ike_established, 1u);
+  advance(600 * 1000);
+  EXPECT_EQ(moat->e.stats().ike_expired, 1u);
+  for (int i = 0; i < 10 && portal->e.stats().ike_established < 2; ++i) advance(1000);
+  EXPECT_EQ(portal->e.stats().ike_established, 2u) << logs();
+  EXPECT_EQ(moat->e.ike_sa_count(), 1u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+}
+
+// ---------------------------------------------------------------- MOBIKE return routability
+
+// RFC 4555 §3.7: the portal answers the moat's UPDATE_SA_ADDRESSES and its
+// IKE SA talks to the new address at once, but the CHILD SA (the data path)
+// stays at the old one until an INFORMATIONAL with COOKIE2, sent to the new
+// address, comes back with it.
+TEST_F(Pair, MobikeChildSasMoveOnlyAfterTheReturnRoutabilityCheck) {
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99");
+  moat->a = new_a;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  ASSERT_EQ(net.q.size(), 1u);
+  step();  // the update reaches the portal
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
+  EXPECT_TRUE(portal->sink.moved_.empty());  // the data path still sends to the old address
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_EQ(portal->e.show(now)[0]["mobike_check"],
+            fmt::format("checking {}; ESP still to {}", Endpoint{new_a, kIkePort}.str(), Endpoint{old_a, kIkePort}.str()));
+  ASSERT_EQ(net.q.size(), 2u);  // the answer, then the check (a request) to the new address
+  EXPECT_EQ(net.q[1].to.addr, new_a);
+  EXPECT_FALSE(net.q[1].data[19] & kFlagResponse);
+  step();  // the answer reaches the moat
+  step();  // the check reaches the moat, which echoes it
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  run();
+  ASSERT_EQ(portal->sink.moved_.size(), 1u);
+  EXPECT_EQ(portal->sink.moved_[0].remote.addr, new_a);
+  EXPECT_EQ(portal->e.stats().mobike_check_failed, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+  EXPECT_FALSE(portal->e.show(now)[0].contains("mobike_check"));
+}
+
+// Behind a NAT whose mapping changed, an authenticated message from the new
+// mapping (§2.23) starts a check; the UPDATE_SA_ADDRESSES that follows from
+// there while it runs (strongSwan probes first, then updates) starts no
+// second one. The CHILD SA moves once, after the echo.
+TEST_F(Pair, MobikeNatRebindingIsCheckedOnce) {
+  IpAddr outside = ip("203.0.113.9");
+  uint16_t shift = 30000;
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) p.from.addr = outside, p.from.port = uint16_t(p.from.port + shift);
+    else if (p.to.addr == outside) p.to.addr = moat->a, p.to.port = uint16_t(p.to.port - shift);
+    return true;
+  };
+  establish();
+  shift = 31000;  // the NAT rebinds
+  ASSERT_TRUE(moat->e.check_liveness("portal", now));
+  step();  // from the new mapping: the IKE SA follows, a check starts
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  ASSERT_EQ(moat->e.local_address_changed(moat->a, moat->a, now), 1u);  // queued behind the liveness check
+  step();  // the liveness answer: the moat's UPDATE_SA_ADDRESSES leaves
+  ASSERT_EQ(net.q.size(), 2u);  // the portal's check, the moat's update
+  std::swap(net.q[0], net.q[1]);
+  step();  // the update, while the check runs
+  EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  run();
+  ASSERT_EQ(portal->sink.moved_.size(), 1u) << logs();
+  EXPECT_EQ(portal->sink.moved_[0].remote, (Endpoint{outside, uint16_t(kNattPort + 31000)}));
+  EXPECT_EQ(portal->e.stats().mobike_check_failed, 0u);
+}
+
+// Nobody answers at the new address: the data path never moves there; the
+// check is retransmitted a bounded number of times, then the IKE SA is
+// given up like any unanswered request.
+TEST_F(Pair, MobikeCheckNotAnsweredMovesNothing) {
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99");
+  moat->a = new_a;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  net.filter = [&](Pkt& p) { return !(p.from.addr == portal->a && !(p.data[19] & kFlagResponse)); };
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  for (int i = 0; i < 120 && portal->e.ike_sa_count(); ++i) {
+    advance(1000);
+    ASSERT_TRUE(portal->sink.moved_.empty());
+  }
+  EXPECT_EQ(portal->e.stats().ike_given_up, 1u);
+  EXPECT_EQ(portal->e.stats().tx_retransmits, EngineOptions{}.retransmit_tries);
+}
+
+// A forged answer (the check reflected with the response flag: its ICV
+// fails) moves nothing; the genuine echo, on a retransmission, does.
+TEST_F(Pair, MobikeForgedCheckAnswerMovesNothing) {
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99");
+  moat->a = new_a;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  std::optional<Pkt> check;
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == portal->a && !(p.data[19] & kFlagResponse)) {
+      check = p;
+      return false;
+    }
+    return true;
+  };
+  run();
+  ASSERT_TRUE(check);
+  Pkt forged = *check;
+  std::swap(forged.from, forged.to);
+  forged.data[19] = kFlagResponse | kFlagInitiator;
+  net.q.push_back(forged);
+  run();
+  EXPECT_EQ(portal->e.stats().rx_bad_icv, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  net.filter = nullptr;
+  advance(EngineOptions{}.retransmit_base_ms);  // the check again; the moat echoes it
+  ASSERT_EQ(portal->sink.moved_.size(), 1u) << logs();
+  EXPECT_EQ(portal->sink.moved_[0].remote.addr, new_a);
+}
+
+// A peer whose answer does not echo the COOKIE2 (authenticated, but not a
+// proof it received the check): nothing moves, the IKE SA keeps working.
+TEST_F(Pair, MobikeCheckAnsweredWithoutTheCookieMovesNothing) {
+  EngineOptions o;
+  o.echo_cookie2 = false;
+  moat = std::make_unique<Node>(net, "198.51.100.7", o);
+  moat->e.set_peers({moat_peer()}, now);
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99");
+  moat->a = new_a;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  EXPECT_EQ(portal->e.stats().mobike_check_failed, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  // The moat announces the same address again: checked again (and fails again).
+  ASSERT_EQ(moat->e.local_address_changed(new_a, new_a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_checks, 2u);
+  EXPECT_EQ(portal->e.stats().mobike_check_failed, 2u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  ASSERT_TRUE(portal->e.check_liveness("branch-17", now));
+  run();
+  EXPECT_EQ(portal->e.stats().tx_retransmits, 0u);
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+}
+
+// An on-path attacker holds the moat's genuine update back and delivers it
+// from another address first (the IP header is not authenticated): the
+// check goes there, nobody answers, and the data path never points there.
+TEST_F(Pair, MobikeUpdateFromAWrongAddressMovesNothingThere) {
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99"), evil = ip("203.0.113.66");
+  moat->a = new_a;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  Pkt genuine = net.q.front();
+  net.q.pop_front();
+  Pkt diverted = genuine;
+  diverted.from.addr = evil;
+  net.q.push_back(diverted);
+  step();
+  EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
+  net.q.push_back(genuine);  // late: a retransmission for the portal, answered from its cache
+  run();
+  EXPECT_EQ(portal->e.stats().rx_retransmit, 1u);
+  for (int i = 0; i < 120 && portal->e.ike_sa_count(); ++i) advance(1000);
+  for (auto& m : portal->sink.moved_) EXPECT_FALSE(m.remote.addr == evil);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+}
+
+// ---------------------------------------------------------------- NO_NATS_ALLOWED (RFC 4555 §3.9)
+
+// The moat moves into a NAT with `no_nats_allowed`: its update carries the
+// addresses it sent from and to, the NAT rewrote them, the portal answers
+// UNEXPECTED_NAT_DETECTED and moves nothing.
+TEST_F(Pair, NoNatsAllowedUpdateThroughANatIsRefused) {
+  auto m = moat_peer();
+  m.no_nats_allowed = true;
+  moat->e.set_peers({m}, now);
+  establish();
+  IpAddr old_a = moat->a, outside = ip("203.0.113.9");
+  moat->a = ip("10.9.9.9");
+  net.filter = [&](Pkt& p) {
+    if (p.from.addr == moat->a) p.from.addr = outside, p.from.port = uint16_t(p.from.port + 30000);
+    else if (p.to.addr == outside) p.to.addr = moat->a, p.to.port = uint16_t(p.to.port - 30000);
+    return true;
+  };
+  ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_nat_refused, 1u);
+  EXPECT_EQ(moat->e.stats().mobike_nat_refused, 1u);  // it got UNEXPECTED_NAT_DETECTED
+  EXPECT_EQ(portal->e.stats().mobike_moved, 0u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{old_a, kIkePort}.str()));
+  EXPECT_EQ(portal->e.show(now)[0]["nat"], "none");
+}
+
+// Without a NAT on the new path the addresses match and the SA moves.
+TEST_F(Pair, NoNatsAllowedUpdateWithoutANatMoves) {
+  auto m = moat_peer();
+  m.no_nats_allowed = true;
+  moat->e.set_peers({m}, now);
+  establish();
+  IpAddr old_a = moat->a, new_a = ip("198.51.100.99");
+  moat->a = new_a;
+  ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_nat_refused + moat->e.stats().mobike_nat_refused, 0u);
+  ASSERT_EQ(portal->sink.moved_.size(), 1u);
+  EXPECT_EQ(portal->sink.moved_[0].remote.addr, new_a);
+}
+
+// The portal's tunnel allows no NAT: an update whose NAT detection shows one
+// is answered UNEXPECTED_NAT_DETECTED, whatever the moat asked for.
+TEST_F(Pair, PortalAllowingNoNatRefusesAnUpdateThatShowsOne) {
+  auto p = portal_peer();
+  p.no_nats_allowed = true;
+  portal->e.set_peers({p}, now);
+  establish();
+  IpAddr old_a = moat->a, outside = ip("203.0.113.9");
+  moat->a = ip("10.9.9.9");
+  net.filter = [&](Pkt& x) {
+    if (x.from.addr == moat->a) x.from.addr = outside, x.from.port = uint16_t(x.from.port + 30000);
+    else if (x.to.addr == outside) x.to.addr = moat->a, x.to.port = uint16_t(x.to.port - 30000);
+    return true;
+  };
+  ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
+  run();
+  EXPECT_EQ(portal->e.stats().mobike_nat_refused, 1u);
+  EXPECT_EQ(moat->e.stats().mobike_nat_refused, 1u);
+  EXPECT_TRUE(portal->sink.moved_.empty());
+  EXPECT_EQ(portal->e.show(now)[0]["nat"], "none");
+}
+
+// ---------------------------------------------------------------- §2.25.2: CHILD rekeys crossing an IKE SA rekey
+
+// The moat rekeys the IKE SA while the portal rekeys the CHILD SA: the moat
+// answers the CHILD rekey TEMPORARY_FAILURE (its IKE rekey is on the wire),
+// the portal tries again later on the IKE SA that survives, and succeeds.
+TEST_F(Pair, ChildRekeyDuringOurIkeRekeyGetsTemporaryFailure) {
+  establish();
+  ASSERT_TRUE(moat->e.rekey_ike("portal", now));
+  ASSERT_TRUE(portal->e.rekey_child("branch-17", now));
+  run();
+  EXPECT_EQ(moat->e.stats().rekey_refused, 1u) << logs();
+  EXPECT_EQ(portal->e.stats().child_failed, 1u);
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(moat->e.show(now)[0]["spi_i"], portal->e.show(now)[0]["spi_i"]);
+  EXPECT_TRUE(portal->sink.rekeys.empty());
+  advance(60 * 1000);  // the retry, on the new IKE SA
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u) << logs();
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_EQ(moat->e.stats().rx_bad_icv + portal->e.stats().rx_bad_icv, 0u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// The moat's CHILD rekey reaches the portal on the old IKE SA after the
+// portal's IKE rekey moved the CHILD SAs away (the old IKE SA's delete not
+// yet done): CHILD_SA_NOT_FOUND; the moat retries on the new IKE SA.
+TEST_F(Pair, ChildRekeyOnAReplacedIkeSaGetsChildSaNotFound) {
+  establish();
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  std::optional<Pkt> child_req, ike_delete;
+  net.filter = [&](Pkt& p) {
+    bool req = !(p.data[19] & kFlagResponse);
+    if (req && p.from.addr == moat->a && p.data[18] == uint8_t(Exchange::create_child_sa) && !child_req) {
+      child_req = p;  // held
+      return false;
+    }
+    if (req && p.from.addr == portal->a && p.data[18] == uint8_t(Exchange::informational) && !ike_delete) {
+      ike_delete = p;  // the portal's delete of the old IKE SA, held
+      return false;
+    }
+    return true;
+  };
+  run();
+  ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
+  run();
+  ASSERT_TRUE(child_req && ike_delete) << logs();
+  net.q.push_back(*child_req);
+  run();
+  EXPECT_EQ(portal->e.stats().rekey_refused, 1u) << logs();
+  EXPECT_EQ(moat->e.stats().child_failed, 1u);
+  net.q.push_back(*ike_delete);
+  run();
+  net.filter = nullptr;
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  advance(60 * 1000);  // the moat's retry, on the new IKE SA
+  advance(EngineOptions{}.rekey_linger_ms);
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u) << logs();
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
+// A peer that answers our CHILD rekey on the old IKE SA after its IKE
+// rekey moved the CHILD SAs (strongSwan may): the new CHILD SA joins the
+// new IKE SA, and is not lost when the old IKE SA is deleted.
+TEST_F(Pair, ChildRekeyAnsweredOnAReplacedIkeSaJoinsTheNewOne) {
+  establish();
+  ASSERT_TRUE(moat->e.rekey_child("portal", now));
+  std::optional<Pkt> answer;
+  net.filter = [&](Pkt& p) {
+    if (!answer && p.from.addr == portal->a && (p.data[19] & kFlagResponse) &&
+        p.data[18] == uint8_t(Exchange::create_child_sa)) {
+      answer = p;  // the portal's answer to the moat's CHILD rekey, held
+      return false;
+    }
+    return true;
+  };
+  run();
+  ASSERT_TRUE(answer);
+  ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
+  // The portal's IKE rekey reaches the moat (its CHILD rekey still open):
+  // answered; the moat's CHILD SA moves to the new IKE SA.
+  ASSERT_TRUE(step());
+  ASSERT_TRUE(step());
+  net.q.push_front(*answer);
+  run();
+  net.filter = nullptr;
+  advance(EngineOptions{}.rekey_linger_ms);
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u) << logs();
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(moat->sink.rekeys.size(), 1u);
+  EXPECT_EQ(portal->sink.rekeys.size(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u) << logs();
+  EXPECT_EQ(portal->sink.live(), 1u);
+  auto m = moat->e.show(now)[0], p = portal->e.show(now)[0];
+  ASSERT_EQ(m["children"].size(), 1u);
+  ASSERT_EQ(p["children"].size(), 1u);
+  EXPECT_EQ(m["children"][0]["spi_in"], p["children"][0]["spi_out"]);
+  EXPECT_EQ(m["children"][0]["spi_in"], fmt::format("{:08x}", moat->sink.installed.back().spi_in));
+  EXPECT_TRUE(violations.empty()) << violations_str();
+}
+
 TEST(IkeConfig, BrokenRecordIsReportedAndSkipped) {
   auto dir = std::filesystem::temp_directory_path() / ("moat-ike-cfg-" + std::to_string(getpid()));
   std::filesystem::create_directories(dir);
@@ -996,6 +1554,10 @@ TEST(IkeConfig, BrokenRecordIsReportedAndSkipped) {
                                         "remote: 192.0.2.3\n"
                                         "start: true\n"
                                         "esp_proposals: [aes128gcm16, aes256-sha256]\n"
+                                        "ike_rekey: 4h\n"
+                                        "ike_lifetime: 5h\n"
+                                        "mobike_check: false\n"
+                                        "no_nats_allowed: true\n"
                                         "funnels:\n"
                                         "  - {local: 10.0.0.0/8, remote: 10.3.0.0/24}\n"
                                         "  - {local: 172.16.0.0/12, remote: 10.3.1.0/24}\n";
@@ -1012,6 +1574,11 @@ TEST(IkeConfig, BrokenRecordIsReportedAndSkipped) {
   EXPECT_EQ(r.tunnels[1].remote_ts.size(), 2u);
   EXPECT_EQ(r.tunnels[1].esp_proposals.size(), 2u);
   EXPECT_EQ(r.tunnels[1].remote_id.type, kIdDn);
+  EXPECT_EQ(r.tunnels[1].ike_lifetime_s, 5u * 3600);
+  EXPECT_FALSE(r.tunnels[1].mobike_check);
+  EXPECT_TRUE(r.tunnels[1].no_nats_allowed);
+  EXPECT_TRUE(r.tunnels[0].mobike_check);  // the defaults
+  EXPECT_FALSE(r.tunnels[0].no_nats_allowed);
   ASSERT_EQ(r.errors.size(), 3u);
   EXPECT_EQ(r.errors[0].line, 4);
   EXPECT_EQ(r.errors[0].col, 16);

@@ -363,8 +363,9 @@ want behind-nat && case_behind_nat
 
 # MOBIKE (RFC 4555): strongSwan initiates with mobike = yes, so both ends
 # negotiate it; then strongSwan's address changes (192.0.2.2 -> .3) and it
-# sends UPDATE_SA_ADDRESSES from the new one: Moat must move the IKE SA and
-# its CHILD SA there and keep answering (liveness checks from strongSwan).
+# sends UPDATE_SA_ADDRESSES from the new one: Moat must move the IKE SA
+# there, check the new address (COOKIE2, which strongSwan echoes), then move
+# its CHILD SA, and keep answering (liveness checks from strongSwan).
 case_mobike_roam() {
     local name=mobike-roam rc=0 i
     log "--- $name"
@@ -377,12 +378,15 @@ case_mobike_roam() {
         || { log "MOBIKE not negotiated"; rc=1; }
     nsx "$NS_S" ip addr del $S_WAN/24 dev wan0
     nsx "$NS_S" ip addr add 192.0.2.3/24 dev wan0
+    # The IKE SA moves at once; the CHILD SA once strongSwan has echoed the
+    # COOKIE2 of Moat's return routability check (RFC 4555 §3.7) sent there.
     for i in $(seq 1 50); do
-        iked_show && python3 -c "import json; s=json.load(open('$RUN/show.json')); a=s['ike_sas'][0]; assert a['remote'].startswith('192.0.2.3:') and s['stats']['mobike_moved'] >= 1" 2>/dev/null && break
+        iked_show && python3 -c "import json; s=json.load(open('$RUN/show.json')); a=s['ike_sas'][0]; assert a['remote'].startswith('192.0.2.3:') and s['stats']['mobike_moved'] >= 1" 2>/dev/null \
+            && grep -q "192.0.2.3" "$RUN/sa.log" && break
         sleep 0.2
     done
-    python3 -c "import json; s=json.load(open('$RUN/show.json')); a=s['ike_sas'][0]; print('moat sees', a['remote'], 'mobike_moved', s['stats']['mobike_moved']); assert a['remote'].startswith('192.0.2.3:') and s['stats']['mobike_moved'] >= 1" \
-        || { log "Moat did not move the SA to strongSwan's new address"; rc=1; }
+    python3 -c "import json; s=json.load(open('$RUN/show.json')); a=s['ike_sas'][0]; st=s['stats']; print('moat sees', a['remote'], 'mobike_moved', st['mobike_moved'], 'checks', st['mobike_checks'], 'failed', st['mobike_check_failed']); assert a['remote'].startswith('192.0.2.3:') and st['mobike_moved'] >= 1 and st['mobike_checks'] >= 1 and st['mobike_check_failed'] == 0" \
+        || { log "Moat did not move the SA to strongSwan's new address (or its return routability check failed)"; rc=1; }
     grep -q "192.0.2.3" "$RUN/sa.log" || { log "the CHILD SA was not moved (no moved() in the sink log)"; rc=1; }
     # strongSwan checks the new path itself (liveness): the SA must stay up.
     sw --list-sas >"$RUN/$name.sas" 2>&1
