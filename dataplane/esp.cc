@@ -187,10 +187,12 @@ tl::expected<void, std::string> esp_worker_init(EspWorker& ew, const std::string
   // holds frag_flows packets in reassembly at once, older ones time out.
   uint32_t buckets = rte_align32pow2((c.frag_flows + 15) / 16);
   ew.frag = rte_ip_frag_table_create(buckets, 16, c.frag_flows, hz / 1000 * c.frag_timeout_ms, SOCKET_ID_ANY);
+  std::memset(ew.frag_fed_tsc, 0, sizeof(ew.frag_fed_tsc));
   if (!ew.frag) {
     esp_worker_fini(ew);
     return tl::unexpected(fmt::format("ESP worker {}: reassembly table of {} flows: allocation failed", name, c.frag_flows));
   }
+  ew.frag_timeout_tsc = hz / 1000 * c.frag_timeout_ms;
   ew.unknown_event_gap_tsc = hz / 1000 * c.unknown_spi_event_ms;
   ew.ip_id = uint16_t(rte_rand());
   return {};
@@ -614,6 +616,14 @@ void unknown_spi(Worker& w, EspWorker& ew, rte_ring* events, uint32_t src, uint3
   }
 }
 
+// The slot of a fragment key (RFC 791: source, destination, protocol, id)
+// in EspWorker::frag_fed_tsc.
+inline unsigned fed_slot(const rte_ipv4_hdr* ip) {
+  uint32_t k = ip->src_addr * 2654435761u ^ ip->dst_addr * 40503u ^ (uint32_t(ip->packet_id) << 8 | ip->next_proto_id);
+  return (k * 2654435761u) >> (32 - 10);
+}
+static_assert(EspWorker::kFedSlots == 1u << 10);
+
 // Hands a fragment to the reassembly table; returns the whole packet (one
 // segment when it fits) or nullptr while fragments are missing. The table
 // wants the L2 header in front and l2_len/l3_len set; it leaves the checksum
@@ -622,6 +632,7 @@ rte_mbuf* reassemble(Worker& w, EspWorker& ew, rte_mbuf* m, uint16_t l3_off) {
   auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, l3_off);
   m->l2_len = l3_off;
   m->l3_len = uint16_t((ip->version_ihl & 0xf) * 4);
+  ew.frag_fed_tsc[fed_slot(ip)] = w.now_tsc;
   rte_mbuf* r = rte_ipv4_frag_reassemble_packet(ew.frag, &ew.death_row, m, w.now_tsc, ip);
   if (ew.death_row.cnt > RTE_IP_FRAG_DEATH_ROW_MBUF_LEN / 2) {
     w.stats.drops[static_cast<unsigned>(Drop::esp_reassembly_failed)].add(ew.death_row.cnt);
@@ -635,6 +646,134 @@ rte_mbuf* reassemble(Worker& w, EspWorker& ew, rte_mbuf* m, uint16_t l3_off) {
   rte_pktmbuf_linearize(r);  // best effort: a chain stays valid for later stages
   return r;
 }
+
+// Inner reassembly without the table for the common case. Moat's
+// fragment-inner (and most senders) emit all fragments of a datagram one
+// after another on one SA, so they are decrypted back to back in one burst;
+// the table's lookup of every first fragment (two 16-way buckets of 256-byte
+// entries in a table that the packet stream keeps evicting) was most of the
+// reassembly's cost (docs/PERFORMANCE.md). rte_ip_frag has no such path: its
+// only entry point is the table. So a run of fragments of one datagram on
+// one SA — first at offset 0, each next one starting where the last ended,
+// the last with MF clear, every one with payload, at most the table's
+// RTE_LIBRTE_IP_FRAG_MAX_FRAG, the whole at most 65,535 bytes — is joined
+// here into what the table would return: the first fragment's mbuf and
+// header, total length set, MF and offset cleared, checksum recomputed, the
+// other payloads copied behind it (chained when it lacks the room), and
+// frag_held/inner_reassembled counted alike.
+//
+// Anything else goes to the table in arrival order, exactly as before:
+// a run that breaks off (another key or SA, a gap, an overlap, a duplicate,
+// too many pieces, a non-fragment or the burst's end) hands its fragments to
+// the table, whose result takes the run's place in the burst. A run is also
+// handed over when its key went into the table less than the table's
+// timeout ago (frag_fed_tsc, conservative under hash collisions): a live
+// entry could hold fragments of it (a duplicate, a retransmission), and the
+// table must see them together. The one difference: a joined datagram needs
+// no table slot, so a full table (a flood of fragments that never complete)
+// no longer refuses datagrams that arrive whole.
+struct FragRun {
+  static constexpr unsigned kMax = RTE_LIBRTE_IP_FRAG_MAX_FRAG;
+  rte_mbuf* m[kMax];
+  unsigned n = 0;
+  uint32_t sa = kNoSa;
+  uint32_t src = 0, dst = 0;  // network order, as in the header
+  uint16_t id = 0;
+  uint8_t proto = 0;
+  uint16_t ihl0 = 0;     // the first fragment's header length
+  uint32_t next = 0;     // bytes of payload so far: where the next one starts
+
+  static const rte_ipv4_hdr* ip(rte_mbuf* f) { return rte_pktmbuf_mtod_offset(f, const rte_ipv4_hdr*, kEth); }
+
+  // Every held fragment to the table, in arrival order; what it completes
+  // goes to `out`.
+  void to_table(Worker& w, EspWorker& ew, Burst& out) {
+    for (unsigned k = 0; k < n; k++) {
+      PktMeta saved = meta(m[k]);
+      rte_mbuf* whole = reassemble(w, ew, m[k], kEth);
+      if (!whole) continue;
+      meta(whole) = saved;
+      ew.stats.inner_reassembled.add();
+      out.pkts[out.n++] = whole;
+    }
+    n = 0;
+  }
+
+  // One decrypted inner fragment (l3 at kEth, total/ihl checked, meta set).
+  void add(Worker& w, EspWorker& ew, rte_mbuf* f, Burst& out) {
+    const rte_ipv4_hdr* h = ip(f);
+    uint16_t fo = rte_be_to_cpu_16(h->fragment_offset);
+    uint32_t off = uint32_t(fo & RTE_IPV4_HDR_OFFSET_MASK) * RTE_IPV4_HDR_OFFSET_UNITS;
+    bool more = fo & RTE_IPV4_HDR_MF_FLAG;
+    uint16_t ihl = uint16_t((h->version_ihl & 0xf) * 4);
+    uint32_t len = uint32_t(rte_be_to_cpu_16(h->total_length) - ihl);
+    if (off == 0) {
+      to_table(w, ew, out);
+      if (len == 0) {  // nothing to join: the table decides
+        m[n++] = f;
+        to_table(w, ew, out);
+        return;
+      }
+      m[n++] = f;
+      sa = meta(f).sa;
+      src = h->src_addr;
+      dst = h->dst_addr;
+      id = h->packet_id;
+      proto = h->next_proto_id;
+      ihl0 = ihl;
+      next = len;
+      return;
+    }
+    if (n == 0 || n == kMax || off != next || len == 0 || h->packet_id != id || h->src_addr != src ||
+        h->dst_addr != dst || h->next_proto_id != proto || meta(f).sa != sa || ihl0 + next + len > 0xffff) {
+      to_table(w, ew, out);
+      m[n++] = f;
+      to_table(w, ew, out);
+      return;
+    }
+    m[n++] = f;
+    next += len;
+    if (more) return;
+    uint64_t fed = ew.frag_fed_tsc[fed_slot(h)];
+    if (fed && w.now_tsc - fed <= ew.frag_timeout_tsc) {
+      to_table(w, ew, out);
+      return;
+    }
+    out.pkts[out.n++] = join(ew);
+  }
+
+  rte_mbuf* join(EspWorker& ew) {
+    rte_mbuf* head = m[0];
+    PktMeta last = meta(m[n - 1]);
+    uint32_t extra = next - (rte_pktmbuf_pkt_len(head) - kEth - ihl0);
+    bool copy = rte_pktmbuf_is_contiguous(head) && rte_pktmbuf_tailroom(head) >= extra;
+    for (unsigned k = 1; k < n; k++) {
+      rte_mbuf* f = m[k];
+      uint16_t hl = uint16_t(kEth + (ip(f)->version_ihl & 0xf) * 4);
+      if (copy && rte_pktmbuf_is_contiguous(f)) {
+        uint16_t len = uint16_t(rte_pktmbuf_data_len(f) - hl);
+        std::memcpy(rte_pktmbuf_append(head, len), rte_pktmbuf_mtod_offset(f, const uint8_t*, hl), len);
+        rte_pktmbuf_free(f);
+      } else {
+        copy = false;
+        rte_pktmbuf_adj(f, hl);
+        rte_pktmbuf_chain(head, f);  // at most kMax segments: cannot overflow
+      }
+      ew.stats.frag_held.add();
+    }
+    auto* h = rte_pktmbuf_mtod_offset(head, rte_ipv4_hdr*, kEth);
+    h->total_length = rte_cpu_to_be_16(uint16_t(ihl0 + next));
+    h->fragment_offset &= rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG);
+    ip_cksum(h);
+    head->l2_len = kEth;
+    head->l3_len = ihl0;
+    meta(head) = last;
+    ew.stats.inner_reassembled.add();
+    ew.stats.inner_joined.add();
+    n = 0;
+    return head;
+  }
+};
 
 }  // namespace
 
@@ -797,7 +936,10 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   // 4. Authenticated? Then the window, the trailer, the inner packet. The
   // lifetimes are counted once per run of packets of one SA (as outbound):
   // their line is read and written once, not per packet.
-  uint16_t n = 0;
+  // Survivors are written back into b from the front (b.n never passes the
+  // job being looked at: each survivor or table result consumes one job).
+  b.n = 0;
+  FragRun run;
   uint32_t run_idx = kNoSa;
   uint64_t run_pkts = 0, run_bytes = 0;
   auto end_run = [&]() {
@@ -881,18 +1023,15 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     md.out_port = kNoPort;
     md.sa = j.idx;
     if (is_fragment(inner)) {
-      PktMeta saved = md;
-      rte_mbuf* whole = reassemble(w, ew, m, kEth);
-      if (!whole) continue;
-      meta(whole) = saved;
-      ew.stats.inner_reassembled.add();
-      m = whole;
+      run.add(w, ew, m, b);
+    } else {
+      run.to_table(w, ew, b);  // a run broken off goes first: arrival order
+      b.pkts[b.n++] = m;
     }
-    b.pkts[n++] = m;
   }
+  run.to_table(w, ew, b);
   end_run();
-  ew.stats.decrypted.add(n);
-  b.n = n;
+  ew.stats.decrypted.add(b.n);
 }
 
 }  // namespace moat
