@@ -687,3 +687,196 @@ TEST(Esp, PacketsThatReadTheOldSaBeforeAReplaceStillGo) {
   EXPECT_TRUE(rx.sad->sa(old_in).state.load() & kSaLive) << "until reclaim()";
   (void)old_out;
 }
+
+// Inner reassembly: fragments decrypted back to back are joined without the
+// table (EspStats::inner_joined); everything else goes through rte_ip_frag
+// exactly as before, with the same results and counted drops.
+namespace {
+
+struct FragRig : Rig {
+  uint32_t out = kNoSa;
+  explicit FragRig(const EspWorkerConfig& ec = {}, uint16_t mtu = 1500) : Rig(ec) {
+    SaConfig o = sa_cfg(SaDir::outbound, 0xa0a0);
+    o.mtu = mtu;
+    out = add(o);
+    add(sa_cfg(SaDir::inbound, 0xa0a0));
+  }
+  // Inner frames sealed, then opened one burst per group.
+  std::vector<std::vector<uint8_t>> open_groups(const std::vector<std::vector<std::vector<uint8_t>>>& groups) {
+    std::vector<std::vector<uint8_t>> back;
+    for (const auto& g : groups) {
+      auto got = open(seal(g, out));
+      back.insert(back.end(), got.begin(), got.end());
+    }
+    return back;
+  }
+  uint64_t joined() const { return ew->stats.inner_joined.load(); }
+  uint64_t reassembled() const { return ew->stats.inner_reassembled.load(); }
+  // Past the table's timeout: what it still holds is freed and counted.
+  void time_out() {
+    w->now_tsc += 3 * rte_get_tsc_hz();
+    esp_housekeeping(*w, *ew);
+  }
+};
+
+// A whole datagram of `len` payload bytes (the pattern inner_fragment writes).
+void expect_whole(const std::vector<uint8_t>& frame, size_t len) {
+  auto ip = l3(frame);
+  ASSERT_EQ(ip.size(), 20u + len);
+  EXPECT_EQ(be16(ip, 2), 20u + len);
+  EXPECT_EQ(be16(ip, 6) & 0x3fff, 0) << "MF and offset cleared";
+  EXPECT_EQ(ref_checksum(ip.data(), 20), 0);
+  for (size_t i = 0; i < len; i++) ASSERT_EQ(ip[20 + i], uint8_t(i)) << i;
+}
+
+}  // namespace
+
+TEST(EspReassembly, InOrderFragmentsInOneBurstAreJoinedAsTheTableWould) {
+  FragRig r;
+  auto a = inner_fragment(5, 0, true, 64), b = inner_fragment(5, 8, false, 40);
+  auto joined = r.open_groups({{a, b, inner_frame(30)}});
+  ASSERT_EQ(joined.size(), 2u);
+  EXPECT_EQ(r.joined(), 1u);
+  EXPECT_EQ(r.reassembled(), 1u);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 1u) << "counted as the table counts it";
+  expect_whole(joined[0], 104);
+  EXPECT_EQ(l3(joined[1]), l3(inner_frame(30))) << "order kept";
+  // The same datagram through the table (one fragment per burst): same bytes.
+  FragRig t;
+  auto table = t.open_groups({{a}, {b}});
+  ASSERT_EQ(table.size(), 1u);
+  EXPECT_EQ(t.joined(), 0u);
+  EXPECT_EQ(t.reassembled(), 1u);
+  EXPECT_EQ(l3(joined[0]), l3(table[0]));  // (the MACs are the outer frames', as the sealer left them)
+  EXPECT_EQ(r.w->stats.drops[static_cast<unsigned>(Drop::esp_reassembly_failed)].load(), 0u);
+}
+
+TEST(EspReassembly, ThreeLargeFragmentsJoinIntoAChainLikeTheTables) {
+  // 3,800 bytes of payload: more than the first mbuf's tailroom, so both
+  // the table and the join return a chain; the bytes must agree.
+  std::vector<std::vector<uint8_t>> frags{inner_fragment(9, 0, true, 1400), inner_fragment(9, 175, true, 1400),
+                                          inner_fragment(9, 350, false, 1000)};
+  FragRig r;
+  auto joined = r.open_groups({frags});
+  ASSERT_EQ(joined.size(), 1u);
+  EXPECT_EQ(r.joined(), 1u);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 2u);
+  expect_whole(joined[0], 3800);
+  FragRig t;
+  auto table = t.open_groups({{frags[0]}, {frags[1]}, {frags[2]}});
+  ASSERT_EQ(table.size(), 1u);
+  EXPECT_EQ(t.joined(), 0u);
+  EXPECT_EQ(l3(joined[0]), l3(table[0]));  // (the MACs are the outer frames', as the sealer left them)
+}
+
+TEST(EspReassembly, FragmentsSplitAcrossBurstsGoThroughTheTable) {
+  FragRig r;
+  auto back = r.open_groups({{inner_frame(10), inner_fragment(6, 0, true, 64)}, {inner_fragment(6, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 2u);
+  expect_whole(back[1], 104);
+  EXPECT_EQ(r.joined(), 0u);
+  EXPECT_EQ(r.reassembled(), 1u);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 1u);
+}
+
+TEST(EspReassembly, ReorderedFragmentsGoThroughTheTable) {
+  FragRig r;
+  auto back = r.open_groups({{inner_fragment(7, 8, false, 40), inner_fragment(7, 0, true, 64)}});
+  ASSERT_EQ(back.size(), 1u);
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.joined(), 0u);
+  EXPECT_EQ(r.reassembled(), 1u);
+}
+
+TEST(EspReassembly, OverlappingFragmentsAreNeverJoinedAndAreCounted) {
+  FragRig r;
+  auto back = r.open_groups({{inner_fragment(8, 0, true, 64), inner_fragment(8, 4, false, 64)}});
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.joined(), 0u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 2u);
+}
+
+TEST(EspReassembly, AnotherIdInTheMiddleBreaksTheRun) {
+  FragRig r;
+  // 11's second fragment sits where 10's would: contiguous offsets, other id.
+  auto back = r.open_groups({{inner_fragment(10, 0, true, 64), inner_fragment(11, 8, true, 64),
+                              inner_fragment(10, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 1u) << "10 whole, through the table";
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.joined(), 0u);
+  EXPECT_EQ(r.reassembled(), 1u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 1u) << "11's lone fragment";
+}
+
+TEST(EspReassembly, CandidatesWithBadLengthsAreLeftToTheTable) {
+  FragRig r;
+  // First payload 60 bytes (not a multiple of 8), next at 64: a 4-byte hole.
+  auto back = r.open_groups({{inner_fragment(12, 0, true, 60), inner_fragment(12, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  // A middle fragment without payload.
+  back = r.open_groups({{inner_fragment(13, 0, true, 64), inner_fragment(13, 8, true, 0),
+                         inner_fragment(13, 8, false, 40)}});
+  EXPECT_EQ(r.joined(), 0u) << "never joined";
+  // What rte_ip_frag makes of them: 12 never completes; 13 comes out whole
+  // and its empty piece is dropped.
+  ASSERT_EQ(back.size(), 1u);
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 4u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 2u + 1u);
+}
+
+TEST(EspReassembly, DuplicatesGoToTheTableAsBefore) {
+  FragRig r;
+  // A duplicate first fragment: the table refuses both copies, then holds
+  // the last one alone until the timeout.
+  auto back = r.open_groups({{inner_fragment(14, 0, true, 64), inner_fragment(14, 0, true, 64),
+                              inner_fragment(14, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  // A duplicate last fragment: the datagram is whole, the copy waits alone.
+  auto b2 = r.open_groups({{inner_fragment(15, 0, true, 64), inner_fragment(15, 8, false, 40),
+                            inner_fragment(15, 8, false, 40)}});
+  ASSERT_EQ(b2.size(), 1u);
+  expect_whole(b2[0], 104);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 3u + 1u);
+}
+
+TEST(EspReassembly, AKeyTheTableHoldsIsNotJoinedUntilItTimesOut) {
+  FragRig r;
+  // The first fragment alone in one burst waits in the table; the same
+  // datagram in order in the next burst must meet it there (a duplicate
+  // first fragment: the table drops all three), not be joined past it.
+  auto back = r.open_groups({{inner_fragment(16, 0, true, 64)},
+                             {inner_fragment(16, 0, true, 64), inner_fragment(16, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.joined(), 0u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 3u);
+  // After the table's timeout the key is free to be joined again.
+  back = r.open_groups({{inner_fragment(16, 0, true, 64), inner_fragment(16, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 1u);
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.joined(), 1u);
+}
+
+TEST(EspReassembly, AFullTableDoesNotRefuseDatagramsThatArriveWhole) {
+  EspWorkerConfig ec;
+  ec.frag_flows = 16;
+  FragRig r(ec);
+  std::vector<std::vector<uint8_t>> flood;
+  for (uint16_t id = 100; id < 200; id++) flood.push_back(inner_fragment(id, 0, true, 64));
+  EXPECT_TRUE(r.open_groups({flood}).empty());
+  uint64_t refused = r.drops(Drop::esp_reassembly_failed);
+  EXPECT_GE(refused, 100u - 16u) << "the table is full";
+  auto back = r.open_groups({{inner_fragment(300, 0, true, 64), inner_fragment(300, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 1u) << "joined: it needs no table slot";
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), refused);
+  // Split across bursts, the same datagram still needs the full table.
+  back = r.open_groups({{inner_fragment(301, 0, true, 64)}, {inner_fragment(301, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), refused + 2);
+}
