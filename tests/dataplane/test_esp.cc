@@ -799,8 +799,8 @@ TEST(EspReassembly, OverlappingFragmentsAreNeverJoinedAndAreCounted) {
 
 TEST(EspReassembly, AnotherIdInTheMiddleBreaksTheRun) {
   FragRig r;
-  // 11's second fragment sits where 10's would: contiguous offsets, other id.
-  auto back = r.open_groups({{inner_fragment(10, 0, true, 64), inner_fragment(11, 8, true, 64),
+  // 11's last fragment sits where 10's would: contiguous, MF clear, other id.
+  auto back = r.open_groups({{inner_fragment(10, 0, true, 64), inner_fragment(11, 8, false, 40),
                               inner_fragment(10, 8, false, 40)}});
   ASSERT_EQ(back.size(), 1u) << "10 whole, through the table";
   expect_whole(back[0], 104);
