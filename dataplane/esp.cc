@@ -73,24 +73,29 @@ inline bool funnels_allow(const Sa& sa, uint32_t src, uint32_t dst) {
 }
 
 // Counts packets against the SA's lifetimes; posts each soft/hard event once.
-// Called once per run of packets of one SA in a burst, both ways. Outbound
-// SAs are shared by workers (atomic adds); an inbound SA has one writer
-// (plain relaxed stores).
-// The hard limit is enforced at burst granularity: it may be passed by the
-// rest of the burst that crosses it.
-void lifetime_count(EspWorker& ew, rte_ring* events, Sa& sa, uint32_t idx, uint64_t pkts, uint64_t bytes,
-                    uint64_t now_tsc, bool shared) {
-  uint64_t p, b;
-  if (shared) {
-    p = __atomic_add_fetch(&sa.packets, pkts, __ATOMIC_RELAXED);
-    b = __atomic_add_fetch(&sa.bytes, bytes, __ATOMIC_RELAXED);
-  } else {
-    p = sa.packets + pkts;
-    b = sa.bytes + bytes;
-    __atomic_store_n(&sa.packets, p, __ATOMIC_RELAXED);
-    __atomic_store_n(&sa.bytes, b, __ATOMIC_RELAXED);
+// Called once per run of packets of one SA in a burst, both ways. The counts
+// go to this worker's own SaTraffic (one writer: plain relaxed stores, no
+// line shared with another worker); the lifetimes are judged on the sum over
+// all workers, read only when the SA has a packet or byte lifetime. Bounded
+// imprecision: another worker's counts lack the run it is processing at that
+// moment, so with W workers on one SA an event may come up to W-1 runs (each
+// at most a burst) late; and the hard limit is enforced at burst
+// granularity: the rest of the burst that crosses it still goes, as do the
+// runs other workers have in flight.
+void lifetime_count(EspWorker& ew, const Sad& sad, unsigned worker, uint32_t idx, uint64_t pkts,
+                    uint64_t bytes) {
+  SaTraffic& t = sad.traffic(worker, idx);
+  uint64_t p = t.packets + pkts, b = t.bytes + bytes;
+  __atomic_store_n(&t.packets, p, __ATOMIC_RELAXED);
+  __atomic_store_n(&t.bytes, b, __ATOMIC_RELAXED);
+  Sa& sa = sad.sa(idx);
+  if (!(sa.soft_bytes | sa.soft_packets | sa.hard_bytes | sa.hard_packets)) return;
+  for (unsigned o = 0; o < sad.workers(); o++) {
+    if (o == worker) continue;
+    p += sa_load(sad.traffic(o, idx).packets);
+    b += sa_load(sad.traffic(o, idx).bytes);
   }
-  __atomic_store_n(&sa.last_tsc, now_tsc, __ATOMIC_RELAXED);
+  rte_ring* events = sad.event_ring();
   bool hard_b = sa.hard_bytes && b >= sa.hard_bytes, hard_p = sa.hard_packets && p >= sa.hard_packets;
   bool soft_b = sa.soft_bytes && b >= sa.soft_bytes, soft_p = sa.soft_packets && p >= sa.soft_packets;
   if (!(hard_b || hard_p || soft_b || soft_p)) return;
@@ -413,13 +418,13 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   }
   b.n = nv;
 
-  // Pass 2: a run of packets on one SA takes its sequence numbers and pays
-  // the shared counters' atomics once.
+  // Pass 2: a run of packets on one SA takes its sequence numbers with one
+  // fetch-add on the SA's shared line (the only write to a line another
+  // worker may also write) and counts into this worker's SaTraffic once.
   uint32_t run_idx = kNoSa;
   uint64_t run_seq = 0, run_pkts = 0, run_bytes = 0;
   auto end_run = [&]() {
-    if (run_idx != kNoSa && run_pkts)
-      lifetime_count(ew, events, sad.sa(run_idx), run_idx, run_pkts, run_bytes, w.now_tsc, true);
+    if (run_idx != kNoSa && run_pkts) lifetime_count(ew, sad, w.id, run_idx, run_pkts, run_bytes);
     run_pkts = run_bytes = 0;
   };
   for (uint16_t i = 0; i < b.n; i++) {
@@ -433,6 +438,8 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       while (i + len < b.n && meta(b.pkts[i + len]).sa == idx) len++;
       run_idx = idx;
       run_seq = __atomic_fetch_add(&sa.seq, len, __ATOMIC_RELAXED);
+      // On the line the fetch-add just took: no extra trip between caches.
+      __atomic_store_n(&sa.last_tsc, w.now_tsc, __ATOMIC_RELAXED);
     }
     uint64_t seq = ++run_seq;
     auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
@@ -943,7 +950,10 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   uint32_t run_idx = kNoSa;
   uint64_t run_pkts = 0, run_bytes = 0;
   auto end_run = [&]() {
-    if (run_pkts) lifetime_count(ew, events, sad.sa(run_idx), run_idx, run_pkts, run_bytes, w.now_tsc, false);
+    if (run_pkts) {
+      __atomic_store_n(&sad.sa(run_idx).last_tsc, w.now_tsc, __ATOMIC_RELAXED);
+      lifetime_count(ew, sad, w.id, run_idx, run_pkts, run_bytes);
+    }
     run_pkts = run_bytes = 0;
   };
   for (unsigned c = 0; c < nj; c++) {
