@@ -1,5 +1,6 @@
 // ESP tunnel mode: tunnel MTU policy, encapsulation + encryption, and
-// decryption + decapsulation, with Intel IPsec-MB's job API.
+// decryption + decapsulation, with Intel IPsec-MB (direct calls for AES-GCM,
+// the job API for the other ciphers).
 #include "dataplane/esp.hh"
 
 #include <fmt/format.h>
