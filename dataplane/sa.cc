@@ -9,7 +9,6 @@
 #include <rte_random.h>
 
 #include <cstddef>
-#include <cstdlib>
 #include <cstring>
 
 #include "dataplane/drop.hh"
@@ -139,14 +138,7 @@ tl::expected<Sad*, std::string> Sad::create(const std::string& name, uint32_t ca
       rte_zmalloc(nullptr, sizeof(std::atomic<uint32_t>) * capacity, 64));
   s->workers_ = workers;
   s->stride_ = RTE_ALIGN_CEIL(size_t(capacity), 64 / sizeof(SaTraffic));
-  // From the C++ heap, not rte_zmalloc: on the harness (--no-huge)
-  // the same array from DPDK's heap measured 3 % slower than the counters it
-  // replaced, from the C++ heap 5 % faster (docs/PERFORMANCE.md,
-  // ab-sa-traffic*.json); nothing in the code explains the first figure, so
-  // the DPDK heap's placement took the blame, and no DPDK feature is needed here.
-  size_t traffic_bytes = sizeof(SaTraffic) * s->stride_ * workers;
-  s->traffic_ = static_cast<SaTraffic*>(std::aligned_alloc(64, traffic_bytes));
-  if (s->traffic_) std::memset(static_cast<void*>(s->traffic_), 0, traffic_bytes);
+  s->traffic_ = static_cast<SaTraffic*>(rte_zmalloc(nullptr, sizeof(SaTraffic) * s->stride_ * workers, 64));
   if (!s->sas_ || !s->keys_ || !s->drops_ || !s->tunnel_out_ || !s->traffic_) {
     delete s;
     return fail(fmt::format("cannot allocate {} SA slots ({} MB)", capacity,
@@ -192,7 +184,7 @@ Sad::~Sad() {
   rte_free(sas_);
   rte_free(keys_);
   rte_free(drops_);
-  std::free(traffic_);
+  rte_free(traffic_);
   rte_free(tunnel_out_);
 }
 
