@@ -424,7 +424,9 @@ tl::expected<void, std::string> Control::start() {
   register_cli();
 
   // The SAD and the static SAs of the config's tunnels.
-  auto sad = Sad::create("moat", std::max<uint32_t>(c_.max_sas, uint32_t(c_.tunnels.size()) + 1), tables_.qsbr);
+  // One SaTraffic array per worker: worker ids are 0..nworkers-1 (below).
+  auto sad = Sad::create("moat", std::max<uint32_t>(c_.max_sas, uint32_t(c_.tunnels.size()) + 1), tables_.qsbr,
+                         nworkers);
   if (!sad) return tl::unexpected("SAD: " + sad.error());
   sad_.reset(*sad);
   tables_.sad = sad_.get();

@@ -1,5 +1,6 @@
 // ESP tunnel mode: tunnel MTU policy, encapsulation + encryption, and
-// decryption + decapsulation, with Intel IPsec-MB's job API.
+// decryption + decapsulation, with Intel IPsec-MB (direct calls for AES-GCM,
+// the job API for the other ciphers).
 #include "dataplane/esp.hh"
 
 #include <fmt/format.h>
@@ -73,24 +74,29 @@ inline bool funnels_allow(const Sa& sa, uint32_t src, uint32_t dst) {
 }
 
 // Counts packets against the SA's lifetimes; posts each soft/hard event once.
-// Called once per run of packets of one SA in a burst, both ways. Outbound
-// SAs are shared by workers (atomic adds); an inbound SA has one writer
-// (plain relaxed stores).
-// The hard limit is enforced at burst granularity: it may be passed by the
-// rest of the burst that crosses it.
-void lifetime_count(EspWorker& ew, rte_ring* events, Sa& sa, uint32_t idx, uint64_t pkts, uint64_t bytes,
-                    uint64_t now_tsc, bool shared) {
-  uint64_t p, b;
-  if (shared) {
-    p = __atomic_add_fetch(&sa.packets, pkts, __ATOMIC_RELAXED);
-    b = __atomic_add_fetch(&sa.bytes, bytes, __ATOMIC_RELAXED);
-  } else {
-    p = sa.packets + pkts;
-    b = sa.bytes + bytes;
-    __atomic_store_n(&sa.packets, p, __ATOMIC_RELAXED);
-    __atomic_store_n(&sa.bytes, b, __ATOMIC_RELAXED);
+// Called once per run of packets of one SA in a burst, both ways. The counts
+// go to this worker's own SaTraffic (one writer: plain relaxed stores, no
+// line shared with another worker); the lifetimes are judged on the sum over
+// all workers, read only when the SA has a packet or byte lifetime. Bounded
+// imprecision: another worker's counts lack the run it is processing at that
+// moment, so with W workers on one SA an event may come up to W-1 runs (each
+// at most a burst) late; and the hard limit is enforced at burst
+// granularity: the rest of the burst that crosses it still goes, as do the
+// runs other workers have in flight.
+void lifetime_count(EspWorker& ew, const Sad& sad, unsigned worker, uint32_t idx, uint64_t pkts,
+                    uint64_t bytes) {
+  SaTraffic& t = sad.traffic(worker, idx);
+  uint64_t p = t.packets + pkts, b = t.bytes + bytes;
+  __atomic_store_n(&t.packets, p, __ATOMIC_RELAXED);
+  __atomic_store_n(&t.bytes, b, __ATOMIC_RELAXED);
+  Sa& sa = sad.sa(idx);
+  if (!(sa.soft_bytes | sa.soft_packets | sa.hard_bytes | sa.hard_packets)) return;
+  for (unsigned o = 0; o < sad.workers(); o++) {
+    if (o == worker) continue;
+    p += sa_load(sad.traffic(o, idx).packets);
+    b += sa_load(sad.traffic(o, idx).bytes);
   }
-  __atomic_store_n(&sa.last_tsc, now_tsc, __ATOMIC_RELAXED);
+  rte_ring* events = sad.event_ring();
   bool hard_b = sa.hard_bytes && b >= sa.hard_bytes, hard_p = sa.hard_packets && p >= sa.hard_packets;
   bool soft_b = sa.soft_bytes && b >= sa.soft_bytes, soft_p = sa.soft_packets && p >= sa.soft_packets;
   if (!(hard_b || hard_p || soft_b || soft_p)) return;
@@ -187,10 +193,12 @@ tl::expected<void, std::string> esp_worker_init(EspWorker& ew, const std::string
   // holds frag_flows packets in reassembly at once, older ones time out.
   uint32_t buckets = rte_align32pow2((c.frag_flows + 15) / 16);
   ew.frag = rte_ip_frag_table_create(buckets, 16, c.frag_flows, hz / 1000 * c.frag_timeout_ms, SOCKET_ID_ANY);
+  std::memset(ew.frag_fed_tsc, 0, sizeof(ew.frag_fed_tsc));
   if (!ew.frag) {
     esp_worker_fini(ew);
     return tl::unexpected(fmt::format("ESP worker {}: reassembly table of {} flows: allocation failed", name, c.frag_flows));
   }
+  ew.frag_timeout_tsc = hz / 1000 * c.frag_timeout_ms;
   ew.unknown_event_gap_tsc = hz / 1000 * c.unknown_spi_event_ms;
   ew.ip_id = uint16_t(rte_rand());
   return {};
@@ -306,19 +314,22 @@ namespace {
 // from cipher_direction and the chain order): the nonce (salt and the
 // packet's 8-byte IV) and the AAD (RFC 4106 §5: SPI, [high 32 bits of the
 // ESN,] low 32 bits of the sequence number) in the job's scratch.
-inline void set_aead(IMB_JOB* job, const Sa& sa, const SaKeys& k, EspWorker::Scratch& sc, const uint8_t* esp,
-                     const uint8_t* iv, uint64_t seq) {
+inline uint64_t nonce_aad(const Sa& sa, EspWorker::Scratch& sc, const uint8_t* esp, const uint8_t* iv, uint64_t seq) {
   std::memcpy(sc.iv, sa.salt, 4);
   std::memcpy(sc.iv + 4, iv, 8);
   std::memcpy(sc.aad, esp, 4);
-  uint64_t aad_len = 8;
   if (sa.esn) {
     put_be32(sc.aad + 4, uint32_t(seq >> 32));
     std::memcpy(sc.aad + 8, esp + 4, 4);
-    aad_len = 12;
-  } else {
-    std::memcpy(sc.aad + 4, esp + 4, 4);
+    return 12;
   }
+  std::memcpy(sc.aad + 4, esp + 4, 4);
+  return 8;
+}
+
+inline void set_aead(IMB_JOB* job, const Sa& sa, const SaKeys& k, EspWorker::Scratch& sc, const uint8_t* esp,
+                     const uint8_t* iv, uint64_t seq) {
+  uint64_t aad_len = nonce_aad(sa, sc, esp, iv, seq);
   const uint8_t* aad = sc.aad;
   job->iv = sc.iv;
   job->iv_len_in_bytes = 12;
@@ -338,6 +349,25 @@ inline void set_aead(IMB_JOB* job, const Sa& sa, const SaKeys& k, EspWorker::Scr
     job->key_len_in_bytes = sa.cipher == Cipher::aes_gcm_128 ? 16 : 32;
     job->u.GCM.aad = aad;
     job->u.GCM.aad_len_in_bytes = aad_len;
+  }
+}
+
+inline bool is_gcm(Cipher c) { return c == Cipher::aes_gcm_128 || c == Cipher::aes_gcm_256; }
+
+// AES-GCM in place through IPsec-MB's direct API rather than a job: a GCM
+// job completes on submit (the library has no multi-buffer GCM lanes to
+// fill), so the job manager's get/submit/completion round adds work and
+// nothing else. The tag goes to `tag` (decryption: the computed one, for the
+// caller to compare). CBC and ChaCha20-Poly1305 stay on jobs.
+inline void gcm_direct(IMB_MGR* mb, Cipher c, bool encrypt, const gcm_key_data* k, uint8_t* data, uint64_t len,
+                       const EspWorker::Scratch& sc, uint64_t aad_len, uint8_t* tag) {
+  gcm_context_data ctx;
+  if (c == Cipher::aes_gcm_128) {
+    if (encrypt) IMB_AES128_GCM_ENC(mb, k, &ctx, data, data, len, sc.iv, sc.aad, aad_len, tag, kIcvLen);
+    else IMB_AES128_GCM_DEC(mb, k, &ctx, data, data, len, sc.iv, sc.aad, aad_len, tag, kIcvLen);
+  } else {
+    if (encrypt) IMB_AES256_GCM_ENC(mb, k, &ctx, data, data, len, sc.iv, sc.aad, aad_len, tag, kIcvLen);
+    else IMB_AES256_GCM_DEC(mb, k, &ctx, data, data, len, sc.iv, sc.aad, aad_len, tag, kIcvLen);
   }
 }
 
@@ -411,13 +441,13 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   }
   b.n = nv;
 
-  // Pass 2: a run of packets on one SA takes its sequence numbers and pays
-  // the shared counters' atomics once.
+  // Pass 2: a run of packets on one SA takes its sequence numbers with one
+  // fetch-add on the SA's shared line (the only write to a line another
+  // worker may also write) and counts into this worker's SaTraffic once.
   uint32_t run_idx = kNoSa;
   uint64_t run_seq = 0, run_pkts = 0, run_bytes = 0;
   auto end_run = [&]() {
-    if (run_idx != kNoSa && run_pkts)
-      lifetime_count(ew, events, sad.sa(run_idx), run_idx, run_pkts, run_bytes, w.now_tsc, true);
+    if (run_idx != kNoSa && run_pkts) lifetime_count(ew, sad, w.id, run_idx, run_pkts, run_bytes);
     run_pkts = run_bytes = 0;
   };
   for (uint16_t i = 0; i < b.n; i++) {
@@ -431,6 +461,8 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       while (i + len < b.n && meta(b.pkts[i + len]).sa == idx) len++;
       run_idx = idx;
       run_seq = __atomic_fetch_add(&sa.seq, len, __ATOMIC_RELAXED);
+      // On the line the fetch-add just took: no extra trip between caches.
+      __atomic_store_n(&sa.last_tsc, w.now_tsc, __ATOMIC_RELAXED);
     }
     uint64_t seq = ++run_seq;
     auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
@@ -507,6 +539,15 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     uint8_t* icv = payload + padded;
     EspWorker::Scratch& sc = ew.scratch[nj];
     const SaKeys& k = sad.keys(idx);
+    md.l3_off = kEth;
+    md.generated = 1;
+    if (is_gcm(sa.cipher)) {
+      put_be64(iv, seq);  // see the AEAD case below
+      jobs[nj] = OutJob{m, idx, icv, false};
+      gcm_direct(ew.mb, sa.cipher, true, &k.gcm, payload, padded, sc, nonce_aad(sa, sc, esp, iv, seq), icv);
+      ok[nj++] = true;
+      continue;
+    }
 
     IMB_JOB* job = IMB_GET_NEXT_JOB(ew.mb);
     job->src = esp;
@@ -559,8 +600,6 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
         oj.tag_copy = true;
       }
     }
-    md.l3_off = kEth;
-    md.generated = 1;
     ok[nj] = false;
     nj++;
     job = submit_job(ew.mb);
@@ -614,6 +653,14 @@ void unknown_spi(Worker& w, EspWorker& ew, rte_ring* events, uint32_t src, uint3
   }
 }
 
+// The slot of a fragment key (RFC 791: source, destination, protocol, id)
+// in EspWorker::frag_fed_tsc.
+inline unsigned fed_slot(const rte_ipv4_hdr* ip) {
+  uint32_t k = ip->src_addr * 2654435761u ^ ip->dst_addr * 40503u ^ (uint32_t(ip->packet_id) << 8 | ip->next_proto_id);
+  return (k * 2654435761u) >> (32 - 10);
+}
+static_assert(EspWorker::kFedSlots == 1u << 10);
+
 // Hands a fragment to the reassembly table; returns the whole packet (one
 // segment when it fits) or nullptr while fragments are missing. The table
 // wants the L2 header in front and l2_len/l3_len set; it leaves the checksum
@@ -622,6 +669,7 @@ rte_mbuf* reassemble(Worker& w, EspWorker& ew, rte_mbuf* m, uint16_t l3_off) {
   auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, l3_off);
   m->l2_len = l3_off;
   m->l3_len = uint16_t((ip->version_ihl & 0xf) * 4);
+  ew.frag_fed_tsc[fed_slot(ip)] = w.now_tsc;
   rte_mbuf* r = rte_ipv4_frag_reassemble_packet(ew.frag, &ew.death_row, m, w.now_tsc, ip);
   if (ew.death_row.cnt > RTE_IP_FRAG_DEATH_ROW_MBUF_LEN / 2) {
     w.stats.drops[static_cast<unsigned>(Drop::esp_reassembly_failed)].add(ew.death_row.cnt);
@@ -635,6 +683,134 @@ rte_mbuf* reassemble(Worker& w, EspWorker& ew, rte_mbuf* m, uint16_t l3_off) {
   rte_pktmbuf_linearize(r);  // best effort: a chain stays valid for later stages
   return r;
 }
+
+// Inner reassembly without the table for the common case. Moat's
+// fragment-inner (and most senders) emit all fragments of a datagram one
+// after another on one SA, so they are decrypted back to back in one burst;
+// the table's lookup of every first fragment (two 16-way buckets of 256-byte
+// entries in a table that the packet stream keeps evicting) was most of the
+// reassembly's cost (docs/PERFORMANCE.md). rte_ip_frag has no such path: its
+// only entry point is the table. So a run of fragments of one datagram on
+// one SA — first at offset 0, each next one starting where the last ended,
+// the last with MF clear, every one with payload, at most the table's
+// RTE_LIBRTE_IP_FRAG_MAX_FRAG, the whole at most 65,535 bytes — is joined
+// here into what the table would return: the first fragment's mbuf and
+// header, total length set, MF and offset cleared, checksum recomputed, the
+// other payloads copied behind it (chained when it lacks the room), and
+// frag_held/inner_reassembled counted alike.
+//
+// Anything else goes to the table in arrival order, exactly as before:
+// a run that breaks off (another key or SA, a gap, an overlap, a duplicate,
+// too many pieces, a non-fragment or the burst's end) hands its fragments to
+// the table, whose result takes the run's place in the burst. A run is also
+// handed over when its key went into the table less than the table's
+// timeout ago (frag_fed_tsc, conservative under hash collisions): a live
+// entry could hold fragments of it (a duplicate, a retransmission), and the
+// table must see them together. The one difference: a joined datagram needs
+// no table slot, so a full table (a flood of fragments that never complete)
+// no longer refuses datagrams that arrive whole.
+struct FragRun {
+  static constexpr unsigned kMax = RTE_LIBRTE_IP_FRAG_MAX_FRAG;
+  rte_mbuf* m[kMax];
+  unsigned n = 0;
+  uint32_t sa = kNoSa;
+  uint32_t src = 0, dst = 0;  // network order, as in the header
+  uint16_t id = 0;
+  uint8_t proto = 0;
+  uint16_t ihl0 = 0;     // the first fragment's header length
+  uint32_t next = 0;     // bytes of payload so far: where the next one starts
+
+  static const rte_ipv4_hdr* ip(rte_mbuf* f) { return rte_pktmbuf_mtod_offset(f, const rte_ipv4_hdr*, kEth); }
+
+  // Every held fragment to the table, in arrival order; what it completes
+  // goes to `out`.
+  void to_table(Worker& w, EspWorker& ew, Burst& out) {
+    for (unsigned k = 0; k < n; k++) {
+      PktMeta saved = meta(m[k]);
+      rte_mbuf* whole = reassemble(w, ew, m[k], kEth);
+      if (!whole) continue;
+      meta(whole) = saved;
+      ew.stats.inner_reassembled.add();
+      out.pkts[out.n++] = whole;
+    }
+    n = 0;
+  }
+
+  // One decrypted inner fragment (l3 at kEth, total/ihl checked, meta set).
+  void add(Worker& w, EspWorker& ew, rte_mbuf* f, Burst& out) {
+    const rte_ipv4_hdr* h = ip(f);
+    uint16_t fo = rte_be_to_cpu_16(h->fragment_offset);
+    uint32_t off = uint32_t(fo & RTE_IPV4_HDR_OFFSET_MASK) * RTE_IPV4_HDR_OFFSET_UNITS;
+    bool more = fo & RTE_IPV4_HDR_MF_FLAG;
+    uint16_t ihl = uint16_t((h->version_ihl & 0xf) * 4);
+    uint32_t len = uint32_t(rte_be_to_cpu_16(h->total_length) - ihl);
+    if (off == 0) {
+      to_table(w, ew, out);
+      if (len == 0) {  // nothing to join: the table decides
+        m[n++] = f;
+        to_table(w, ew, out);
+        return;
+      }
+      m[n++] = f;
+      sa = meta(f).sa;
+      src = h->src_addr;
+      dst = h->dst_addr;
+      id = h->packet_id;
+      proto = h->next_proto_id;
+      ihl0 = ihl;
+      next = len;
+      return;
+    }
+    if (n == 0 || n == kMax || off != next || len == 0 || h->packet_id != id || h->src_addr != src ||
+        h->dst_addr != dst || h->next_proto_id != proto || meta(f).sa != sa || ihl0 + next + len > 0xffff) {
+      to_table(w, ew, out);
+      m[n++] = f;
+      to_table(w, ew, out);
+      return;
+    }
+    m[n++] = f;
+    next += len;
+    if (more) return;
+    uint64_t fed = ew.frag_fed_tsc[fed_slot(h)];
+    if (fed && w.now_tsc - fed <= ew.frag_timeout_tsc) {
+      to_table(w, ew, out);
+      return;
+    }
+    out.pkts[out.n++] = join(ew);
+  }
+
+  rte_mbuf* join(EspWorker& ew) {
+    rte_mbuf* head = m[0];
+    PktMeta last = meta(m[n - 1]);
+    uint32_t extra = next - (rte_pktmbuf_pkt_len(head) - kEth - ihl0);
+    bool copy = rte_pktmbuf_is_contiguous(head) && rte_pktmbuf_tailroom(head) >= extra;
+    for (unsigned k = 1; k < n; k++) {
+      rte_mbuf* f = m[k];
+      uint16_t hl = uint16_t(kEth + (ip(f)->version_ihl & 0xf) * 4);
+      if (copy && rte_pktmbuf_is_contiguous(f)) {
+        uint16_t len = uint16_t(rte_pktmbuf_data_len(f) - hl);
+        std::memcpy(rte_pktmbuf_append(head, len), rte_pktmbuf_mtod_offset(f, const uint8_t*, hl), len);
+        rte_pktmbuf_free(f);
+      } else {
+        copy = false;
+        rte_pktmbuf_adj(f, hl);
+        rte_pktmbuf_chain(head, f);  // at most kMax segments: cannot overflow
+      }
+      ew.stats.frag_held.add();
+    }
+    auto* h = rte_pktmbuf_mtod_offset(head, rte_ipv4_hdr*, kEth);
+    h->total_length = rte_cpu_to_be_16(uint16_t(ihl0 + next));
+    h->fragment_offset &= rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG);
+    ip_cksum(h);
+    head->l2_len = kEth;
+    head->l3_len = ihl0;
+    meta(head) = last;
+    ew.stats.inner_reassembled.add();
+    ew.stats.inner_joined.add();
+    n = 0;
+    return head;
+  }
+};
 
 }  // namespace
 
@@ -748,6 +924,12 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     uint8_t* icv = payload + ct;
     EspWorker::Scratch& sc = ew.scratch[nj];
     const SaKeys& k = sad.keys(sai);
+    if (is_gcm(sa.cipher)) {
+      std::memcpy(sc.icv, icv, kIcvLen);
+      gcm_direct(ew.mb, sa.cipher, false, &k.gcm, payload, uint64_t(ct), sc, nonce_aad(sa, sc, esp, iv, seq), sc.tag);
+      jobs[nj++].ok = true;
+      continue;
+    }
     IMB_JOB* job = IMB_GET_NEXT_JOB(ew.mb);
     job->src = esp;
     job->dst = payload;
@@ -797,11 +979,17 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   // 4. Authenticated? Then the window, the trailer, the inner packet. The
   // lifetimes are counted once per run of packets of one SA (as outbound):
   // their line is read and written once, not per packet.
-  uint16_t n = 0;
+  // Survivors are written back into b from the front (b.n never passes the
+  // job being looked at: each survivor or table result consumes one job).
+  b.n = 0;
+  FragRun run;
   uint32_t run_idx = kNoSa;
   uint64_t run_pkts = 0, run_bytes = 0;
   auto end_run = [&]() {
-    if (run_pkts) lifetime_count(ew, events, sad.sa(run_idx), run_idx, run_pkts, run_bytes, w.now_tsc, false);
+    if (run_pkts) {
+      __atomic_store_n(&sad.sa(run_idx).last_tsc, w.now_tsc, __ATOMIC_RELAXED);
+      lifetime_count(ew, sad, w.id, run_idx, run_pkts, run_bytes);
+    }
     run_pkts = run_bytes = 0;
   };
   for (unsigned c = 0; c < nj; c++) {
@@ -881,18 +1069,15 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     md.out_port = kNoPort;
     md.sa = j.idx;
     if (is_fragment(inner)) {
-      PktMeta saved = md;
-      rte_mbuf* whole = reassemble(w, ew, m, kEth);
-      if (!whole) continue;
-      meta(whole) = saved;
-      ew.stats.inner_reassembled.add();
-      m = whole;
+      run.add(w, ew, m, b);
+    } else {
+      run.to_table(w, ew, b);  // a run broken off goes first: arrival order
+      b.pkts[b.n++] = m;
     }
-    b.pkts[n++] = m;
   }
+  run.to_table(w, ew, b);
   end_run();
-  ew.stats.decrypted.add(n);
-  b.n = n;
+  ew.stats.decrypted.add(b.n);
 }
 
 }  // namespace moat

@@ -14,12 +14,17 @@
 //     esp_inbound   NAT-T demux (IKE → punt ring, keepalives consumed), outer
 //                   reassembly, SPI lookup, anti-replay, decryption, trailer
 //                   and inner checks, funnel check, ECN decapsulation, inner
-//                   reassembly. Survivors are inner IPv4 packets (meta reset,
+//                   reassembly (a datagram's fragments decrypted back to back
+//                   are joined directly, anything else goes through
+//                   rte_ip_frag's table). Survivors are inner IPv4 packets (meta reset,
 //                   l3_off = 14, in_port kept, sa = inbound SA) to classify
 //                   and route like any received packet.
 //   once per loop iteration: esp_housekeeping (fragment timeouts, death row).
 //
-// Crypto: Intel IPsec-MB's job API on one IMB_MGR per worker. A burst is
+// Crypto: Intel IPsec-MB on one IMB_MGR per worker. AES-GCM goes through
+// the library's direct GCM calls, packet by packet (a GCM job completes on
+// submit anyway, so the job manager only added work: +8 % at 64 B, PERFORMANCE.md).
+// CBC + HMAC and ChaCha20-Poly1305 use the job API: a burst is
 // submitted job by job and flushed once, so the multi-buffer lanes fill across
 // the burst; completions come back in submission order and a burst may mix
 // SAs and ciphers. Why not librte_ipsec with the aesni_mb cryptodev: each
@@ -53,6 +58,7 @@ struct EspStats {
   Counter mss_clamped;
   Counter ike_punted;       // UDP 4500 with the non-ESP marker
   Counter outer_reassembled, inner_reassembled, frag_held;
+  Counter inner_joined;     // of inner_reassembled: joined back to back, without the table
   Counter unknown_spi_events, events_lost;
 };
 
@@ -70,6 +76,13 @@ struct EspWorker {
   IMB_ARCH arch = IMB_ARCH_NONE;
   rte_ip_frag_tbl* frag = nullptr;  // outer and inner reassembly, bounded
   rte_ip_frag_death_row death_row{};
+  uint64_t frag_timeout_tsc = 0;    // the table's max_cycles
+  // When a fragment key last went into the table (w.now_tsc; 0: never),
+  // hashed: the back-to-back join (esp.cc, FragRun) takes a datagram only
+  // while no live table entry can hold fragments of its key. Two keys in one
+  // slot only send more datagrams through the table.
+  static constexpr unsigned kFedSlots = 1024;
+  uint64_t frag_fed_tsc[kFedSlots] = {};
   uint64_t unknown_event_gap_tsc = 0;  // at most one unknown-SPI event per source slot per gap
   uint16_t ip_id = 0;
   static constexpr unsigned kUnknownSlots = 256;

@@ -19,6 +19,7 @@ static_assert(kDropCount <= sizeof(SaDrops::n) / sizeof(uint64_t), "SaDrops too 
 // The layout the header promises: parameters, per-packet counters and
 // lifetimes on one line each, then the replay bitmap.
 static_assert(offsetof(Sa, seq) == 64 && offsetof(Sa, soft_bytes) == 128 && offsetof(Sa, bitmap) == 192);
+static_assert(64 % sizeof(SaTraffic) == 0);
 
 const char* cipher_name(Cipher c) {
   switch (c) {
@@ -120,11 +121,12 @@ Replay replay_update(Sa& sa, uint64_t seq) {
 // ---- the SAD ----
 
 tl::expected<Sad*, std::string> Sad::create(const std::string& name, uint32_t capacity,
-                                            rte_rcu_qsbr* qsbr) {
+                                            rte_rcu_qsbr* qsbr, unsigned workers) {
   auto fail = [&](const std::string& what) -> tl::expected<Sad*, std::string> {
     return tl::unexpected(fmt::format("SAD {}: {}", name, what));
   };
   if (capacity == 0 || capacity >= kNoSa) return fail("capacity must be 1..2^32-2");
+  if (workers == 0 || workers > RTE_MAX_LCORE) return fail(fmt::format("{} workers: want 1..{}", workers, RTE_MAX_LCORE));
   auto* s = new Sad();
   s->name_ = name;
   s->cap_ = capacity;
@@ -134,10 +136,14 @@ tl::expected<Sad*, std::string> Sad::create(const std::string& name, uint32_t ca
   s->drops_ = static_cast<SaDrops*>(rte_zmalloc(nullptr, sizeof(SaDrops) * capacity, 64));
   s->tunnel_out_ = static_cast<std::atomic<uint32_t>*>(
       rte_zmalloc(nullptr, sizeof(std::atomic<uint32_t>) * capacity, 64));
-  if (!s->sas_ || !s->keys_ || !s->drops_ || !s->tunnel_out_) {
+  s->workers_ = workers;
+  s->stride_ = RTE_ALIGN_CEIL(size_t(capacity), 64 / sizeof(SaTraffic));
+  s->traffic_ = static_cast<SaTraffic*>(rte_zmalloc(nullptr, sizeof(SaTraffic) * s->stride_ * workers, 64));
+  if (!s->sas_ || !s->keys_ || !s->drops_ || !s->tunnel_out_ || !s->traffic_) {
     delete s;
     return fail(fmt::format("cannot allocate {} SA slots ({} MB)", capacity,
-                            (sizeof(Sa) + sizeof(SaKeys) + sizeof(SaDrops)) * capacity >> 20));
+                            ((sizeof(Sa) + sizeof(SaKeys) + sizeof(SaDrops)) * capacity +
+                             sizeof(SaTraffic) * s->stride_ * workers) >> 20));
   }
   for (uint32_t i = 0; i < capacity; i++) s->tunnel_out_[i].store(kNoSa, std::memory_order_relaxed);
   std::string hn = "sad_" + name;
@@ -178,6 +184,7 @@ Sad::~Sad() {
   rte_free(sas_);
   rte_free(keys_);
   rte_free(drops_);
+  rte_free(traffic_);
   rte_free(tunnel_out_);
 }
 
@@ -213,6 +220,12 @@ tl::expected<uint32_t, std::string> Sad::add_sa(const SaConfig& c, uint64_t now_
   Sa& s = sas_[i];
   std::memset(static_cast<void*>(&s), 0, sizeof(Sa));
   std::memset(static_cast<void*>(&drops_[i]), 0, sizeof(SaDrops));
+  // No worker writes a free slot's counts (the slot was reclaimed after a
+  // grace period), so they are reset here before publication.
+  for (unsigned w = 0; w < workers_; w++) {
+    __atomic_store_n(&traffic(w, i).packets, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&traffic(w, i).bytes, 0, __ATOMIC_RELAXED);
+  }
   s.spi = c.spi;
   s.tunnel = c.tunnel;
   s.local.store(c.local, std::memory_order_relaxed);
@@ -401,8 +414,10 @@ SaStats Sad::stats(uint32_t i) const {
   v.cipher = s.cipher;
   v.state = s.state.load(std::memory_order_relaxed);
   v.seq = sa_load(s.seq);
-  v.packets = sa_load(s.packets);
-  v.bytes = sa_load(s.bytes);
+  for (unsigned w = 0; w < workers_; w++) {
+    v.packets += sa_load(traffic(w, i).packets);
+    v.bytes += sa_load(traffic(w, i).bytes);
+  }
   v.last_tsc = sa_load(s.last_tsc);
   v.gaps = sa_load(s.gaps);
   v.late = sa_load(s.late);

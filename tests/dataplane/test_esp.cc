@@ -54,10 +54,10 @@ struct Rig {
   std::unique_ptr<EspWorker> ew = std::make_unique<EspWorker>();
   std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
 
-  explicit Rig(const EspWorkerConfig& ec = {}) {
+  explicit Rig(const EspWorkerConfig& ec = {}, unsigned workers = 1) {
     static int n = 0;
     std::string name = "esp" + std::to_string(n++);
-    auto r = Sad::create(name, 64, nullptr);
+    auto r = Sad::create(name, 64, nullptr, workers);
     EXPECT_TRUE(r) << r.error();
     sad.reset(*r);
     w->direct_pool = test_pool();
@@ -85,6 +85,11 @@ struct Rig {
 
   // Inner frames through esp_mtu + esp_outbound of SA `sa`: outer frames.
   std::vector<std::vector<uint8_t>> seal(const std::vector<std::vector<uint8_t>>& inner, uint32_t sa) {
+    return seal_on(*w, *ew, inner, sa);
+  }
+  // The same on another worker of the SAD (its own Worker::id).
+  std::vector<std::vector<uint8_t>> seal_on(Worker& wk, EspWorker& ek, const std::vector<std::vector<uint8_t>>& inner,
+                                            uint32_t sa) {
     std::vector<std::vector<uint8_t>> out;
     for (size_t base = 0; base < inner.size(); base += 32) {
       Burst b;
@@ -97,8 +102,8 @@ struct Rig {
       }
       while (b.n) {
         Burst o;
-        esp_mtu(*w, *ew, *sad, *pt, b, o);
-        esp_outbound(*w, *ew, *sad, o);
+        esp_mtu(wk, ek, *sad, *pt, b, o);
+        esp_outbound(wk, ek, *sad, o);
         for (uint16_t k = 0; k < o.n; k++) {
           EXPECT_EQ(meta(o.pkts[k]).l3_off, 14);
           out.push_back(bytes(o.pkts[k]));
@@ -686,4 +691,341 @@ TEST(Esp, PacketsThatReadTheOldSaBeforeAReplaceStillGo) {
   ASSERT_TRUE(rx.sad->delete_sa(old_in));
   EXPECT_TRUE(rx.sad->sa(old_in).state.load() & kSaLive) << "until reclaim()";
   (void)old_out;
+}
+
+// Inner reassembly: fragments decrypted back to back are joined without the
+// table (EspStats::inner_joined); everything else goes through rte_ip_frag
+// exactly as before, with the same results and counted drops.
+namespace {
+
+struct FragRig : Rig {
+  uint32_t out = kNoSa;
+  explicit FragRig(const EspWorkerConfig& ec = {}, uint16_t mtu = 1500) : Rig(ec) {
+    SaConfig o = sa_cfg(SaDir::outbound, 0xa0a0);
+    o.mtu = mtu;
+    out = add(o);
+    add(sa_cfg(SaDir::inbound, 0xa0a0));
+  }
+  // Inner frames sealed, then opened one burst per group.
+  std::vector<std::vector<uint8_t>> open_groups(const std::vector<std::vector<std::vector<uint8_t>>>& groups) {
+    std::vector<std::vector<uint8_t>> back;
+    for (const auto& g : groups) {
+      auto got = open(seal(g, out));
+      back.insert(back.end(), got.begin(), got.end());
+    }
+    return back;
+  }
+  uint64_t joined() const { return ew->stats.inner_joined.load(); }
+  uint64_t reassembled() const { return ew->stats.inner_reassembled.load(); }
+  // Past the table's timeout: what it still holds is freed and counted.
+  void time_out() {
+    w->now_tsc += 3 * rte_get_tsc_hz();
+    esp_housekeeping(*w, *ew);
+  }
+};
+
+// A whole datagram of `len` payload bytes (the pattern inner_fragment writes).
+void expect_whole(const std::vector<uint8_t>& frame, size_t len) {
+  auto ip = l3(frame);
+  ASSERT_EQ(ip.size(), 20u + len);
+  EXPECT_EQ(be16(ip, 2), 20u + len);
+  EXPECT_EQ(be16(ip, 6) & 0x3fff, 0) << "MF and offset cleared";
+  EXPECT_EQ(ref_checksum(ip.data(), 20), 0);
+  for (size_t i = 0; i < len; i++) ASSERT_EQ(ip[20 + i], uint8_t(i)) << i;
+}
+
+}  // namespace
+
+TEST(EspReassembly, InOrderFragmentsInOneBurstAreJoinedAsTheTableWould) {
+  FragRig r;
+  auto a = inner_fragment(5, 0, true, 64), b = inner_fragment(5, 8, false, 40);
+  auto joined = r.open_groups({{a, b, inner_frame(30)}});
+  ASSERT_EQ(joined.size(), 2u);
+  EXPECT_EQ(r.joined(), 1u);
+  EXPECT_EQ(r.reassembled(), 1u);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 1u) << "counted as the table counts it";
+  expect_whole(joined[0], 104);
+  EXPECT_EQ(l3(joined[1]), l3(inner_frame(30))) << "order kept";
+  // The same datagram through the table (one fragment per burst): same bytes.
+  FragRig t;
+  auto table = t.open_groups({{a}, {b}});
+  ASSERT_EQ(table.size(), 1u);
+  EXPECT_EQ(t.joined(), 0u);
+  EXPECT_EQ(t.reassembled(), 1u);
+  EXPECT_EQ(l3(joined[0]), l3(table[0]));  // (the MACs are the outer frames', as the sealer left them)
+  EXPECT_EQ(r.w->stats.drops[static_cast<unsigned>(Drop::esp_reassembly_failed)].load(), 0u);
+}
+
+TEST(EspReassembly, ThreeLargeFragmentsJoinIntoAChainLikeTheTables) {
+  // 3,800 bytes of payload: more than the first mbuf's tailroom, so both
+  // the table and the join return a chain; the bytes must agree.
+  std::vector<std::vector<uint8_t>> frags{inner_fragment(9, 0, true, 1400), inner_fragment(9, 175, true, 1400),
+                                          inner_fragment(9, 350, false, 1000)};
+  FragRig r;
+  auto joined = r.open_groups({frags});
+  ASSERT_EQ(joined.size(), 1u);
+  EXPECT_EQ(r.joined(), 1u);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 2u);
+  expect_whole(joined[0], 3800);
+  FragRig t;
+  auto table = t.open_groups({{frags[0]}, {frags[1]}, {frags[2]}});
+  ASSERT_EQ(table.size(), 1u);
+  EXPECT_EQ(t.joined(), 0u);
+  EXPECT_EQ(l3(joined[0]), l3(table[0]));  // (the MACs are the outer frames', as the sealer left them)
+}
+
+TEST(EspReassembly, FragmentsSplitAcrossBurstsGoThroughTheTable) {
+  FragRig r;
+  auto back = r.open_groups({{inner_frame(10), inner_fragment(6, 0, true, 64)}, {inner_fragment(6, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 2u);
+  expect_whole(back[1], 104);
+  EXPECT_EQ(r.joined(), 0u);
+  EXPECT_EQ(r.reassembled(), 1u);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 1u);
+}
+
+TEST(EspReassembly, ReorderedFragmentsGoThroughTheTable) {
+  FragRig r;
+  auto back = r.open_groups({{inner_fragment(7, 8, false, 40), inner_fragment(7, 0, true, 64)}});
+  ASSERT_EQ(back.size(), 1u);
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.joined(), 0u);
+  EXPECT_EQ(r.reassembled(), 1u);
+}
+
+TEST(EspReassembly, OverlappingFragmentsAreNeverJoinedAndAreCounted) {
+  FragRig r;
+  auto back = r.open_groups({{inner_fragment(8, 0, true, 64), inner_fragment(8, 4, false, 64)}});
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.joined(), 0u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 2u);
+}
+
+TEST(EspReassembly, AnotherIdInTheMiddleBreaksTheRun) {
+  FragRig r;
+  // 11's last fragment sits where 10's would: contiguous, MF clear, other id.
+  auto back = r.open_groups({{inner_fragment(10, 0, true, 64), inner_fragment(11, 8, false, 40),
+                              inner_fragment(10, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 1u) << "10 whole, through the table";
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.joined(), 0u);
+  EXPECT_EQ(r.reassembled(), 1u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 1u) << "11's lone fragment";
+}
+
+TEST(EspReassembly, CandidatesWithBadLengthsAreLeftToTheTable) {
+  FragRig r;
+  // First payload 60 bytes (not a multiple of 8), next at 64: a 4-byte hole.
+  auto back = r.open_groups({{inner_fragment(12, 0, true, 60), inner_fragment(12, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  // A middle fragment without payload.
+  back = r.open_groups({{inner_fragment(13, 0, true, 64), inner_fragment(13, 8, true, 0),
+                         inner_fragment(13, 8, false, 40)}});
+  EXPECT_EQ(r.joined(), 0u) << "never joined";
+  // What rte_ip_frag makes of them: 12 never completes; 13 comes out whole
+  // and its empty piece is dropped.
+  ASSERT_EQ(back.size(), 1u);
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.ew->stats.frag_held.load(), 4u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 2u + 1u);
+}
+
+TEST(EspReassembly, DuplicatesGoToTheTableAsBefore) {
+  FragRig r;
+  // A duplicate first fragment: the table refuses both copies, then holds
+  // the last one alone until the timeout.
+  auto back = r.open_groups({{inner_fragment(14, 0, true, 64), inner_fragment(14, 0, true, 64),
+                              inner_fragment(14, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  // A duplicate last fragment: the datagram is whole, the copy waits alone.
+  auto b2 = r.open_groups({{inner_fragment(15, 0, true, 64), inner_fragment(15, 8, false, 40),
+                            inner_fragment(15, 8, false, 40)}});
+  ASSERT_EQ(b2.size(), 1u);
+  expect_whole(b2[0], 104);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 3u + 1u);
+}
+
+TEST(EspReassembly, AKeyTheTableHoldsIsNotJoinedUntilItTimesOut) {
+  FragRig r;
+  // The first fragment alone in one burst waits in the table; the same
+  // datagram in order in the next burst must meet it there (a duplicate
+  // first fragment: the table drops all three), not be joined past it.
+  auto back = r.open_groups({{inner_fragment(16, 0, true, 64)},
+                             {inner_fragment(16, 0, true, 64), inner_fragment(16, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.joined(), 0u);
+  r.time_out();
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), 3u);
+  // After the table's timeout the key is free to be joined again.
+  back = r.open_groups({{inner_fragment(16, 0, true, 64), inner_fragment(16, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 1u);
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.joined(), 1u);
+}
+
+TEST(EspReassembly, AFullTableDoesNotRefuseDatagramsThatArriveWhole) {
+  EspWorkerConfig ec;
+  ec.frag_flows = 16;
+  FragRig r(ec);
+  std::vector<std::vector<uint8_t>> flood;
+  for (uint16_t id = 100; id < 200; id++) flood.push_back(inner_fragment(id, 0, true, 64));
+  EXPECT_TRUE(r.open_groups({flood}).empty());
+  uint64_t refused = r.drops(Drop::esp_reassembly_failed);
+  EXPECT_GE(refused, 100u - 16u) << "the table is full";
+  auto back = r.open_groups({{inner_fragment(300, 0, true, 64), inner_fragment(300, 8, false, 40)}});
+  ASSERT_EQ(back.size(), 1u) << "joined: it needs no table slot";
+  expect_whole(back[0], 104);
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), refused);
+  // Split across bursts, the same datagram still needs the full table.
+  back = r.open_groups({{inner_fragment(301, 0, true, 64)}, {inner_fragment(301, 8, false, 40)}});
+  EXPECT_TRUE(back.empty());
+  EXPECT_EQ(r.drops(Drop::esp_reassembly_failed), refused + 2);
+}
+
+// Packet and byte counts are per worker (SaTraffic); lifetimes and views see
+// their sum.
+namespace {
+
+struct SecondWorker {
+  Worker w;
+  EspWorker ew;
+  explicit SecondWorker(unsigned id) {
+    static int n = 0;
+    w.id = id;
+    w.direct_pool = test_pool();
+    w.indirect_pool = test_pool();
+    w.now_tsc = rte_rdtsc();
+    auto e = esp_worker_init(ew, "esp2w" + std::to_string(n++));
+    EXPECT_TRUE(e) << e.error();
+  }
+  ~SecondWorker() { esp_worker_fini(ew); }
+};
+
+std::vector<std::vector<uint8_t>> frames(size_t n, size_t len) {
+  return std::vector<std::vector<uint8_t>>(n, inner_frame(len));
+}
+
+}  // namespace
+
+TEST(SaTraffic, TwoWorkersCountApartAndTheViewSumsThem) {
+  Rig r({}, 2);
+  SecondWorker w1(1);
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0xb0b0));
+  auto a = r.seal(frames(5, 20), out);
+  auto b = r.seal_on(w1.w, w1.ew, frames(3, 100), out);
+  ASSERT_EQ(a.size() + b.size(), 8u);
+  uint64_t inner_a = 5 * inner_frame(20).size() - 5 * 14, inner_b = 3 * (inner_frame(100).size() - 14);
+  EXPECT_EQ(r.sad->traffic(0, out).packets, 5u);
+  EXPECT_EQ(r.sad->traffic(0, out).bytes, inner_a);
+  EXPECT_EQ(r.sad->traffic(1, out).packets, 3u);
+  EXPECT_EQ(r.sad->traffic(1, out).bytes, inner_b);
+  SaStats st = r.sad->stats(out);
+  EXPECT_EQ(st.packets, 8u);
+  EXPECT_EQ(st.bytes, inner_a + inner_b);
+  // The sequence number stays one counter: eight different numbers, 1..8.
+  std::vector<uint32_t> seqs;
+  for (const auto* v : {&a, &b})
+    for (const auto& f : *v) seqs.push_back(be32(f, 14 + 20 + 4));
+  std::sort(seqs.begin(), seqs.end());
+  for (uint32_t i = 0; i < 8; i++) EXPECT_EQ(seqs[i], i + 1);
+  // Each worker's counts sit on lines of their own.
+  auto line = [](const void* p) { return reinterpret_cast<uintptr_t>(p) / 64; };
+  EXPECT_NE(line(&r.sad->traffic(0, 63)), line(&r.sad->traffic(1, 0)));
+  // A slot used again starts from zero for every worker.
+  ASSERT_TRUE(r.sad->delete_sa(out));
+  r.sad->reclaim();
+  uint32_t again = r.add(sa_cfg(SaDir::outbound, 0xb1b1));
+  ASSERT_EQ(again, out);
+  EXPECT_EQ(r.sad->stats(again).packets, 0u);
+  EXPECT_EQ(r.sad->traffic(1, again).bytes, 0u);
+}
+
+TEST(SaTraffic, LifetimesJudgeTheSumOfTheWorkers) {
+  Rig r({}, 2);
+  SecondWorker w1(1);
+  SaConfig o = sa_cfg(SaDir::outbound, 0xc0c0);
+  o.soft.packets = 6;
+  o.hard.packets = 10;
+  uint32_t out = r.add(o);
+  SaEvent ev[4];
+  EXPECT_EQ(r.seal(frames(4, 20), out).size(), 4u);
+  EXPECT_EQ(r.sad->events(ev, 4), 0u);
+  // 4 + 4: past the soft limit only counted together.
+  EXPECT_EQ(r.seal_on(w1.w, w1.ew, frames(4, 20), out).size(), 4u);
+  ASSERT_EQ(r.sad->events(ev, 4), 1u);
+  EXPECT_EQ(ev[0].kind, SaEventKind::soft_packets);
+  // 8 + 4: past the hard limit (the burst that crosses it still goes).
+  EXPECT_EQ(r.seal(frames(4, 20), out).size(), 4u);
+  ASSERT_EQ(r.sad->events(ev, 4), 1u);
+  EXPECT_EQ(ev[0].kind, SaEventKind::hard_packets);
+  // Both workers refuse from now on; nothing is posted twice.
+  EXPECT_TRUE(r.seal(frames(1, 20), out).empty());
+  EXPECT_TRUE(r.seal_on(w1.w, w1.ew, frames(1, 20), out).empty());
+  EXPECT_EQ(r.drops(Drop::esp_sa_expired) + w1.w.stats.drops[static_cast<unsigned>(Drop::esp_sa_expired)].load(), 2u);
+  EXPECT_EQ(r.sad->events(ev, 4), 0u);
+  EXPECT_EQ(r.sad->stats(out).packets, 12u);
+}
+
+TEST(SaTraffic, ByteLifetimesJudgeTheSumOfTheWorkers) {
+  Rig r({}, 2);
+  SecondWorker w1(1);
+  uint64_t each = inner_frame(100).size() - 14;  // inner IPv4 bytes per packet
+  SaConfig o = sa_cfg(SaDir::outbound, 0xd0d0);
+  o.soft.bytes = 3 * each;      // reached only by the two workers together
+  o.hard.bytes = 5 * each + 1;
+  uint32_t out = r.add(o);
+  SaEvent ev[4];
+  EXPECT_EQ(r.seal(frames(2, 100), out).size(), 2u);
+  EXPECT_EQ(r.seal_on(w1.w, w1.ew, frames(2, 100), out).size(), 2u);
+  ASSERT_EQ(r.sad->events(ev, 4), 1u);
+  EXPECT_EQ(ev[0].kind, SaEventKind::soft_bytes);
+  EXPECT_EQ(r.seal_on(w1.w, w1.ew, frames(2, 100), out).size(), 2u);
+  ASSERT_EQ(r.sad->events(ev, 4), 1u);
+  EXPECT_EQ(ev[0].kind, SaEventKind::hard_bytes);
+  EXPECT_EQ(r.sad->stats(out).bytes, 6 * each);
+}
+
+TEST(SaTraffic, InboundCountsGoToTheReceivingWorker) {
+  Rig r({}, 2);
+  SaConfig i = sa_cfg(SaDir::inbound, 0xe0e0);
+  i.hard.packets = 3;
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0xe0e0));
+  uint32_t in = r.add(i);
+  auto outer = r.seal(frames(4, 20), out);
+  // Worker 0 opens two, then worker 1 (the SA moved: one at a time) the rest.
+  auto opened = r.open({outer[0], outer[1]});
+  EXPECT_EQ(opened.size(), 2u);
+  SecondWorker w1(1);
+  Burst b;
+  for (size_t k = 2; k < 4; k++) {
+    rte_mbuf* m = to_mbuf(test_pool(), outer[k]);
+    meta(m) = PktMeta{};
+    meta(m).l3_off = 14;
+    b.push(m);
+  }
+  esp_inbound(w1.w, w1.ew, *r.sad, b);
+  EXPECT_EQ(b.n, 2u) << "the burst that crosses the hard limit still goes";
+  for (uint16_t k = 0; k < b.n; k++) rte_pktmbuf_free(b.pkts[k]);
+  EXPECT_EQ(r.sad->traffic(0, in).packets, 2u);
+  EXPECT_EQ(r.sad->traffic(1, in).packets, 2u);
+  EXPECT_EQ(r.sad->stats(in).packets, 4u);
+  SaEvent ev[4];
+  ASSERT_EQ(r.sad->events(ev, 4), 1u);
+  EXPECT_EQ(ev[0].kind, SaEventKind::hard_packets) << "2 + 2 passed 3";
+}
+
+TEST(SaTraffic, TenThousandSasForEightWorkersStaySmall) {
+  auto r = Sad::create("traffic10k", 10000, nullptr, 8);
+  ASSERT_TRUE(r) << r.error();
+  std::unique_ptr<Sad> sad(*r);
+  // 16 bytes per SA per worker: 1.25 MB for the lot, next to ~2.3 KB per SA.
+  EXPECT_EQ(sizeof(SaTraffic), 16u);
+  EXPECT_LT(sizeof(SaTraffic) * 8, (sizeof(Sa) + sizeof(SaKeys) + sizeof(SaDrops)) / 10);
+  EXPECT_EQ(&sad->traffic(7, 9999) - &sad->traffic(0, 0), 7 * 10000 + 9999);
+  EXPECT_EQ(sad->workers(), 8u);
+  EXPECT_FALSE(Sad::create("traffic0", 16, nullptr, 0)) << "no workers";
 }
