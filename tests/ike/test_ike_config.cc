@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "ctrl/ike/config.hh"
 
@@ -76,6 +77,39 @@ TEST(IkeConfigDir, ThreadsGiveTheOneThreadResultAndBrokenRecordsKeepTheirPlace) 
   EXPECT_TRUE(many.by_name.count("m0499"));
   EXPECT_TRUE(many.by_name.count("m0501"));
   EXPECT_EQ(many.tunnels[many.by_name.at("m0100")].origin, one.tunnels[one.by_name.at("m0100")].origin);
+}
+
+// The tunnel files are read with libyaml into a small tree (ctrl/ike/config.cc);
+// what the loader relies on, file by file.
+TEST(IkeConfigDir, YamlMeaningTheLoaderReliesOn) {
+  auto dir = std::filesystem::temp_directory_path() / ("moat-ike-yaml-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string rest = "psk: \"0123456789abcdef0123\"\nfunnels: [{local: 10.0.0.0/8, remote: 10.1.0.0/24}]\n";
+  auto write = [&](const char* name, const std::string& text) { std::ofstream(dir / name) << text; };
+  write("a-alias.yaml", "local_id: &me portal.example.net\nremote_id: a@x\n" + rest + "name: *me\n");
+  write("b-dupkey.yaml", "local_id: portal.example.net\nremote_id: b@x\nremote_id: c@x\n" + rest);
+  write("c-flow.yaml", "{local_id: portal.example.net, remote_id: d@x, psk: \"0123456789abcdef0123\", "
+                       "funnels: [{local: 10.0.0.0/8, remote: 10.1.0.0/24}]}\n");
+  write("d-docs.yaml", "---\nlocal_id: portal.example.net\nremote_id: e@x\n" + rest + "...\n---\nbroken: [\n");
+  write("e-null.yaml", "local_id: portal.example.net\nremote_id: ~\n" + rest);
+  write("f-empty.yaml", "");
+  write("g-quote.yaml", "local_id: portal.example.net\nremote_id: g@x\npsk: \"0123456789abcdef0123\nfunnels: []\n");
+  write("h-list.yaml", "- local_id\n- remote_id\n");
+  write("i-comment.yaml", "# one moat\n\nlocal_id: portal.example.net\nremote_id: i@x\n" + rest);
+  auto r = load_tunnel_dir(dir.string());
+  std::filesystem::remove_all(dir);
+  std::vector<std::string> names, errors;
+  for (auto& t : r.tunnels) names.push_back(t.name);
+  for (auto& e : r.errors) errors.push_back(e.str());
+  ASSERT_EQ(names, (std::vector<std::string>{"portal.example.net", "b-dupkey", "c-flow", "d-docs", "i-comment"}));
+  EXPECT_EQ(r.tunnels[1].remote_id.str(), "b@x");  // the first of repeated keys
+  EXPECT_NE(r.tunnels[4].origin.find("i-comment.yaml:3"), std::string::npos) << r.tunnels[4].origin;
+  ASSERT_EQ(errors.size(), 4u);
+  EXPECT_NE(errors[0].find("e-null.yaml:2:12: tunnel \"e-null\": remote_id: expected a single value"), std::string::npos)
+      << errors[0];
+  EXPECT_NE(errors[1].find("f-empty.yaml:1:1: tunnel \"f-empty\": expected a mapping"), std::string::npos) << errors[1];
+  EXPECT_NE(errors[2].find("g-quote.yaml:5:1: tunnel \"g-quote\": YAML syntax:"), std::string::npos) << errors[2];
+  EXPECT_NE(errors[3].find("h-list.yaml:1:1: tunnel \"h-list\": expected a mapping"), std::string::npos) << errors[3];
 }
 
 }  // namespace
