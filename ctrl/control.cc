@@ -778,17 +778,20 @@ void Control::run(const std::atomic<bool>& stop) {
     for (auto& t : taps_)
       if (t.fd() >= 0) fds.push_back(pollfd{t.fd(), POLLIN, 0});
     // The punt ring has no file descriptor. While packets flow (the last
-    // pass, or within 10 ms) look again at once or after 50 us; idle, every
-    // millisecond. (10,000 moats coming back: requests that waited up to a
-    // millisecond in the ring, at every message, slowed them down.)
+    // pass moved one, or one did within 10 ms) look again at once or after
+    // 50 us; idle, every millisecond. (10,000 moats coming back: an IKE
+    // request can wait for the wake-up in the ring at every message.)
     timespec wait{0, worked ? 0 : now_ms() - last_work_ms < 10 ? 50'000 : 1'000'000};
     ppoll(fds.data(), fds.size(), &wait, nullptr);
     const uint64_t moved_before = tap_rx_ + punted_;
     cli_->poll_once();
-    // In the order a punted request travels, so the IKE engine answers it in
-    // the pass it arrived in: punt ring -> TAP (the kernel delivers to the
-    // IKE socket within the write) -> engine -> its answer on the TAP ->
-    // back to a worker. (The other way round each message waited a pass.)
+    from_taps();
+    // The engine's timers run before the datagrams punted in this pass reach
+    // its sockets (after a stall, a due retransmission leaves before the
+    // answer to what came in meanwhile; the rekey collision test relies on
+    // it). A punted request is answered in the next pass, which comes at
+    // once while packets flow.
+    if (ike_) ike_->poll();
     // Bounded per pass: a flood of punted packets (ARP storms, broadcasts)
     // must not starve the control socket or the ARP timers.
     rte_mbuf* pkts[256];
@@ -798,8 +801,6 @@ void Control::run(const std::atomic<bool>& stop) {
       punted_ += n;
       if (n < 256) break;
     }
-    if (ike_) ike_->poll();
-    from_taps();
     uint64_t now = now_ms();
     worked = tap_rx_ + punted_ != moved_before;
     if (worked) last_work_ms = now;
