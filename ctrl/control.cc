@@ -770,27 +770,15 @@ void Control::handle_punted(rte_mbuf* m) {
 
 void Control::run(const std::atomic<bool>& stop) {
   std::vector<pollfd> fds;
-  bool worked = false;        // the last pass moved a packet
-  uint64_t last_work_ms = 0;
   while (!stop.load()) {
     fds.clear();
     fds.push_back(pollfd{cli_->fd(), POLLIN, 0});
     for (auto& t : taps_)
       if (t.fd() >= 0) fds.push_back(pollfd{t.fd(), POLLIN, 0});
-    // The punt ring has no file descriptor. While packets flow (the last
-    // pass moved one, or one did within 10 ms) look again at once or after
-    // 50 us; idle, every millisecond. (10,000 moats coming back: an IKE
-    // request can wait for the wake-up in the ring at every message.)
-    timespec wait{0, worked ? 0 : now_ms() - last_work_ms < 10 ? 50'000 : 1'000'000};
-    ppoll(fds.data(), fds.size(), &wait, nullptr);
-    const uint64_t moved_before = tap_rx_ + punted_;
+    // The punt ring has no file descriptor: wake every millisecond for it.
+    poll(fds.data(), fds.size(), 1);
     cli_->poll_once();
     from_taps();
-    // The engine's timers run before the datagrams punted in this pass reach
-    // its sockets (after a stall, a due retransmission leaves before the
-    // answer to what came in meanwhile; the rekey collision test relies on
-    // it). A punted request is answered in the next pass, which comes at
-    // once while packets flow.
     if (ike_) ike_->poll();
     // Bounded per pass: a flood of punted packets (ARP storms, broadcasts)
     // must not starve the control socket or the ARP timers.
@@ -798,12 +786,9 @@ void Control::run(const std::atomic<bool>& stop) {
     for (int round = 0; round < 8; round++) {
       unsigned n = rte_ring_dequeue_burst(punt_ring_, reinterpret_cast<void**>(pkts), 256, nullptr);
       for (unsigned i = 0; i < n; i++) handle_punted(pkts[i]);
-      punted_ += n;
       if (n < 256) break;
     }
     uint64_t now = now_ms();
-    worked = tap_rx_ + punted_ != moved_before;
-    if (worked) last_work_ms = now;
     if (now - last_tick_ms_ >= 10) {
       last_tick_ms_ = now;
       ArpTable::Actions acts;

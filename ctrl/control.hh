@@ -172,7 +172,6 @@ class Control {
   std::unique_ptr<CliServer> cli_;
   WorkerStats ctrl_stats_;                // drops the control thread counts
   uint64_t tap_rx_ = 0, tap_tx_ = 0;
-  uint64_t punted_ = 0;  // taken off the punt ring
   uint64_t tsc_hz_ = 0;
   uint64_t last_tick_ms_ = 0;
   void drain_sa_events();
