@@ -205,8 +205,11 @@ TEST_F(RouteTest, TunnelRoutesNameTheirTunnelAmongManyAndFollowAReplacedList) {
   TunnelConfig extra;
   extra.name = "moat-300";
   c.tunnels.push_back(extra);
-  ASSERT_TRUE(rt->add({0x0c000000, 24}, RouteType::tunnel, 0, "moat-300", RouteTable::Origin::config));
-  EXPECT_EQ(tunnel_of(0x0c000000), 300);
+  // A name the index knows, at its new place (a stale index says 17).
   ASSERT_TRUE(rt->add({0x0c000100, 24}, RouteType::tunnel, 0, "moat-17", RouteTable::Origin::config));
   EXPECT_EQ(tunnel_of(0x0c000100), 299 - 17);
+  ASSERT_TRUE(rt->add({0x0c000000, 24}, RouteType::tunnel, 0, "moat-300", RouteTable::Origin::config));
+  EXPECT_EQ(tunnel_of(0x0c000000), 300);
+  ASSERT_TRUE(rt->add({0x0c000200, 24}, RouteType::tunnel, 0, "moat-299", RouteTable::Origin::config));
+  EXPECT_EQ(tunnel_of(0x0c000200), 0);
 }
