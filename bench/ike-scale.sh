@@ -102,5 +102,5 @@ EOC
     nsx "$NR" env STRONGSWAN_CONF="$RUN/swan/strongswan.conf" SWANCTL_DIR="$RUN/swan/swanctl" \
         swanctl --load-all --uri "unix://$RUN/swan/charon.vici" >"$RUN/swan/load.log" 2>&1 || cat "$RUN/swan/load.log"
     echo -n '{"responder": "charon", '; run_client "$RUN/charon.pid"
-    [ -n "${KEEP_LOG:-}" ] && cp "$RUN/swan/charon.log" "$KEEP_LOG"
+    if [ -n "${KEEP_LOG:-}" ]; then cp "$RUN/swan/charon.log" "$KEEP_LOG"; fi
 fi

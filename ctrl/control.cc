@@ -102,6 +102,21 @@ tl::expected<void, std::string> RouteTable::install(Route r) {
   return {};
 }
 
+std::optional<uint32_t> RouteTable::tunnel_index(const std::string& name) {
+  auto hit = [&]() -> std::optional<uint32_t> {
+    auto it = tunnel_index_.find(name);
+    if (it != tunnel_index_.end() && it->second < c_.tunnels.size() && c_.tunnels[it->second].name == name)
+      return it->second;
+    return std::nullopt;
+  };
+  if (auto id = hit()) return id;
+  // Missing or stale: index the tunnels as they are now (the first of a
+  // name wins, as the scan it replaces did).
+  tunnel_index_.clear();
+  for (size_t i = 0; i < c_.tunnels.size(); i++) tunnel_index_.emplace(c_.tunnels[i].name, uint32_t(i));
+  return hit();
+}
+
 tl::expected<void, std::string> RouteTable::add(const Ipv4Prefix& p, RouteType type, uint32_t via,
                                                 const std::string& port_name, Origin origin) {
   Route r;
@@ -117,10 +132,10 @@ tl::expected<void, std::string> RouteTable::add(const Ipv4Prefix& p, RouteType t
     case RouteType::prohibit: r.kind = NextHop::prohibit; break;
     case RouteType::tunnel: {
       // `port_name` names the tunnel; its id is its place in the config.
-      auto it = std::find_if(c_.tunnels.begin(), c_.tunnels.end(), [&](const TunnelConfig& t) { return t.name == port_name; });
-      if (it == c_.tunnels.end()) return tl::unexpected(fmt::format("route {}: no tunnel named \"{}\"", p.str(), port_name));
+      auto id = tunnel_index(port_name);
+      if (!id) return tl::unexpected(fmt::format("route {}: no tunnel named \"{}\"", p.str(), port_name));
       r.kind = NextHop::tunnel;
-      r.port = uint16_t(it - c_.tunnels.begin());
+      r.port = uint16_t(*id);
       break;
     }
     case RouteType::unicast: {
@@ -285,7 +300,13 @@ tl::expected<void, std::string> Control::start() {
   if (!c_.ike_dir.empty()) {
     // One file per moat; a broken record is reported and skipped, the others
     // come up (seed 000).
-    auto dir = ike::load_tunnel_dir(c_.ike_dir);
+    // Read on every lcore's CPU: the workers do not poll yet.
+    std::vector<cpu_set_t> cpus;
+    unsigned lc;
+    RTE_LCORE_FOREACH(lc) cpus.push_back(rte_lcore_cpuset(lc));
+    auto t0 = std::chrono::steady_clock::now();
+    auto dir = ike::load_tunnel_dir(c_.ike_dir, cpus);
+    tunnel_files_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (auto& e : dir.errors) fmt::print(stderr, "moatd: {}\n", e.str());
     ike_peers_ = std::move(dir.tunnels);
     for (auto& p : ike_peers_) ike_slots_.push_back(p.name);

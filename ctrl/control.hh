@@ -59,6 +59,7 @@ class RouteTable {
  private:
   uint32_t intern(NextHop::Kind kind, uint16_t port, uint32_t gw);
   void release(uint32_t idx);
+  std::optional<uint32_t> tunnel_index(const std::string& name);
   tl::expected<void, std::string> install(Route r);
 
   Tables& t_;
@@ -69,6 +70,10 @@ class RouteTable {
   std::vector<uint32_t> nh_refs_;
   std::vector<uint32_t> nh_free_;
   std::vector<std::pair<uint64_t, uint32_t>> nh_deferred_;  // (RCU token, slot)
+  // c_.tunnels by name: a portal adds a route into each of 10,000 tunnels at
+  // start, and a scan per route made that O(N^2). Checked on every hit and
+  // rebuilt when c_.tunnels changed (moatctl ike reload replaces it).
+  std::unordered_map<std::string, uint32_t> tunnel_index_;
 };
 
 class Control {
@@ -82,6 +87,10 @@ class Control {
   void run(const std::atomic<bool>& stop);
   // Stops workers, stops and closes ports (flushing pcap output).
   void shutdown();
+  // How start() went: seconds spent reading the IKE tunnel directory, and
+  // the tunnels it gave.
+  double tunnel_files_seconds() const { return tunnel_files_s_; }
+  size_t ike_tunnels() const { return ike_peers_.size(); }
 
   // Gives a port a new address at run time (a moat's ISP changed it):
   // connected routes, ARP entries, the punt TAP and the workers' port table
@@ -201,6 +210,7 @@ class Control {
   std::map<uint16_t, QosRate> qos_rate_;
   uint64_t rules_generation_ = 0;
   uint64_t rules_build_us_ = 0;
+  double tunnel_files_s_ = 0;
 };
 
 }  // namespace moat

@@ -27,7 +27,19 @@ std::optional<Cipher> cipher_of(const ike::Suite& s) {
 
 }  // namespace
 
-IkeHost::~IkeHost() = default;
+IkeHost::~IkeHost() { flush_log(); }
+
+void IkeHost::log(std::string_view line) {
+  log_.append("moatd: ike: ").append(line).push_back('\n');
+  // Bounded: a pass that logs a lot still writes in pieces.
+  if (log_.size() >= kLogFlushBytes) flush_log();
+}
+
+void IkeHost::flush_log() {
+  if (log_.empty()) return;
+  fmt::print(stderr, "{}", log_);
+  log_.clear();
+}
 
 tl::expected<void, std::string> IkeHost::start(std::vector<ike::PeerConfig> peers, const std::string& netns,
                                                uint64_t now_ms) {
@@ -36,7 +48,7 @@ tl::expected<void, std::string> IkeHost::start(std::vector<ike::PeerConfig> peer
   if (!entered) return entered;
   if (!opened) return tl::unexpected("IKE sockets: " + opened.error());
   engine_ = std::make_unique<ike::Engine>(driver_, *this, ike::EngineOptions{},
-                                          [](const std::string& s) { fmt::print(stderr, "moatd: ike: {}\n", s); });
+                                          [this](const std::string& s) { log(s); });
   driver_.attach(engine_.get());
   driver_.on_esp([this](const ike::Endpoint& local, const ike::Endpoint& remote, ike::ByteView esp) {
     if (local.addr.is_v4() && remote.addr.is_v4())
@@ -48,14 +60,17 @@ tl::expected<void, std::string> IkeHost::start(std::vector<ike::PeerConfig> peer
 
 void IkeHost::poll() {
   if (engine_) driver_.run_once(0);
+  flush_log();
 }
 
 void IkeHost::unknown_spi(uint32_t spi, uint32_t src) {
   if (engine_) engine_->unknown_spi(spi, ike::IpAddr::v4(src), ike::UdpDriver::now_ms());
+  flush_log();
 }
 
 void IkeHost::address_changed(uint32_t old, uint32_t now) {
   if (engine_) engine_->local_address_changed(ike::IpAddr::v4(old), ike::IpAddr::v4(now), ike::UdpDriver::now_ms());
+  flush_log();
 }
 
 nlohmann::ordered_json IkeHost::show() const {
@@ -67,8 +82,8 @@ void IkeHost::install(const ike::ChildSa& sa) {
   auto tunnel = c_.tunnel_id(sa.tunnel);
   auto cipher = cipher_of(sa.suite);
   if (!tunnel || !cipher || !sa.local.addr.is_v4()) {
-    fmt::print(stderr, "moatd: ike: CHILD SA of tunnel {} cannot be installed: {}\n", sa.tunnel,
-               !tunnel ? "no such tunnel" : !cipher ? "cipher not supported by the fast path" : "not IPv4");
+    log(fmt::format("CHILD SA of tunnel {} cannot be installed: {}", sa.tunnel,
+                    !tunnel ? "no such tunnel" : !cipher ? "cipher not supported by the fast path" : "not IPv4"));
     return;
   }
   SaConfig base = c_.tunnel_template(*tunnel);
@@ -110,7 +125,7 @@ void IkeHost::install(const ike::ChildSa& sa) {
   auto i = c_.install_sa(in, false);
   auto o = c_.install_sa(out, false);
   if (!i || !o) {
-    fmt::print(stderr, "moatd: ike: tunnel {}: {}\n", sa.tunnel, !i ? i.error() : o.error());
+    log(fmt::format("tunnel {}: {}", sa.tunnel, !i ? i.error() : o.error()));
     if (i) c_.remove_sa(*i);
     if (o) c_.remove_sa(*o);
     return;
@@ -124,7 +139,7 @@ void IkeHost::rekeyed(const ike::ChildSa& old, const ike::ChildSa& now) {
   auto it = sas_.find(now.id);
   if (it == sas_.end()) return;
   if (auto r = c_.switch_outbound(it->second.tunnel, it->second.out); !r) {
-    fmt::print(stderr, "moatd: ike: tunnel {}: rekey: {}\n", now.tunnel, r.error());
+    log(fmt::format("tunnel {}: rekey: {}", now.tunnel, r.error()));
     return;
   }
   // The switch retired the old outbound SA; its slot is reused after the

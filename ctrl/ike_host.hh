@@ -8,6 +8,8 @@
 // SAs use. Owner: the control thread; not thread safe.
 #include <map>
 #include <memory>
+#include <string>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 #include <tl/expected.hpp>
@@ -33,6 +35,11 @@ class IkeHost : public ike::ChildSaSink {
   void address_changed(uint32_t old, uint32_t now);
   nlohmann::ordered_json show() const;
   ike::Engine& engine() { return *engine_; }
+  // The engine's log lines are collected and written to stderr once per
+  // call above (poll() is once per control loop pass), not one write per
+  // line: 10,000 moats coming back log 20,000 lines in seconds. Call after
+  // using engine() directly.
+  void flush_log();
 
   void install(const ike::ChildSa& sa) override;
   void remove(const ike::ChildSa& sa) override;
@@ -44,7 +51,10 @@ class IkeHost : public ike::ChildSaSink {
     uint32_t in = 0xffffffff, out = 0xffffffff;
     uint32_t tunnel = 0;
   };
+  static constexpr size_t kLogFlushBytes = 64 * 1024;
+  void log(std::string_view line);
   Control& c_;
+  std::string log_;  // lines not yet written
   ike::UdpDriver driver_;
   std::unique_ptr<ike::Engine> engine_;
   std::map<uint64_t, Installed> sas_;  // by ChildSa::id

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <string>
@@ -44,8 +45,12 @@ int main(int argc, char** argv) {
   }
   if (path.empty()) return usage(argv[0], 64);
 
+  using Clock = std::chrono::steady_clock;
+  auto secs = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
+  const auto t_begin = Clock::now();
   std::vector<moat::ConfigError> errors;
   moat::Config cfg = moat::load_config(path, errors);
+  const auto t_config = Clock::now();
   for (auto& e : errors) fmt::print(stderr, "{}\n", e.str());
   if (!errors.empty()) {
     fmt::print(stderr, "{}: {} error{}\n", path, errors.size(), errors.size() == 1 ? "" : "s");
@@ -65,6 +70,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, ")\n");
     return 1;
   }
+  const auto t_eal = Clock::now();
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
 
@@ -75,7 +81,13 @@ int main(int argc, char** argv) {
       fmt::print(stderr, "moatd: {}\n", ok.error());
       rc = 1;
     } else {
-      fmt::print("moatd: running ({})\n", path);
+      // Where the start went (a portal with thousands of tunnel files
+      // restarts in this time before its moats can come back).
+      const auto t_ready = Clock::now();
+      fmt::print("moatd: running ({}): started in {:.3f} s: config {:.3f} s, EAL {:.3f} s, tables, ports "
+                 "and {} IKE tunnels {:.3f} s (their files {:.3f} s)\n",
+                 path, secs(t_begin, t_ready), secs(t_begin, t_config), secs(t_config, t_eal), ctl.ike_tunnels(),
+                 secs(t_eal, t_ready), ctl.tunnel_files_seconds());
       std::fflush(stdout);
       ctl.run(g_stop);
       fmt::print("moatd: stopping\n");

@@ -23,6 +23,8 @@
 //   lifetime: 3600                        # CHILD SA hard lifetime, seconds
 //   rekey: 3240                           # CHILD SA rekey time; default 90% of lifetime
 //   dpd: 30                               # liveness check after this much silence; 0 = off
+#include <sched.h>
+
 #include <map>
 #include <memory>
 #include <string>
@@ -53,8 +55,12 @@ struct TunnelDir {
   std::unordered_map<std::string, std::vector<size_t>> by_remote_id;
 };
 
-// Every *.yaml and *.yml file of `dir`, in name order.
-TunnelDir load_tunnel_dir(const std::string& dir);
+// Every *.yaml and *.yml file of `dir`, in name order. With two or more
+// `cpus` (and enough files), the files are read by one thread pinned to each
+// of those CPU sets while the caller waits; the result, errors and their
+// order included, is the one-thread result. moatd passes its lcores' CPUs
+// at start, before its workers poll; at run time (ike reload) none.
+TunnelDir load_tunnel_dir(const std::string& dir, const std::vector<cpu_set_t>& cpus = {});
 // One record (exposed for tests): appends to `out` or to `out.errors`.
 void load_tunnel_file(const std::string& path, TunnelDir& out);
 

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <rte_malloc.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "ctrl/control.hh"
@@ -179,4 +180,36 @@ TEST_F(RouteTest, DeleteFallsBackToCoveringRouteAndReplaceUpdates) {
   EXPECT_FALSE(rt->del({0x08080800, 24})) << "already gone";
   EXPECT_FALSE(rt->del({0x0a010000, 24})) << "connected routes belong to the port";
   EXPECT_FALSE(rt->add({0x01000000, 8}, RouteType::unicast, 0xac100001, "", RouteTable::Origin::cli)) << "gateway off-link";
+}
+
+// A portal routes into thousands of tunnels; the route table finds them by
+// name through an index that must follow the config's tunnel list when
+// `ike reload` replaces it.
+TEST_F(RouteTest, TunnelRoutesNameTheirTunnelAmongManyAndFollowAReplacedList) {
+  for (int i = 0; i < 300; i++) {
+    TunnelConfig tc;
+    tc.name = "moat-" + std::to_string(i);
+    c.tunnels.push_back(tc);
+  }
+  auto tunnel_of = [&](uint32_t addr) { return rt->routes().at({addr, 24}).port; };
+  for (int i : {0, 17, 299}) {
+    ASSERT_TRUE(rt->add({0x0b000000u + (uint32_t(i) << 8), 24}, RouteType::tunnel, 0, "moat-" + std::to_string(i),
+                        RouteTable::Origin::config));
+    EXPECT_EQ(rt->routes().at({0x0b000000u + (uint32_t(i) << 8), 24}).kind, NextHop::tunnel);
+    EXPECT_EQ(tunnel_of(0x0b000000u + (uint32_t(i) << 8)), i);
+  }
+  EXPECT_FALSE(rt->add({0x0c000000, 24}, RouteType::tunnel, 0, "moat-300", RouteTable::Origin::config));
+  // The list replaced (as ike reload does): the same names at other places,
+  // one new name.
+  std::reverse(c.tunnels.begin(), c.tunnels.end());
+  TunnelConfig extra;
+  extra.name = "moat-300";
+  c.tunnels.push_back(extra);
+  // A name the index knows, at its new place (a stale index says 17).
+  ASSERT_TRUE(rt->add({0x0c000100, 24}, RouteType::tunnel, 0, "moat-17", RouteTable::Origin::config));
+  EXPECT_EQ(tunnel_of(0x0c000100), 299 - 17);
+  ASSERT_TRUE(rt->add({0x0c000000, 24}, RouteType::tunnel, 0, "moat-300", RouteTable::Origin::config));
+  EXPECT_EQ(tunnel_of(0x0c000000), 300);
+  ASSERT_TRUE(rt->add({0x0c000200, 24}, RouteType::tunnel, 0, "moat-299", RouteTable::Origin::config));
+  EXPECT_EQ(tunnel_of(0x0c000200), 0);
 }
