@@ -29,14 +29,16 @@
 #              set wan 198.51.100.5/24`: moatd sends UPDATE_SA_ADDRESSES,
 #              charon moves the SAs there, pings pass both ways.
 #   lifetimes: charon initiates and never rekeys (its timers: a day); moatd's
-#              tunnel file has rekey 8 s, lifetime 10 s, ike_rekey 6 s: under
-#              a 10 s ping flood moatd rekeys the IKE SA and the CHILD SA by
-#              itself (charon's SPIs change, charon's log shows it only
-#              answered, charon becomes the IKE SA's responder), no packet
-#              lost. Then charon's IKE is dropped by nftables (ESP passes):
-#              moatd's next rekey goes unanswered and its CHILD SA must leave
-#              the SAD (show tunnels) at its hard lifetime, child_expired 1,
-#              the IKE SA still standing.
+#              tunnel file has rekey 6 s, lifetime 8 s, ike_rekey 9 s: under
+#              a 12 s ping flood moatd rekeys the CHILD SA (as the IKE SA's
+#              responder) and then the IKE SA by itself (charon's SPIs
+#              change, charon's log shows it only answered, charon becomes
+#              the IKE SA's responder), no packet lost. Then charon's IKE is
+#              dropped by nftables (ESP passes): moatd's next rekey goes
+#              unanswered and its CHILD SA must leave the SAD (show tunnels)
+#              at its hard lifetime, child_expired 1, the IKE SA standing;
+#              IKE let through again, charon drops that SA and the tunnel
+#              comes back without a new IKE_AUTH (charon's DPD is off here).
 #   mobike_responder: charon initiates with mobike = yes, then its address
 #              changes (.2 -> .3); moatd moves the IKE SA and sends a COOKIE2
 #              check there. charon's answers are held by nftables for over a
@@ -119,7 +121,7 @@ connections {
         proposals = aes128gcm16-prfsha256-x25519
         encap = yes
         mobike = ${SW_MOBIKE:-no}
-        dpd_delay = 2s
+        dpd_delay = ${SW_DPD:-2s}
         # charon never rekeys by its own timers here (a day): every rekey in
         # this test is forced, or moatd's own (the lifetimes phase).
         rekey_time = 24h
@@ -414,16 +416,20 @@ swan_child_age() { # seconds since charon installed the CHILD SA whose inbound S
         /installed [0-9]+s ago/ {for (i = 1; i <= NF; i++) if ($i == "installed") {age = $(i + 1); sub("s", "", age)}}
         $1 == "in" {s = $2; sub(",", "", s); if (s == spi) {print age; exit}}'; }
 
-LIFE_FLOOD=${LIFE_FLOOD:-2000}  # pings at 5 ms: 10 s, across moatd's IKE rekey (6 s) and CHILD rekey (8 s)
+LIFE_FLOOD=${LIFE_FLOOD:-2400}  # pings at 5 ms: 12 s, across moatd's CHILD rekey (6 s) and IKE rekey (9 s)
 phase_lifetimes() {
-    log "=== lifetimes: charon initiates (its rekeys: a day), moatd rekeys by its own (CHILD 8 s/10 s, IKE 6 s)"
+    log "=== lifetimes: charon initiates (its rekeys: a day), moatd rekeys by its own (CHILD 6 s/8 s, IKE 9 s)"
     charon_stop; stop_pid "$RUN/moatd.pid" moatd
-    M_LIFE=$'rekey: 8s\nlifetime: 10s\nike_rekey: 6s\nike_lifetime: 60s' moatd_conf false
+    # The CHILD rekey comes first, while moatd is still the IKE SA's
+    # responder (the IKE rekey moatd starts makes it the new one's initiator).
+    M_LIFE=$'rekey: 6s\nlifetime: 8s\nike_rekey: 9s\nike_lifetime: 60s' moatd_conf false
     moatd_start
-    charon_conf start
+    # charon without liveness checks: cut off below, it must not give the
+    # IKE SA up on its own (its DPD would, and start again: INITIAL_CONTACT).
+    SW_DPD=0 charon_conf start
     charon_start || fail "charon did not start"
     local s0 s1 gen0 child_req0 ike_req0 ike0 ike1 kids0 kids1 flood rc received i
-    local child_seen="" ike_seen="" t0=$SECONDS t_child t_ike
+    local child_seen="" ike_seen="" t0=$SECONDS t_child t_ike child_ike
     gen0=$(swan_count 'generating CREATE_CHILD_SA request')
     child_req0=$(swan_count 'parsed CREATE_CHILD_SA request [0-9]+ \[ N\(REKEY_SA\)')
     ike_req0=$(swan_count 'parsed CREATE_CHILD_SA request [0-9]+ \[ SA No KE \]')
@@ -436,11 +442,11 @@ phase_lifetimes() {
     flood=$!
     # Both rekeys must complete while the flood still runs.
     while kill -0 $flood 2>/dev/null; do
+        ike1=$(ike_spis)
         if [ -z "$child_seen" ] && [ "$(ike_stat child_rekeyed)" -gt "$($PY -c 'import json, sys; print(json.loads(sys.argv[1]).get("child_rekeyed", 0))' "$s0")" ]; then
-            child_seen=1; t_child=$((SECONDS - t0))
+            child_seen=1; t_child=$((SECONDS - t0)); child_ike=$ike1  # the IKE SA it was rekeyed on
         fi
         if [ -z "$ike_seen" ]; then
-            ike1=$(ike_spis)
             case "$ike1" in *_r\**) [ "$ike1" != "$ike0" ] && { ike_seen=1; t_ike=$((SECONDS - t0)); };; esac
         fi
         sleep 0.3
@@ -457,6 +463,7 @@ phase_lifetimes() {
     [ "$rc" = 0 ] && [ "${received:-0}" = "$LIFE_FLOOD" ] ||
         fail "lifetimes: moatd's own rekeys under load lost $((LIFE_FLOOD - ${received:-0})) of $LIFE_FLOOD packets"
     [ -n "$child_seen" ] || fail "lifetimes: moatd did not rekey its CHILD SA by its lifetime while the flood ran"
+    [ "$child_ike" = "$ike0" ] || fail "lifetimes: moatd's CHILD rekey was not on the IKE SA charon initiated ($ike0; then $child_ike)"
     [ -n "$ike_seen" ] || fail "lifetimes: moatd did not rekey the IKE SA by ike_rekey while the flood ran (charon: $ike0 -> $(ike_spis))"
     [ "$(echo $kids1 | wc -w)" = 1 ] && [ "$kids1" != "$kids0" ] || { sw --list-sas; fail "lifetimes: charon's CHILD SA was not replaced by exactly one ($kids0 -> $kids1)"; }
     # charon's own account: it answered a CHILD rekey and an IKE rekey, and
@@ -481,7 +488,7 @@ PYEOF
     # so the CHILD SA must leave moatd's data path at its hard lifetime.
     # The cut comes right after moatd's next own CHILD rekey (its old SA
     # deleted), so the SA it leaves is young and no exchange is half done.
-    log "--- lifetimes: charon's IKE cut off: moatd's CHILD SA must leave its SAD at the hard lifetime (10 s)"
+    log "--- lifetimes: charon's IKE cut off: moatd's CHILD SA must leave its SAD at the hard lifetime (8 s)"
     local cin cout age due gone="" t_gone sad0 sad1 b0 r0
     r0=$(ike_stat child_rekeyed)
     for i in $(seq 1 60); do
@@ -505,7 +512,7 @@ NFT
     [ -n "$cin" ] || { ctl show ike; fail "lifetimes: moatd does not have exactly one CHILD SA"; }
     age=$(swan_child_age "$cout")
     [ -n "$age" ] || { sw --list-sas; fail "lifetimes: charon does not list moatd's CHILD SA $cout"; }
-    due=$((10 - age))
+    due=$((8 - age))
     s0=$(stat_json); sad0=$(sad_view)
     log "lifetimes: CHILD SA ${cin}_i ${cout}_o, $age s old: hard lifetime in about $due s; SAD: $sad0"
     case "$sad0" in up*"$cin@"*) ;; *) fail "lifetimes: moatd's SAD does not hold CHILD SA $cin ($sad0)";; esac
@@ -536,8 +543,23 @@ est = [s for s in sas if s["state"] == "ESTABLISHED"]
 sys.exit(0 if len(est) == 1 and not any(s["children"] for s in sas) else 1)' ||
         { ctl show ike; fail "lifetimes: moatd's IKE SA should stand without the expired CHILD SA"; }
     nsx "$NS_H" ping -q -c 2 -i 0.2 -W 1 10.9.0.1 >/dev/null 2>&1 && fail "lifetimes: 10.9.0.1 still answers after the CHILD SA expired"
-    log "lifetimes: unanswered, the CHILD SA left moatd's SAD at its hard lifetime; the IKE SA stands (given up later)"
+    log "lifetimes: unanswered, the CHILD SA left moatd's SAD at its hard lifetime; the IKE SA stands"
+    # IKE passes again: moatd's requests waiting behind the unanswered one
+    # (its retransmits: 1, 2, 4, 8 s apart) reach charon, among them the
+    # DELETE of the expired SA: charon must drop it, and the tunnel come
+    # back without a new IKE_AUTH (moatd's queued rekey, or charon's
+    # close_action = start), with pings both ways.
     nsx "$NS_S" nft delete table inet moatcut
+    for i in $(seq 1 125); do
+        ! swan_child_age "$cout" | grep -q . && swan_installed && moat_established && break; sleep 0.2
+    done
+    swan_child_age "$cout" | grep -q . && { sw --list-sas; fail "lifetimes: charon still has the CHILD SA moatd deleted at its hard lifetime ($cout)"; }
+    wait_up "lifetimes: after IKE passes again" 5
+    s1=$(stat_json)
+    [ "$($PY -c 'import json, sys; print(json.loads(sys.argv[2])["ike_established"] - json.loads(sys.argv[1])["ike_established"])' "$s0" "$s1")" = 0 ] ||
+        fail "lifetimes: the tunnel came back through a new IKE SA (IKE_AUTH), not on the one that stood"
+    pings_both_ways "lifetimes: after the expiry, IKE passing again"
+    log "lifetimes: IKE back: charon dropped the expired SA, the tunnel is up again without a new IKE_AUTH"
 }
 
 # ---------------------------------------------------------------- MOBIKE, charon roams
