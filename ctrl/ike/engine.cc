@@ -2008,6 +2008,8 @@ void Engine::rekey_ike_request(IkeSa& sa, const Message& m, const std::vector<Pr
   if (sa.req_active && sa.req_kind == kReqRekeyIke) {
     sa.peer_rekey_spi = r.spi_r;
     log(fmt::format("{}: IKE SA rekey collision: the peer's rekey crossed ours", sa.who()));
+  } else {
+    adopt_queue(sa, r);
   }
 }
 
@@ -2024,6 +2026,43 @@ void Engine::adopt_children(IkeSa& from, IkeSa& to) {
   from.peer_rekeys.clear();
   from.replaced.clear();
   if (!to.peer_rekeys.empty()) arm(to, TimerKind::rekey_switch, now_ + opts_.rekey_switch_ms);
+}
+
+// The requests still queued on an IKE SA that a rekey replaced go on the one
+// that holds its CHILD SAs now: the old one only carries its own DELETE
+// (§2.18), and a peer may ignore anything else there (strongSwan leaves a
+// CREATE_CHILD_SA on an IKE SA it rekeyed unanswered, so the requests behind
+// it, e.g. the DELETE of a CHILD SA that expired meanwhile, never went). A
+// queued CHILD rekey takes its negotiation with it. Address updates and
+// return routability checks stay: their NAT detection hashes the old SA's
+// SPIs, their state is the old SA's.
+void Engine::adopt_queue(IkeSa& from, IkeSa& to) {
+  std::deque<Request> keep;
+  bool moved = false;
+  for (auto& r : from.queue) {
+    if (r.kind == kReqInit || r.kind == kReqAuth || r.kind == kReqDeleteIke || r.kind == kReqRekeyIke ||
+        r.kind == kReqUpdateAddresses || r.kind == kReqReturnRoutability) {
+      keep.push_back(std::move(r));
+      continue;
+    }
+    if (r.kind == kReqRekeyChild) {  // queued, so the pending negotiation is this one
+      if (to.pending_spi) {  // the new SA negotiates already: its CHILD timer tries again later
+        child_spis_.erase(from.pending_spi);
+        from.pending_spi = 0;
+        from.pending_dh.reset();
+        continue;
+      }
+      to.pending_spi = from.pending_spi;
+      to.pending_nonce = std::move(from.pending_nonce);
+      to.pending_dh = std::move(from.pending_dh);
+      from.pending_spi = 0;
+      if (to.pending_spi) child_spis_[to.pending_spi] = to.our_spi();
+    }
+    to.queue.push_back(std::move(r));
+    moved = true;
+  }
+  from.queue = std::move(keep);
+  if (moved) pump(to);
 }
 
 tl::expected<void, std::string> Engine::rekey_ike(const std::string& tunnel, uint64_t now_ms) {
@@ -2146,6 +2185,7 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
       sa.awaiting_delete = true;
       sa.no_reinit = true;
       arm(sa, TimerKind::half_open, now_ + opts_.half_open_timeout_ms);
+      adopt_queue(sa, *theirs);
       return;
     }
     log(fmt::format("{}: IKE SA rekey collision: the peer's ({:016x}_i {:016x}_r) holds the lowest nonce and is "
@@ -2167,6 +2207,8 @@ void Engine::rekey_ike_response(IkeSa& sa, const std::vector<Payload>& pl) {
   schedule_ike_rekey(r);
   schedule_ike_expire(r);
   schedule_child_rekey(r);
+  if (theirs) adopt_queue(*theirs, r);
+  adopt_queue(sa, r);
   // The old SA goes (§2.18): its CHILD SAs already live on the new one.
   sa.state = State::deleting;
   sa.no_reinit = true;
@@ -2338,11 +2380,15 @@ void Engine::create_child_response(IkeSa& sa, const std::vector<Payload>& pl) {
     log(fmt::format("{}: CHILD rekey answered on the IKE SA being replaced; the new CHILD SA joins {:016x}_i {:016x}_r",
                     sa.who(), home->spi_i, home->spi_r));
   }
+  // The old SA may be gone: it reached its hard lifetime while this rekey
+  // was on the wire. The new SA is then a fresh one (the peer deletes the
+  // old one on our DELETE, queued at the expiry).
+  bool replaces = it != home->children.end();
   ChildSa now = *c;
   install_child(*home, std::move(*c));
-  if (it != home->children.end()) {
-    // install_child may have reallocated: look the old one up again.
-    auto old = std::find_if(home->children.begin(), home->children.end(), [&](auto& x) { return x.spi_in == old_spi; });
+  // install_child may have reallocated: look the old one up again.
+  auto old = std::find_if(home->children.begin(), home->children.end(), [&](auto& x) { return x.spi_in == old_spi; });
+  if (replaces && old != home->children.end()) {
     ++stats_.child_rekeyed;
     // The responder installed the new SA before answering: switch now.
     home->replaced.push_back(old_spi);

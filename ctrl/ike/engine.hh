@@ -255,6 +255,7 @@ class Engine {
   // Moves the CHILD SAs (and their pending rekey switches) to a new IKE SA,
   // without a sink call: the data path does not know IKE SAs.
   void adopt_children(IkeSa& from, IkeSa& to);
+  void adopt_queue(IkeSa& from, IkeSa& to);
   // Re-points the IKE SA and its CHILD SAs (sink moved()) at new endpoints.
   void move_sa(IkeSa& sa, const Endpoint& local, const Endpoint& remote);
   // The peer moved (MOBIKE): the IKE SA follows now; the CHILD SAs follow

@@ -1533,6 +1533,117 @@ TEST_F(Pair, ChildRekeyAnsweredOnAReplacedIkeSaJoinsTheNewOne) {
   EXPECT_TRUE(violations.empty()) << violations_str();
 }
 
+// Requests queued behind our IKE SA rekey go on the new IKE SA once it is up
+// (§2.18: the old one only carries its own delete). strongSwan ignores a
+// CREATE_CHILD_SA on an IKE SA it has rekeyed (no answer at all): a CHILD
+// rekey sent there hung until the old IKE SA was given up, and the DELETE
+// of a CHILD SA that had expired meanwhile, queued behind it, never reached
+// the peer, which kept that SA. Found by the moatd interop test (charon's
+// IKE cut off while moatd's IKE rekey was on the wire).
+TEST_F(Pair, RequestsQueuedBehindOurIkeRekeyGoOnTheNewIkeSa) {
+  auto p = portal_peer();
+  p.child_lifetime_s = 100;
+  p.child_rekey_s = 90;
+  portal->e.set_peers({p}, now);
+  establish();
+  uint64_t t0 = now;
+  while (now < t0 + 80 * 1000) advance(1000);
+  auto old_ike = portal->e.show(now)[0];
+  uint64_t old_i = std::stoull(old_ike["spi_i"].get<std::string>(), nullptr, 16);
+  auto on_old = [&](const Pkt& x) { return get64(x.data.data()) == old_i; };
+  // The moat's answers are lost for a while: the portal's IKE rekey stays on
+  // the wire; its CHILD rekey (soft lifetime) and then the DELETE of the SA
+  // that reached its hard lifetime queue up behind it.
+  std::optional<Pkt> answer;
+  net.filter = [&](Pkt& x) {
+    if (x.from.addr == moat->a && (x.data[19] & kFlagResponse)) {
+      if (!answer && x.data[18] == uint8_t(Exchange::create_child_sa)) answer = x;
+      return false;
+    }
+    return true;
+  };
+  ASSERT_TRUE(portal->e.rekey_ike("branch-17", now));
+  run();
+  while (now < t0 + 101 * 1000) advance(1000);
+  ASSERT_TRUE(answer) << logs();
+  EXPECT_EQ(portal->e.stats().child_expired, 1u) << logs();
+  EXPECT_EQ(portal->sink.live(), 0u);
+  EXPECT_EQ(moat->sink.live(), 1u);
+  // The answer gets through; the moat now behaves as strongSwan does: a
+  // CREATE_CHILD_SA on the IKE SA it rekeyed goes unanswered.
+  int ignored = 0;
+  net.filter = [&](Pkt& x) {
+    if (x.from.addr == portal->a && !(x.data[19] & kFlagResponse) && x.data[18] == uint8_t(Exchange::create_child_sa) &&
+        on_old(x)) {
+      ++ignored;
+      return false;
+    }
+    return true;
+  };
+  net.q.push_back(*answer);
+  run();
+  advance(EngineOptions{}.rekey_linger_ms);
+  advance(1000);
+  EXPECT_EQ(ignored, 0) << logs();
+  ASSERT_EQ(portal->e.ike_sa_count(), 1u) << logs();
+  ASSERT_EQ(moat->e.ike_sa_count(), 1u);
+  EXPECT_NE(portal->e.show(now)[0]["spi_i"], old_ike["spi_i"]);
+  // The moat dropped the expired SA: both ends hold the same CHILD SAs.
+  auto m = moat->e.show(now)[0], q = portal->e.show(now)[0];
+  std::set<std::string> m_in, q_out;
+  for (auto& c : m["children"]) m_in.insert(c["spi_in"].get<std::string>());
+  for (auto& c : q["children"]) q_out.insert(c["spi_out"].get<std::string>());
+  EXPECT_EQ(m_in, q_out) << logs();
+  EXPECT_EQ(moat->sink.live(), portal->sink.live());
+  EXPECT_TRUE(std::any_of(moat->sink.removed.begin(), moat->sink.removed.end(),
+                          [&](auto& c) { return c.spi_out == portal->sink.installed[0].spi_in; }))
+      << "the moat still has the CHILD SA the portal deleted at its hard lifetime\n" << logs();
+  // Past the expiry (a break by definition), each end sends with an SA the other accepts.
+  EXPECT_TRUE(moat->sink.out && portal->sink.in.count(moat->sink.out));
+  EXPECT_TRUE(portal->sink.out && moat->sink.in.count(portal->sink.out));
+}
+
+// Our CHILD rekey is answered only after the SA it rekeys reached its hard
+// lifetime (deleted, its DELETE queued behind the rekey): the new SA is a
+// fresh one, not a replacement of an SA that is gone (the engine used to
+// hand the data path a rekeyed() with an old SA read past the end of its
+// list); the DELETE then reaches the peer and both ends keep the new SA.
+TEST_F(Pair, ChildRekeyAnsweredAfterTheHardLifetimeInstallsAFreshSa) {
+  auto p = portal_peer();
+  p.child_lifetime_s = 100;
+  p.child_rekey_s = 90;
+  portal->e.set_peers({p}, now);
+  establish();
+  uint64_t t0 = now;
+  std::optional<Pkt> answer;
+  net.filter = [&](Pkt& x) {
+    if (x.from.addr == moat->a && (x.data[19] & kFlagResponse) && x.data[18] == uint8_t(Exchange::create_child_sa)) {
+      if (!answer) answer = x;
+      return false;
+    }
+    return true;
+  };
+  while (now < t0 + 101 * 1000) advance(1000);
+  ASSERT_TRUE(answer) << logs();
+  ASSERT_EQ(portal->e.stats().child_expired, 1u) << logs();
+  EXPECT_EQ(portal->sink.live(), 0u);
+  net.filter = nullptr;
+  net.q.push_back(*answer);
+  run();
+  advance(EngineOptions{}.rekey_linger_ms);
+  advance(1000);
+  EXPECT_TRUE(portal->sink.rekeys.empty()) << logs();
+  EXPECT_EQ(portal->e.stats().child_rekeyed, 0u);
+  ASSERT_EQ(portal->sink.installed.size(), 2u) << logs();
+  EXPECT_EQ(portal->sink.live(), 1u);
+  EXPECT_EQ(moat->sink.live(), 1u) << logs();
+  EXPECT_EQ(portal->sink.out, portal->sink.installed[1].spi_out);
+  EXPECT_TRUE(moat->sink.out && portal->sink.in.count(moat->sink.out));
+  EXPECT_TRUE(moat->sink.in.count(portal->sink.out));
+  EXPECT_EQ(portal->e.ike_sa_count(), 1u);
+  EXPECT_EQ(moat->e.ike_sa_count(), 1u);
+}
+
 TEST(IkeConfig, BrokenRecordIsReportedAndSkipped) {
   auto dir = std::filesystem::temp_directory_path() / ("moat-ike-cfg-" + std::to_string(getpid()));
   std::filesystem::create_directories(dir);

@@ -28,9 +28,28 @@
 #   MOBIKE:    charon with mobike = yes, moatd initiates; `moatctl address
 #              set wan 198.51.100.5/24`: moatd sends UPDATE_SA_ADDRESSES,
 #              charon moves the SAs there, pings pass both ways.
+#   lifetimes: charon initiates and never rekeys (its timers: a day); moatd's
+#              tunnel file has rekey 6 s, lifetime 8 s, ike_rekey 9 s: under
+#              a 12 s ping flood moatd rekeys the CHILD SA (as the IKE SA's
+#              responder) and then the IKE SA by itself (charon's SPIs
+#              change, charon's log shows it only answered, charon becomes
+#              the IKE SA's responder), no packet lost. Then charon's IKE is
+#              dropped by nftables (ESP passes): moatd's next rekey goes
+#              unanswered and its CHILD SA must leave the SAD (show tunnels)
+#              at its hard lifetime, child_expired 1, the IKE SA standing;
+#              IKE let through again, charon drops that SA and the tunnel
+#              comes back without a new IKE_AUTH (charon's DPD is off here).
+#   mobike_responder: charon initiates with mobike = yes, then its address
+#              changes (.2 -> .3); moatd moves the IKE SA and sends a COOKIE2
+#              check there. charon's answers are held by nftables for over a
+#              second: meanwhile show ike names the check and every SA in
+#              moatd's SAD still points at .2; released, they follow to .3;
+#              mobike_checks +1, mobike_check_failed 0, the same IKE SA;
+#              pings pass both ways from the new address.
 #
 # Needs root, charon-systemd, swanctl. Cleans up namespaces and daemons on any
-# exit; every wait is bounded.   env: MOATD, MOATCTL; KEEP=1 keeps the run dir.
+# exit; every wait is bounded.   env: MOATD, MOATCTL; KEEP=1 keeps the run dir;
+# ONLY="lifetimes mobike_responder" runs just those phases.
 set -u
 . "$(dirname "$0")/swan.sh"  # charon: CHARON, stop_pid, swan_daemon_conf, sw, charon_start, charon_stop
 MOATD="${MOATD:?set MOATD}"; MOATCTL="${MOATCTL:?set MOATCTL}"
@@ -97,12 +116,15 @@ charon_conf() { # START_ACTION (start|none): start also re-initiates whenever th
 connections {
     lab {
         version = 2
-        local_addrs = 198.51.100.2
+        local_addrs = ${SW_LOCAL:-198.51.100.2}
         remote_addrs = 198.51.100.1
         proposals = aes128gcm16-prfsha256-x25519
         encap = yes
         mobike = ${SW_MOBIKE:-no}
-        dpd_delay = 2s
+        dpd_delay = ${SW_DPD:-2s}
+        # charon never rekeys by its own timers here (a day): every rekey in
+        # this test is forced, or moatd's own (the lifetimes phase).
+        rekey_time = 24h
         local { auth = psk
                 id = $S_ID }
         remote { auth = psk
@@ -113,6 +135,8 @@ connections {
                 local_ts = 10.9.0.0/24
                 remote_ts = 10.1.0.0/24
                 esp_proposals = aes128gcm16-x25519
+                rekey_time = 24h
+                life_time = 25h
                 start_action = $1
                 dpd_action = $([ "$1" = start ] && echo restart || echo clear)
                 close_action = $([ "$1" = start ] && echo start || echo none)
@@ -128,7 +152,7 @@ secrets {
 EOF
 }
 # ---------------------------------------------------------------- moatd
-moatd_conf() { # START (true|false)
+moatd_conf() { # START (true|false); env M_DPD (2s), M_LIFE (more lines: lifetimes)
     cat >"$RUN/moats.d/swan.yaml" <<EOF
 local_id: $M_ID
 remote_id: $S_ID
@@ -138,9 +162,10 @@ local: 198.51.100.1
 start: $1
 ike_proposals: aes128gcm16-prfsha256-x25519
 esp_proposals: aes128gcm16-x25519
-dpd: 2s
+dpd: ${M_DPD:-2s}
 funnels:
   - {local: 10.1.0.0/24, remote: 10.9.0.0/24}
+${M_LIFE:-}
 EOF
     # Policy-free: moatd forwards everything, and UDP 500/4500 to its own
     # addresses goes to the punt path, where the IKE sockets are.
@@ -231,24 +256,6 @@ sys.exit(1 if missing or idle or not spis else 0)
 PYEOF
     log "$1: show ike / show tunnels show the tunnel and charon's SPIs"
 }
-
-# ================================================================ responder
-log "=== moatd responds, charon initiates"
-moatd_conf false
-moatd_start
-charon_conf start
-charon_start || fail "charon did not start"
-wait_up responder 20
-pings_both_ways responder
-check_show responder
-
-log "--- charon restarted (start_action=start): the tunnel comes back by itself"
-charon_stop
-charon_start || fail "charon did not start"
-sleep 1
-wait_up "responder after charon restart" 30
-pings_both_ways "responder after charon restart"
-check_show "responder after charon restart"
 
 # ---------------------------------------------------------------- rekey under load
 # A ping flood host -> 10.9.0.1 (charon's side) runs across the rekey; every
@@ -382,6 +389,283 @@ sys.exit(0 if ok else 1)' "$after" || fail "$1: moatd and charon disagree on the
     log "$1: rekey collision settled: one CHILD SA left, the same on both ends"
 }
 
+# ---------------------------------------------------------------- moatd's own lifetimes
+# moatd answered the IKE SA (charon initiated) and charon never rekeys (its
+# timers: a day), so whatever rekeys happen are moatd's, by the tunnel file's
+# `rekey:`/`lifetime:` and `ike_rekey:` alone (RFC 7296 §2.8: either end may).
+stat_json() { ctl --json show stats 2>/dev/null | $PY -c 'import json, sys; print(json.dumps(json.load(sys.stdin).get("ike", {})))'; }
+moat_child() { # "spi_in spi_out" of moatd's CHILD SA of tunnel swan; empty unless exactly one
+    ctl --json show ike 2>/dev/null | $PY -c '
+import json, sys
+kids = [c for s in json.load(sys.stdin) if s["tunnel"] == "swan" and s["state"] == "ESTABLISHED" for c in s["children"]]
+print(kids[0]["spi_in"], kids[0]["spi_out"]) if len(kids) == 1 else print()'; }
+sad_view() { # moatd's SAD for tunnel swan (show tunnels): "STATE SPI@PEER ..." (SPIs without 0x)
+    ctl --json show tunnels 2>/dev/null | $PY -c '
+import json, sys
+t = [t for t in json.load(sys.stdin) if t["tunnel"] == "swan"]
+print(t[0]["state"], *sorted(sa["spi"][2:] + "@" + sa["peer"] for sa in t[0]["sas"])) if t else print("absent")'; }
+ike_field() { # FIELD of moatd's established IKE SA of tunnel swan (show ike)
+    ctl --json show ike 2>/dev/null | $PY -c '
+import json, sys
+s = [x for x in json.load(sys.stdin) if x["tunnel"] == "swan" and x["state"] == "ESTABLISHED"]
+print(s[0].get(sys.argv[1], "") if len(s) == 1 else "")' "$1"; }
+swan_count() { grep -cE "$1" "$RUN/swan/charon.log"; }
+swan_child_age() { # seconds since charon installed the CHILD SA whose inbound SPI is $1
+    sw --list-sas 2>/dev/null | awk -v spi="$1" '
+        /#[0-9]+, reqid/ {age = ""}
+        /installed [0-9]+s ago/ {for (i = 1; i <= NF; i++) if ($i == "installed") {age = $(i + 1); sub("s", "", age)}}
+        $1 == "in" {s = $2; sub(",", "", s); if (s == spi) {print age; exit}}'; }
+
+LIFE_FLOOD=${LIFE_FLOOD:-2400}  # pings at 5 ms: 12 s, across moatd's CHILD rekey (6 s) and IKE rekey (9 s)
+phase_lifetimes() {
+    log "=== lifetimes: charon initiates (its rekeys: a day), moatd rekeys by its own (CHILD 6 s/8 s, IKE 9 s)"
+    charon_stop; stop_pid "$RUN/moatd.pid" moatd
+    # The CHILD rekey comes first, while moatd is still the IKE SA's
+    # responder (the IKE rekey moatd starts makes it the new one's initiator).
+    M_LIFE=$'rekey: 6s\nlifetime: 8s\nike_rekey: 9s\nike_lifetime: 60s' moatd_conf false
+    moatd_start
+    # charon without liveness checks: cut off below, it must not give the
+    # IKE SA up on its own (its DPD would, and start again: INITIAL_CONTACT).
+    SW_DPD=0 charon_conf start
+    charon_start || fail "charon did not start"
+    local s0 s1 gen0 child_req0 ike_req0 ike0 ike1 kids0 kids1 flood rc received i
+    local child_seen="" ike_seen="" t0=$SECONDS t_child t_ike child_ike
+    gen0=$(swan_count 'generating CREATE_CHILD_SA request')
+    child_req0=$(swan_count 'parsed CREATE_CHILD_SA request [0-9]+ \[ N\(REKEY_SA\)')
+    ike_req0=$(swan_count 'parsed CREATE_CHILD_SA request [0-9]+ \[ SA No KE \]')
+    wait_up "lifetimes" 20
+    t0=$SECONDS
+    for i in $(seq 1 10); do nsx "$NS_H" ping -q -c 1 -W 1 10.9.0.1 >/dev/null && break; done
+    s0=$(stat_json); kids0=$(child_spis); ike0=$(ike_spis)
+    case "$ike0" in *_i\**) ;; *) fail "lifetimes: charon did not initiate the IKE SA ($ike0)";; esac
+    nsx "$NS_H" ping -q -c "$LIFE_FLOOD" -i 0.005 -W 2 10.9.0.1 >"$RUN/flood" 2>&1 &
+    flood=$!
+    # Both rekeys must complete while the flood still runs.
+    while kill -0 $flood 2>/dev/null; do
+        ike1=$(ike_spis)
+        if [ -z "$child_seen" ] && [ "$(ike_stat child_rekeyed)" -gt "$($PY -c 'import json, sys; print(json.loads(sys.argv[1]).get("child_rekeyed", 0))' "$s0")" ]; then
+            child_seen=1; t_child=$((SECONDS - t0)); child_ike=$ike1  # the IKE SA it was rekeyed on
+        fi
+        if [ -z "$ike_seen" ]; then
+            case "$ike1" in *_r\**) [ "$ike1" != "$ike0" ] && { ike_seen=1; t_ike=$((SECONDS - t0)); };; esac
+        fi
+        sleep 0.3
+    done
+    wait $flood; rc=$?
+    received=$(grep -oE '[0-9]+ received' "$RUN/flood" | awk '{print $1}')
+    # moatd deletes the old CHILD SA after the rekey: charon keeps one.
+    for i in $(seq 1 25); do
+        kids1=$(child_spis)
+        [ -n "$kids1" ] && [ "$kids1" != "$kids0" ] && [ "$(echo $kids1 | wc -w)" = 1 ] && break; sleep 0.2
+    done
+    s1=$(stat_json)
+    log "lifetimes: $received/$LIFE_FLOOD replies; CHILD rekey seen at ${t_child:-never} s, IKE rekey at ${t_ike:-never} s after the IKE SA was up; charon CHILD ${kids0}-> $kids1, IKE ${ike0}-> $(ike_spis)"
+    [ "$rc" = 0 ] && [ "${received:-0}" = "$LIFE_FLOOD" ] ||
+        fail "lifetimes: moatd's own rekeys under load lost $((LIFE_FLOOD - ${received:-0})) of $LIFE_FLOOD packets"
+    [ -n "$child_seen" ] || fail "lifetimes: moatd did not rekey its CHILD SA by its lifetime while the flood ran"
+    [ "$child_ike" = "$ike0" ] || fail "lifetimes: moatd's CHILD rekey was not on the IKE SA charon initiated ($ike0; then $child_ike)"
+    [ -n "$ike_seen" ] || fail "lifetimes: moatd did not rekey the IKE SA by ike_rekey while the flood ran (charon: $ike0 -> $(ike_spis))"
+    [ "$(echo $kids1 | wc -w)" = 1 ] && [ "$kids1" != "$kids0" ] || { sw --list-sas; fail "lifetimes: charon's CHILD SA was not replaced by exactly one ($kids0 -> $kids1)"; }
+    # charon's own account: it answered a CHILD rekey and an IKE rekey, and
+    # sent no CREATE_CHILD_SA request of its own.
+    [ "$(swan_count 'generating CREATE_CHILD_SA request')" = "$gen0" ] || fail "lifetimes: charon initiated a rekey itself"
+    [ "$(swan_count 'parsed CREATE_CHILD_SA request [0-9]+ \[ N\(REKEY_SA\)')" -gt "$child_req0" ] || fail "lifetimes: charon got no CHILD rekey request"
+    [ "$(swan_count 'parsed CREATE_CHILD_SA request [0-9]+ \[ SA No KE \]')" -gt "$ike_req0" ] || fail "lifetimes: charon got no IKE rekey request"
+    $PY - "$s0" "$s1" <<'PYEOF' || fail "lifetimes: moatd's counters do not show its rekeys"
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+d = {k: b.get(k, 0) - a.get(k, 0) for k in ("child_rekeyed", "child_expired", "ike_expired", "rekey_collisions", "ike_given_up")}
+print("[moatd-interop] lifetimes: moatd counter deltas", d)
+sys.exit(0 if d["child_rekeyed"] >= 1 and d["child_expired"] == 0 and d["ike_expired"] == 0 and d["rekey_collisions"] == 0
+         and d["ike_given_up"] == 0 else 1)
+PYEOF
+    pings_both_ways "lifetimes: after moatd's own rekeys"
+    check_show "lifetimes: after moatd's own rekeys"
+
+    # The peer cannot answer: charon's IKE (UDP 500, and 4500 with the
+    # non-ESP marker) is dropped both ways, ESP still passes. moatd's rekey
+    # at the soft lifetime goes unanswered (its retransmits last a minute),
+    # so the CHILD SA must leave moatd's data path at its hard lifetime.
+    # The cut comes right after moatd's next own CHILD rekey (its old SA
+    # deleted), so the SA it leaves is young and no exchange is half done.
+    log "--- lifetimes: charon's IKE cut off: moatd's CHILD SA must leave its SAD at the hard lifetime (8 s)"
+    local cin cout age due gone="" t_gone sad0 sad1 b0 r0
+    r0=$(ike_stat child_rekeyed)
+    for i in $(seq 1 60); do
+        [ "$(ike_stat child_rekeyed)" -gt "$r0" ] && [ -n "$(moat_child)" ] && break; sleep 0.2
+    done
+    [ "$(ike_stat child_rekeyed)" -gt "$r0" ] || fail "lifetimes: moatd did not rekey its CHILD SA again by its lifetime"
+    nsx "$NS_S" nft -f - <<'NFT' || fail "lifetimes: nft"
+table inet moatcut {
+    chain out { type filter hook output priority 0;
+        ip daddr 198.51.100.1 udp dport 500 counter drop
+        ip daddr 198.51.100.1 udp dport 4500 @th,64,32 0 counter drop
+    }
+    chain in { type filter hook input priority 0;
+        ip saddr 198.51.100.1 udp sport 500 counter drop
+        ip saddr 198.51.100.1 udp sport 4500 @th,64,32 0 counter drop
+    }
+}
+NFT
+    b0=$SECONDS
+    read -r cin cout <<<"$(moat_child)"
+    [ -n "$cin" ] || { ctl show ike; fail "lifetimes: moatd does not have exactly one CHILD SA"; }
+    age=$(swan_child_age "$cout")
+    [ -n "$age" ] || { sw --list-sas; fail "lifetimes: charon does not list moatd's CHILD SA $cout"; }
+    due=$((8 - age))
+    s0=$(stat_json); sad0=$(sad_view)
+    log "lifetimes: CHILD SA ${cin}_i ${cout}_o, $age s old: hard lifetime in about $due s; SAD: $sad0"
+    case "$sad0" in up*"$cin@"*) ;; *) fail "lifetimes: moatd's SAD does not hold CHILD SA $cin ($sad0)";; esac
+    nsx "$NS_H" ping -q -c 1 -W 1 10.9.0.1 >/dev/null || fail "lifetimes: ESP stopped as soon as IKE was cut off"
+    for i in $(seq 1 $(((due + 5) * 5))); do
+        [ "$(ike_stat child_expired)" -gt "$($PY -c 'import json, sys; print(json.loads(sys.argv[1]).get("child_expired", 0))' "$s0")" ] &&
+            { gone=1; t_gone=$((SECONDS - b0)); break; }
+        sleep 0.2
+    done
+    s1=$(stat_json); sad1=$(sad_view)
+    log "lifetimes: child_expired seen ${t_gone:-never} s after the cut (due in $due s); SAD now: $sad1"
+    [ -n "$gone" ] || { ctl show ike; fail "lifetimes: moatd did not delete the unanswered CHILD SA at its hard lifetime"; }
+    [ "$t_gone" -ge $((due - 2)) ] || fail "lifetimes: the CHILD SA went ${t_gone} s after the cut, before its hard lifetime (due in $due s)"
+    case " $sad1 " in *" $cin@"*|*" $cout@"*) fail "lifetimes: CHILD SA $cin/$cout is still in moatd's SAD ($sad1)";; esac
+    case "$sad1" in down*) ;; *) fail "lifetimes: the tunnel still has an outbound SA after the expiry ($sad1)";; esac
+    $PY - "$s0" "$s1" <<'PYEOF' || fail "lifetimes: moatd's counters do not show a hard-lifetime expiry (the IKE SA must still stand)"
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+d = {k: b.get(k, 0) - a.get(k, 0) for k in ("child_expired", "child_removed", "child_rekeyed", "ike_given_up", "ike_deleted", "tx_retransmits")}
+print("[moatd-interop] lifetimes: moatd counter deltas while cut off", d)
+sys.exit(0 if d["child_expired"] == 1 and d["child_rekeyed"] == 0 and d["ike_given_up"] == 0 and d["ike_deleted"] == 0
+         and d["tx_retransmits"] >= 1 else 1)
+PYEOF
+    ctl --json show ike | $PY -c '
+import json, sys
+sas = [s for s in json.load(sys.stdin) if s["tunnel"] == "swan"]
+est = [s for s in sas if s["state"] == "ESTABLISHED"]
+sys.exit(0 if len(est) == 1 and not any(s["children"] for s in sas) else 1)' ||
+        { ctl show ike; fail "lifetimes: moatd's IKE SA should stand without the expired CHILD SA"; }
+    nsx "$NS_H" ping -q -c 2 -i 0.2 -W 1 10.9.0.1 >/dev/null 2>&1 && fail "lifetimes: 10.9.0.1 still answers after the CHILD SA expired"
+    log "lifetimes: unanswered, the CHILD SA left moatd's SAD at its hard lifetime; the IKE SA stands"
+    # IKE passes again: moatd's requests waiting behind the unanswered one
+    # (its retransmits: 1, 2, 4, 8 s apart) reach charon, among them the
+    # DELETE of the expired SA: charon must drop it, and the tunnel come
+    # back without a new IKE_AUTH (moatd's queued rekey, or charon's
+    # close_action = start), with pings both ways.
+    nsx "$NS_S" nft delete table inet moatcut
+    for i in $(seq 1 125); do
+        ! swan_child_age "$cout" | grep -q . && swan_installed && moat_established && break; sleep 0.2
+    done
+    swan_child_age "$cout" | grep -q . && { sw --list-sas; fail "lifetimes: charon still has the CHILD SA moatd deleted at its hard lifetime ($cout)"; }
+    wait_up "lifetimes: after IKE passes again" 5
+    s1=$(stat_json)
+    [ "$($PY -c 'import json, sys; print(json.loads(sys.argv[2])["ike_established"] - json.loads(sys.argv[1])["ike_established"])' "$s0" "$s1")" = 0 ] ||
+        fail "lifetimes: the tunnel came back through a new IKE SA (IKE_AUTH), not on the one that stood"
+    pings_both_ways "lifetimes: after the expiry, IKE passing again"
+    log "lifetimes: IKE back: charon dropped the expired SA, the tunnel is up again without a new IKE_AUTH"
+}
+
+# ---------------------------------------------------------------- MOBIKE, charon roams
+# charon initiates with MOBIKE, then its address changes (198.51.100.2 -> .3):
+# it sends UPDATE_SA_ADDRESSES from there. moatd moves the IKE SA at once
+# but its data path only after charon echoed the COOKIE2 of its return
+# routability check (RFC 4555 §3.7), sent to the new address. charon's
+# answers to moatd's INFORMATIONAL requests are held back for a while by an
+# nftables rule: until they pass, moatd's SAD must still send to .2.
+phase_mobike_responder() {
+    log "=== MOBIKE: charon initiates with mobike = yes, then moves to 198.51.100.3; moatd checks before its ESP follows"
+    charon_stop; stop_pid "$RUN/moatd.pid" moatd
+    # moatd sends no liveness checks: after the move its only request is the check.
+    M_DPD=0 moatd_conf false
+    moatd_start
+    SW_MOBIKE=yes SW_LOCAL=%any charon_conf none
+    charon_start || fail "charon did not start"
+    sw --initiate --child net --timeout 10 >"$RUN/initiate.out" 2>&1 || { cat "$RUN/initiate.out"; fail "mobike-responder: swanctl --initiate failed"; }
+    wait_up "mobike-responder" 20
+    pings_both_ways "mobike-responder: before the move"
+    local s0 s1 ike0 sad i held=0 t_held t_moved
+    ctl --json show ike | $PY -c '
+import json, sys
+s = [x for x in json.load(sys.stdin) if x["tunnel"] == "swan" and x["state"] == "ESTABLISHED"]
+sys.exit(0 if len(s) == 1 and s[0]["mobike"] and s[0]["role"] == "responder" else 1)' ||
+        { ctl show ike; fail "mobike-responder: MOBIKE not negotiated (or moatd not the responder)"; }
+    s0=$(stat_json); ike0=$(ike_spis)
+    # IKE header at UDP payload byte 4 (after the non-ESP marker): exchange
+    # type at +18 (37 INFORMATIONAL), flags at +19 (0x20 response).
+    nsx "$NS_S" nft -f - <<'NFT' || fail "mobike-responder: nft"
+table inet moathold {
+    chain out { type filter hook output priority 0;
+        ip daddr 198.51.100.1 udp dport 4500 @th,64,32 0 @th,240,8 37 @th,248,8 & 0x20 == 0x20 counter drop
+    }
+}
+NFT
+    nsx "$NS_S" ip addr del 198.51.100.2/24 dev wan0
+    nsx "$NS_S" ip addr add 198.51.100.3/24 dev wan0
+    # moatd's check reaches charon at .3 and charon answers it: held.
+    for i in $(seq 1 50); do
+        held=$(nsx "$NS_S" nft list table inet moathold | grep -oE 'packets [0-9]+' | awk '{print $2}')
+        [ "${held:-0}" -ge 1 ] && [ -n "$(ike_field mobike_check)" ] && break
+        sleep 0.2
+    done
+    sad=$(sad_view)
+    log "mobike-responder: charon's answers held: ${held:-0}; moatd's check: $(ike_field mobike_check); SAD: $sad"
+    [ "${held:-0}" -ge 1 ] || { ctl show ike; fail "mobike-responder: charon answered no INFORMATIONAL of moatd at its new address (no return routability check?)"; }
+    [ "$(ike_field mobike_check)" = "checking 198.51.100.3:4500; ESP still to 198.51.100.2:4500" ] ||
+        { ctl show ike; fail "mobike-responder: show ike does not name the check under way"; }
+    [ "$(ike_field remote)" = 198.51.100.3:4500 ] || fail "mobike-responder: moatd's IKE SA did not move to charon's new address"
+    # Through one retransmission of the check (1 s), the data path stays.
+    sleep 1.2
+    sad=$(sad_view)
+    case "$sad" in up*) ;; *) fail "mobike-responder: the tunnel lost its SA during the check ($sad)";; esac
+    [ -z "$(echo "$sad" | tr ' ' '\n' | grep '@' | grep -v '@198.51.100.2:4500$')" ] ||
+        fail "mobike-responder: moatd's SAD moved before charon's answer to the check arrived ($sad)"
+    nsx "$NS_S" nft delete table inet moathold
+    for i in $(seq 1 50); do
+        sad=$(sad_view)
+        [ -z "$(echo "$sad" | tr ' ' '\n' | grep '@' | grep -v '@198.51.100.3:4500$')" ] && [ -z "$(ike_field mobike_check)" ] && break
+        sleep 0.2
+    done
+    s1=$(stat_json)
+    log "mobike-responder: released; SAD: $sad"
+    [ -z "$(echo "$sad" | tr ' ' '\n' | grep '@' | grep -v '@198.51.100.3:4500$')" ] ||
+        { ctl show ike; fail "mobike-responder: moatd's SAD did not follow charon to 198.51.100.3 after its echo"; }
+    $PY - "$s0" "$s1" <<'PYEOF' || fail "mobike-responder: moatd's MOBIKE counters"
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+d = {k: b.get(k, 0) - a.get(k, 0) for k in ("mobike_moved", "mobike_checks", "mobike_check_failed", "mobike_ignored", "ike_established")}
+print("[moatd-interop] mobike-responder: moatd counter deltas", d)
+sys.exit(0 if d["mobike_moved"] >= 1 and d["mobike_checks"] >= 1 and d["mobike_check_failed"] == 0
+         and d["mobike_ignored"] == 0 and d["ike_established"] == 0 else 1)
+PYEOF
+    [ "$(ike_spis)" = "$ike0" ] || fail "mobike-responder: the IKE SA was replaced ($ike0 -> $(ike_spis)), not moved"
+    sw --list-sas 2>/dev/null | grep -q "local  '$S_ID' @ 198.51.100.3" || { sw --list-sas; fail "mobike-responder: charon's SA is not at 198.51.100.3"; }
+    pings_both_ways "mobike-responder: from charon's new address"
+    check_show "mobike-responder: from charon's new address"
+}
+
+# ONLY="lifetimes mobike_responder": just these phases (each starts its own
+# moatd and charon), e.g. while working on one.
+if [ -n "${ONLY:-}" ]; then
+    for ph in $ONLY; do "phase_$ph"; done
+    log "PASS: $ONLY"
+    exit 0
+fi
+
+# ================================================================ responder
+log "=== moatd responds, charon initiates"
+moatd_conf false
+moatd_start
+charon_conf start
+charon_start || fail "charon did not start"
+wait_up responder 20
+pings_both_ways responder
+check_show responder
+
+log "--- charon restarted (start_action=start): the tunnel comes back by itself"
+charon_stop
+charon_start || fail "charon did not start"
+sleep 1
+wait_up "responder after charon restart" 30
+pings_both_ways "responder after charon restart"
+check_show "responder after charon restart"
+
 # charon behind a small MTU: its ESP in UDP leaves in outer IP fragments
 # (libipsec's socket lets the kernel fragment). moatd's fast path hands UDP
 # fragments to the kernel behind the punt path, which reassembles them for
@@ -514,4 +798,7 @@ sw --list-sas 2>/dev/null | grep -q "remote '$M_ID' @ 198.51.100.5" || { sw --li
 [ "$(ike_stat mobike_sent)" -ge 1 ] || fail "MOBIKE: moatd counted no UPDATE_SA_ADDRESSES"
 pings_both_ways "after moatd's address change (MOBIKE)"
 
-log "PASS: moatd <-> strongSwan: both roles, traffic both ways, show ike/tunnels, charon restarts, rekey under load, ike reload, MOBIKE"
+phase_lifetimes
+phase_mobike_responder
+
+log "PASS: moatd <-> strongSwan: both roles, traffic both ways, show ike/tunnels, charon restarts, rekey under load, ike reload, MOBIKE both ways, moatd's own lifetimes"
