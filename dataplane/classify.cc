@@ -4,6 +4,8 @@
 #include <rte_icmp.h>
 #include <rte_ip.h>
 
+#include <algorithm>
+
 #include "dataplane/nat.hh"
 #include "dataplane/worker.hh"
 
@@ -69,6 +71,14 @@ void make_key(const Classifier& c, const PortTable& pt, rte_mbuf* m, AclKey& k) 
 void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transit, Burst& local) {
   unsigned n = transit.n + local.n;
   if (!n) return;
+  if (!c.ctx) {
+    // No rules: every table answers its default (0) whatever the key, so
+    // no key is made (moat::classify would only fill zeros).
+    for (uint16_t i = 0; i < transit.n; i++) std::fill_n(meta(transit.pkts[i]).rule, kTables, 0u);
+    for (uint16_t i = 0; i < local.n; i++) std::fill_n(meta(local.pkts[i]).rule, kTables, 0u);
+    w.stats.classified.add(n);
+    return;
+  }
   AclKey keys[2 * kMaxBurst];
   const AclKey* ptrs[2 * kMaxBurst];
   uint32_t res[2 * kMaxBurst * kTables];
@@ -86,6 +96,9 @@ void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transi
 
 void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
   const Verdict* v = c.verdict[unsigned(Table::filter)].data();
+  // No rules and a default that accepts without state: every packet passes
+  // untouched (a config with tunnels and no filter table).
+  if (!c.ctx && FilterAction(v[0].action) == FilterAction::accept && !(v[0].flags & Verdict::kStateful)) return;
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];

@@ -51,6 +51,10 @@ inline bool icmp_is_error(uint8_t type) { return type == 3 || type == 11 || type
 // The tuple a packet is tracked by. `l3` is a validated IPv4 header and
 // `len` the bytes from it that belong to the packet.
 CtKind ct_tuple(const uint8_t* l3, uint16_t len, CtKey& k);
+// ct_tuple(l3, len, k) == CtKind::plain, without building the tuple: what
+// the conntrack stage needs to know of a packet while the table is empty
+// (an ICMP error then quotes no known connection, so it is untracked too).
+bool ct_plain(const uint8_t* l3, uint16_t len);
 
 // Rewrites the source (`src`) or destination address and, where the
 // protocol has one in that slot, the port (TCP, UDP) or ICMP query
