@@ -132,16 +132,19 @@ void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
 
 void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel) {
   const Verdict* v = c ? c->verdict[unsigned(Table::spd)].data() : nullptr;
+  // Without rules every packet has the table's default: read it once.
+  const bool one = !c || !c->ctx;
+  const SpdAction deflt = v ? SpdAction(v[0].action) : SpdAction::bypass;
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
-    SpdAction a = v ? SpdAction(v[md.rule[unsigned(Table::spd)]].action) : SpdAction::bypass;
+    SpdAction a = one ? deflt : SpdAction(v[md.rule[unsigned(Table::spd)]].action);
     if (a == SpdAction::discard) {
       w.drop(m, Drop::spd_discard);
     } else if (a == SpdAction::protect) {
       // Policy overrides the route: seed 003's funnels protect by selector.
-      md.out_tunnel = uint16_t(v[md.rule[unsigned(Table::spd)]].a);
+      md.out_tunnel = uint16_t(v[one ? 0 : md.rule[unsigned(Table::spd)]].a);
       to_tunnel.push(m);
     } else if (md.out_tunnel != kNoTunnel) {
       to_tunnel.push(m);  // routed into a tunnel: protected whatever the SPD's default
@@ -154,6 +157,15 @@ void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel) {
 
 void qos_mark(Worker& w, const Classifier& c, Burst& b) {
   const Verdict* v = c.verdict[unsigned(Table::qos)].data();
+  if (!c.ctx) {
+    // Without rules every packet gets the default class (and mark).
+    const Verdict& q = v[0];
+    for (uint16_t i = 0; i < b.n; i++) meta(b.pkts[i]).cls = uint8_t(q.cls);
+    if (q.flags & Verdict::kMarkDscp)
+      for (uint16_t i = 0; i < b.n; i++)
+        set_dscp(rte_pktmbuf_mtod_offset(b.pkts[i], rte_ipv4_hdr*, meta(b.pkts[i]).l3_off), q.dscp);
+    return;
+  }
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     const Verdict& q = v[meta(m).rule[unsigned(Table::qos)]];
