@@ -97,24 +97,6 @@ CtKind ct_tuple(const uint8_t* l3, uint16_t len, CtKey& k) {
   }
 }
 
-bool ct_plain(const uint8_t* l3, uint16_t len) {
-  // The same tests as ct_tuple, in the same order, minus the ICMP error
-  // branch (which never returns plain). tests/dataplane: CtPlain.*
-  uint16_t ihl = uint16_t((l3[0] & 0x0f) * 4);
-  if (len < ihl || ihl < 20) return false;
-  if (!first_fragment(l3)) return false;
-  uint16_t l4len = uint16_t(len - ihl);
-  switch (l3[9]) {
-    case IPPROTO_TCP:
-    case IPPROTO_UDP:
-      return l4len >= 4;
-    case IPPROTO_ICMP:
-      return l4len >= 8 && (icmp_is_request(l3[ihl]) || icmp_is_reply(l3[ihl]));
-    default:
-      return true;
-  }
-}
-
 void nat_rewrite(uint8_t* l3, uint16_t len, bool src, uint32_t addr, uint16_t port, uint8_t* outer) {
   if (len < 20) return;
   uint16_t ihl = uint16_t((l3[0] & 0x0f) * 4);

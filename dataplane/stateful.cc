@@ -219,12 +219,20 @@ bool pick_port(const Conntrack& ct, unsigned wid, CtKey& out, uint16_t& port_fie
 void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Burst& b) {
   const Verdict* nv = c.verdict[unsigned(Table::nat)].data();
   const Verdict* sv = c.verdict[unsigned(Table::spd)].data();
+  const bool no_snat = !c.ctx && NatAction(nv[0].action) != NatAction::masquerade &&
+                       NatAction(nv[0].action) != NatAction::snat;
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
     if (md.conn) {
       if (!(md.ct & kCtRelated)) nat_src_half(l3_of(m), l3_len(m), ct.conn(ct_ref_index(md.conn)), ct_ref_dir(md.conn));
+      b.pkts[kept++] = m;
+      continue;
+    }
+    // Without rules and with a default that translates nothing, only a
+    // commit or a DNAT leaves work: the rest is the stateless accept below.
+    if (no_snat && !(md.ct & (kCtCommit | kCtDnat))) {
       b.pkts[kept++] = m;
       continue;
     }

@@ -881,5 +881,16 @@ TEST_F(Moat, NoRulesStillAnswersEveryTablesDefault) {
   EXPECT_EQ(w->stats.classified.load(), before + 1);
   for (unsigned i = 0; i < kTables; i++) EXPECT_EQ(meta(m).rule[i], 0u);
   rte_pktmbuf_free(m);
+  // A default NAT verdict that translates still does without rules.
+  rs.table[unsigned(Table::nat)].deflt.action = uint8_t(NatAction::masquerade);
+  auto masq = compile(rs, 9000 + gen++);
+  ASSERT_TRUE(masq) << masq.error();
+  ASSERT_EQ((*masq)->ctx, nullptr);
+  t.classifier.store(masq->get());
+  auto out = send(kKids, kKid, kNet, 17, udp(kKid, kNet, 5555, 53));
+  ASSERT_FALSE(out.empty());
+  EXPECT_EQ(be32at(out, 26), kWanAddr);
+  EXPECT_EQ(bad_checksums(out), "");
+  EXPECT_EQ(ct->in_use(), 1u);
   t.classifier.store(cls.get());
 }
