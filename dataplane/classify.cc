@@ -4,6 +4,8 @@
 #include <rte_icmp.h>
 #include <rte_ip.h>
 
+#include <algorithm>
+
 #include "dataplane/nat.hh"
 #include "dataplane/worker.hh"
 
@@ -69,6 +71,14 @@ void make_key(const Classifier& c, const PortTable& pt, rte_mbuf* m, AclKey& k) 
 void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transit, Burst& local) {
   unsigned n = transit.n + local.n;
   if (!n) return;
+  if (!c.ctx) {
+    // No rules: every table answers its default (0) whatever the key, so
+    // no key is made (moat::classify would only fill zeros).
+    for (uint16_t i = 0; i < transit.n; i++) std::fill_n(meta(transit.pkts[i]).rule, kTables, 0u);
+    for (uint16_t i = 0; i < local.n; i++) std::fill_n(meta(local.pkts[i]).rule, kTables, 0u);
+    w.stats.classified.add(n);
+    return;
+  }
   AclKey keys[2 * kMaxBurst];
   const AclKey* ptrs[2 * kMaxBurst];
   uint32_t res[2 * kMaxBurst * kTables];
@@ -86,6 +96,9 @@ void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transi
 
 void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
   const Verdict* v = c.verdict[unsigned(Table::filter)].data();
+  // No rules and a default that accepts without state: every packet passes
+  // untouched (a config with tunnels and no filter table).
+  if (!c.ctx && FilterAction(v[0].action) == FilterAction::accept && !(v[0].flags & Verdict::kStateful)) return;
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
@@ -119,16 +132,19 @@ void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
 
 void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel) {
   const Verdict* v = c ? c->verdict[unsigned(Table::spd)].data() : nullptr;
+  // Without rules every packet has the table's default: read it once.
+  const bool one = !c || !c->ctx;
+  const SpdAction deflt = v ? SpdAction(v[0].action) : SpdAction::bypass;
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
-    SpdAction a = v ? SpdAction(v[md.rule[unsigned(Table::spd)]].action) : SpdAction::bypass;
+    SpdAction a = one ? deflt : SpdAction(v[md.rule[unsigned(Table::spd)]].action);
     if (a == SpdAction::discard) {
       w.drop(m, Drop::spd_discard);
     } else if (a == SpdAction::protect) {
       // Policy overrides the route: seed 003's funnels protect by selector.
-      md.out_tunnel = uint16_t(v[md.rule[unsigned(Table::spd)]].a);
+      md.out_tunnel = uint16_t(v[one ? 0 : md.rule[unsigned(Table::spd)]].a);
       to_tunnel.push(m);
     } else if (md.out_tunnel != kNoTunnel) {
       to_tunnel.push(m);  // routed into a tunnel: protected whatever the SPD's default
@@ -141,6 +157,15 @@ void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel) {
 
 void qos_mark(Worker& w, const Classifier& c, Burst& b) {
   const Verdict* v = c.verdict[unsigned(Table::qos)].data();
+  if (!c.ctx) {
+    // Without rules every packet gets the default class (and mark).
+    const Verdict& q = v[0];
+    for (uint16_t i = 0; i < b.n; i++) meta(b.pkts[i]).cls = uint8_t(q.cls);
+    if (q.flags & Verdict::kMarkDscp)
+      for (uint16_t i = 0; i < b.n; i++)
+        set_dscp(rte_pktmbuf_mtod_offset(b.pkts[i], rte_ipv4_hdr*, meta(b.pkts[i]).l3_off), q.dscp);
+    return;
+  }
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     const Verdict& q = v[meta(m).rule[unsigned(Table::qos)]];

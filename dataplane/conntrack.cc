@@ -75,7 +75,7 @@ void Conntrack::lookup(const CtKey* const* keys, unsigned n, uint32_t* refs) con
   // pays two loads per burst instead of a cuckoo probe per packet into a
   // table sized for max_connections, mostly cold (ESP inbound probes it for
   // the outer and the inner packet).
-  if (rte_ring_count(free_) == max_) {
+  if (empty()) {
     for (unsigned i = 0; i < n; i++) refs[i] = 0;
     return;
   }
@@ -83,6 +83,8 @@ void Conntrack::lookup(const CtKey* const* keys, unsigned n, uint32_t* refs) con
   for (unsigned i = 0; i < n; i++)
     refs[i] = (hits >> i) & 1 ? uint32_t(reinterpret_cast<uintptr_t>(data[i])) : 0;
 }
+
+bool Conntrack::empty() const { return rte_ring_count(free_) == max_; }
 
 uint32_t Conntrack::insert(const CtKey& orig, const CtKey& reply, uint8_t nat, uint32_t flags, unsigned worker,
                            uint64_t now_tsc, bool* full) {

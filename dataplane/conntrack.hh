@@ -137,6 +137,10 @@ class Conntrack {
   // ---- data path (any worker) ----
   // refs[i]: see ct_ref; n <= RTE_HASH_LOOKUP_BULK_MAX.
   void lookup(const CtKey* const* keys, unsigned n, uint32_t* refs) const;
+  // No entry is taken from the free ring, so no key is in the hash and every
+  // lookup would miss (see lookup()). A snapshot: another worker may insert
+  // right after, as it may after any lookup.
+  bool empty() const;
   bool taken(const CtKey& k) const { return rte_hash_lookup(hash_, &k) >= 0; }
   // Creates a connection from its two tuples. Returns the original
   // direction's ref, or 0 when the table is full or a tuple is already taken

@@ -1024,7 +1024,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     uint16_t total = inner_len >= sizeof(rte_ipv4_hdr) ? rte_be_to_cpu_16(inner->total_length) : 0;
     // TFC padding (RFC 4303 §2.7) may follow the inner packet: total ≤ inner_len.
     if (inner_len < sizeof(rte_ipv4_hdr) || (inner->version_ihl >> 4) != 4 || ihl < 20 ||
-        total < ihl || total > inner_len || inet_sum(inner, ihl) != 0xffff) {
+        total < ihl || total > inner_len || ipv4_hdr_sum(inner, ihl) != 0xffff) {
       drop_sa(w, sad, j.idx, m, Drop::esp_inner_malformed);
       continue;
     }

@@ -9,6 +9,8 @@
 #include <rte_ip.h>
 #include <rte_mbuf.h>
 
+#include <netinet/in.h>
+
 #include <cstdint>
 
 #include "dataplane/conntrack.hh"
@@ -51,6 +53,26 @@ inline bool icmp_is_error(uint8_t type) { return type == 3 || type == 11 || type
 // The tuple a packet is tracked by. `l3` is a validated IPv4 header and
 // `len` the bytes from it that belong to the packet.
 CtKind ct_tuple(const uint8_t* l3, uint16_t len, CtKey& k);
+// ct_tuple(l3, len, k) == CtKind::plain, without building the tuple: what
+// the conntrack stage needs to know of a packet while the table is empty
+// (an ICMP error then quotes no known connection, so it is untracked too).
+// The same tests as ct_tuple, in the same order, minus the ICMP error
+// branch (which never returns plain). Tests: CtPlain.*
+inline bool ct_plain(const uint8_t* l3, uint16_t len) {
+  uint16_t ihl = uint16_t((l3[0] & 0x0f) * 4);
+  if (len < ihl || ihl < 20) return false;
+  if ((l3[6] & 0x1f) | l3[7]) return false;  // a later fragment: no ports
+  uint16_t l4len = uint16_t(len - ihl);
+  switch (l3[9]) {
+    case IPPROTO_TCP:
+    case IPPROTO_UDP:
+      return l4len >= 4;
+    case IPPROTO_ICMP:
+      return l4len >= 8 && (icmp_is_request(l3[ihl]) || icmp_is_reply(l3[ihl]));
+    default:
+      return true;
+  }
+}
 
 // Rewrites the source (`src`) or destination address and, where the
 // protocol has one in that slot, the port (TCP, UDP) or ICMP query

@@ -6,6 +6,7 @@
 #include <rte_ether.h>
 #include <rte_ip.h>
 
+#include "dataplane/icmp.hh"
 #include "dataplane/worker.hh"
 
 namespace moat {
@@ -65,7 +66,7 @@ void parse(Worker& w, const PortTable& pt, Burst& b) {
     uint16_t total = rte_be_to_cpu_16(ip->total_length);
     if (total < ihl || total > rte_pktmbuf_pkt_len(m) - off) { w.drop(m, Drop::ip_truncated); continue; }
     // No virtual device offers RX checksum offload, so verify in software.
-    if (rte_raw_cksum(ip, ihl) != 0xffff) { w.drop(m, Drop::ip_checksum); continue; }
+    if (ipv4_hdr_sum(ip, ihl) != 0xffff) { w.drop(m, Drop::ip_checksum); continue; }
     if (ihl != sizeof(rte_ipv4_hdr)) { w.drop(m, Drop::ip_options); continue; }
     if (martian_source(rte_be_to_cpu_32(ip->src_addr), rte_be_to_cpu_32(ip->dst_addr))) {
       w.drop(m, Drop::ip_martian);

@@ -72,6 +72,19 @@ void conntrack(Worker& w, Conntrack& ct, Burst& b) {
   uint8_t which[kMaxBurst];
   uint32_t refs[kMaxBurst];
   unsigned n = 0;
+  if (ct.empty()) {
+    // Every lookup would miss: what a miss leaves is all the stages after
+    // need (a trackable packet is new; an ICMP error about nothing known is
+    // untracked), and the tuples need not be built. A plain router's tunnel
+    // traffic (outer ESP, then the inner packet) takes this way.
+    for (uint16_t i = 0; i < b.n; i++) {
+      rte_mbuf* m = b.pkts[i];
+      PktMeta& md = meta(m);
+      md.conn = 0;
+      md.ct = ct_plain(l3_of(m), l3_len(m)) ? 0 : kCtNoTrack;
+    }
+    return;
+  }
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
@@ -206,14 +219,20 @@ bool pick_port(const Conntrack& ct, unsigned wid, CtKey& out, uint16_t& port_fie
 void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Burst& b) {
   const Verdict* nv = c.verdict[unsigned(Table::nat)].data();
   const Verdict* sv = c.verdict[unsigned(Table::spd)].data();
+  const bool no_snat = !c.ctx && NatAction(nv[0].action) != NatAction::masquerade &&
+                       NatAction(nv[0].action) != NatAction::snat;
   uint16_t kept = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
-    uint8_t* l3 = l3_of(m);
-    uint16_t len = l3_len(m);
     if (md.conn) {
-      if (!(md.ct & kCtRelated)) nat_src_half(l3, len, ct.conn(ct_ref_index(md.conn)), ct_ref_dir(md.conn));
+      if (!(md.ct & kCtRelated)) nat_src_half(l3_of(m), l3_len(m), ct.conn(ct_ref_index(md.conn)), ct_ref_dir(md.conn));
+      b.pkts[kept++] = m;
+      continue;
+    }
+    // Without rules and with a default that translates nothing, only a
+    // commit or a DNAT leaves work: the rest is the stateless accept below.
+    if (no_snat && !(md.ct & (kCtCommit | kCtDnat))) {
       b.pkts[kept++] = m;
       continue;
     }
@@ -233,6 +252,8 @@ void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Bur
       else b.pkts[kept++] = m;
       continue;
     }
+    uint8_t* l3 = l3_of(m);
+    uint16_t len = l3_len(m);
     CtKey cur;
     ct_tuple(l3, len, cur);
     uint32_t flags = 0;

@@ -787,3 +787,110 @@ TEST(NatRewrite, ChecksumsMatchRecomputation) {
     }
   }
 }
+
+// With no entry in the table the conntrack stage skips the tuples (every
+// lookup would miss) and only marks what cannot be tracked. What it marks
+// must be what the full stage marks, or the NAT stage would commit a
+// connection for a packet it must refuse: a later fragment and an ICMP
+// error about nothing known leave untranslated only if untracked.
+TEST_F(Moat, EmptyTableStillRefusesToTranslateWhatCannotBeTracked) {
+  ASSERT_EQ(ct->in_use(), 0u);
+  auto whole = udp(kKid, kNet, 5555, 53, 40);
+  std::vector<uint8_t> rest(whole.begin() + 24, whole.end());
+  auto g = ipv4_frame(kKid, kNet, 17, 64, rest, 0x0003).b;
+  rte_mbuf* m = to_mbuf(test_pool(), g, kKids);
+  Burst b;
+  b.push(m);
+  parse(*w, *pt, b);
+  conntrack(*w, *ct, b);
+  ASSERT_EQ(b.n, 1);
+  EXPECT_EQ(meta(m).ct, kCtNoTrack);
+  EXPECT_EQ(meta(m).conn, 0u);
+  route(*w, t, *pt, b);
+  policy(*w, t, *pt, b, w->local);
+  EXPECT_EQ(b.n, 0);
+  EXPECT_EQ(drops(Drop::nat_fragment), 1u);
+  EXPECT_EQ(ct->in_use(), 0u);
+  // An ICMP error from inside about a flow nobody opened: untracked too.
+  auto quoted = udp(kNet, kKid, 53, 5555);
+  auto qf = ipv4_frame(kNet, kKid, 17, 64, quoted).b;
+  std::vector<uint8_t> qip(qf.begin() + 14, qf.end());
+  EXPECT_TRUE(send(kKids, kKid, kNet, 1, icmp_err(3, 3, qip)).empty());
+  EXPECT_EQ(drops(Drop::nat_fragment), 2u);
+  EXPECT_EQ(ct->in_use(), 0u);
+  // Echo requests and UDP are trackable: they open connections.
+  EXPECT_FALSE(send(kKids, kKid, kNet, 1, echo(8, 77, 1)).empty());
+  EXPECT_EQ(ct->in_use(), 1u);
+}
+
+// ct_plain is ct_tuple's kind without the tuple: the two must agree on
+// every packet, valid or not (edge lengths, fragments, every ICMP type).
+TEST(CtPlain, AgreesWithCtTuple) {
+  std::mt19937 rng(4);
+  const uint8_t protos[] = {1, 6, 17, 50, 47, 132, 0, 255};
+  unsigned plain = 0, other = 0;
+  for (int iter = 0; iter < 200000; iter++) {
+    uint8_t buf[128];
+    for (auto& x : buf) x = uint8_t(rng());
+    buf[0] = uint8_t(0x40 | (iter % 7 == 0 ? rng() & 0xf : 5 + rng() % 3));
+    buf[9] = protos[rng() % std::size(protos)];
+    if (rng() % 2) buf[6] = buf[7] = 0;           // first fragment, no flags
+    else if (rng() % 2) buf[6] = 0x20, buf[7] = 0;  // MF, offset 0
+    uint16_t ihl = uint16_t((buf[0] & 0xf) * 4);
+    if (buf[9] == 1 && rng() % 2) {
+      const uint8_t types[] = {0, 3, 4, 5, 8, 11, 12, 13, 14, 15};
+      buf[ihl] = types[rng() % std::size(types)];
+      if (rng() % 2) buf[ihl + 8] = uint8_t(0x45);
+    }
+    uint16_t len = uint16_t(rng() % 80);
+    CtKey k;
+    bool want = ct_tuple(buf, len, k) == CtKind::plain;
+    ASSERT_EQ(ct_plain(buf, len), want) << "iter " << iter << " proto " << int(buf[9]) << " len " << len;
+    (want ? plain : other)++;
+  }
+  EXPECT_GT(plain, 10000u);
+  EXPECT_GT(other, 10000u);
+}
+
+// A rule set without rules has no rte_acl context: the stage then skips the
+// keys, but every table must still answer its default — a filter table
+// whose default drops (a config with `filter: []`) drops everything.
+TEST_F(Moat, NoRulesStillAnswersEveryTablesDefault) {
+  RuleSet rs;
+  rs.zones = {"local", "wild", "kids", "office"};
+  rs.table[unsigned(Table::filter)].deflt.action = uint8_t(FilterAction::drop);
+  auto none = compile(rs, 9000 + gen++);
+  ASSERT_TRUE(none) << none.error();
+  ASSERT_EQ((*none)->ctx, nullptr);
+  t.classifier.store(none->get());
+  EXPECT_TRUE(send(kKids, kKid, kNet, 17, udp(kKid, kNet, 5555, 53)).empty());
+  EXPECT_EQ(drops(Drop::filter_drop), 1u);
+  rs.table[unsigned(Table::filter)].deflt.action = uint8_t(FilterAction::accept);
+  auto accept = compile(rs, 9000 + gen++);
+  ASSERT_TRUE(accept) << accept.error();
+  t.classifier.store(accept->get());
+  // Stale verdicts in the metadata are not left for the later stages.
+  auto f = ipv4_frame(kKid, kNet, 17, 64, udp(kKid, kNet, 5555, 53)).b;
+  rte_mbuf* m = to_mbuf(test_pool(), f, kKids);
+  Burst b, local;
+  b.push(m);
+  parse(*w, *pt, b);
+  std::fill_n(meta(m).rule, kTables, 3u);
+  uint64_t before = w->stats.classified.load();
+  classify(*w, **accept, *pt, b, local);
+  EXPECT_EQ(w->stats.classified.load(), before + 1);
+  for (unsigned i = 0; i < kTables; i++) EXPECT_EQ(meta(m).rule[i], 0u);
+  rte_pktmbuf_free(m);
+  // A default NAT verdict that translates still does without rules.
+  rs.table[unsigned(Table::nat)].deflt.action = uint8_t(NatAction::masquerade);
+  auto masq = compile(rs, 9000 + gen++);
+  ASSERT_TRUE(masq) << masq.error();
+  ASSERT_EQ((*masq)->ctx, nullptr);
+  t.classifier.store(masq->get());
+  auto out = send(kKids, kKid, kNet, 17, udp(kKid, kNet, 5555, 53));
+  ASSERT_FALSE(out.empty());
+  EXPECT_EQ(be32at(out, 26), kWanAddr);
+  EXPECT_EQ(bad_checksums(out), "");
+  EXPECT_EQ(ct->in_use(), 1u);
+  t.classifier.store(cls.get());
+}
