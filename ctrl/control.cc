@@ -858,8 +858,8 @@ std::optional<uint32_t> Control::tunnel_id(const std::string& name) const {
 
 SaConfig Control::tunnel_template(uint32_t tunnel) const { return c_.tunnels.at(tunnel).tmpl; }
 
-void Control::set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port) {
-  if (auto ok = sad_->set_peer(sa, addr, port); !ok) fmt::print(stderr, "moatd: {}\n", ok.error());
+void Control::set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port, bool udp_encap) {
+  if (auto ok = sad_->set_peer(sa, addr, port, udp_encap); !ok) fmt::print(stderr, "moatd: {}\n", ok.error());
 }
 
 void Control::set_sa_local(uint32_t sa, uint32_t addr) {

@@ -120,7 +120,7 @@ class Control {
   tl::expected<uint32_t, std::string> install_sa(const SaConfig& sa, bool switch_outbound = true);
   tl::expected<void, std::string> remove_sa(uint32_t sa);
   tl::expected<void, std::string> switch_outbound(uint32_t tunnel, uint32_t sa);
-  void set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port);
+  void set_sa_peer(uint32_t sa, uint32_t addr, uint16_t port, bool udp_encap);
   void set_sa_local(uint32_t sa, uint32_t addr);
   std::optional<uint32_t> tunnel_id(const std::string& name) const;
   // ESP in UDP that came in outer fragments and that the kernel reassembled

@@ -161,10 +161,12 @@ void IkeHost::moved(const ike::ChildSa& sa) {
   auto it = sas_.find(sa.id);
   if (it == sas_.end()) return;
   if (it->second.out != kNoSa) {
-    c_.set_sa_peer(it->second.out, v4(sa.remote.addr), sa.remote.port);
+    c_.set_sa_peer(it->second.out, v4(sa.remote.addr), sa.remote.port, sa.udp_encap);
     if (sa.local.addr.is_v4()) c_.set_sa_local(it->second.out, v4(sa.local.addr));
   }
-  if (it->second.in != kNoSa) c_.set_sa_peer(it->second.in, v4(sa.remote.addr), sa.remote.port);
+  // The outbound SA's peer word turns ESP in UDP on or off with the move (a
+  // NAT appeared or went); the inbound SA takes both anyway.
+  if (it->second.in != kNoSa) c_.set_sa_peer(it->second.in, v4(sa.remote.addr), sa.remote.port, sa.udp_encap);
 }
 
 }  // namespace moat

@@ -100,7 +100,7 @@ void lifetime_count(EspWorker& ew, const Sad& sad, unsigned worker, uint32_t idx
   bool hard_b = sa.hard_bytes && b >= sa.hard_bytes, hard_p = sa.hard_packets && p >= sa.hard_packets;
   bool soft_b = sa.soft_bytes && b >= sa.soft_bytes, soft_p = sa.soft_packets && p >= sa.soft_packets;
   if (!(hard_b || hard_p || soft_b || soft_p)) return;
-  uint32_t peer = uint32_t(sa.peer.load(std::memory_order_relaxed) >> 16);
+  uint32_t peer = peer_addr(sa.peer.load(std::memory_order_relaxed));
   if ((soft_b || soft_p) && !(sa.state.fetch_or(kSaSoftPosted) & kSaSoftPosted)) {
     SaEvent e{idx, sa.spi, peer, soft_b ? SaEventKind::soft_bytes : SaEventKind::soft_packets, {}};
     if (!sa_post(events, e)) ew.stats.events_lost.add();
@@ -252,11 +252,16 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
       continue;
     }
     const Sa& sa = sad.sa(idx);
+    // One load per packet: the encapsulation it is sized for is the one
+    // esp_outbound gives it (EspWorker::sized).
+    uint64_t pw = sa.peer.load(std::memory_order_acquire);
+    uint16_t max_inner = sa.max_inner[peer_udp(pw)];
     auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
     uint16_t total = rte_be_to_cpu_16(ip->total_length);
-    if (sa.clamp_mss && clamp_mss(ip, total, sa.mss)) ew.stats.mss_clamped.add();
-    if (total <= sa.max_inner) {
+    if (sa.clamp_mss && clamp_mss(ip, total, uint16_t(max_inner - 40))) ew.stats.mss_clamped.add();
+    if (total <= max_inner) {
       if (out.n == kMaxBurst) break;
+      ew.sized[out.n] = {m, idx, pw};
       out.push(m);
       continue;
     }
@@ -264,12 +269,12 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
     if (df && sa.mtu_policy == MtuPolicy::honor_df) {
       sa_add(sad.drops(idx).n[static_cast<unsigned>(Drop::esp_tunnel_frag_needed)], 1);
       // RFC 1191: the next-hop MTU is what the tunnel carries unfragmented.
-      send_icmp_error(w, pt, m, Drop::esp_tunnel_frag_needed, kIcmpUnreach, kUnreachFragNeeded, sa.max_inner);
+      send_icmp_error(w, pt, m, Drop::esp_tunnel_frag_needed, kIcmpUnreach, kUnreachFragNeeded, max_inner);
       continue;
     }
     // fragment-inner. Fragment payloads are multiples of 8 bytes.
     uint16_t ihl = uint16_t((ip->version_ihl & 0xf) * 4);
-    uint16_t frag_mtu = uint16_t(ihl + ((sa.max_inner - ihl) & ~7));
+    uint16_t frag_mtu = uint16_t(ihl + ((max_inner - ihl) & ~7));
     unsigned need = (total - ihl + (frag_mtu - ihl) - 1) / (frag_mtu - ihl);
     if (need > kMaxBurst) { w.drop(m, Drop::esp_frag_failed); continue; }
     if (out.n + need > kMaxBurst) break;  // the rest waits for the next call
@@ -299,6 +304,7 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
       meta(fm) = saved;
       meta(fm).l3_off = 0;
       ew.stats.inner_fragments.add();
+      ew.sized[out.n] = {fm, idx, pw};
       out.push(fm);
     }
   }
@@ -414,21 +420,27 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   // so a refused packet leaves no gap for the receiver's loss metric.
   SaPrefetch prefetch_sa{sad};
   for (uint16_t i = 0; i < b.n && i < kPrefetchAhead; i++) prefetch_sa(meta(b.pkts[i]).sa);
+  // The peer word of each packet kept, loaded once (here, or by esp_mtu):
+  // addresses, UDP header and sizes all come from it.
+  uint64_t pws[kMaxBurst];
   uint16_t nv = 0;
   for (uint16_t i = 0; i < b.n; i++) {
     if (i + kPrefetchAhead < b.n) prefetch_sa(meta(b.pkts[i + kPrefetchAhead]).sa);
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
     uint32_t idx = md.sa;
+    EspWorker::Sized sized = ew.sized[i];
+    ew.sized[i].m = nullptr;  // used once
     if (idx >= sad.capacity()) { w.drop(m, Drop::esp_no_sa); continue; }
     Sa& sa = sad.sa(idx);
     uint32_t st = sa.state.load(std::memory_order_relaxed);
     if (sa.dir != SaDir::outbound || !(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); continue; }
     if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); continue; }
     if (!contiguous(m)) { drop_sa(w, sad, idx, m, Drop::esp_no_room); continue; }
+    uint64_t pw = sized.m == m && sized.sa == idx ? sized.peer : sa.peer.load(std::memory_order_acquire);
     auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
     uint16_t inner_len = rte_be_to_cpu_16(inner->total_length);
-    uint8_t nat = sa.nat_t ? sizeof(rte_udp_hdr) : 0;
+    uint8_t nat = peer_udp(pw) ? sizeof(rte_udp_hdr) : 0;
     uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + nat + 8 + sa.iv_len);
     uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
     uint16_t tail = uint16_t(padded - inner_len + kIcvLen);
@@ -437,6 +449,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       drop_sa(w, sad, idx, m, Drop::esp_no_room);
       continue;
     }
+    pws[nv] = pw;
     b.pkts[nv++] = m;
   }
   b.n = nv;
@@ -465,9 +478,10 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       __atomic_store_n(&sa.last_tsc, w.now_tsc, __ATOMIC_RELAXED);
     }
     uint64_t seq = ++run_seq;
+    const uint64_t peer = pws[i];  // the packet's one peer word (pass 1)
     auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
     uint16_t inner_len = rte_be_to_cpu_16(inner->total_length);
-    uint8_t nat = sa.nat_t ? sizeof(rte_udp_hdr) : 0;
+    uint8_t nat = peer_udp(peer) ? sizeof(rte_udp_hdr) : 0;
     uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + nat + 8 + sa.iv_len);
     uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
     uint8_t pad = uint8_t(padded - inner_len - 2);
@@ -475,8 +489,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     if (!sa.esn && seq > 0xffffffffull) {
       // RFC 4303 §3.3.3: without ESN the counter must not cycle; the SA is done.
       if (!(sa.state.fetch_or(kSaHardPosted) & kSaHardPosted)) {
-        uint32_t peer = uint32_t(sa.peer.load(std::memory_order_relaxed) >> 16);
-        if (!sa_post(events, SaEvent{idx, sa.spi, peer, SaEventKind::seq_overflow, {}})) ew.stats.events_lost.add();
+        if (!sa_post(events, SaEvent{idx, sa.spi, peer_addr(peer), SaEventKind::seq_overflow, {}})) ew.stats.events_lost.add();
       }
       drop_sa(w, sad, idx, m, Drop::esp_seq_overflow);
       continue;
@@ -498,14 +511,13 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     auto* eth = reinterpret_cast<rte_ether_hdr*>(p);
     eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
     auto* ip = reinterpret_cast<rte_ipv4_hdr*>(p + kEth);
-    uint64_t peer = sa.peer.load(std::memory_order_acquire);
     uint16_t outer_len = uint16_t(rte_pktmbuf_pkt_len(m) - kEth);
     uint8_t tos = uint8_t((inner_tos & 0xfc) | ecn_encap(inner_tos & 3));
     uint16_t id = ew.ip_id++;
     bool df = sa.df == OuterDf::set || (sa.df == OuterDf::copy && inner_df);
     uint16_t frag = df ? RTE_IPV4_HDR_DF_FLAG : 0;
-    uint8_t proto = sa.nat_t ? uint8_t(IPPROTO_UDP) : kProtoEsp;
-    uint32_t dst = uint32_t(peer >> 16);
+    uint8_t proto = nat ? uint8_t(IPPROTO_UDP) : kProtoEsp;
+    uint32_t dst = peer_addr(peer);
     uint32_t src = sa.local.load(std::memory_order_relaxed);  // one read: header and checksum agree
     // The checksum is summed from the values, not read back from the header
     // just written: byte stores read back as words stall store forwarding.
@@ -524,10 +536,10 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     ip->src_addr = rte_cpu_to_be_32(src);
     ip->dst_addr = rte_cpu_to_be_32(dst);
     uint8_t* esp = p + kEth + sizeof(rte_ipv4_hdr);
-    if (sa.nat_t) {
+    if (nat) {
       auto* udp = reinterpret_cast<rte_udp_hdr*>(esp);
       udp->src_port = rte_cpu_to_be_16(sa.local_port);
-      udp->dst_port = rte_cpu_to_be_16(uint16_t(peer));
+      udp->dst_port = rte_cpu_to_be_16(peer_port(peer));
       udp->dgram_len = rte_cpu_to_be_16(uint16_t(outer_len - sizeof(rte_ipv4_hdr)));
       udp->dgram_cksum = 0;  // RFC 3948 §2.1: zero for ESP in UDP over IPv4
       esp += sizeof(rte_udp_hdr);

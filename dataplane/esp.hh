@@ -97,6 +97,21 @@ struct EspWorker {
     uint8_t icv[16];
   };
   Scratch scratch[kMaxBurst];
+
+  // esp_mtu → esp_outbound: the SA's peer word (Sa::peer) each packet was
+  // sized for, by its place in the burst esp_mtu fills. esp_outbound builds
+  // the outer headers from that same word, so a set_peer between the two
+  // stages cannot give a packet sized for plain ESP a UDP header (8 bytes
+  // over the MTU) or mix old and new fields. An entry counts only for the
+  // packet and SA it names and is used once; without one (esp_outbound
+  // called alone) esp_outbound loads the word itself. esp_mtu's output goes
+  // to esp_outbound before the next esp_mtu (worker.cc tunnel_out).
+  struct Sized {
+    rte_mbuf* m;
+    uint32_t sa;
+    uint64_t peer;
+  };
+  Sized sized[kMaxBurst] = {};
 };
 
 struct EspWorkerConfig {

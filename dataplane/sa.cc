@@ -231,11 +231,10 @@ tl::expected<uint32_t, std::string> Sad::add_sa(const SaConfig& c, uint64_t now_
   s.local.store(c.local, std::memory_order_relaxed);
   s.local_port = c.local_port;
   s.mtu = c.mtu;
-  s.peer.store(uint64_t(c.peer) << 16 | c.peer_port, std::memory_order_relaxed);
+  s.peer.store(peer_word(c.peer, c.peer_port, c.nat_t), std::memory_order_relaxed);
   s.dir = c.dir;
   s.cipher = c.cipher;
   s.esn = c.esn;
-  s.nat_t = c.nat_t;
   s.clamp_mss = c.clamp_mss;
   s.df = c.df;
   s.mtu_policy = c.mtu_policy;
@@ -247,10 +246,12 @@ tl::expected<uint32_t, std::string> Sad::add_sa(const SaConfig& c, uint64_t now_
   for (size_t f = 0; f < c.funnels.size(); f++) s.funnels[f] = c.funnels[f];
   // The largest inner packet one ESP packet carries within the MTU:
   // outer IPv4 (20) [+ UDP 8] + ESP header 8 + IV + payload padded + ICV 16.
-  int room = int(c.mtu) - 20 - (c.nat_t ? 8 : 0) - 8 - s.iv_len - 16;
-  room -= room % s.align;
-  s.max_inner = uint16_t(room - 2);
-  s.mss = uint16_t(s.max_inner - 40);
+  // Both encapsulations: set_peer may switch between them (MOBIKE, NAT).
+  for (unsigned u = 0; u < 2; u++) {
+    int room = int(c.mtu) - 20 - (u ? 8 : 0) - 8 - s.iv_len - 16;
+    room -= room % s.align;
+    s.max_inner[u] = uint16_t(room - 2);
+  }
   s.soft_bytes = c.soft.bytes;
   s.soft_packets = c.soft.packets;
   s.hard_bytes = c.hard.bytes;
@@ -363,11 +364,12 @@ void Sad::reclaim() {
   retired_.resize(keep);
 }
 
-tl::expected<void, std::string> Sad::set_peer(uint32_t sa, uint32_t addr, uint16_t port) {
+tl::expected<void, std::string> Sad::set_peer(uint32_t sa, uint32_t addr, uint16_t port, bool udp_encap) {
   if (!usable(sa)) return tl::unexpected(fmt::format("set_peer: SA {} is not live", sa));
-  sas_[sa].peer.store(uint64_t(addr) << 16 | port, std::memory_order_release);
+  sas_[sa].peer.store(peer_word(addr, port, udp_encap), std::memory_order_release);
   cfg_[sa].peer = addr;
   cfg_[sa].peer_port = port;
+  cfg_[sa].nat_t = udp_encap;
   return {};
 }
 
@@ -386,7 +388,7 @@ void Sad::tick(uint64_t now_s) {
     uint32_t st = s.state.load(std::memory_order_relaxed);
     if (!(st & kSaLive) || (st & kSaDeleted)) continue;
     uint64_t age = now_s - s.created_s;
-    uint32_t peer = uint32_t(s.peer.load(std::memory_order_relaxed) >> 16);
+    uint32_t peer = peer_addr(s.peer.load(std::memory_order_relaxed));
     if (s.hard_seconds && age >= s.hard_seconds && !(st & kSaHardPosted)) {
       s.state.fetch_or(kSaHardPosted);
       post(SaEvent{i, s.spi, peer, SaEventKind::hard_seconds, {}});
@@ -408,8 +410,9 @@ SaStats Sad::stats(uint32_t i) const {
   v.spi = s.spi;
   v.tunnel = s.tunnel;
   uint64_t p = s.peer.load(std::memory_order_relaxed);
-  v.peer = uint32_t(p >> 16);
-  v.peer_port = uint16_t(p);
+  v.peer = peer_addr(p);
+  v.peer_port = peer_port(p);
+  v.udp_encap = peer_udp(p);
   v.dir = s.dir;
   v.cipher = s.cipher;
   v.state = s.state.load(std::memory_order_relaxed);

@@ -37,6 +37,7 @@
 #include <tl/expected.hpp>
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -92,7 +93,7 @@ struct SaConfig {
   uint32_t tunnel = 0;  // the tunnel the SA belongs to (< Sad capacity)
   uint32_t local = 0;   // our outer address
   uint32_t peer = 0;    // the other end's outer address
-  bool nat_t = false;   // ESP in UDP (RFC 3948)
+  bool nat_t = false;   // ESP in UDP (RFC 3948); set_peer may switch it later
   uint16_t local_port = 4500;
   uint16_t peer_port = 4500;
   Cipher cipher = Cipher::aes_gcm_128;
@@ -143,13 +144,16 @@ struct alignas(64) Sa {
   std::atomic<uint32_t> local;  // set_local may change it (MOBIKE: our address moved)
   uint16_t local_port;
   uint16_t mtu;
-  std::atomic<uint64_t> peer;  // addr << 16 | port: set_peer changes both at once
+  // The peer word: udp_encap << 48 | addr << 16 | port (peer_word()).
+  // set_peer changes all three in one store; a worker loads it once per
+  // packet and takes the outer addresses, the UDP header (or none) and the
+  // MTU arithmetic (max_inner[udp]) from that one load.
+  std::atomic<uint64_t> peer;
   uint8_t salt[4];
   uint8_t cbc_nonce[8];   // CBC IV generation, see esp.cc
   SaDir dir;
   Cipher cipher;
   uint8_t esn;
-  uint8_t nat_t;
   uint8_t clamp_mss;
   OuterDf df;
   MtuPolicy mtu_policy;
@@ -157,9 +161,12 @@ struct alignas(64) Sa {
   uint8_t iv_len;         // 8 (AEAD) or 16 (CBC)
   uint8_t align;          // payload+trailer alignment: 4 (AEAD) or 16 (CBC)
   uint8_t n_funnels;
-  uint8_t pad0_;
-  uint16_t max_inner;     // largest inner IPv4 packet that fits mtu in one ESP packet
-  uint16_t mss;           // clamp-mss value (max_inner - 40)
+  uint8_t pad0_[2];
+  // Largest inner IPv4 packet that fits mtu in one ESP packet: [0] plain
+  // ESP, [1] ESP in UDP (8 bytes of UDP header less, then the alignment).
+  // Index by the peer word's flag; the clamp-mss value is max_inner[u] - 40.
+  uint16_t max_inner[2];
+  uint16_t pad1_[2];
   uint32_t window;        // replay window, packets
   std::atomic<uint32_t> state;  // kSaLive | kSa* flags (events posted once)
 
@@ -186,6 +193,18 @@ struct alignas(64) Sa {
 
   Funnel funnels[kMaxFunnels];
 };
+
+static_assert(offsetof(Sa, seq) == 64, "Sa line 0 is one cache line");
+
+// The peer word (Sa::peer): one 64-bit value so a packet never mixes an old
+// and a new address, port or encapsulation.
+inline constexpr uint64_t kPeerUdp = 1ull << 48;  // ESP in UDP (RFC 3948)
+inline constexpr uint64_t peer_word(uint32_t addr, uint16_t port, bool udp_encap) {
+  return (udp_encap ? kPeerUdp : 0) | uint64_t(addr) << 16 | port;
+}
+inline constexpr uint32_t peer_addr(uint64_t w) { return uint32_t(w >> 16); }
+inline constexpr uint16_t peer_port(uint64_t w) { return uint16_t(w); }
+inline constexpr unsigned peer_udp(uint64_t w) { return unsigned(w >> 48) & 1; }
 
 // State flags.
 inline constexpr uint32_t kSaLive = 1u << 0;      // data path may use it (until reclaimed)
@@ -247,6 +266,7 @@ inline void sa_bump(uint64_t& c, uint64_t n) { __atomic_store_n(&c, c + n, __ATO
 struct SaStats {
   uint32_t index, spi, tunnel, peer;
   uint16_t peer_port;
+  bool udp_encap;
   SaDir dir;
   Cipher cipher;
   uint32_t state;
@@ -278,9 +298,11 @@ class Sad {
   // Stops using an SA (inbound: its SPI is refused from now on) and frees its
   // slot after a grace period.
   tl::expected<void, std::string> delete_sa(uint32_t sa);
-  // Moves the peer (its outer address and UDP port) without losing a packet:
-  // each packet reads both in one atomic load.
-  tl::expected<void, std::string> set_peer(uint32_t sa, uint32_t addr, uint16_t port);
+  // Moves the peer (its outer address and UDP port) and turns ESP in UDP
+  // (RFC 3948) on or off without losing a packet: each packet reads all
+  // three in one atomic load (the peer word). Inbound SAs take ESP and ESP
+  // in UDP either way; for them only the address and port matter (events).
+  tl::expected<void, std::string> set_peer(uint32_t sa, uint32_t addr, uint16_t port, bool udp_encap);
   // Our outer address (the port's address changed and IKE moved the SA).
   tl::expected<void, std::string> set_local(uint32_t sa, uint32_t addr);
   // Seconds lifetimes: posts soft/hard events and expires SAs. Call ~1/s.

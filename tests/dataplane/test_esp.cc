@@ -7,7 +7,10 @@
 #include <rte_ip.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <memory>
+#include <thread>
 
 #include "dataplane/esp.hh"
 #include "dataplane/worker.hh"
@@ -275,7 +278,7 @@ TEST(Esp, OuterHeaderFollowsTheSa) {
   EXPECT_EQ(be32(f, 46), 1u) << "first sequence number is 1";
 
   // set_peer: the next packet goes to the new address and port.
-  ASSERT_TRUE(r.sad->set_peer(out, 0xcb007101, 31000));
+  ASSERT_TRUE(r.sad->set_peer(out, 0xcb007101, 31000, true));
   auto moved = r.seal({inner_frame(50)}, out);
   ASSERT_EQ(moved.size(), 1u);
   EXPECT_EQ(be32(moved[0], 30), 0xcb007101u);
@@ -484,7 +487,7 @@ TEST(Esp, HonorDfAnswersFragNeededWithTheTunnelMtu) {
   o.mtu = 1400;
   o.mtu_policy = MtuPolicy::honor_df;
   uint32_t out = r.add(o);
-  uint16_t max_inner = r.sad->sa(out).max_inner;
+  uint16_t max_inner = r.sad->sa(out).max_inner[0];
   // 1400 - 20 (IP) - 8 (ESP) - 8 (IV) - 16 (ICV) = 1348, payload+2 aligned to 4.
   EXPECT_EQ(max_inner, 1346);
   auto outer = r.seal({inner_frame(1472, 0, 0x4000), inner_frame(1472, 0, 0)}, out);
@@ -532,8 +535,7 @@ TEST(Esp, ClampMssRewritesSynsWithACorrectChecksum) {
   ASSERT_EQ(o2.n, 1u);
   auto got = l3(bytes(o2.pkts[0]));
   rte_pktmbuf_free(o2.pkts[0]);
-  EXPECT_EQ(be16(got, 20 + 20 + 3), r.sad->sa(out).mss) << "MSS value after NOP, kind, length";
-  EXPECT_EQ(r.sad->sa(out).mss, 1346 - 40);
+  EXPECT_EQ(be16(got, 20 + 20 + 3), 1346 - 40) << "MSS value after NOP, kind, length (max_inner - 40)";
   auto ps2 = pseudo(got);
   EXPECT_EQ(ref_checksum(ps2.data(), ps2.size()), 0) << "TCP checksum still valid";
   EXPECT_EQ(r.ew->stats.mss_clamped.load(), 1u);
@@ -735,6 +737,172 @@ void expect_whole(const std::vector<uint8_t>& frame, size_t len) {
 }
 
 }  // namespace
+
+// MOBIKE behind a NAT (RFC 4555 + RFC 3948): set_peer turns ESP in UDP on for
+// an installed outbound SA mid-stream, and off again. Every packet is whole:
+// the right protocol, addresses, ports and lengths, sized for the
+// encapsulation it carries, and it decrypts.
+TEST(Esp, SetPeerSwitchesToEspInUdpMidStreamAndBack) {
+  Rig r;
+  SaConfig o = sa_cfg(SaDir::outbound, 0x5151);  // AES-GCM, MTU 1500, plain ESP
+  SaConfig i = o;
+  i.dir = SaDir::inbound;
+  uint32_t out = r.add(o);
+  r.add(i);
+  // 1500 - 20 (IP) - 8 (ESP) - 8 (IV) - 16 (ICV) = 1448, payload+2 aligned to 4;
+  // ESP in UDP: 8 bytes less.
+  EXPECT_EQ(r.sad->sa(out).max_inner[0], 1446);
+  EXPECT_EQ(r.sad->sa(out).max_inner[1], 1438);
+  constexpr uint32_t kNat = 0xcb007101;  // 203.0.113.1: the NAT in front of the peer
+  auto check_plain = [&](const std::vector<uint8_t>& f, const char* what) {
+    EXPECT_EQ(f[23], 50) << what;
+    EXPECT_EQ(be32(f, 26), kLocal) << what;
+    EXPECT_EQ(be32(f, 30), kPeer) << what;
+    EXPECT_EQ(be16(f, 16), f.size() - 14) << what;
+    EXPECT_LE(f.size() - 14, 1500u) << what;
+    EXPECT_EQ(ref_checksum(&f[14], 20), 0) << what;
+    EXPECT_EQ(be32(f, 34), 0x5151u) << what << ": SPI right after the IP header";
+  };
+  auto check_udp = [&](const std::vector<uint8_t>& f, const char* what) {
+    EXPECT_EQ(f[23], 17) << what;
+    EXPECT_EQ(be32(f, 26), kLocal) << what;
+    EXPECT_EQ(be32(f, 30), kNat) << what;
+    EXPECT_EQ(be16(f, 16), f.size() - 14) << what;
+    EXPECT_LE(f.size() - 14, 1500u) << what;
+    EXPECT_EQ(ref_checksum(&f[14], 20), 0) << what;
+    EXPECT_EQ(be16(f, 34), 4500) << what;
+    EXPECT_EQ(be16(f, 36), 31000) << what << ": the NAT's port";
+    EXPECT_EQ(be16(f, 38), f.size() - 34) << what;
+    EXPECT_EQ(be16(f, 40), 0) << what << ": UDP checksum zero (RFC 3948 §2.1)";
+    EXPECT_EQ(be32(f, 42), 0x5151u) << what << ": SPI after the UDP header, no non-ESP marker";
+  };
+  // 1446 bytes of inner packet: one plain ESP packet of exactly 1500, but
+  // two ESP-in-UDP ones (fragment-inner threshold 8 bytes lower); 1438: one
+  // either way.
+  std::vector<std::vector<uint8_t>> inner = {inner_frame(50), inner_frame(1446 - 28), inner_frame(1438 - 28)};
+
+  auto before = r.seal(inner, out);
+  ASSERT_EQ(before.size(), 3u);
+  for (auto& f : before) check_plain(f, "before");
+  EXPECT_EQ(before[1].size() - 14, 1500u);
+
+  ASSERT_TRUE(r.sad->set_peer(out, kNat, 31000, true));
+  auto natted = r.seal(inner, out);
+  ASSERT_EQ(natted.size(), 4u) << "the 1446-byte packet no longer fits one ESP-in-UDP packet";
+  for (auto& f : natted) check_udp(f, "behind the NAT");
+  EXPECT_EQ(natted[3].size() - 14, 1500u) << "1438 bytes inner fill the MTU exactly";
+  EXPECT_EQ(r.ew->stats.inner_fragments.load(), 2u);
+  EXPECT_EQ(be32(natted[0], 46), 4u) << "sequence numbers go on across the switch";
+
+  ASSERT_TRUE(r.sad->set_peer(out, kPeer, 4500, false));
+  auto after = r.seal(inner, out);
+  ASSERT_EQ(after.size(), 3u);
+  for (auto& f : after) check_plain(f, "NAT gone");
+  EXPECT_EQ(after[1].size() - 14, 1500u);
+
+  // The inbound SA takes both encapsulations: everything decrypts, in order
+  // (the NAT turns port 31000 back into 4500 on the way; the UDP checksum
+  // is zero, so only the port changes).
+  std::vector<std::vector<uint8_t>> all = before;
+  for (auto f : natted) {
+    f[36] = 4500 >> 8;
+    f[37] = 4500 & 0xff;
+    all.push_back(f);
+  }
+  all.insert(all.end(), after.begin(), after.end());
+  auto back = r.open(all);
+  for (unsigned d = 0; d < kDropCount; d++) EXPECT_EQ(r.w->stats.drops[d].load(), 0u) << kDropNames[d];
+  ASSERT_EQ(back.size(), 9u);
+  for (size_t k = 0; k < back.size(); k++) EXPECT_EQ(l3(back[k]), l3(inner[k % 3])) << "#" << k;
+  for (unsigned d = 0; d < kDropCount; d++) EXPECT_EQ(r.w->stats.drops[d].load(), 0u) << kDropNames[d];
+}
+
+// A set_peer between esp_mtu (which sized the packet) and esp_outbound
+// (which writes its headers): the packet keeps the one peer word esp_mtu
+// read, so a packet sized for plain ESP never gets a UDP header (8 bytes
+// over the MTU) and never mixes old and new fields; the next one takes the
+// new word.
+TEST(Esp, SetPeerBetweenSizingAndSealingNeverTearsAPacket) {
+  Rig r;
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0x5252));
+  constexpr uint32_t kNat = 0xcb007101;
+  for (bool to_udp : {true, false}) {
+    Burst in, o;
+    for (size_t n : {50, 1446 - 28}) {
+      rte_mbuf* m = to_mbuf(test_pool(), inner_frame(n));
+      meta(m) = PktMeta{};
+      meta(m).l3_off = 14;
+      meta(m).sa = out;
+      in.push(m);
+    }
+    esp_mtu(*r.w, *r.ew, *r.sad, *r.pt, in, o);
+    ASSERT_EQ(o.n, to_udp ? 2u : 3u);
+    ASSERT_TRUE(r.sad->set_peer(out, to_udp ? kNat : kPeer, to_udp ? 31000 : 4500, to_udp));
+    esp_outbound(*r.w, *r.ew, *r.sad, o);
+    ASSERT_EQ(o.n, to_udp ? 2u : 3u);
+    for (uint16_t k = 0; k < o.n; k++) {
+      auto f = bytes(o.pkts[k]);
+      rte_pktmbuf_free(o.pkts[k]);
+      EXPECT_LE(f.size() - 14, 1500u);
+      EXPECT_EQ(be16(f, 16), f.size() - 14);
+      if (to_udp) {  // sized for plain ESP to the old peer: goes so
+        EXPECT_EQ(f[23], 50);
+        EXPECT_EQ(be32(f, 30), kPeer);
+      } else {  // sized for ESP in UDP via the NAT: goes so
+        EXPECT_EQ(f[23], 17);
+        EXPECT_EQ(be32(f, 30), kNat);
+        EXPECT_EQ(be16(f, 36), 31000);
+        EXPECT_EQ(be16(f, 38), f.size() - 34);
+      }
+    }
+    auto next = r.seal({inner_frame(50)}, out);
+    ASSERT_EQ(next.size(), 1u);
+    EXPECT_EQ(next[0][23], to_udp ? 17 : 50) << "the next packet takes the new word";
+    EXPECT_EQ(be32(next[0], 30), to_udp ? kNat : kPeer);
+  }
+}
+
+// set_peer from another thread while a worker seals bursts: each packet is
+// wholly one peer word or the other, and fits the MTU.
+TEST(Esp, SetPeerUnderTrafficYieldsOnlyWholePackets) {
+  Rig r;
+  uint32_t out = r.add(sa_cfg(SaDir::outbound, 0x5353));
+  constexpr uint32_t kNat = 0xcb007101;
+  std::atomic<bool> stop{false};
+  std::thread ctl([&] {  // the control thread
+    for (unsigned k = 0; !stop.load(std::memory_order_relaxed); k++)
+      (void)r.sad->set_peer(out, k & 1 ? kNat : kPeer, k & 1 ? 31000 : 4500, k & 1);
+  });
+  std::vector<std::vector<uint8_t>> inner;
+  for (size_t n = 1438 - 28 - 4; n <= 1446 - 28; n++) inner.push_back(inner_frame(n));  // around both thresholds
+  inner.push_back(inner_frame(50));
+  size_t plain = 0, udp = 0;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  for (int round = 0; round < 2000 || ((!plain || !udp) && std::chrono::steady_clock::now() < deadline); round++) {
+    for (auto& f : r.seal(inner, out)) {
+      ASSERT_LE(f.size() - 14, 1500u);
+      ASSERT_EQ(be16(f, 16), f.size() - 14);
+      ASSERT_EQ(ref_checksum(&f[14], 20), 0);
+      if (f[23] == 50) {
+        plain++;
+        ASSERT_EQ(be32(f, 30), kPeer);
+        ASSERT_EQ(be32(f, 34), 0x5353u);
+      } else {
+        udp++;
+        ASSERT_EQ(f[23], 17);
+        ASSERT_EQ(be32(f, 30), kNat);
+        ASSERT_EQ(be16(f, 36), 31000);
+        ASSERT_EQ(be16(f, 38), f.size() - 34);
+        ASSERT_EQ(be32(f, 42), 0x5353u);
+      }
+    }
+  }
+  stop = true;
+  ctl.join();
+  EXPECT_GT(plain, 0u);
+  EXPECT_GT(udp, 0u);
+  for (unsigned d = 0; d < kDropCount; d++) EXPECT_EQ(r.w->stats.drops[d].load(), 0u) << kDropNames[d];
+}
 
 TEST(EspReassembly, InOrderFragmentsInOneBurstAreJoinedAsTheTableWould) {
   FragRig r;

@@ -186,8 +186,17 @@ TEST(Sad, ReplaceOutboundSwitchesTheTunnelAndRetiresTheOld) {
   sad->reclaim();  // no RCU variable here: the grace period is over at once
   EXPECT_EQ(sad->sa(a).state.load(), 0u);
   EXPECT_FALSE(sad->replace_outbound(5, b)) << "SA of another tunnel";
-  ASSERT_TRUE(sad->set_peer(b, 0x0a0a0a0a, 4501));
+  ASSERT_TRUE(sad->set_peer(b, 0x0a0a0a0a, 4501, false));
   EXPECT_EQ(sad->sa(b).peer.load(), (uint64_t(0x0a0a0a0a) << 16) | 4501);
+  EXPECT_FALSE(sad->stats(b).udp_encap);
+  // ESP in UDP rides in the same word (bit 48): one store changes all three.
+  ASSERT_TRUE(sad->set_peer(b, 0x0a0a0a0b, 31000, true));
+  EXPECT_EQ(sad->sa(b).peer.load(), kPeerUdp | (uint64_t(0x0a0a0a0b) << 16) | 31000);
+  SaStats v = sad->stats(b);
+  EXPECT_EQ(v.peer, 0x0a0a0a0bu);
+  EXPECT_EQ(v.peer_port, 31000);
+  EXPECT_TRUE(v.udp_encap);
+  EXPECT_TRUE(sad->config(b)->nat_t);
 }
 
 TEST(Sad, SecondsLifetimesPostOnce) {
