@@ -129,6 +129,21 @@ class Pair : public ::testing::Test {
                         now);
   }
 
+  // A NAT in front of the moat (at whatever address it has when a packet
+  // passes): its packets leave from `outside` with ports + 30000.
+  void nat_moat(IpAddr outside) {
+    net.filter = [this, outside](Pkt& p) {
+      if (p.from.addr == moat->a) {
+        p.from.addr = outside;
+        p.from.port = uint16_t(p.from.port + 30000);
+      } else if (p.to.addr == outside) {
+        p.to.addr = moat->a;
+        p.to.port = uint16_t(p.to.port - 30000);
+      }
+      return true;
+    };
+  }
+
   Node* node_at(const IpAddr& a) {
     if (a == moat->a) return moat.get();
     if (a == portal->a) return portal.get();
@@ -238,16 +253,7 @@ TEST_F(Pair, EstablishesWithMirroredSpisAndKeys) {
 TEST_F(Pair, NatIsDetectedAndEverythingMovesTo4500) {
   // The moat sits behind a NAT: 198.51.100.7 appears as 203.0.113.9 with other ports.
   IpAddr outside = ip("203.0.113.9");
-  net.filter = [&](Pkt& p) {
-    if (p.from.addr == moat->a) {
-      p.from.addr = outside;
-      p.from.port = uint16_t(p.from.port + 30000);
-    } else if (p.to.addr == outside) {
-      p.to.addr = moat->a;
-      p.to.port = uint16_t(p.to.port - 30000);
-    }
-    return true;
-  };
+  nat_moat(outside);
   establish();
   ASSERT_EQ(portal->sink.installed.size(), 1u);
   const ChildSa& p = portal->sink.installed[0];
@@ -944,16 +950,7 @@ TEST_F(Pair, MobikeUpdateIntoANatTurnsOnUdpEncapsulation) {
   ASSERT_EQ(moat->e.show(now)[0]["nat"], "none");
   IpAddr old_a = moat->a, outside = ip("203.0.113.9");
   moat->a = ip("10.9.9.9");
-  net.filter = [&](Pkt& p) {
-    if (p.from.addr == moat->a) {
-      p.from.addr = outside;
-      p.from.port = uint16_t(p.from.port + 30000);
-    } else if (p.to.addr == outside) {
-      p.to.addr = moat->a;
-      p.to.port = uint16_t(p.to.port - 30000);
-    }
-    return true;
-  };
+  nat_moat(outside);
   ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
   run();
   EXPECT_EQ(moat->e.show(now)[0]["nat"], "local");
@@ -1374,11 +1371,7 @@ TEST_F(Pair, NoNatsAllowedUpdateThroughANatIsRefused) {
   establish();
   IpAddr old_a = moat->a, outside = ip("203.0.113.9");
   moat->a = ip("10.9.9.9");
-  net.filter = [&](Pkt& p) {
-    if (p.from.addr == moat->a) p.from.addr = outside, p.from.port = uint16_t(p.from.port + 30000);
-    else if (p.to.addr == outside) p.to.addr = moat->a, p.to.port = uint16_t(p.to.port - 30000);
-    return true;
-  };
+  nat_moat(outside);
   ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
   run();
   EXPECT_EQ(portal->e.stats().mobike_nat_refused, 1u);
@@ -1413,11 +1406,7 @@ TEST_F(Pair, PortalAllowingNoNatRefusesAnUpdateThatShowsOne) {
   establish();
   IpAddr old_a = moat->a, outside = ip("203.0.113.9");
   moat->a = ip("10.9.9.9");
-  net.filter = [&](Pkt& x) {
-    if (x.from.addr == moat->a) x.from.addr = outside, x.from.port = uint16_t(x.from.port + 30000);
-    else if (x.to.addr == outside) x.to.addr = moat->a, x.to.port = uint16_t(x.to.port - 30000);
-    return true;
-  };
+  nat_moat(outside);
   ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
   run();
   EXPECT_EQ(portal->e.stats().mobike_nat_refused, 1u);
