@@ -1244,8 +1244,13 @@ void Engine::init_response(IkeSa& sa, const Message& m) {
   sa.nat_remote = saw_src && !src_ok;
   sa.nat_local = saw_dst && !dst_ok;
   sa.peer_frag = std::any_of(notes.begin(), notes.end(), [](auto& n) { return n.type == kNFragmentationSupported; });
-  if (sa.nat_local || sa.nat_remote) {
-    // §2.23: once a NAT is seen, everything moves to 4500.
+  // §2.23: once a NAT is seen, everything moves to 4500. RFC 4555 §3.2: an
+  // initiator that offers MOBIKE moves too when the responder does NAT
+  // traversal (it sent the detection payloads), NAT or not: IKE_AUTH is the
+  // last chance to move without an exchange of its own, and a NAT met after
+  // an address change must find IKE on 4500 already.
+  bool float_for_mobike = sa.peer && sa.peer->mobike && saw_src && saw_dst;
+  if (sa.nat_local || sa.nat_remote || float_for_mobike) {
     sa.local.port = kNattPort;
     if (sa.remote.port == kIkePort) sa.remote.port = kNattPort;
   }

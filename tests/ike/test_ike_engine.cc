@@ -20,9 +20,20 @@ using namespace moat::ike;
 
 namespace {
 
+// A datagram between the engines. Off port 500 an IKE message travels
+// behind the non-ESP marker (RFC 3948 §2.2); the network keeps it apart
+// (`marker`) so that tests read and forge every IKE header at the same
+// offsets whichever port it took, and puts it back on delivery.
 struct Pkt {
   Endpoint from, to;
   Bytes data;
+  bool marker = false;
+  Bytes wire() const {
+    if (!marker) return data;
+    Bytes b(4, 0);
+    b.insert(b.end(), data.begin(), data.end());
+    return b;
+  }
 };
 
 struct Net {
@@ -36,7 +47,8 @@ class FakeTransport : public Transport {
  public:
   FakeTransport(Net& n, IpAddr me) : net_(n), me_(me) {}
   void send(const Endpoint& local, const Endpoint& remote, ByteView d) override {
-    net_.q.push_back({local, remote, Bytes(d.begin(), d.end())});
+    bool marker = local.port != kIkePort && d.size() >= 4 && d[0] == 0 && d[1] == 0 && d[2] == 0 && d[3] == 0;
+    net_.q.push_back({local, remote, Bytes(d.begin() + (marker ? 4 : 0), d.end()), marker});
   }
   std::optional<IpAddr> source_for(const IpAddr&) override { return me_; }
 
@@ -158,7 +170,7 @@ class Pair : public ::testing::Test {
       if (net.filter && !net.filter(p)) continue;
       net.log.push_back(p);
       moat->sink.now = portal->sink.now = now;
-      if (Node* n = node_at(p.to.addr)) n->e.receive(p.to, p.from, p.data, now);
+      if (Node* n = node_at(p.to.addr)) n->e.receive(p.to, p.from, p.wire(), now);
       check_datapath();
     }
   }
@@ -171,7 +183,7 @@ class Pair : public ::testing::Test {
     if (net.filter && !net.filter(p)) return true;
     net.log.push_back(p);
     moat->sink.now = portal->sink.now = now;
-    if (Node* n = node_at(p.to.addr)) n->e.receive(p.to, p.from, p.data, now);
+    if (Node* n = node_at(p.to.addr)) n->e.receive(p.to, p.from, p.wire(), now);
     check_datapath();
     return true;
   }
@@ -246,8 +258,25 @@ TEST_F(Pair, EstablishesWithMirroredSpisAndKeys) {
   EXPECT_EQ(p.remote_ts[0].str(), "10.17.0.0/24");
   EXPECT_EQ(p.local_ts[0].str(), "10.0.0.0/16");
   EXPECT_EQ(m.remote_ts[0].str(), "10.0.0.0/16");
-  EXPECT_FALSE(m.udp_encap);  // no NAT between them
-  EXPECT_EQ(m.remote.port, kIkePort);
+  EXPECT_FALSE(m.udp_encap);  // no NAT between them: plain ESP
+  // RFC 4555 §3.2: both offered MOBIKE and NAT traversal, so IKE left port
+  // 500 at IKE_AUTH anyway (a NAT met after a move finds it on 4500).
+  EXPECT_EQ(m.remote.port, kNattPort);
+  EXPECT_EQ(net.log.back().to.port, kNattPort);
+  EXPECT_TRUE(net.log.back().marker);
+}
+
+// Without MOBIKE and without a NAT, IKE stays on port 500 (RFC 7296 §2.23).
+TEST_F(Pair, WithoutMobikeOrNatIkeStaysOnPort500) {
+  auto m = moat_peer();
+  m.mobike = false;
+  moat->e.set_peers({m}, now);
+  establish();
+  ASSERT_EQ(moat->sink.installed.size(), 1u);
+  EXPECT_EQ(moat->sink.installed[0].remote.port, kIkePort);
+  EXPECT_FALSE(moat->sink.installed[0].udp_encap);
+  for (auto& p : net.log) EXPECT_EQ(p.to.port == kIkePort ? p.from.port : p.to.port, kIkePort);
+  EXPECT_FALSE(net.log.back().marker);
 }
 
 TEST_F(Pair, NatIsDetectedAndEverythingMovesTo4500) {
@@ -264,7 +293,7 @@ TEST_F(Pair, NatIsDetectedAndEverythingMovesTo4500) {
   EXPECT_TRUE(moat->sink.installed[0].udp_encap);
   // IKE_AUTH and later travel with the non-ESP marker on 4500.
   EXPECT_EQ(net.log.back().to.port, kNattPort);
-  EXPECT_EQ(get32(net.log.back().data.data()), 0u);
+  EXPECT_TRUE(net.log.back().marker);
 }
 
 TEST_F(Pair, PeerAddressChangeMovesTheSa) {
@@ -576,7 +605,7 @@ TEST_F(Pair, RekeyResponderSwitchesOnlyWhenTheInitiatorHasTheNewSa) {
   // Deliver the request alone: the moat answers but keeps sending with the old SA.
   Pkt req = net.q.front();
   net.q.pop_front();
-  moat->e.receive(req.to, req.from, req.data, now);
+  moat->e.receive(req.to, req.from, req.wire(), now);
   check_datapath();
   EXPECT_EQ(moat->sink.installed.size(), 2u);  // inbound ready before the answer
   EXPECT_EQ(moat->sink.out, old_out);
@@ -597,9 +626,8 @@ TEST_F(Pair, RekeyResponderSwitchesAfterATimeoutWhenThePeerSaysNothingMore) {
   ASSERT_TRUE(portal->e.rekey_child("branch-17", now));
   // The portal's later requests (its delete of the old SA) never arrive.
   net.filter = [&](Pkt& p) {
-    size_t off = p.to.port == kNattPort ? 4 : 0;
-    bool request = !(p.data[off + 19] & kFlagResponse);
-    return !(p.from.addr == portal->a && request && p.data[off + 18] == uint8_t(Exchange::informational));
+    bool request = !(p.data[19] & kFlagResponse);
+    return !(p.from.addr == portal->a && request && p.data[18] == uint8_t(Exchange::informational));
   };
   run();
   EXPECT_TRUE(moat->sink.rekeys.empty());
@@ -866,8 +894,8 @@ TEST_F(Pair, MobikeUpdateSaAddressesMovesTheSaOnlyWhenAuthenticated) {
   EXPECT_EQ(portal->sink.moved_[0].remote.addr, new_a);
   ASSERT_EQ(moat->sink.moved_.size(), 1u);
   EXPECT_EQ(moat->sink.moved_[0].local.addr, new_a);
-  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
-  EXPECT_EQ(moat->e.show(now)[0]["local"], (Endpoint{new_a, kIkePort}.str()));
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kNattPort}.str()));
+  EXPECT_EQ(moat->e.show(now)[0]["local"], (Endpoint{new_a, kNattPort}.str()));
   // The answer carried NAT detection for the new path (no NAT here) and the
   // portal now reaches the moat there.
   EXPECT_EQ(portal->e.show(now)[0]["nat"], "none");
@@ -884,7 +912,7 @@ TEST_F(Pair, MobikeUpdateSaAddressesMovesTheSaOnlyWhenAuthenticated) {
   // it reaches the ICV check), from another address.
   Pkt forged = update;
   forged.from.addr = evil;
-  ASSERT_EQ(update.from.port, kIkePort);  // no non-ESP marker: the header is at 0
+  // (The network keeps the non-ESP marker apart: the header is at 0.)
   uint32_t mid = get32(forged.data.data() + 20) + 1;
   forged.data[20] = uint8_t(mid >> 24), forged.data[21] = uint8_t(mid >> 16);
   forged.data[22] = uint8_t(mid >> 8), forged.data[23] = uint8_t(mid);
@@ -894,7 +922,7 @@ TEST_F(Pair, MobikeUpdateSaAddressesMovesTheSaOnlyWhenAuthenticated) {
   EXPECT_EQ(portal->e.stats().rx_bad_icv, 1u);
   EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
   EXPECT_EQ(portal->sink.moved_.size(), 1u);
-  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kNattPort}.str()));
 
   // The portal did not initiate the IKE SA: its own address change is not
   // announced by it (RFC 4555 §3.1: the original initiator decides).
@@ -1209,11 +1237,11 @@ TEST_F(Pair, MobikeChildSasMoveOnlyAfterTheReturnRoutabilityCheck) {
   ASSERT_EQ(moat->e.local_address_changed(old_a, new_a, now), 1u);
   ASSERT_EQ(net.q.size(), 1u);
   step();  // the update reaches the portal
-  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kIkePort}.str()));
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{new_a, kNattPort}.str()));
   EXPECT_TRUE(portal->sink.moved_.empty());  // the data path still sends to the old address
   EXPECT_EQ(portal->e.stats().mobike_checks, 1u);
   EXPECT_EQ(portal->e.show(now)[0]["mobike_check"],
-            fmt::format("checking {}; ESP still to {}", Endpoint{new_a, kIkePort}.str(), Endpoint{old_a, kIkePort}.str()));
+            fmt::format("checking {}; ESP still to {}", Endpoint{new_a, kNattPort}.str(), Endpoint{old_a, kNattPort}.str()));
   ASSERT_EQ(net.q.size(), 2u);  // the answer, then the check (a request) to the new address
   EXPECT_EQ(net.q[1].to.addr, new_a);
   EXPECT_FALSE(net.q[1].data[19] & kFlagResponse);
@@ -1378,7 +1406,7 @@ TEST_F(Pair, NoNatsAllowedUpdateThroughANatIsRefused) {
   EXPECT_EQ(moat->e.stats().mobike_nat_refused, 1u);  // it got UNEXPECTED_NAT_DETECTED
   EXPECT_EQ(portal->e.stats().mobike_moved, 0u);
   EXPECT_TRUE(portal->sink.moved_.empty());
-  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{old_a, kIkePort}.str()));
+  EXPECT_EQ(portal->e.show(now)[0]["remote"], (Endpoint{old_a, kNattPort}.str()));
   EXPECT_EQ(portal->e.show(now)[0]["nat"], "none");
 }
 
