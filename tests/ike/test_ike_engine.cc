@@ -193,6 +193,15 @@ class Pair : public ::testing::Test {
     m.remote = Endpoint{portal->a, kIkePort};
     return m;
   }
+  // Up with the portal's CHILD SAs living `lifetime_s`, rekeyed at `rekey_s`
+  // (less jitter); the moat keeps its defaults.
+  void establish_with_portal_child_lifetime(uint32_t lifetime_s, uint32_t rekey_s) {
+    auto p = portal_peer();
+    p.child_lifetime_s = lifetime_s;
+    p.child_rekey_s = rekey_s;
+    portal->e.set_peers({p}, now);
+    establish();
+  }
   PeerConfig portal_peer() const {
     return tunnel("branch-17", "portal.example.net", "branch-17@moats.example.net", psk, "10.0.0.0/16", "10.17.0.0/16");
   }
@@ -1112,11 +1121,7 @@ TEST_F(Pair, SecondEndsTimerDoesNotRekeyAgain) {
 // every rekey (its proposals changed): at 100 s the portal deletes the SA,
 // tells the moat (INFORMATIONAL DELETE), and both data paths drop it.
 TEST_F(Pair, ChildSaNotRekeyedIsDeletedAtTheHardLifetime) {
-  auto p = portal_peer();
-  p.child_lifetime_s = 100;
-  p.child_rekey_s = 90;
-  portal->e.set_peers({p}, now);
-  establish();
+  establish_with_portal_child_lifetime(100, 90);
   uint64_t t0 = now;
   auto m = moat_peer();
   m.esp_proposals = *parse_proposals("aes256gcm16", kProtoEsp);  // nothing the portal offers
@@ -1138,11 +1143,7 @@ TEST_F(Pair, ChildSaNotRekeyedIsDeletedAtTheHardLifetime) {
 // its hard lifetime (the delete waits behind the unanswered request, whose
 // retransmissions then give the IKE SA up).
 TEST_F(Pair, ChildSaLeavesTheDataPathAtTheHardLifetimeWhenThePeerNeverAnswers) {
-  auto p = portal_peer();
-  p.child_lifetime_s = 100;
-  p.child_rekey_s = 90;
-  portal->e.set_peers({p}, now);
-  establish();
+  establish_with_portal_child_lifetime(100, 90);
   uint64_t t0 = now;
   net.filter = [&](Pkt& x) {
     return !(x.from.addr == portal->a && x.data[18] == uint8_t(Exchange::create_child_sa) && !(x.data[19] & kFlagResponse));
@@ -1558,11 +1559,7 @@ TEST_F(Pair, ChildRekeyAnsweredOnAReplacedIkeSaJoinsTheNewOne) {
 // the peer, which kept that SA. Found by the moatd interop test (charon's
 // IKE cut off while moatd's IKE rekey was on the wire).
 TEST_F(Pair, RequestsQueuedBehindOurIkeRekeyGoOnTheNewIkeSa) {
-  auto p = portal_peer();
-  p.child_lifetime_s = 100;
-  p.child_rekey_s = 90;
-  portal->e.set_peers({p}, now);
-  establish();
+  establish_with_portal_child_lifetime(100, 90);
   uint64_t t0 = now;
   while (now < t0 + 80 * 1000) advance(1000);
   auto old_ike = portal->e.show(now)[0];
@@ -1626,11 +1623,7 @@ TEST_F(Pair, RequestsQueuedBehindOurIkeRekeyGoOnTheNewIkeSa) {
 // hand the data path a rekeyed() with an old SA read past the end of its
 // list); the DELETE then reaches the peer and both ends keep the new SA.
 TEST_F(Pair, ChildRekeyAnsweredAfterTheHardLifetimeInstallsAFreshSa) {
-  auto p = portal_peer();
-  p.child_lifetime_s = 100;
-  p.child_rekey_s = 90;
-  portal->e.set_peers({p}, now);
-  establish();
+  establish_with_portal_child_lifetime(100, 90);
   uint64_t t0 = now;
   std::optional<Pkt> answer;
   net.filter = [&](Pkt& x) {
