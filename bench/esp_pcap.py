@@ -52,6 +52,15 @@ N = int(os.environ.get("N", "300000"))           # packets in each pcap
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = float(os.environ.get("DURATION", "2"))  # outbound measuring interval, s
 CASES = os.environ.get("CASES", "").split()        # default: all
+# Reference routers run on the same harness, same pcaps, same round, for the
+# six size cases: "testpmd" (dpdk-testpmd io forwarding: the harness's own
+# cost, no crypto, no lookup) and "secgw" (DPDK's ipsec-secgw example,
+# built by bench/secgw-build.sh). The harness bound of every size is taken
+# from testpmd's rate and IPsec-MB's (bench_esp BM_RawGcmDirect).
+REFS = os.environ.get("REFS", "").split()
+TESTPMD = os.environ.get("TESTPMD", "/usr/bin/dpdk-testpmd")
+SECGW = os.environ.get("SECGW", "/tmp/moat-ref/ipsec-secgw")
+BENCH_ESP = os.environ.get("BENCH_ESP", os.path.join(BUILD, "bench/bench_esp"))
 KEY = bytes(range(1, 21))                          # AES-GCM-128 key + salt
 SPI = 0x1000
 SIZES = (64, 512, 1420)
@@ -399,6 +408,150 @@ def run_case(tmp, pcaps, name, moatd=MOATD):
         log.close()
 
 
+def telemetry(prefix, path, timeout=120):
+    """A DPDK process's telemetry socket (v2), connected, or None once the
+    process has gone."""
+    deadline = time.time() + timeout
+    sock = f"/var/run/dpdk/{prefix}/dpdk_telemetry.v2"
+    while time.time() < deadline:
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(sock)
+            s.recv(1024)  # the greeting
+            return s
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"no telemetry socket {sock}")
+
+
+def port_out(tel, port=1):
+    tel.send(f"/ethdev/stats,{port}".encode())
+    return json.loads(tel.recv(65536))["/ethdev/stats"]["opackets"]
+
+
+def secgw_config(direction):
+    """ipsec-secgw's rules for the case: one AES-GCM-128 SA with the same key,
+    SPI and outer addresses as moatd's, the policy and route to net_null."""
+    key = ":".join(f"{b:02x}" for b in KEY)
+    sa = f"aead_algo aes-128-gcm aead_key {key} mode ipv4-tunnel"
+    if direction == "out":
+        # secgw refuses to run without an inbound SA: one that nothing uses.
+        return (f"sp ipv4 out esp protect {SPI} pri 1 dst 10.0.3.0/24 sport 0:65535 dport 0:65535\n"
+                f"sa out {SPI} {sa} src 10.0.2.1 dst 10.0.2.2 type cpu-crypto\n"
+                f"sp ipv4 in esp protect {SPI + 1} pri 1 dst 10.0.9.0/24 sport 0:65535 dport 0:65535\n"
+                f"sa in {SPI + 1} {sa} src 10.0.2.2 dst 10.0.2.1 type cpu-crypto\n"
+                f"rt ipv4 dst 10.0.2.2/32 port 1\nneigh port 1 {SINK_MAC}\n")
+    return (f"sp ipv4 in esp protect {SPI} pri 1 dst 10.0.2.0/24 sport 0:65535 dport 0:65535\n"
+            f"sa in {SPI} {sa} src 198.18.0.1 dst 10.0.1.1 type cpu-crypto\n"
+            f"rt ipv4 dst 10.0.2.0/24 port 1\nneigh port 1 {SINK_MAC}\n")
+
+
+def run_ref(tmp, pcaps, name, kind):
+    """One size case on a reference router (REFS): its rate in packets out of
+    net_null per second of its worker thread's CPU time, sampled through
+    DPDK telemetry. ipsec-secgw runs in library mode (librte_ipsec) with
+    IPsec-MB through the aesni_mb PMD's synchronous CPU-crypto path (no
+    cryptodev queue: its fastest mode on this PMD) and the same 1024-packet
+    replay window; inbound is its first pass, like moatd's."""
+    pcap, direction, sas, mtu, workers = CASES_ALL[name]
+    n = pcap_count(pcaps[pcap])
+    mbufs = n + 32768
+    run = tempfile.mkdtemp(prefix=f"moat-ref-{kind}-", dir=tmp)
+    prefix = os.path.basename(run)
+    eal = ["--no-huge", "-m", str(mbufs * 3000 // (1 << 20) + 768), "--no-pci", "--no-shconf",
+           "--file-prefix", prefix, "--log-level", "*:error",
+           "--vdev", f"net_pcap0,rx_pcap={pcaps[pcap]},infinite_rx=1", "--vdev", "net_null0,no-rx=1"]
+    if kind == "testpmd":
+        args = [TESTPMD, "-l", "0,1", *eal, "--", "--forward-mode=io", "--auto-start", "--nb-cores=1",
+                f"--total-num-mbufs={mbufs}", "--burst=32"]
+    elif kind == "secgw":
+        cfg = os.path.join(run, "secgw.cfg")
+        with open(cfg, "w") as f:
+            f.write(secgw_config(direction))
+        # -u: the port on the ESP side; the main lcore (CPU 1) is the worker.
+        args = [SECGW, "-l", "1", *eal, "--vdev", "crypto_aesni_mb0", "--", "-p", "0x3", "-P",
+                "-u", "0x2" if direction == "out" else "0x1", "-l", "-w", "1024", "-s", str(mbufs),
+                "--config=(0,0,1),(1,0,1)", "-f", cfg]
+    else:
+        raise ValueError(kind)
+    log = open(os.path.join(run, "ref.log"), "w+")
+    p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, preexec_fn=all_cpus)
+    tel = None
+    try:
+        tel = telemetry(prefix, run)
+        tid = p.pid if kind == "secgw" else next(iter(lcore_threads(p.pid)))
+
+        def sample():
+            ns0 = run_ns(p.pid, tid)
+            out = port_out(tel)
+            ns1 = run_ns(p.pid, tid)
+            return {"t": time.monotonic(), "tx": out, "ns": (ns0 + ns1) / 2}
+
+        deadline = time.time() + 120
+        while sample()["tx"] == 0:
+            if p.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"{kind} sent nothing ({name}): {log.read()[-2000:]}")
+            time.sleep(0.002)
+        res = {"case": name, "router": kind, "pcap_packets": n, "cmd": " ".join(args),
+               "load_avg_1m": os.getloadavg()[0]}
+        if direction == "out" or kind == "testpmd":
+            # testpmd decrypts nothing: every pass is alike, steady state.
+            time.sleep(0.5)
+            a = sample()
+            time.sleep(DURATION)
+            b = sample()
+        else:
+            lo, hi = 0.1 * n, 0.9 * n
+            samples = []
+            while time.time() < deadline:
+                x = sample()
+                samples.append(x)
+                if x["tx"] >= hi:
+                    break
+                time.sleep(0.002)
+            a = samples[0] if samples[0]["tx"] >= lo else next(x for x in samples if x["tx"] >= lo)
+            b = [x for x in samples if x["tx"] <= hi][-1]
+            if b["tx"] - a["tx"] < 0.5 * n:
+                raise LateStart(f"{kind} {name}: under half the pass sampled")
+            time.sleep(max(0.2, 1.5 * (samples[-1]["t"] - samples[0]["t"])))
+            total = port_out(tel)
+            res["inner_out_total"] = total
+            # Every ESP packet of the first pass decrypted; what came out
+            # beyond N are replays the router let through (kept in the JSON).
+            if total < n:
+                raise RuntimeError(f"{kind} {name}: {total} inner packets out, want {n}")
+            res["replays_out"] = total - n
+        cpu_s = (b["ns"] - a["ns"]) / 1e9
+        res.update(inner_mpps=(b["tx"] - a["tx"]) / cpu_s / 1e6,
+                   inner_mpps_wall=(b["tx"] - a["tx"]) / (b["t"] - a["t"]) / 1e6,
+                   cpu_share=cpu_s / (b["t"] - a["t"]), seconds=b["t"] - a["t"])
+        return res
+    finally:
+        if tel:
+            tel.close()
+        p.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+
+
+def ipsec_mb_direct():
+    """IPsec-MB's own AES-GCM-128 rate (direct API, no packet work), Mops per
+    CPU second by (op, size): bench_esp's BM_RawGcmDirect on CPU 1."""
+    r = subprocess.run(["taskset", "-c", "1", BENCH_ESP, "--benchmark_filter=BM_RawGcmDirect",
+                        "--benchmark_min_time=0.3", "--benchmark_format=json"],
+                       capture_output=True, text=True, check=True)
+    out = {}
+    for b in json.loads(r.stdout)["benchmarks"]:
+        size, dec = (int(x) for x in b["name"].split("/")[1:3])
+        out[("decrypt" if dec else "encrypt", size)] = b["items_per_second"] / 1e6
+    return out
+
+
 _counts = {}
 
 
@@ -461,6 +614,8 @@ def main():
         rounds, cmds = [], {}
         for r in range(ROUNDS):
             rd = {"round": r, "raw_encrypt_mops": {}, "raw_decrypt_mops": {}, "cases": {}}
+            if REFS:
+                rd["ipsec_mb_direct_mops"] = {f"{op} {size}": v for (op, size), v in ipsec_mb_direct().items()}
             for c in cases:
                 if c in RAW:
                     # Raw rate just before and just after the case: their
@@ -472,6 +627,11 @@ def main():
                 if MOATD_B:
                     rd.setdefault("cases_b", {})[c] = run_case_retry(tmp, pcaps, c, MOATD_B)
                 if c in RAW:
+                    for kind in REFS:
+                        x = rd.setdefault("refs", {}).setdefault(kind, {})[c] = run_ref(tmp, pcaps, c, kind)
+                        print(f"esp-pcap: round {r}: {c}: {kind} {x['inner_mpps']:.3f} Mpps per worker CPU second",
+                              file=sys.stderr)
+                if c in RAW:
                     after, after_wall, cmd = crypto_perf(op, [size])
                     rd[f"raw_{op}_mops"][size] = (before[size] + after[size]) / 2
                     rd.setdefault(f"raw_{op}_mops_before_after", {})[size] = [before[size], after[size]]
@@ -482,7 +642,7 @@ def main():
                 print(f"esp-pcap: round {r}: {c}: {res['inner_mpps']:.3f} Mpps inner per worker CPU second "
                       f"(wall {res['inner_mpps_wall']:.3f}, CPU share {res['cpu_share']}){b}{raw}", file=sys.stderr)
             rounds.append(rd)
-    doc = {"n": N, "moatd": MOATD, "moatd_b": MOATD_B, "rounds_n": ROUNDS, "duration_s": DURATION, "load_avg": os.getloadavg(),
+    doc = {"n": N, "moatd": MOATD, "moatd_b": MOATD_B, "refs": REFS, "rounds_n": ROUNDS, "duration_s": DURATION, "load_avg": os.getloadavg(),
            "crypto_perf": cmds, "rounds": rounds,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     ratios = compute_ratios(rounds)
@@ -523,6 +683,20 @@ def compute_ratios(rounds):
         lambda rd, c: c["out-64-2w"]["inner_mpps_wall"] / c["out-64"]["inner_mpps_wall"])
     add("outbound 64 B, 4,096-packet pcap ÷ N-packet pcap (not a goal)", 0.0,
         lambda rd, c: c["out-64-small"]["inner_mpps"] / c["out-64"]["inner_mpps"])
+    for kind in REFS:
+        for c, (op, s) in RAW.items():
+            add(f"{kind}: {c} ÷ raw {op} (not a goal)", 0.0,
+                lambda rd, cs, k=kind, c=c, op=op, s=s: rd["refs"][k][c]["inner_mpps"] / rd[f"raw_{op}_mops"][s])
+            add(f"Moat ÷ {kind}: {c} (not a goal)", 0.0,
+                lambda rd, cs, k=kind, c=c: cs[c]["inner_mpps"] / rd["refs"][k][c]["inner_mpps"])
+    if "testpmd" in REFS:
+        # What a router whose own stages cost nothing would reach: the
+        # harness's cost (testpmd io: net_pcap's copy, net_null, the loop)
+        # plus IPsec-MB's, against crypto-perf's raw rate.
+        for c, (op, s) in RAW.items():
+            add(f"harness bound: {c} ÷ raw {op} (not a goal)", 0.0,
+                lambda rd, cs, c=c, op=op, s=s: 1 / (rd[f"raw_{op}_mops"][s] * (
+                    1 / rd["refs"]["testpmd"][c]["inner_mpps"] + 1 / rd["ipsec_mb_direct_mops"][f"{op} {s}"])))
     if rounds and "cases_b" in rounds[0]:
         for name in rounds[0]["cases_b"]:
             add(f"{name}: B ÷ A (not a goal)", 0.0,
