@@ -93,6 +93,7 @@ tl::expected<void, std::string> RouteTable::install(Route r) {
     release(r.nh);
     return tl::unexpected(fmt::format("route {}: LPM add failed: {} (table full?)", r.prefix.str(), strerror(-rc)));
   }
+  t_.paths_changed();
   if (auto it = routes_.find(key); it != routes_.end()) {
     release(it->second.nh);
     it->second = r;
@@ -171,6 +172,7 @@ tl::expected<void, std::string> RouteTable::del(const Ipv4Prefix& p, bool allow_
   // gap between the old and the less specific route.
   if (p.len == 0) t_.default_nh.store(0, std::memory_order_release);
   else rte_lpm_delete(t_.lpm, p.addr, p.len);
+  t_.paths_changed();
   release(it->second.nh);
   routes_.erase(it);
   return {};
@@ -597,9 +599,11 @@ void Control::apply(ArpTable::Actions& acts) {
       case ArpTable::Action::publish:
         // One atomic store of the data pointer: readers see old or new MAC.
         rte_hash_add_key_data(tables_.neigh, &a.key, reinterpret_cast<void*>(uintptr_t(pack_mac(a.mac))));
+        tables_.paths_changed();
         break;
       case ArpTable::Action::withdraw:
         rte_hash_del_key(tables_.neigh, &a.key);
+        tables_.paths_changed();
         break;
       case ArpTable::Action::release:
         for (void* p : a.pkts) {
@@ -1169,6 +1173,7 @@ tl::expected<void, std::string> Control::set_address(const std::string& name, co
   PortTable* old_table = port_table_;
   port_table_ = next;
   tables_.ports.store(next, std::memory_order_release);
+  tables_.paths_changed();
   rte_rcu_qsbr_synchronize(tables_.qsbr, RTE_QSBR_THRID_INVALID);
   delete old_table;
   routes_->add_connected(id);

@@ -152,4 +152,67 @@ void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   b.n = 0;
 }
 
+namespace {
+
+unsigned outer_slot(uint32_t dst) { return (dst * 2654435761u) >> (32 - Worker::kOuterPathBits); }
+
+// After route: remembers where each routed destination of `b` leaves, when
+// its neighbour is known, as of generation `gen` (read before the lookups,
+// so a change made meanwhile invalidates what is learnt here).
+void learn_outer(Worker& w, const Tables& t, const Burst& b, uint32_t gen) {
+  uint32_t last = 0;
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    const PktMeta& md = meta(m);
+    if (md.out_port >= kMaxPorts) continue;  // into a tunnel: not a way out
+    const NextHop::Kind kind = t.next_hops[md.nh].kind;
+    if (kind != NextHop::connected && kind != NextHop::gateway) continue;
+    auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, md.l3_off);
+    uint32_t dst = rte_be_to_cpu_32(ip->dst_addr);
+    if (i && dst == last) continue;
+    last = dst;
+    NeighKey key{md.nh_ip, md.out_port};
+    void* data;
+    if (rte_hash_lookup_data(t.neigh, &key, &data) < 0) continue;
+    w.outer_path[outer_slot(dst)] = {gen, dst, uint64_t(uintptr_t(data)) | uint64_t(md.out_port) << 56};
+  }
+}
+
+}  // namespace
+
+void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+  if (!b.n) return;
+  const uint32_t gen = t.path_gen.load(std::memory_order_acquire);
+  const QosTable* q = t.qos.load(std::memory_order_acquire);
+  ShapeBurst shaped;
+  Burst miss;
+  // Within a burst a destination either hits or misses for all its packets
+  // (nothing is learnt until the end), so each destination keeps its order.
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, md.l3_off);
+    uint32_t dst = rte_be_to_cpu_32(ip->dst_addr);
+    const Worker::OuterPath& op = w.outer_path[outer_slot(dst)];
+    uint16_t port = uint16_t(op.way >> 56);
+    // Oversized for the port: the full way fragments it.
+    if (op.gen != gen || op.dst != dst || rte_be_to_cpu_16(ip->total_length) > pt.port[port].mtu) {
+      miss.push(m);
+      continue;
+    }
+    const PortInfo& out = pt.port[port];
+    const ShapedPort* sp = q ? q->port[port].get() : nullptr;
+    if (sp && sp->drain) sp = nullptr;
+    md.out_port = port;
+    if (!write_l2(m, out, unpack_mac(op.way), RTE_ETHER_TYPE_IPV4)) { w.drop(m, Drop::inject_bad); continue; }
+    send(w, shaped, sp, port, m);
+  }
+  if (shaped.n) shape_enqueue(w, shaped);
+  b.n = 0;
+  if (!miss.n) return;
+  route(w, t, pt, miss);
+  learn_outer(w, t, miss, gen);
+  egress(w, t, pt, miss);
+}
+
 }  // namespace moat

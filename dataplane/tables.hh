@@ -21,6 +21,10 @@
 //  - qos: shaping plans, class maps and meters (dataplane/shape.hh),
 //    swapped whole on a config change, freed after a grace period; each
 //    shaped port's scheduler is driven by its one owner worker.
+//  - path_gen: bumped (release) by the control thread after every change to
+//    lpm, default_nh, neigh or ports. A worker may keep the result of a
+//    route + neighbour lookup (egress_outer's per-worker cache) only while
+//    path_gen still reads what it read (acquire) before the lookups.
 // Workers report a quiescent state on `qsbr` once per loop iteration.
 #include <rte_ether.h>
 #include <rte_hash.h>
@@ -109,6 +113,9 @@ struct Tables {
   std::atomic<const QosTable*> qos{nullptr};  // dataplane/shape.hh; null: nothing shaped or policed
   rte_rcu_qsbr* qsbr = nullptr;
   bool punt_enabled = false;
+  std::atomic<uint32_t> path_gen{1};
+  // After any change to lpm, default_nh, neigh or ports (control thread).
+  void paths_changed() { path_gen.fetch_add(1, std::memory_order_release); }
 };
 
 }  // namespace moat

@@ -80,8 +80,7 @@ void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
     Burst out;
     esp_mtu(w, *w.esp, *t.sad, pt, b, out);
     esp_outbound(w, *w.esp, *t.sad, out);
-    route(w, t, pt, out);  // outer packets: generated, so no TTL change, no ICMP about them
-    egress(w, t, pt, out);
+    egress_outer(w, t, pt, out);  // outer packets: generated, so no TTL change, no ICMP about them
   }
 }
 

@@ -65,6 +65,17 @@ struct Worker {
   // old queues, holds no pointer into older tables): the control thread
   // frees an old table only when every worker shows the new generation.
   std::atomic<uint64_t> qos_gen{0};
+  // The way out of outer (ESP) packets by destination: what route and the
+  // neighbour table answered, kept while Tables::path_gen is unchanged
+  // (egress_outer). A tunnel's packets all go to its peer, so one entry
+  // serves a whole SA; direct-mapped, a collision only costs a lookup.
+  struct OuterPath {
+    uint32_t gen = 0;  // Tables::path_gen when learnt (0: never)
+    uint32_t dst = 0;  // outer destination, host order
+    uint64_t way = 0;  // pack_mac(neighbour) | egress port << 56
+  };
+  static constexpr unsigned kOuterPathBits = 10;
+  OuterPath outer_path[1u << kOuterPathBits];
 
   void drop(rte_mbuf* m, Drop why) {
     stats.drops[static_cast<unsigned>(why)].add();
@@ -100,6 +111,9 @@ void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
 void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner);
 void local_deliver(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
 void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b);  // ARP, MTU, L2
+// route + egress for packets this worker generated (ESP outer packets): the
+// destinations it has already resolved skip both lookups.
+void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
 void tx_flush(Worker& w);
 void punt_flush(Worker& w);
 
