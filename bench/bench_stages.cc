@@ -22,6 +22,7 @@ struct Rig {
   rte_mempool* mp = nullptr;
   Tables t;
   Config c;
+  TunnelIds tunnel_ids;  // no tunnels
   std::vector<PortState> ports;
   std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
   std::unique_ptr<Worker> w = std::make_unique<Worker>();
@@ -62,7 +63,7 @@ struct Rig {
     hp.extra_flag = RTE_HASH_EXTRA_FLAGS_RW_CONCURRENCY_LF;
     t.neigh = rte_hash_create(&hp);
     t.ports.store(pt.get());
-    rt = std::make_unique<RouteTable>(t, c, ports);
+    rt = std::make_unique<RouteTable>(t, c, tunnel_ids, ports);
     rt->add_connected(0);
     rt->add_connected(1);
     rt->add({0, 0}, RouteType::unicast, 0x0a000202, "", RouteTable::Origin::config);

@@ -35,8 +35,15 @@ using json = nlohmann::ordered_json;
 
 // ---------------------------------------------------------------- routes ---
 
-RouteTable::RouteTable(Tables& t, const Config& c, const std::vector<PortState>& ports)
-    : t_(t), c_(c), ports_(ports), nh_refs_(kMaxNextHops, 0) {
+TunnelIds index_tunnels(const std::vector<TunnelConfig>& tunnels) {
+  TunnelIds ids;
+  ids.reserve(tunnels.size());
+  for (size_t i = 0; i < tunnels.size(); i++) ids.emplace(tunnels[i].name, uint32_t(i));
+  return ids;
+}
+
+RouteTable::RouteTable(Tables& t, const Config& c, const TunnelIds& tunnel_ids, const std::vector<PortState>& ports)
+    : t_(t), c_(c), tunnel_ids_(tunnel_ids), ports_(ports), nh_refs_(kMaxNextHops, 0) {
   // Slot 0 stays unused so a zeroed entry never looks like a valid next hop.
   for (uint32_t i = kMaxNextHops - 1; i >= 1; i--) nh_free_.push_back(i);
 }
@@ -103,21 +110,6 @@ tl::expected<void, std::string> RouteTable::install(Route r) {
   return {};
 }
 
-std::optional<uint32_t> RouteTable::tunnel_index(const std::string& name) {
-  auto hit = [&]() -> std::optional<uint32_t> {
-    auto it = tunnel_index_.find(name);
-    if (it != tunnel_index_.end() && it->second < c_.tunnels.size() && c_.tunnels[it->second].name == name)
-      return it->second;
-    return std::nullopt;
-  };
-  if (auto id = hit()) return id;
-  // Missing or stale: index the tunnels as they are now (the first of a
-  // name wins, as the scan it replaces did).
-  tunnel_index_.clear();
-  for (size_t i = 0; i < c_.tunnels.size(); i++) tunnel_index_.emplace(c_.tunnels[i].name, uint32_t(i));
-  return hit();
-}
-
 tl::expected<void, std::string> RouteTable::add(const Ipv4Prefix& p, RouteType type, uint32_t via,
                                                 const std::string& port_name, Origin origin) {
   Route r;
@@ -133,10 +125,10 @@ tl::expected<void, std::string> RouteTable::add(const Ipv4Prefix& p, RouteType t
     case RouteType::prohibit: r.kind = NextHop::prohibit; break;
     case RouteType::tunnel: {
       // `port_name` names the tunnel; its id is its place in the config.
-      auto id = tunnel_index(port_name);
-      if (!id) return tl::unexpected(fmt::format("route {}: no tunnel named \"{}\"", p.str(), port_name));
+      auto id = tunnel_ids_.find(port_name);
+      if (id == tunnel_ids_.end()) return tl::unexpected(fmt::format("route {}: no tunnel named \"{}\"", p.str(), port_name));
       r.kind = NextHop::tunnel;
-      r.port = uint16_t(*id);
+      r.port = uint16_t(id->second);
       break;
     }
     case RouteType::unicast: {
@@ -315,8 +307,7 @@ tl::expected<void, std::string> Control::start() {
     static_tunnels_ = c_.tunnels.size();
     add_ike_tunnels(c_);
   }
-  tunnel_ids_.clear();
-  for (size_t i = 0; i < c_.tunnels.size(); i++) tunnel_ids_.emplace(c_.tunnels[i].name, uint32_t(i));
+  tunnel_ids_ = index_tunnels(c_.tunnels);
   unsigned nworkers = c_.workers();
   if (nworkers == 0) return tl::unexpected(std::string("eal.lcores: no worker lcore"));
   if (rte_lcore_count() != nworkers + 1)
@@ -409,7 +400,7 @@ tl::expected<void, std::string> Control::start() {
   tables_.punt_enabled = c_.punt_enabled;
   g_tables = &tables_;
 
-  routes_ = std::make_unique<RouteTable>(tables_, c_, ports_);
+  routes_ = std::make_unique<RouteTable>(tables_, c_, tunnel_ids_, ports_);
   for (auto& p : ports_) routes_->add_connected(p.id);
   for (auto& r : c_.routes)
     if (auto ok = routes_->add(r.prefix, r.type, r.via, r.type == RouteType::tunnel ? r.tunnel : r.port, RouteTable::Origin::config); !ok)
@@ -1093,10 +1084,10 @@ tl::expected<json, std::string> Control::reload_ike() {
     if (ike_route(r)) was.emplace(r.prefix.addr, r.prefix.len, r.tunnel);
   for (auto& r : next.routes)
     if (ike_route(r)) wanted.emplace(r.prefix.addr, r.prefix.len, r.tunnel);
-  c_.tunnels = std::move(next.tunnels);  // the route table names tunnels through it
+  c_.tunnels = std::move(next.tunnels);
+  tunnel_ids_ = index_tunnels(c_.tunnels);  // before the routes below name tunnels through it
   c_.routes = std::move(next.routes);
   tunnel_sas_.resize(c_.tunnels.size());
-  for (size_t i = static_tunnels_; i < c_.tunnels.size(); i++) tunnel_ids_.emplace(c_.tunnels[i].name, uint32_t(i));
   for (auto& [addr, len, tunnel] : was)
     if (!wanted.count({addr, len, tunnel})) (void)routes_->del(Ipv4Prefix{addr, len});
   for (auto& [addr, len, tunnel] : wanted)

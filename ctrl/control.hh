@@ -29,6 +29,12 @@ namespace moat {
 
 class CliServer;
 
+// Tunnel ids by name: a tunnel's id is its place in Config::tunnels (the
+// first of a name, were one to repeat). A portal has thousands of tunnels
+// and looks one up for each route into it and each CHILD SA it installs.
+using TunnelIds = std::unordered_map<std::string, uint32_t>;
+TunnelIds index_tunnels(const std::vector<TunnelConfig>& tunnels);
+
 // Routes as the operator sees them; mirrored into the workers' rte_lpm.
 class RouteTable {
  public:
@@ -43,7 +49,8 @@ class RouteTable {
     uint32_t nh = 0;
   };
 
-  RouteTable(Tables& t, const Config& c, const std::vector<PortState>& ports);
+  // `tunnel_ids` indexes c.tunnels; whoever changes the list rebuilds it.
+  RouteTable(Tables& t, const Config& c, const TunnelIds& tunnel_ids, const std::vector<PortState>& ports);
   // Adds or replaces a route. `port_name` may be empty when `via` is on a
   // connected subnet. Replacing keeps forwarding: the LPM entry is updated
   // in place, readers see the old or the new next hop.
@@ -59,21 +66,17 @@ class RouteTable {
  private:
   uint32_t intern(NextHop::Kind kind, uint16_t port, uint32_t gw);
   void release(uint32_t idx);
-  std::optional<uint32_t> tunnel_index(const std::string& name);
   tl::expected<void, std::string> install(Route r);
 
   Tables& t_;
   const Config& c_;
+  const TunnelIds& tunnel_ids_;
   const std::vector<PortState>& ports_;
   std::map<std::pair<uint32_t, uint8_t>, Route> routes_;
   std::map<std::tuple<uint8_t, uint16_t, uint32_t>, uint32_t> nh_index_;
   std::vector<uint32_t> nh_refs_;
   std::vector<uint32_t> nh_free_;
   std::vector<std::pair<uint64_t, uint32_t>> nh_deferred_;  // (RCU token, slot)
-  // c_.tunnels by name: a portal adds a route into each of 10,000 tunnels at
-  // start, and a scan per route made that O(N^2). Checked on every hit and
-  // rebuilt when c_.tunnels changed (moatctl ike reload replaces it).
-  std::unordered_map<std::string, uint32_t> tunnel_index_;
 };
 
 class Control {
@@ -182,10 +185,9 @@ class Control {
   std::vector<ike::PeerConfig> ike_peers_;
   std::vector<std::string> ike_slots_;  // IKE tunnel names in tunnel id order; never shrinks
   size_t static_tunnels_ = 0;           // tunnels from the config file: ids 0 .. static_tunnels_ - 1
-  // c_.tunnels by name, built in start() and kept by ike reload: the IKE
-  // host looks a tunnel up for every CHILD SA it installs, and a portal has
-  // thousands.
-  std::unordered_map<std::string, uint32_t> tunnel_ids_;
+  // c_.tunnels by name, for the IKE host and the route table: rebuilt
+  // wherever c_.tunnels changes (start(), reload_ike()).
+  TunnelIds tunnel_ids_;
   std::unique_ptr<class IkeHost> ike_;
   std::unique_ptr<Sad> sad_;
   std::vector<std::unique_ptr<EspWorker>> esp_workers_;

@@ -43,58 +43,49 @@ void set_word(uint8_t* f, uint16_t nv, uint8_t* ip_csum, uint8_t* l4_csum, bool 
   if (l4_csum) fix_csum(l4_csum, ov, nv, udp, outer);
 }
 
-bool first_fragment(const uint8_t* l3) {
-  return (ld16(l3 + 6) & rte_cpu_to_be_16(RTE_IPV4_HDR_OFFSET_MASK)) == 0;
-}
-
 }  // namespace
 
 CtKind ct_tuple(const uint8_t* l3, uint16_t len, CtKey& k) {
   k = CtKey{};
-  uint16_t ihl = uint16_t((l3[0] & 0x0f) * 4);
-  if (len < ihl || ihl < 20) return CtKind::none;
+  CtShape shape = ct_shape(l3, len);
+  if (shape == CtShape::none) return CtKind::none;
+  // Read before `k` is written: k may alias the packet as far as the
+  // compiler knows, and these are what ct_shape already loaded.
+  uint16_t ihl = ipv4_ihl(l3);
+  const uint8_t* l4 = l3 + ihl;
+  k.proto = l3[9];
   std::memcpy(&k.src, l3 + 12, 4);
   std::memcpy(&k.dst, l3 + 16, 4);
-  k.proto = l3[9];
-  // Later fragments carry no ports: they cannot be told apart by tuple.
-  if (!first_fragment(l3)) return CtKind::none;
-  const uint8_t* l4 = l3 + ihl;
-  uint16_t l4len = uint16_t(len - ihl);
-  switch (k.proto) {
-    case IPPROTO_TCP:
-    case IPPROTO_UDP:
-      if (l4len < 4) return CtKind::none;
+  switch (shape) {
+    case CtShape::ports:
       k.sport = ld16(l4);
       k.dport = ld16(l4 + 2);
       return CtKind::plain;
-    case IPPROTO_ICMP: {
-      if (l4len < 8) return CtKind::none;
-      uint8_t type = l4[0];
-      if (icmp_is_request(type)) {
-        k.sport = ld16(l4 + 4);
-        return CtKind::plain;
-      }
-      if (icmp_is_reply(type)) {
-        k.dport = ld16(l4 + 4);
-        return CtKind::plain;
-      }
-      if (!icmp_is_error(type)) return CtKind::none;
-      // The quote: an IPv4 header and at least 8 bytes of what followed it.
-      const uint8_t* in = l4 + 8;
-      uint16_t inlen = uint16_t(l4len - 8);
-      if (inlen < 20 || (in[0] >> 4) != 4) return CtKind::none;
-      uint16_t in_ihl = uint16_t((in[0] & 0x0f) * 4);
-      if (in_ihl < 20 || inlen < in_ihl + 8) return CtKind::none;
-      // An error about an error is never sent (RFC 1812 §4.3.2.7).
-      if (in[9] == IPPROTO_ICMP && icmp_is_error(in[in_ihl])) return CtKind::none;
-      CtKey inner;
-      if (ct_tuple(in, inlen, inner) != CtKind::plain) return CtKind::none;
-      k = reversed(inner);
-      return CtKind::icmp_error;
-    }
-    default:
-      return CtKind::plain;  // tracked by addresses and protocol alone
+    case CtShape::icmp_request:
+      k.sport = ld16(l4 + 4);
+      return CtKind::plain;
+    case CtShape::icmp_reply:
+      k.dport = ld16(l4 + 4);
+      return CtKind::plain;
+    case CtShape::addrs:
+      return CtKind::plain;
+    case CtShape::icmp_error:
+      break;
+    case CtShape::none:
+      return CtKind::none;
   }
+  // The quote: an IPv4 header and at least 8 bytes of what followed it.
+  const uint8_t* in = l4 + 8;
+  uint16_t inlen = uint16_t(len - ihl - 8);
+  if (inlen < 20 || (in[0] >> 4) != 4) return CtKind::none;
+  uint16_t in_ihl = ipv4_ihl(in);
+  if (in_ihl < 20 || inlen < in_ihl + 8) return CtKind::none;
+  // An error about an error is never sent (RFC 1812 §4.3.2.7).
+  if (in[9] == IPPROTO_ICMP && icmp_is_error(in[in_ihl])) return CtKind::none;
+  CtKey inner;
+  if (ct_tuple(in, inlen, inner) != CtKind::plain) return CtKind::none;
+  k = reversed(inner);
+  return CtKind::icmp_error;
 }
 
 void nat_rewrite(uint8_t* l3, uint16_t len, bool src, uint32_t addr, uint16_t port, uint8_t* outer) {
@@ -105,7 +96,7 @@ void nat_rewrite(uint8_t* l3, uint16_t len, bool src, uint32_t addr, uint16_t po
   uint8_t* ip_csum = l3 + 10;
   uint8_t* l4 = l3 + ihl;
   int l4len = int(len) - ihl;
-  bool l4_here = first_fragment(l3) && l4len > 0;
+  bool l4_here = ipv4_first_fragment(l3) && l4len > 0;
   uint8_t* l4_csum = nullptr;
   bool udp = false;
   if (l4_here && proto == IPPROTO_TCP && l4len >= 18) l4_csum = l4 + 16;

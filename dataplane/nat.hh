@@ -12,6 +12,7 @@
 #include <netinet/in.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "dataplane/conntrack.hh"
 
@@ -50,29 +51,62 @@ inline bool icmp_is_request(uint8_t type) { return type == 8 || type == 13; }
 inline bool icmp_is_reply(uint8_t type) { return type == 0 || type == 14; }
 inline bool icmp_is_error(uint8_t type) { return type == 3 || type == 11 || type == 12; }
 
-// The tuple a packet is tracked by. `l3` is a validated IPv4 header and
-// `len` the bytes from it that belong to the packet.
-CtKind ct_tuple(const uint8_t* l3, uint16_t len, CtKey& k);
-// ct_tuple(l3, len, k) == CtKind::plain, without building the tuple: what
-// the conntrack stage needs to know of a packet while the table is empty
-// (an ICMP error then quotes no known connection, so it is untracked too).
-// The same tests as ct_tuple, in the same order, minus the ICMP error
-// branch (which never returns plain). Tests: CtPlain.*
-inline bool ct_plain(const uint8_t* l3, uint16_t len) {
-  uint16_t ihl = uint16_t((l3[0] & 0x0f) * 4);
-  if (len < ihl || ihl < 20) return false;
-  if ((l3[6] & 0x1f) | l3[7]) return false;  // a later fragment: no ports
+// What a packet is tracked by, before any field of the tuple is read: the
+// checks ct_tuple and ct_plain share, written once so that the two cannot
+// disagree. The plain shapes come last (ct_plain is one comparison).
+enum class CtShape : uint8_t {
+  none,          // CtKind::none: bad header length, a later fragment (no
+                 // ports), a short layer 4, an ICMP type we do not follow
+  icmp_error,    // ct_tuple goes on to check the quote
+  ports,         // TCP, UDP: source and destination port
+  icmp_request,  // the identifier is the query's source port
+  icmp_reply,    // the identifier is the query's destination port
+  addrs,         // any other protocol: tracked by addresses and protocol alone
+};
+
+// The header length of a validated IPv4 header, in bytes.
+inline uint16_t ipv4_ihl(const uint8_t* l3) { return uint16_t((l3[0] & 0x0f) * 4); }
+// Offset zero: the packet, or its first fragment, carries the layer 4
+// header. Read through memcpy: a header quoted inside an ICMP error need
+// not be aligned.
+inline bool ipv4_first_fragment(const uint8_t* l3) {
+  uint16_t frag;
+  std::memcpy(&frag, l3 + 6, 2);
+  return (frag & rte_cpu_to_be_16(RTE_IPV4_HDR_OFFSET_MASK)) == 0;
+}
+
+// `l3` is a validated IPv4 header and `len` the bytes from it that belong
+// to the packet.
+inline CtShape ct_shape(const uint8_t* l3, uint16_t len) {
+  uint16_t ihl = ipv4_ihl(l3);
+  if (len < ihl || ihl < 20) return CtShape::none;
+  // Later fragments carry no ports: they cannot be told apart by tuple.
+  if (!ipv4_first_fragment(l3)) return CtShape::none;
   uint16_t l4len = uint16_t(len - ihl);
   switch (l3[9]) {
     case IPPROTO_TCP:
     case IPPROTO_UDP:
-      return l4len >= 4;
-    case IPPROTO_ICMP:
-      return l4len >= 8 && (icmp_is_request(l3[ihl]) || icmp_is_reply(l3[ihl]));
+      return l4len >= 4 ? CtShape::ports : CtShape::none;
+    case IPPROTO_ICMP: {
+      if (l4len < 8) return CtShape::none;
+      uint8_t type = l3[ihl];
+      if (icmp_is_request(type)) return CtShape::icmp_request;
+      if (icmp_is_reply(type)) return CtShape::icmp_reply;
+      return icmp_is_error(type) ? CtShape::icmp_error : CtShape::none;
+    }
     default:
-      return true;
+      return CtShape::addrs;
   }
 }
+
+// The tuple a packet is tracked by (ct_shape's arguments). For
+// CtKind::none, `k` is all zeros.
+CtKind ct_tuple(const uint8_t* l3, uint16_t len, CtKey& k);
+// ct_tuple(l3, len, k) == CtKind::plain, without building the tuple: what
+// the conntrack stage needs to know of a packet while the table is empty
+// (an ICMP error then quotes no known connection, so it is untracked too).
+// Tests: CtPlain.*
+inline bool ct_plain(const uint8_t* l3, uint16_t len) { return ct_shape(l3, len) >= CtShape::ports; }
 
 // Rewrites the source (`src`) or destination address and, where the
 // protocol has one in that slot, the port (TCP, UDP) or ICMP query

@@ -138,6 +138,7 @@ std::string bad_checksums(const std::vector<uint8_t>& f, size_t l3 = 14) {
 struct Moat : testing::Test {
   Tables t;
   Config c;
+  TunnelIds tunnel_ids;  // no tunnels
   std::vector<PortState> ports;
   std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
   std::unique_ptr<Worker> w = std::make_unique<Worker>();
@@ -256,7 +257,7 @@ struct Moat : testing::Test {
       pi.key = uint8_t(i);
       std::memcpy(pi.mac.addr_bytes, kRouterMac, 6);
     }
-    rt = std::make_unique<RouteTable>(t, c, ports);
+    rt = std::make_unique<RouteTable>(t, c, tunnel_ids, ports);
     for (uint16_t i = 0; i < 3; i++) rt->add_connected(i);
     ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
     auto compiled = compile(rules(), 1000 + gen++);

@@ -18,6 +18,7 @@ namespace {
 struct RouteTest : testing::Test {
   Tables t;
   Config c;
+  TunnelIds tunnel_ids;
   std::vector<PortState> ports;
   std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
   std::unique_ptr<Worker> w = std::make_unique<Worker>();
@@ -46,7 +47,7 @@ struct RouteTest : testing::Test {
       pt->port[i].plen = 24;
       pt->port[i].mtu = 1500;
     }
-    rt = std::make_unique<RouteTable>(t, c, ports);
+    rt = std::make_unique<RouteTable>(t, c, tunnel_ids, ports);
     rt->add_connected(0);
     rt->add_connected(1);
     w->icmp_limiter.configure(1000, 1000, 1000000);
@@ -183,14 +184,15 @@ TEST_F(RouteTest, DeleteFallsBackToCoveringRouteAndReplaceUpdates) {
 }
 
 // A portal routes into thousands of tunnels; the route table finds them by
-// name through an index that must follow the config's tunnel list when
-// `ike reload` replaces it.
+// name through the index its owner rebuilds wherever the config's tunnel
+// list changes (as `ike reload` replaces it).
 TEST_F(RouteTest, TunnelRoutesNameTheirTunnelAmongManyAndFollowAReplacedList) {
   for (int i = 0; i < 300; i++) {
     TunnelConfig tc;
     tc.name = "moat-" + std::to_string(i);
     c.tunnels.push_back(tc);
   }
+  tunnel_ids = index_tunnels(c.tunnels);
   auto tunnel_of = [&](uint32_t addr) { return rt->routes().at({addr, 24}).port; };
   for (int i : {0, 17, 299}) {
     ASSERT_TRUE(rt->add({0x0b000000u + (uint32_t(i) << 8), 24}, RouteType::tunnel, 0, "moat-" + std::to_string(i),
@@ -205,6 +207,7 @@ TEST_F(RouteTest, TunnelRoutesNameTheirTunnelAmongManyAndFollowAReplacedList) {
   TunnelConfig extra;
   extra.name = "moat-300";
   c.tunnels.push_back(extra);
+  tunnel_ids = index_tunnels(c.tunnels);
   // A name the index knows, at its new place (a stale index says 17).
   ASSERT_TRUE(rt->add({0x0c000100, 24}, RouteType::tunnel, 0, "moat-17", RouteTable::Origin::config));
   EXPECT_EQ(tunnel_of(0x0c000100), 299 - 17);
