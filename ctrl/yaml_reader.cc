@@ -132,4 +132,26 @@ std::optional<std::vector<uint8_t>> YamlReader::hex(const YAML::Node& n, std::st
   return v;
 }
 
+std::optional<uint32_t> YamlReader::duration(const YAML::Node& n, std::string_view what) {
+  if (!n.IsScalar()) {
+    error(n, fmt::format("{}: expected a duration (e.g. 30, 30s, 10m, 1h)", what));
+    return std::nullopt;
+  }
+  const std::string& s = n.Scalar();
+  const char unit = s.empty() ? 0 : s.back();
+  const uint64_t mult = unit == 'h' ? 3600 : unit == 'm' ? 60 : 1;
+  const std::string digits = unit == 'h' || unit == 'm' || unit == 's' ? s.substr(0, s.size() - 1) : s;
+  // Nine digits at most: a number std::stoull cannot overflow even in hours.
+  if (digits.empty() || digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string::npos) {
+    error(n, fmt::format("{}: \"{}\" is not a duration (e.g. 30, 30s, 10m, 1h)", what, s));
+    return std::nullopt;
+  }
+  const uint64_t v = std::stoull(digits) * mult;
+  if (v > UINT32_MAX) {
+    error(n, fmt::format("{}: {} is out of range (at most {} s)", what, s, UINT32_MAX));
+    return std::nullopt;
+  }
+  return uint32_t(v);
+}
+
 }  // namespace moat

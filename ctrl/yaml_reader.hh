@@ -50,6 +50,9 @@ class YamlReader {
   std::optional<std::array<uint8_t, 6>> mac(const YAML::Node& n, std::string_view what);
   // Exactly `bytes` bytes in hex, with or without 0x.
   std::optional<std::vector<uint8_t>> hex(const YAML::Node& n, std::string_view what, size_t bytes);
+  // Whole seconds, bare or with a unit: 30, 30s, 10m, 1h (the IKE tunnel
+  // files' lifetimes and dpd). At most 2^32-1 s.
+  std::optional<uint32_t> duration(const YAML::Node& n, std::string_view what);
 
   template <typename F>
   void list(const YAML::Node& n, std::string_view what, F&& each) {

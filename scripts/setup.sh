@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(
   build-essential meson ninja-build pkg-config
-  dpdk dpdk-dev libdpdk-dev libipsec-mb-dev libyaml-cpp-dev libyaml-dev libssl-dev
+  dpdk dpdk-dev libdpdk-dev libipsec-mb-dev libyaml-cpp-dev libssl-dev
   libgtest-dev libbenchmark-dev libexpected-dev libfmt-dev nlohmann-json3-dev
   python3 python3-yaml python3-scapy python3-matplotlib tshark iperf3 iproute2 iputils-ping
   traceroute ethtool tcpdump netcat-openbsd socat openssh-server dnsmasq-base

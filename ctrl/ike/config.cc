@@ -1,12 +1,10 @@
 #include "ctrl/ike/config.hh"
 
-#include <yaml.h>
+#include <yaml-cpp/yaml.h>
 
 #include <fmt/format.h>
 
 #include <pthread.h>
-
-#include <tl/expected.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -18,6 +16,8 @@
 #include <set>
 #include <sstream>
 #include <thread>
+
+#include "ctrl/yaml_reader.hh"
 
 namespace moat::ike {
 
@@ -48,213 +48,44 @@ std::optional<std::pair<IpAddr, uint8_t>> parse_prefix(std::string_view s, std::
 
 namespace {
 
-// A tunnel file as a tree: scalars, maps and lists with their places.
-// Why hand-written over libyaml (Debian's libyaml-dev) rather than
-// yaml-cpp, which moatd's main config uses: yaml-cpp took about 60 us of
-// CPU per small tunnel file, 0.6 s of a portal's start with 10,000 moats;
-// libyaml's events take about 13 us. The tree keeps yaml-cpp's meaning
-// where the loader looks: a missing key is false; `key:`, `~` and `null`
-// are present but not scalars; the first of duplicate keys wins; aliases
-// are resolved; only the first document is read.
-struct YamlMark {
-  int line = -1, column = -1;  // 0-based; -1: nowhere (a missing node)
-};
-
-class Yaml {
- public:
-  enum Kind : uint8_t { kMissing, kNull, kScalar, kMap, kSeq };
-  explicit operator bool() const { return kind_ != kMissing; }
-  bool IsScalar() const { return kind_ == kScalar; }
-  bool IsMap() const { return kind_ == kMap; }
-  bool IsSequence() const { return kind_ == kSeq; }
-  const std::string& Scalar() const { return text_; }
-  YamlMark Mark() const { return mark_; }
-  size_t size() const { return kind_ == kMap ? entries_.size() : kind_ == kSeq ? items_.size() : 0; }
-  // A map's value for `key` (the first, if repeated), or a missing node.
-  const Yaml& operator[](std::string_view key) const {
-    for (auto& [k, v] : entries_)
-      if (k.kind_ == kScalar && k.text_ == key) return v;
-    static const Yaml missing;
-    return missing;
-  }
-  const std::vector<std::pair<Yaml, Yaml>>& entries() const { return entries_; }
-  // A key's text; "" when it is not a scalar.
-  const std::string& key_text() const {
-    static const std::string none;
-    return kind_ == kScalar ? text_ : none;
-  }
-  std::vector<Yaml>::const_iterator begin() const { return items_.begin(); }
-  std::vector<Yaml>::const_iterator end() const { return items_.end(); }
-
-  struct SyntaxError {
-    int line = 0, col = 0;  // 1-based; 0: the whole file
-    std::string what;
-  };
-  // The first document of `text`; an empty stream is a null node at 1:1.
-  static tl::expected<Yaml, SyntaxError> parse(const std::string& text);
-
- private:
-  Kind kind_ = kMissing;
-  YamlMark mark_;
-  std::string text_;
-  std::vector<std::pair<Yaml, Yaml>> entries_;
-  std::vector<Yaml> items_;
-};
-
-tl::expected<Yaml, Yaml::SyntaxError> Yaml::parse(const std::string& text) {
-  yaml_parser_t p;
-  if (!yaml_parser_initialize(&p)) return tl::unexpected(SyntaxError{0, 0, "out of memory"});
-  yaml_parser_set_input_string(&p, reinterpret_cast<const unsigned char*>(text.data()), text.size());
-  std::vector<Yaml> stack;          // open maps and lists
-  std::vector<std::string> anchors;  // of the open nodes ("" none)
-  std::map<std::string, Yaml> anchored;
-  std::optional<Yaml> root;
-  // A finished node goes into its parent: a list's next item, a map's key,
-  // or the value of the map's last key.
-  auto put = [&](Yaml&& n, const std::string& anchor) {
-    if (!anchor.empty()) anchored[anchor] = n;
-    if (stack.empty()) {
-      root = std::move(n);
-      return;
-    }
-    Yaml& top = stack.back();
-    if (top.kind_ == kSeq) top.items_.push_back(std::move(n));
-    else if (top.entries_.empty() || top.entries_.back().second.kind_ != kMissing)
-      top.entries_.emplace_back(std::move(n), Yaml{});
-    else top.entries_.back().second = std::move(n);
-  };
-  auto anchor_of = [](const yaml_char_t* a) { return a ? std::string(reinterpret_cast<const char*>(a)) : std::string(); };
-  tl::expected<Yaml, SyntaxError> out = tl::unexpected(SyntaxError{0, 0, "no document"});
-  for (bool done = false; !done;) {
-    yaml_event_t ev;
-    if (!yaml_parser_parse(&p, &ev)) {
-      SyntaxError e;
-      e.what = p.problem ? p.problem : "unreadable";
-      if (p.context) e.what += fmt::format(" {}", p.context);
-      if (p.error != YAML_READER_ERROR) {
-        e.line = int(p.problem_mark.line) + 1;
-        e.col = int(p.problem_mark.column) + 1;
-      }
-      out = tl::unexpected(std::move(e));
-      break;
-    }
-    YamlMark m{int(ev.start_mark.line), int(ev.start_mark.column)};
-    switch (ev.type) {
-      case YAML_SCALAR_EVENT: {
-        Yaml n;
-        n.mark_ = m;
-        n.text_.assign(reinterpret_cast<const char*>(ev.data.scalar.value), ev.data.scalar.length);
-        bool plain = ev.data.scalar.style == YAML_PLAIN_SCALAR_STYLE;
-        n.kind_ = plain && (n.text_.empty() || n.text_ == "~" || n.text_ == "null" || n.text_ == "Null" ||
-                            n.text_ == "NULL")
-                      ? kNull
-                      : kScalar;
-        if (n.kind_ == kNull) n.text_.clear();
-        put(std::move(n), anchor_of(ev.data.scalar.anchor));
-        break;
-      }
-      case YAML_SEQUENCE_START_EVENT:
-      case YAML_MAPPING_START_EVENT: {
-        Yaml n;
-        n.mark_ = m;
-        n.kind_ = ev.type == YAML_SEQUENCE_START_EVENT ? kSeq : kMap;
-        stack.push_back(std::move(n));
-        anchors.push_back(anchor_of(ev.type == YAML_SEQUENCE_START_EVENT ? ev.data.sequence_start.anchor
-                                                                         : ev.data.mapping_start.anchor));
-        break;
-      }
-      case YAML_SEQUENCE_END_EVENT:
-      case YAML_MAPPING_END_EVENT: {
-        Yaml n = std::move(stack.back());
-        std::string a = std::move(anchors.back());
-        stack.pop_back();
-        anchors.pop_back();
-        put(std::move(n), a);
-        break;
-      }
-      case YAML_ALIAS_EVENT: {
-        auto it = anchored.find(anchor_of(ev.data.alias.anchor));
-        Yaml n = it != anchored.end() ? it->second : Yaml{};
-        if (it == anchored.end()) n.kind_ = kNull;
-        n.mark_ = m;
-        put(std::move(n), "");
-        break;
-      }
-      case YAML_DOCUMENT_END_EVENT:
-      case YAML_STREAM_END_EVENT:
-        if (!root) {  // an empty document or stream
-          root = Yaml{};
-          root->kind_ = kNull;
-          root->mark_ = {0, 0};
-        }
-        out = std::move(*root);
-        done = true;
-        break;
-      default:
-        break;
-    }
-    yaml_event_delete(&ev);
-  }
-  yaml_parser_delete(&p);
-  return out;
-}
-
-struct Record {
-  const std::string& file;
-  std::string name;
-  std::vector<TunnelError> errors;
-  void error(const Yaml& n, const std::string& key, const std::string& what) {
-    auto m = n.Mark();
-    errors.push_back({file, m.line + 1, m.column + 1,
-                      fmt::format("tunnel \"{}\": {}{}{}", name, key, key.empty() ? "" : ": ", what)});
-  }
-};
-
-std::optional<std::string> scalar(Record& r, const Yaml& map, const char* key, bool required) {
-  const Yaml& n = map[key];
+// A tunnel file's errors go through the YamlReader that moatd's own
+// configuration uses ("key: cause" at the node's place) and become
+// TunnelErrors once the record's name is known.
+std::optional<std::string> scalar(YamlReader& r, const YAML::Node& map, const char* key, bool required) {
+  const YAML::Node& n = map[key];
   if (!n) {
-    if (required) r.error(map, "", fmt::format("\"{}\" is required", key));
+    if (required) r.error(map, fmt::format("\"{}\" is required", key));
     return std::nullopt;
   }
-  if (!n.IsScalar()) {
-    r.error(n, key, "expected a single value");
-    return std::nullopt;
-  }
-  return n.Scalar();
+  return r.str(n, key);
 }
 
-std::optional<uint32_t> seconds(Record& r, const Yaml& map, const char* key) {
-  auto s = scalar(r, map, key, false);
-  if (!s) return std::nullopt;
-  std::string v = *s;
-  unsigned mult = 1;
-  if (!v.empty() && (v.back() == 's' || v.back() == 'm' || v.back() == 'h')) {
-    mult = v.back() == 'h' ? 3600 : v.back() == 'm' ? 60 : 1;
-    v.pop_back();
-  }
-  if (v.empty() || v.size() > 9 || v.find_first_not_of("0123456789") != std::string::npos) {
-    r.error(map[key], key, fmt::format("\"{}\" is not a duration (e.g. 30, 30s, 10m, 1h)", *s));
-    return std::nullopt;
-  }
-  return uint32_t(std::stoul(v) * mult);
+std::optional<uint32_t> seconds(YamlReader& r, const YAML::Node& map, const char* key) {
+  const YAML::Node& n = map[key];
+  if (!n) return std::nullopt;
+  return r.duration(n, key);
 }
 
-std::string proposal_text(Record& r, const Yaml& map, const char* key, const char* dflt) {
-  const Yaml& n = map[key];
+void flag(YamlReader& r, const YAML::Node& map, const char* key, bool& out) {
+  if (const YAML::Node& n = map[key]) r.boolean(n, key, out);
+}
+
+std::string proposal_text(YamlReader& r, const YAML::Node& map, const char* key, const char* dflt) {
+  const YAML::Node& n = map[key];
   if (!n) return dflt;
   if (n.IsScalar()) return n.Scalar();
   if (n.IsSequence()) {
     std::string s;
-    for (const Yaml& x : n) {
+    for (const YAML::Node& x : n) {
       if (!x.IsScalar()) {
-        r.error(x, key, "expected a proposal string");
+        r.error(x, fmt::format("{}: expected a proposal string", key));
         return "";
       }
       s += (s.empty() ? "" : ",") + x.Scalar();
     }
     return s;
   }
-  r.error(n, key, "expected a proposal string or a list of them");
+  r.error(n, fmt::format("{}: expected a proposal string or a list of them", key));
   return "";
 }
 
@@ -262,6 +93,7 @@ const std::set<std::string> kKeys = {"name",          "local_id", "remote_id", "
                                      "local",         "start",    "funnels",   "lifetime", "rekey",  "dpd",
                                      "ike_proposals", "esp_proposals", "auth", "cert", "key", "ca", "crl", "ike_rekey", "mobike",
                                      "ike_lifetime", "mobike_check", "no_nats_allowed"};
+const std::set<std::string> kFunnelKeys = {"local", "remote"};
 
 }  // namespace
 
@@ -288,7 +120,7 @@ struct CredentialCache {
 
 ParsedFile parse_tunnel_file(const std::string& path, CredentialCache& cache) {
   ParsedFile out;
-  std::string stem = std::filesystem::path(path).stem().string();
+  std::string name = std::filesystem::path(path).stem().string();
   std::string text;
   {
     std::ifstream f(path, std::ios::binary);
@@ -296,35 +128,41 @@ ParsedFile parse_tunnel_file(const std::string& path, CredentialCache& cache) {
     ss << f.rdbuf();
     if (!f) {
       out.errors.push_back(
-          {path, 0, 0, fmt::format("tunnel \"{}\": cannot read: {}; record skipped", stem, strerror(errno))});
+          {path, 0, 0, fmt::format("tunnel \"{}\": cannot read: {}; record skipped", name, strerror(errno))});
       return out;
     }
     text = ss.str();
   }
-  auto parsed = Yaml::parse(text);
-  if (!parsed) {
-    out.errors.push_back({path, parsed.error().line, parsed.error().col,
-                          fmt::format("tunnel \"{}\": YAML syntax: {}; record skipped", stem, parsed.error().what)});
-    return out;
+  std::vector<PlaceError> errors;
+  YamlReader r(path, errors);
+  // Every error of the record names it, by the name it would have had.
+  auto skipped = [&] {
+    for (auto& e : errors)
+      out.errors.push_back({e.file, e.line, e.col, fmt::format("tunnel \"{}\": {}; record skipped", name, e.what)});
+    return std::move(out);
+  };
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    r.error(e.mark, "YAML syntax: " + e.msg);
+    return skipped();
   }
-  const Yaml& doc = *parsed;
-  Record r{path, stem, {}};
+  // Const: a non-const operator[] would add every key it looks up.
+  const YAML::Node& doc = root;
   if (!doc.IsMap()) {
-    out.errors.push_back({path, 1, 1, fmt::format("tunnel \"{}\": expected a mapping; record skipped", stem)});
-    return out;
+    errors.push_back({path, 1, 1, "expected a mapping"});  // an empty file's node has no place
+    return skipped();
   }
-  if (auto n = scalar(r, doc, "name", false)) r.name = *n;
-  for (auto& [key, value] : doc.entries()) {
-    const std::string& k = key.key_text();
-    if (!kKeys.count(k)) r.error(key, "", fmt::format("unknown key \"{}\"", k));
-  }
+  if (auto n = scalar(r, doc, "name", false)) name = *n;
+  r.fields(doc, "top level", kKeys, [](const std::string&, const YAML::Node&) {});
   PeerConfig p;
-  p.name = r.name;
+  p.name = name;
   p.origin = fmt::format("{}:{}", path, doc.Mark().line + 1);
   bool pubkey = false;
   if (auto a = scalar(r, doc, "auth", false)) {
     if (*a == "pubkey") pubkey = true;
-    else if (*a != "psk") r.error(doc["auth"], "auth", fmt::format("\"{}\" is not supported (psk, pubkey)", *a));
+    else if (*a != "psk") r.error(doc["auth"], fmt::format("auth: \"{}\" is not supported (psk, pubkey)", *a));
   }
   if (pubkey) {
     auto cert = scalar(r, doc, "cert", true), key = scalar(r, doc, "key", true), ca = scalar(r, doc, "ca", true);
@@ -339,13 +177,13 @@ ParsedFile parse_tunnel_file(const std::string& path, CredentialCache& cache) {
         p.creds = *c;
         cache.loaded[k] = *c;
       } else {
-        r.error(doc["cert"], "cert", c.error());
+        r.error(doc["cert"], "cert: " + c.error());
       }
     }
-    if (doc["psk"] || doc["psk_file"]) r.error(doc["auth"], "auth", "pubkey tunnels take no psk");
+    if (doc["psk"] || doc["psk_file"]) r.error(doc["auth"], "auth: pubkey tunnels take no psk");
   } else {
     for (const char* k : {"cert", "key", "ca", "crl"})
-      if (doc[k]) r.error(doc[k], k, "only with auth: pubkey");
+      if (doc[k]) r.error(doc[k], fmt::format("{}: only with auth: pubkey", k));
   }
   for (auto [key, dst] : {std::pair{"local_id", &p.local_id}, std::pair{"remote_id", &p.remote_id}}) {
     if (pubkey && p.creds && std::string(key) == "local_id" && !doc[key]) {
@@ -354,14 +192,14 @@ ParsedFile parse_tunnel_file(const std::string& path, CredentialCache& cache) {
     }
     if (auto s = scalar(r, doc, key, true)) {
       auto id = Identity::parse(*s);
-      if (!id) r.error(doc[key], key, id.error());
+      if (!id) r.error(doc[key], fmt::format("{}: {}", key, id.error()));
       else *dst = *id;
     }
   }
   auto psk = scalar(r, doc, "psk", false);
   auto psk_file = scalar(r, doc, "psk_file", false);
   if (pubkey) {
-  } else if (psk && psk_file) r.error(doc["psk_file"], "psk_file", "give psk or psk_file, not both");
+  } else if (psk && psk_file) r.error(doc["psk_file"], "psk_file: give psk or psk_file, not both");
   else if (psk) p.psk = to_bytes(*psk);
   else if (psk_file) {
     std::ifstream f(*psk_file);
@@ -369,12 +207,12 @@ ParsedFile parse_tunnel_file(const std::string& path, CredentialCache& cache) {
     ss << f.rdbuf();
     std::string s = ss.str();
     while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-    if (!f) r.error(doc["psk_file"], "psk_file", fmt::format("cannot read \"{}\"", *psk_file));
+    if (!f) r.error(doc["psk_file"], fmt::format("psk_file: cannot read \"{}\"", *psk_file));
     else p.psk = to_bytes(s);
   } else {
-    r.error(doc, "", "\"psk\" or \"psk_file\" is required");
+    r.error(doc, "\"psk\" or \"psk_file\" is required");
   }
-  if (psk && p.psk.size() < 16) r.error(doc["psk"], "psk", "shorter than 16 bytes; too easy to guess");
+  if (psk && p.psk.size() < 16) r.error(doc["psk"], "psk: shorter than 16 bytes; too easy to guess");
   if (auto s = scalar(r, doc, "remote", false)) {
     std::string v = *s;
     uint16_t port = kIkePort;
@@ -383,60 +221,51 @@ ParsedFile parse_tunnel_file(const std::string& path, CredentialCache& cache) {
       std::string ps = v.substr(colon + 1);
       v = v.substr(0, colon);
       if (ps.empty() || ps.size() > 5 || ps.find_first_not_of("0123456789") != std::string::npos || std::stoul(ps) > 65535)
-        r.error(doc["remote"], "remote", fmt::format("\"{}\" is not a port", ps));
+        r.error(doc["remote"], fmt::format("remote: \"{}\" is not a port", ps));
       else port = uint16_t(std::stoul(ps));
     }
     if (auto a = IpAddr::parse(v)) p.remote = Endpoint{*a, port};
-    else r.error(doc["remote"], "remote", fmt::format("\"{}\" is not an IP address", v));
+    else r.error(doc["remote"], fmt::format("remote: \"{}\" is not an IP address", v));
   }
   if (auto s = scalar(r, doc, "local", false)) {
     if (auto a = IpAddr::parse(*s)) p.local = *a;
-    else r.error(doc["local"], "local", fmt::format("\"{}\" is not an IP address", *s));
+    else r.error(doc["local"], fmt::format("local: \"{}\" is not an IP address", *s));
   }
-  if (auto s = scalar(r, doc, "start", false)) {
-    if (*s == "true" || *s == "yes") p.start = true;
-    else if (*s == "false" || *s == "no") p.start = false;
-    else r.error(doc["start"], "start", fmt::format("\"{}\" is not true or false", *s));
-    if (p.start && !p.remote) r.error(doc["start"], "start", "needs \"remote\" to initiate to");
+  if (doc["start"]) {
+    flag(r, doc, "start", p.start);
+    if (p.start && !p.remote) r.error(doc["start"], "start: needs \"remote\" to initiate to");
   }
-  for (auto [key, dst] : {std::pair{"mobike", &p.mobike}, std::pair{"mobike_check", &p.mobike_check},
-                           std::pair{"no_nats_allowed", &p.no_nats_allowed}})
-    if (auto s = scalar(r, doc, key, false)) {
-      if (*s == "true" || *s == "yes") *dst = true;
-      else if (*s == "false" || *s == "no") *dst = false;
-      else r.error(doc[key], key, fmt::format("\"{}\" is not true or false", *s));
-    }
+  flag(r, doc, "mobike", p.mobike);
+  flag(r, doc, "mobike_check", p.mobike_check);
+  flag(r, doc, "no_nats_allowed", p.no_nats_allowed);
   for (auto [key, proto, dflt, dst] :
        {std::tuple{"ike_proposals", uint8_t(kProtoIke), "aes128gcm16-prfsha256-x25519", &p.ike_proposals},
         std::tuple{"esp_proposals", uint8_t(kProtoEsp), "aes128gcm16", &p.esp_proposals}}) {
     std::string text = proposal_text(r, doc, key, dflt);
     if (text.empty()) continue;
     auto ps = parse_proposals(text, proto);
-    if (!ps) r.error(doc[key] ? doc[key] : doc, key, ps.error());
+    if (!ps) r.error(doc[key] ? doc[key] : doc, fmt::format("{}: {}", key, ps.error()));
     else *dst = *ps;
   }
-  const Yaml& funnels = doc["funnels"];
+  const YAML::Node& funnels = doc["funnels"];
   if (!funnels) {
-    r.error(doc, "", "\"funnels\" is required (local/remote prefix pairs)");
+    r.error(doc, "\"funnels\" is required (local/remote prefix pairs)");
   } else if (!funnels.IsSequence() || funnels.size() == 0) {
-    r.error(funnels, "funnels", "expected a list of {local: PREFIX, remote: PREFIX}");
+    r.error(funnels, "funnels: expected a list of {local: PREFIX, remote: PREFIX}");
   } else {
-    for (const Yaml& f : funnels) {
+    for (const YAML::Node& f : funnels) {
       if (!f.IsMap()) {
-        r.error(f, "funnels", "expected {local: PREFIX, remote: PREFIX}");
+        r.error(f, "funnels: expected {local: PREFIX, remote: PREFIX}");
         continue;
       }
-      for (auto& [key, value] : f.entries()) {
-        const std::string& k = key.key_text();
-        if (k != "local" && k != "remote") r.error(key, "funnels", fmt::format("unknown key \"{}\"", k));
-      }
+      r.fields(f, "funnels", kFunnelKeys, [](const std::string&, const YAML::Node&) {});
       for (auto [key, dst] : {std::pair{"local", &p.local_ts}, std::pair{"remote", &p.remote_ts}}) {
         auto s = scalar(r, f, key, true);
         if (!s) continue;
         std::string why;
         auto pf = parse_prefix(*s, &why);
         if (!pf) {
-          r.error(f[key], fmt::format("funnels.{}", key), why);
+          r.error(f[key], fmt::format("funnels.{}: {}", key, why));
           continue;
         }
         auto ts = TrafficSelector::from_prefix(pf->first, pf->second);
@@ -450,14 +279,10 @@ ParsedFile parse_tunnel_file(const std::string& path, CredentialCache& cache) {
   if (auto v = seconds(r, doc, "ike_rekey")) p.ike_rekey_s = *v;
   if (auto v = seconds(r, doc, "ike_lifetime")) p.ike_lifetime_s = *v;
   if (p.ike_lifetime_s && p.ike_rekey_s && p.ike_rekey_s >= p.ike_lifetime_s)
-    r.error(doc["ike_lifetime"], "ike_lifetime", "must be longer than ike_rekey");
+    r.error(doc["ike_lifetime"] ? doc["ike_lifetime"] : doc, "ike_lifetime: must be longer than ike_rekey");
   if (p.child_rekey_s && p.child_rekey_s >= p.child_lifetime_s)
-    r.error(doc["rekey"], "rekey", "must be shorter than lifetime");
-  if (!r.errors.empty()) {
-    for (auto& e : r.errors) e.what += "; record skipped";
-    out.errors = std::move(r.errors);
-    return out;
-  }
+    r.error(doc["rekey"] ? doc["rekey"] : doc, "rekey: must be shorter than lifetime");
+  if (!errors.empty()) return skipped();
   out.line = doc.Mark().line + 1;
   out.col = doc.Mark().column + 1;
   auto m = doc["remote_id"].Mark();
