@@ -1,7 +1,10 @@
 // Stage route with the control thread's RouteTable: longest prefix wins,
 // connected and local routes, route types, TTL handling with a checksum
-// verified independently, and deletion falling back to the covering route.
+// verified independently, and deletion falling back to the covering route;
+// ESP outer packets' cached way out following every route and neighbour change.
 #include <gtest/gtest.h>
+#include <rte_hash.h>
+#include <rte_hash_crc.h>
 #include <rte_malloc.h>
 
 #include <algorithm>
@@ -215,4 +218,131 @@ TEST_F(RouteTest, TunnelRoutesNameTheirTunnelAmongManyAndFollowAReplacedList) {
   EXPECT_EQ(tunnel_of(0x0c000000), 300);
   ASSERT_TRUE(rt->add({0x0c000200, 24}, RouteType::tunnel, 0, "moat-299", RouteTable::Origin::config));
   EXPECT_EQ(tunnel_of(0x0c000200), 0);
+}
+
+namespace {
+
+// What egress_outer sends: each generated (outer ESP) packet's egress port
+// and destination MAC, in order, taken from the workers' transmit buffers
+// (never flushed: the test ports have no ethdev).
+struct Sent {
+  uint16_t port;
+  uint64_t mac;
+};
+
+struct OuterTest : RouteTest {
+  rte_hash* neigh = nullptr;
+  void SetUp() override {
+    RouteTest::SetUp();
+    rte_hash_parameters hp{};
+    hp.name = "outer_test_neigh";
+    hp.entries = 64;
+    hp.key_len = sizeof(NeighKey);
+    hp.hash_func = rte_hash_crc;
+    neigh = rte_hash_create(&hp);
+    ASSERT_NE(neigh, nullptr);
+    t.neigh = neigh;
+    w->direct_pool = w->indirect_pool = test_pool();
+  }
+  void TearDown() override {
+    for (auto& tb : w->tx) {
+      for (uint16_t i = 0; i < tb.n; i++) rte_pktmbuf_free(tb.pkts[i]);
+      tb.n = 0;
+    }
+    for (uint16_t i = 0; i < w->punt.n; i++) rte_pktmbuf_free(w->punt.pkts[i]);
+    rte_hash_free(neigh);
+    RouteTest::TearDown();
+  }
+  // As Control::apply publishes and withdraws a neighbour.
+  void publish(uint16_t port, uint32_t ip, uint8_t last) {
+    rte_ether_addr a{{0x02, 0, 0, 0, 0x77, last}};
+    NeighKey k{ip, port};
+    ASSERT_EQ(rte_hash_add_key_data(neigh, &k, reinterpret_cast<void*>(uintptr_t(pack_mac(a)))), 0);
+    t.paths_changed();
+  }
+  void withdraw(uint16_t port, uint32_t ip) {
+    NeighKey k{ip, port};
+    rte_hash_del_key(neigh, &k);
+    t.paths_changed();
+  }
+  // A burst of `n` outer packets to `dst` of `len` bytes through egress_outer.
+  std::vector<Sent> send(uint32_t dst, unsigned n, uint16_t len = 100) {
+    Burst b;
+    for (unsigned i = 0; i < n; i++) {
+      auto f = ipv4_frame(0xc0000202, dst, 50, 64, std::vector<uint8_t>(len - 20, 0));
+      rte_mbuf* m = to_mbuf(test_pool(), f.b);
+      meta(m) = PktMeta{};
+      meta(m).l3_off = 14;
+      meta(m).in_port = kNoPort;
+      meta(m).generated = 1;
+      b.push(m);
+    }
+    egress_outer(*w, t, *pt, b);
+    EXPECT_EQ(b.n, 0);
+    std::vector<Sent> out;
+    for (uint16_t p = 0; p < 2; p++) {
+      TxBuffer& tb = w->tx[p];
+      for (uint16_t i = 0; i < tb.n; i++) {
+        auto* eth = rte_pktmbuf_mtod(tb.pkts[i], rte_ether_hdr*);
+        uint64_t mac = 0;
+        for (int k = 0; k < 6; k++) mac = mac << 8 | eth->dst_addr.addr_bytes[k];
+        out.push_back({p, mac});
+        rte_pktmbuf_free(tb.pkts[i]);
+      }
+      tb.n = 0;
+    }
+    return out;
+  }
+};
+
+constexpr uint64_t mac_of(uint8_t last) { return 0x020000007700ull | last; }
+
+}  // namespace
+
+// ESP outer packets skip route and the neighbour lookup for a destination
+// the worker has resolved; every change the control thread makes to the
+// neighbour table or the routes is seen by the next burst, and a packet the
+// port cannot carry whole still takes the way that fragments it.
+TEST_F(OuterTest, OuterPacketsFollowEveryRouteAndNeighbourChange) {
+  constexpr uint32_t kPeer = 0xc6336407;  // 198.51.100.7
+  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  // Unresolved: held for ARP (punted), nothing learnt.
+  EXPECT_TRUE(send(kPeer, 2).empty());
+  EXPECT_EQ(w->punt.n, 2);
+  publish(0, 0xc0000201, 1);
+  for (int burst = 0; burst < 2; burst++) {  // learnt, then from what was learnt
+    auto s = send(kPeer, 3);
+    ASSERT_EQ(s.size(), 3u) << burst;
+    for (auto& x : s) EXPECT_TRUE(x.port == 0 && x.mac == mac_of(1)) << burst;
+  }
+  publish(0, 0xc0000201, 2);  // the gateway's MAC changes (ARP)
+  auto s = send(kPeer, 2);
+  ASSERT_EQ(s.size(), 2u);
+  for (auto& x : s) EXPECT_TRUE(x.port == 0 && x.mac == mac_of(2));
+  // A more specific route through the LAN: the next burst leaves there.
+  publish(1, 0x0a0100fe, 3);
+  ASSERT_TRUE(rt->add({0xc6336400, 24}, RouteType::unicast, 0x0a0100fe, "", RouteTable::Origin::config));
+  s = send(kPeer, 2);
+  ASSERT_EQ(s.size(), 2u);
+  for (auto& x : s) EXPECT_TRUE(x.port == 1 && x.mac == mac_of(3));
+  s = send(kPeer, 1);
+  ASSERT_EQ(s.size(), 1u);
+  EXPECT_TRUE(s[0].port == 1 && s[0].mac == mac_of(3));
+  // Too large for the LAN's MTU: fragmented by egress as before.
+  pt->port[1].mtu = 600;
+  uint64_t frags = w->stats.fragments.load();
+  s = send(kPeer, 1, 1000);
+  EXPECT_EQ(s.size(), 2u);
+  EXPECT_EQ(w->stats.fragments.load() - frags, 2u);
+  pt->port[1].mtu = 1500;
+  // The neighbour withdrawn: held for ARP again, not sent to the old MAC.
+  withdraw(1, 0x0a0100fe);
+  uint16_t punted = w->punt.n;
+  EXPECT_TRUE(send(kPeer, 2).empty());
+  EXPECT_EQ(w->punt.n, punted + 2);
+  // The route removed: back to the default route's gateway.
+  ASSERT_TRUE(rt->del({0xc6336400, 24}));
+  s = send(kPeer, 1);
+  ASSERT_EQ(s.size(), 1u);
+  EXPECT_TRUE(s[0].port == 0 && s[0].mac == mac_of(2));
 }
