@@ -309,6 +309,38 @@ class LateStart(RuntimeError):
     wrong; the case is run again (run_case_retry)."""
 
 
+def stop(p):
+    """Ends a router process: SIGTERM, then SIGKILL after 30 s."""
+    p.terminate()
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def first_pass(sample, total, what, deadline):
+    """Samples (each a dict with "tx" and "t") from 10 % to 90 % of the
+    first pass over an inbound pcap of `total` inner packets: (a, b, all
+    samples). From the first sample when the router got past 10 % before it
+    answered; at least half the pass, else LateStart. Then waits for the
+    pass to end (1.5 times as long again), so the caller can check it."""
+    lo, hi = 0.1 * total, 0.9 * total
+    samples = []
+    while time.time() < deadline:
+        x = sample()
+        samples.append(x)
+        if x["tx"] >= hi:
+            break
+        time.sleep(0.002)
+    a = samples[0] if samples[0]["tx"] >= lo else next(x for x in samples if x["tx"] >= lo)
+    b = [x for x in samples if x["tx"] <= hi][-1]
+    if b["tx"] - a["tx"] < 0.5 * total:
+        raise LateStart(f"{what}: under half the pass sampled (raise N)")
+    time.sleep(max(0.2, 1.5 * (samples[-1]["t"] - samples[0]["t"])))
+    return a, b, samples
+
+
 def run_case_retry(tmp, pcaps, name, moatd=MOATD, tries=3):
     for t in range(tries):
         try:
@@ -364,29 +396,13 @@ def run_case(tmp, pcaps, name, moatd=MOATD):
         else:
             # First pass only: inner packets out (tx) against the worker's CPU time.
             inner_total = per_queue if mtu >= 1500 else per_queue // 2
-            lo, hi = 0.1 * inner_total, 0.9 * inner_total
-            samples = []
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                x = sample()
-                samples.append(x)
-                if x["tx"] >= hi:
-                    break
-                time.sleep(0.002)
-            # From 10 % of the pass (or the first sample, when the worker got
-            # there before the control socket answered) to 90 %: at least
-            # half the pass.
-            a = samples[0] if samples[0]["tx"] >= lo else next(x for x in samples if x["tx"] >= lo)
-            b = [x for x in samples if x["tx"] <= hi][-1]
-            if b["tx"] - a["tx"] < 0.5 * inner_total:
-                raise LateStart(f"{name}: under half the pass sampled (raise N)")
+            a, b, samples = first_pass(sample, inner_total, name, time.time() + 120)
             (l,) = a["w"].keys()
             cpu_s = (b["w"][l][2] - a["w"][l][2]) / 1e9
             if cpu_s < 0.02:
                 raise RuntimeError(f"{name}: first pass too short to measure ({cpu_s:.3f} s)")
-            # Let the pass end, then check it: every ESP packet of the first
-            # pass decrypted, the rest refused as replays.
-            time.sleep(max(0.2, 1.5 * (samples[-1]["t"] - samples[0]["t"])))
+            # The pass is over: every ESP packet of it decrypted, the rest
+            # refused as replays.
             _, rx, tx, d = counters(sock)
             res.update(inner_mpps=(b["tx"] - a["tx"]) / cpu_s / 1e6,
                        inner_mpps_wall=(b["tx"] - a["tx"]) / (b["t"] - a["t"]) / 1e6,
@@ -399,12 +415,7 @@ def run_case(tmp, pcaps, name, moatd=MOATD):
                 raise RuntimeError(f"{name}: unexpected drops {d}")
         return res
     finally:
-        p.terminate()
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
         log.close()
 
 
@@ -502,19 +513,7 @@ def run_ref(tmp, pcaps, name, kind):
             time.sleep(DURATION)
             b = sample()
         else:
-            lo, hi = 0.1 * n, 0.9 * n
-            samples = []
-            while time.time() < deadline:
-                x = sample()
-                samples.append(x)
-                if x["tx"] >= hi:
-                    break
-                time.sleep(0.002)
-            a = samples[0] if samples[0]["tx"] >= lo else next(x for x in samples if x["tx"] >= lo)
-            b = [x for x in samples if x["tx"] <= hi][-1]
-            if b["tx"] - a["tx"] < 0.5 * n:
-                raise LateStart(f"{kind} {name}: under half the pass sampled")
-            time.sleep(max(0.2, 1.5 * (samples[-1]["t"] - samples[0]["t"])))
+            a, b, _ = first_pass(sample, n, f"{kind} {name}", deadline)
             total = port_out(tel)
             res["inner_out_total"] = total
             # Every ESP packet of the first pass decrypted; what came out
@@ -530,12 +529,7 @@ def run_ref(tmp, pcaps, name, kind):
     finally:
         if tel:
             tel.close()
-        p.terminate()
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
         log.close()
 
 
