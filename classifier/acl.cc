@@ -91,6 +91,9 @@ tl::expected<std::unique_ptr<Classifier>, std::string> compile(const RuleSet& rs
   for (const Verdict& v : c->verdict[unsigned(Table::nat)])
     if (NatAction(v.action) == NatAction::dnat) c->has_dnat = true;
   c->acl_rules = uint32_t(total);
+  const NatAction nat_default = NatAction(c->verdict[unsigned(Table::nat)][0].action);
+  c->stateless = !total && !(c->verdict[unsigned(Table::filter)][0].flags & Verdict::kStateful) &&
+                 nat_default != NatAction::masquerade && nat_default != NatAction::snat && !c->has_dnat;
   if (!total) return c;  // every packet gets every table's default
 
   std::string name = fmt::format("moat-acl-{}", generation);

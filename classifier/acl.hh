@@ -44,6 +44,11 @@ struct Classifier {
   // Some nat verdict (default included) is dnat: without one the data path
   // skips the dnat stage, which could only pass every packet on.
   bool has_dnat = false;
+  // No rule, and defaults that keep no state and translate nothing: no
+  // stage reads a packet's connection, so while the connection table is
+  // empty the conntrack and nat stages have nothing to do (the worker skips
+  // them: dataplane/worker.cc track()). A plain tunnel router's rule set.
+  bool stateless = false;
   Classifier() = default;
   Classifier(const Classifier&) = delete;
   Classifier& operator=(const Classifier&) = delete;

@@ -66,23 +66,29 @@ void tcp_track(Conn& c, unsigned dir, uint8_t f) {
 
 }  // namespace
 
+void conntrack_mark_untracked(Burst& b) {
+  for (uint16_t i = 0; i < b.n; i++) {
+    rte_mbuf* m = b.pkts[i];
+    PktMeta& md = meta(m);
+    md.conn = 0;
+    md.ct = ct_plain(l3_of(m), l3_len(m)) ? 0 : kCtNoTrack;
+  }
+}
+
 void conntrack(Worker& w, Conntrack& ct, Burst& b) {
   CtKey keys[kMaxBurst];
   const CtKey* kp[kMaxBurst];
   uint8_t which[kMaxBurst];
   uint32_t refs[kMaxBurst];
   unsigned n = 0;
+  w.ct_marked = true;
+  w.ct_none = true;
   if (ct.empty()) {
     // Every lookup would miss: what a miss leaves is all the stages after
     // need (a trackable packet is new; an ICMP error about nothing known is
     // untracked), and the tuples need not be built. A plain router's tunnel
     // traffic (outer ESP, then the inner packet) takes this way.
-    for (uint16_t i = 0; i < b.n; i++) {
-      rte_mbuf* m = b.pkts[i];
-      PktMeta& md = meta(m);
-      md.conn = 0;
-      md.ct = ct_plain(l3_of(m), l3_len(m)) ? 0 : kCtNoTrack;
-    }
+    conntrack_mark_untracked(b);
     return;
   }
   for (uint16_t i = 0; i < b.n; i++) {
@@ -113,6 +119,7 @@ void conntrack(Worker& w, Conntrack& ct, Burst& b) {
       continue;
     }
     hits++;
+    w.ct_none = false;
     md.conn = refs[j];
     Conn& c = ct.conn(ct_ref_index(refs[j]));
     unsigned dir = ct_ref_dir(refs[j]);
@@ -219,6 +226,10 @@ bool pick_port(const Conntrack& ct, unsigned wid, CtKey& out, uint16_t& port_fie
 void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Burst& b) {
   const Verdict* nv = c.verdict[unsigned(Table::nat)].data();
   const Verdict* sv = c.verdict[unsigned(Table::spd)].data();
+  // A stateless rule set after a pass that attached no packet to a
+  // connection: no packet is of a connection, none is to be committed or
+  // translated.
+  if (c.stateless && w.ct_none) return;
   const bool no_snat = !c.ctx && NatAction(nv[0].action) != NatAction::masquerade &&
                        NatAction(nv[0].action) != NatAction::snat;
   uint16_t kept = 0;

@@ -21,6 +21,21 @@ void punt_flush(Worker& w) {
   w.punt.n = 0;
 }
 
+// Connections are tracked only under a rule set (a plain router has none),
+// and not while nothing would read them: a stateless rule set (no rule, no
+// stateful or translating default) with an empty table leaves every packet
+// of no connection, as the pass would, without touching them. policy()
+// marks them after all if the rule set is replaced in between.
+void track(Worker& w, const Tables& t, Burst& b) {
+  const Classifier* c = t.classifier.load(std::memory_order_relaxed);
+  if (!t.conntrack || !c || (c->stateless && t.conntrack->empty())) {
+    w.ct_marked = false;
+    w.ct_none = true;
+    return;
+  }
+  conntrack(w, *t.conntrack, b);
+}
+
 // Echo replies and ICMP errors made while processing a burst take the same
 // way out as transit packets; they cannot generate further packets. Those
 // routed into a tunnel (answers to hosts behind it) go through it: egress
@@ -48,6 +63,13 @@ void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& lo
   const Classifier* c = t.classifier.load(std::memory_order_acquire);
   Burst to_tunnel;
   if (c) {
+    if (!w.ct_marked && t.conntrack && !c->stateless) {
+      // track() skipped the pass under a stateless rule set that has been
+      // replaced since: mark now what the empty table's pass would have.
+      conntrack_mark_untracked(b);
+      conntrack_mark_untracked(local);
+      w.ct_marked = true;
+    }
     classify(w, *c, pt, b, local);
     if (t.conntrack && c->has_dnat) dnat(w, t, *c, pt, b);
     filter(w, *c, pt, b);
@@ -111,7 +133,7 @@ void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner) {
 // any received packet.
 static void forward_inner(Worker& w, const Tables& t, const PortTable& pt, Burst& inner) {
   if (!inner.n) return;
-  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, inner);
+  track(w, t, inner);
   route(w, t, pt, inner);
   policy(w, t, pt, inner, w.local);
   local_deliver(w, t, pt, w.local);
@@ -121,8 +143,7 @@ static void forward_inner(Worker& w, const Tables& t, const PortTable& pt, Burst
 void process_burst(Worker& w, const Tables& t, Burst& b) {
   const PortTable& pt = *t.ports.load(std::memory_order_acquire);
   parse(w, pt, b);
-  // Connections are tracked only under a rule set (a plain router has none).
-  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, b);
+  track(w, t, b);
   route(w, t, pt, b);
   policy(w, t, pt, b, w.local);
   Burst inner;
@@ -171,7 +192,7 @@ static unsigned process_inject(Worker& w, const Tables& t) {
         break;
     }
   }
-  if (t.conntrack && t.classifier.load(std::memory_order_relaxed)) conntrack(w, *t.conntrack, to_route);
+  track(w, t, to_route);
   route(w, t, pt, to_route);
   policy(w, t, pt, to_route, w.local);
   local_deliver(w, t, pt, w.local);

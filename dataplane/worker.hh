@@ -77,6 +77,13 @@ struct Worker {
   static constexpr unsigned kOuterPathBits = 10;
   OuterPath outer_path[1u << kOuterPathBits];
 
+  // What the last conntrack pass (track() in worker.cc) left for the policy
+  // stages of its burst: whether it marked the packets (false: skipped under
+  // a stateless rule set with an empty table) and whether it attached none
+  // of them to a connection.
+  bool ct_marked = true;
+  bool ct_none = false;
+
   void drop(rte_mbuf* m, Drop why) {
     stats.drops[static_cast<unsigned>(why)].add();
     rte_pktmbuf_free(m);
@@ -95,6 +102,12 @@ void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transi
 // and classified again); after the filter, new connections are committed
 // and sources translated.
 void conntrack(Worker& w, Conntrack& ct, Burst& b);
+// What conntrack marks on an empty table: no connection; kCtNoTrack for what
+// could not be tracked.
+void conntrack_mark_untracked(Burst& b);
+// The conntrack stage as the worker runs it: skipped without a rule set, and
+// under a stateless one while the table is empty (Classifier::stateless).
+void track(Worker& w, const Tables& t, Burst& b);
 void dnat(Worker& w, const Tables& t, const Classifier& c, const PortTable& pt, Burst& b);
 // Packets of known connections pass; accept/drop/reject for the rest.
 void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b);

@@ -292,7 +292,7 @@ struct Moat : testing::Test {
     Burst b;
     b.push(m);
     parse(x, *pt, b);
-    conntrack(x, *ct, b);
+    track(x, t, b);
     route(x, t, *pt, b);
     policy(x, t, *pt, b, x.local);
     for (uint16_t i = 0; i < x.local.n; i++) rte_pktmbuf_free(x.local.pkts[i]);
@@ -822,6 +822,57 @@ TEST_F(Moat, EmptyTableStillRefusesToTranslateWhatCannotBeTracked) {
   // Echo requests and UDP are trackable: they open connections.
   EXPECT_FALSE(send(kKids, kKid, kNet, 1, echo(8, 77, 1)).empty());
   EXPECT_EQ(ct->in_use(), 1u);
+}
+
+// A rule set with no rule whose defaults keep no state and translate
+// nothing is stateless: with an empty table the worker skips the conntrack
+// and nat passes (nothing would read them), and traffic still passes
+// untranslated and untracked. If the rule set is replaced by one that
+// translates between the skipped pass and the policy stages, those stages
+// still see what the pass would have marked: a later fragment is refused.
+TEST_F(Moat, StatelessRuleSetSkipsTrackingAndAReplacementStillRefusesTheUntrackable) {
+  RuleSet plain_rs = rules();
+  for (auto& tb : plain_rs.table) {
+    tb.rules.clear();
+    tb.deflt = Verdict{};
+  }
+  auto plain = compile(plain_rs, 5000 + gen++);
+  ASSERT_TRUE(plain) << plain.error();
+  ASSERT_TRUE((*plain)->stateless);
+  // What each default alone does to it.
+  RuleSet masq_rs = plain_rs;
+  masq_rs.table[unsigned(Table::nat)].deflt.action = uint8_t(NatAction::masquerade);
+  auto masq = compile(masq_rs, 5000 + gen++);
+  ASSERT_TRUE(masq) << masq.error();
+  EXPECT_FALSE((*masq)->stateless);
+  RuleSet st_rs = plain_rs;
+  st_rs.table[unsigned(Table::filter)].deflt.flags = Verdict::kStateful;
+  auto st = compile(st_rs, 5000 + gen++);
+  ASSERT_TRUE(st) << st.error();
+  EXPECT_FALSE((*st)->stateless);
+  EXPECT_FALSE(cls->stateless) << "the fixture's rules";
+
+  t.classifier.store(plain->get());
+  auto out = send(kKids, kKid, kNet, 17, udp(kKid, kNet, 5555, 53, 40));
+  ASSERT_FALSE(out.empty());
+  EXPECT_EQ(be32at(out, 26), kKid) << "no translation";
+  EXPECT_EQ(ct->in_use(), 0u);
+
+  // The later fragment of a datagram: skipped pass, then the masquerading set.
+  auto whole = udp(kKid, kNet, 5555, 53, 40);
+  std::vector<uint8_t> rest(whole.begin() + 24, whole.end());
+  rte_mbuf* m = to_mbuf(test_pool(), ipv4_frame(kKid, kNet, 17, 64, rest, 0x0003).b, kKids);
+  Burst b;
+  b.push(m);
+  parse(*w, *pt, b);
+  track(*w, t, b);
+  t.classifier.store(masq->get());
+  route(*w, t, *pt, b);
+  policy(*w, t, *pt, b, w->local);
+  EXPECT_EQ(b.n, 0);
+  EXPECT_EQ(drops(Drop::nat_fragment), 1u);
+  EXPECT_EQ(ct->in_use(), 0u);
+  t.classifier.store(cls.get());
 }
 
 // ct_plain is ct_tuple's kind without the tuple: the two must agree on
