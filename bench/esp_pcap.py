@@ -183,6 +183,12 @@ RAW = {"out-64": ("encrypt", 64), "out-512": ("encrypt", 512), "out-1420": ("enc
        "in-64": ("decrypt", 64), "in-512": ("decrypt", 512), "in-1420": ("decrypt", 1420)}
 
 
+def memory_mb(mbufs):
+    """EAL memory (-m) for a process holding `mbufs` packet mbufs (moatd's
+    indirect pool and the others included)."""
+    return mbufs * 4000 // (1 << 20) + 768
+
+
 def moatd_config(run, pcap, direction, sas, mtu, workers, mbufs):
     key = "0x" + KEY.hex()
     routes, tunnels = [], []
@@ -198,7 +204,7 @@ def moatd_config(run, pcap, direction, sas, mtu, workers, mbufs):
                         "sa": {"cipher": "aes-gcm-128", "in": {"spi": SPI, "key": key}}})
     rx = ",".join([f"rx_pcap={pcap}"] * workers)
     lcores = list(range(workers + 1))
-    eal = {"lcores": lcores, "memory_mb": mbufs * 3000 // (1 << 20) + 768, "no_huge": True,
+    eal = {"lcores": lcores, "memory_mb": memory_mb(mbufs), "no_huge": True,
            "log_level": "*:error"}
     if workers > 1:
         # Two CPUs: worker 2 (lcore 2) shares CPU 0 with the control thread.
@@ -437,7 +443,11 @@ def telemetry(prefix, path, timeout=120):
 
 def port_out(tel, port=1):
     tel.send(f"/ethdev/stats,{port}".encode())
-    return json.loads(tel.recv(65536))["/ethdev/stats"]["opackets"]
+    reply = tel.recv(65536)
+    if not reply:
+        raise RuntimeError("the router closed its telemetry socket (exited?)")
+    st = json.loads(reply)["/ethdev/stats"]
+    return st["opackets"] if st else 0  # null: the port is not set up yet
 
 
 def secgw_config(direction):
@@ -469,7 +479,7 @@ def run_ref(tmp, pcaps, name, kind):
     mbufs = n + 32768
     run = tempfile.mkdtemp(prefix=f"moat-ref-{kind}-", dir=tmp)
     prefix = os.path.basename(run)
-    eal = ["--no-huge", "-m", str(mbufs * 3000 // (1 << 20) + 768), "--no-pci", "--no-shconf",
+    eal = ["--no-huge", "-m", str(memory_mb(mbufs)), "--no-pci", "--no-shconf",
            "--file-prefix", prefix, "--log-level", "*:error",
            "--vdev", f"net_pcap0,rx_pcap={pcaps[pcap]},infinite_rx=1", "--vdev", "net_null0,no-rx=1"]
     if kind == "testpmd":
