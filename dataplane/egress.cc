@@ -102,9 +102,18 @@ void fragment_and_send(Worker& w, ShapeBurst& shaped, const PortInfo& out, const
   }
 }
 
-}  // namespace
+unsigned outer_slot(uint32_t dst) { return (dst * 2654435761u) >> (32 - Worker::kOuterPathBits); }
 
-void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
+// The scheduler a packet for `port` goes through; none while the port drains.
+const ShapedPort* shaper_of(const QosTable* q, uint16_t port) {
+  const ShapedPort* sp = q ? q->port[port].get() : nullptr;
+  return sp && sp->drain ? nullptr : sp;
+}
+
+// The egress stage; with `learn`, each destination sent on to a neighbour
+// is remembered for egress_outer as of path generation `gen` (read before
+// the route lookup, so a change made meanwhile invalidates it).
+void egress_run(Worker& w, const Tables& t, const PortTable& pt, Burst& b, bool learn, uint32_t gen) {
   // A burst mostly goes to few next hops (every ESP packet of a tunnel to its
   // peer's): a run of packets with the key of the one before shares its
   // lookup, so the hash sees each run once.
@@ -138,9 +147,12 @@ void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
     }
     rte_ether_addr dst = unpack_mac(reinterpret_cast<uintptr_t>(data[k]));
     const PortInfo& out = pt.port[md.out_port];
-    const ShapedPort* sp = q ? q->port[md.out_port].get() : nullptr;
-    if (sp && sp->drain) sp = nullptr;
+    const ShapedPort* sp = shaper_of(q, md.out_port);
     auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+    if (learn) {
+      uint32_t d = rte_be_to_cpu_32(ip->dst_addr);
+      w.outer_path[outer_slot(d)] = {gen, d, uint64_t(uintptr_t(data[k])) | uint64_t(md.out_port) << 56};
+    }
     if (rte_be_to_cpu_16(ip->total_length) > out.mtu) {
       fragment_and_send(w, shaped, out, sp, md.out_port, m, dst);
       continue;
@@ -152,33 +164,9 @@ void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   b.n = 0;
 }
 
-namespace {
-
-unsigned outer_slot(uint32_t dst) { return (dst * 2654435761u) >> (32 - Worker::kOuterPathBits); }
-
-// After route: remembers where each routed destination of `b` leaves, when
-// its neighbour is known, as of generation `gen` (read before the lookups,
-// so a change made meanwhile invalidates what is learnt here).
-void learn_outer(Worker& w, const Tables& t, const Burst& b, uint32_t gen) {
-  uint32_t last = 0;
-  for (uint16_t i = 0; i < b.n; i++) {
-    rte_mbuf* m = b.pkts[i];
-    const PktMeta& md = meta(m);
-    if (md.out_port >= kMaxPorts) continue;  // into a tunnel: not a way out
-    const NextHop::Kind kind = t.next_hops[md.nh].kind;
-    if (kind != NextHop::connected && kind != NextHop::gateway) continue;
-    auto* ip = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, md.l3_off);
-    uint32_t dst = rte_be_to_cpu_32(ip->dst_addr);
-    if (i && dst == last) continue;
-    last = dst;
-    NeighKey key{md.nh_ip, md.out_port};
-    void* data;
-    if (rte_hash_lookup_data(t.neigh, &key, &data) < 0) continue;
-    w.outer_path[outer_slot(dst)] = {gen, dst, uint64_t(uintptr_t(data)) | uint64_t(md.out_port) << 56};
-  }
-}
-
 }  // namespace
+
+void egress(Worker& w, const Tables& t, const PortTable& pt, Burst& b) { egress_run(w, t, pt, b, false, 0); }
 
 void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   if (!b.n) return;
@@ -201,8 +189,7 @@ void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
       continue;
     }
     const PortInfo& out = pt.port[port];
-    const ShapedPort* sp = q ? q->port[port].get() : nullptr;
-    if (sp && sp->drain) sp = nullptr;
+    const ShapedPort* sp = shaper_of(q, port);
     md.out_port = port;
     if (!write_l2(m, out, unpack_mac(op.way), RTE_ETHER_TYPE_IPV4)) { w.drop(m, Drop::inject_bad); continue; }
     send(w, shaped, sp, port, m);
@@ -211,8 +198,7 @@ void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   b.n = 0;
   if (!miss.n) return;
   route(w, t, pt, miss);
-  learn_outer(w, t, miss, gen);
-  egress(w, t, pt, miss);
+  egress_run(w, t, pt, miss, true, gen);
 }
 
 }  // namespace moat

@@ -284,11 +284,9 @@ struct Moat : testing::Test {
   // One packet through the worker's stages up to (not including) egress.
   // Returns its bytes when it is forwarded (transit) and sets `out_port`;
   // empty when dropped, delivered locally or answered.
-  std::vector<uint8_t> send(uint16_t port, uint32_t src, uint32_t dst, uint8_t proto, std::vector<uint8_t> l4,
-                            uint16_t* out_port = nullptr, Worker* wk = nullptr) {
-    Worker& x = wk ? *wk : *w;
-    auto f = ipv4_frame(src, dst, proto, 64, std::move(l4));
-    rte_mbuf* m = to_mbuf(test_pool(), f.b, port);
+  // One packet through the worker's stages up to the egress: what is left
+  // of its burst (local and generated packets are taken care of).
+  Burst pass(rte_mbuf* m, Worker& x) {
     Burst b;
     b.push(m);
     parse(x, *pt, b);
@@ -299,6 +297,20 @@ struct Moat : testing::Test {
     x.local.n = 0;
     for (uint16_t i = 0; i < x.generated.n; i++) generated.push_back(x.generated.pkts[i]);
     x.generated.n = 0;
+    return b;
+  }
+  // The kids' 40-byte UDP datagram to the net (5555 → 53) in two fragments:
+  // the first (MF, offset 0, with the ports) or the later one (no ports).
+  rte_mbuf* fragment(bool first) {
+    auto whole = udp(kKid, kNet, 5555, 53, 40);
+    std::vector<uint8_t> part = first ? std::vector<uint8_t>(whole.begin(), whole.begin() + 24)
+                                      : std::vector<uint8_t>(whole.begin() + 24, whole.end());
+    return to_mbuf(test_pool(), ipv4_frame(kKid, kNet, 17, 64, part, first ? 0x2000 : 0x0003).b, kKids);
+  }
+  std::vector<uint8_t> send(uint16_t port, uint32_t src, uint32_t dst, uint8_t proto, std::vector<uint8_t> l4,
+                            uint16_t* out_port = nullptr, Worker* wk = nullptr) {
+    auto f = ipv4_frame(src, dst, proto, 64, std::move(l4));
+    Burst b = pass(to_mbuf(test_pool(), f.b, port), wk ? *wk : *w);
     if (!b.n) return {};
     EXPECT_EQ(b.n, 1);
     std::vector<uint8_t> out = bytes(b.pkts[0]);
@@ -657,35 +669,18 @@ TEST_F(Moat, FirstFragmentIsTranslatedLaterOnesAreDroppedNotLeaked) {
   // First fragment (MF, offset 0): ports present, translated; its UDP
   // checksum covers the whole datagram, so only the incremental update can
   // be right — check it against the full datagram.
-  auto whole = udp(kKid, kNet, 5555, 53, 40);
-  std::vector<uint8_t> first(whole.begin(), whole.begin() + 24);
-  auto f = ipv4_frame(kKid, kNet, 17, 64, first, 0x2000).b;
-  rte_mbuf* m = to_mbuf(test_pool(), f, kKids);
-  Burst b;
-  b.push(m);
-  parse(*w, *pt, b);
-  conntrack(*w, *ct, b);
-  route(*w, t, *pt, b);
-  policy(*w, t, *pt, b, w->local);
+  Burst b = pass(fragment(true), *w);
   ASSERT_EQ(b.n, 1);
   auto out = bytes(b.pkts[0]);
   rte_pktmbuf_free(b.pkts[0]);
   EXPECT_EQ(be32at(out, 26), kWanAddr);
-  std::vector<uint8_t> rest(whole.begin() + 24, whole.end());
+  auto whole = udp(kKid, kNet, 5555, 53, 40);
   std::vector<uint8_t> l4(out.begin() + 34, out.end());
-  l4.insert(l4.end(), rest.begin(), rest.end());
+  l4.insert(l4.end(), whole.begin() + 24, whole.end());
   EXPECT_EQ(pseudo_csum(kWanAddr, kNet, 17, l4.data(), l4.size()), 0);
   // A later fragment has no ports: it cannot be translated, so it is
   // dropped rather than sent out with the inside address.
-  auto g = ipv4_frame(kKid, kNet, 17, 64, std::vector<uint8_t>(rest), 0x0003).b;
-  rte_mbuf* m2 = to_mbuf(test_pool(), g, kKids);
-  Burst b2;
-  b2.push(m2);
-  parse(*w, *pt, b2);
-  conntrack(*w, *ct, b2);
-  route(*w, t, *pt, b2);
-  policy(*w, t, *pt, b2, w->local);
-  EXPECT_EQ(b2.n, 0);
+  EXPECT_EQ(pass(fragment(false), *w).n, 0);
   EXPECT_EQ(drops(Drop::nat_fragment), 1u);
 }
 
@@ -796,10 +791,7 @@ TEST(NatRewrite, ChecksumsMatchRecomputation) {
 // error about nothing known leave untranslated only if untracked.
 TEST_F(Moat, EmptyTableStillRefusesToTranslateWhatCannotBeTracked) {
   ASSERT_EQ(ct->in_use(), 0u);
-  auto whole = udp(kKid, kNet, 5555, 53, 40);
-  std::vector<uint8_t> rest(whole.begin() + 24, whole.end());
-  auto g = ipv4_frame(kKid, kNet, 17, 64, rest, 0x0003).b;
-  rte_mbuf* m = to_mbuf(test_pool(), g, kKids);
+  rte_mbuf* m = fragment(false);
   Burst b;
   b.push(m);
   parse(*w, *pt, b);
@@ -859,11 +851,8 @@ TEST_F(Moat, StatelessRuleSetSkipsTrackingAndAReplacementStillRefusesTheUntracka
   EXPECT_EQ(ct->in_use(), 0u);
 
   // The later fragment of a datagram: skipped pass, then the masquerading set.
-  auto whole = udp(kKid, kNet, 5555, 53, 40);
-  std::vector<uint8_t> rest(whole.begin() + 24, whole.end());
-  rte_mbuf* m = to_mbuf(test_pool(), ipv4_frame(kKid, kNet, 17, 64, rest, 0x0003).b, kKids);
   Burst b;
-  b.push(m);
+  b.push(fragment(false));
   parse(*w, *pt, b);
   track(*w, t, b);
   t.classifier.store(masq->get());

@@ -142,15 +142,15 @@ class Pair : public ::testing::Test {
   }
 
   // A NAT in front of the moat (at whatever address it has when a packet
-  // passes): its packets leave from `outside` with ports + 30000.
-  void nat_moat(IpAddr outside) {
-    net.filter = [this, outside](Pkt& p) {
+  // passes): its packets leave from `outside` with ports + `shift`.
+  void nat_moat(IpAddr outside, uint16_t shift = 30000) {
+    net.filter = [this, outside, shift](Pkt& p) {
       if (p.from.addr == moat->a) {
         p.from.addr = outside;
-        p.from.port = uint16_t(p.from.port + 30000);
+        p.from.port = uint16_t(p.from.port + shift);
       } else if (p.to.addr == outside) {
         p.to.addr = moat->a;
-        p.to.port = uint16_t(p.to.port - 30000);
+        p.to.port = uint16_t(p.to.port - shift);
       }
       return true;
     };
@@ -306,31 +306,11 @@ TEST_F(Pair, NatIsDetectedAndEverythingMovesTo4500) {
 }
 
 TEST_F(Pair, PeerAddressChangeMovesTheSa) {
-  IpAddr outside = ip("203.0.113.9");
-  uint16_t shift = 30000;
-  net.filter = [&](Pkt& p) {
-    if (p.from.addr == moat->a) {
-      p.from.addr = outside;
-      p.from.port = uint16_t(p.from.port + shift);
-    } else if (p.to.addr == outside) {
-      p.to.addr = moat->a;
-      p.to.port = uint16_t(p.to.port - shift);
-    }
-    return true;
-  };
+  nat_moat(ip("203.0.113.9"));
   establish();
   // The NAT rebinds: a new outside port. The next authenticated message moves the SA.
   IpAddr outside2 = ip("203.0.113.10");
-  net.filter = [&](Pkt& p) {
-    if (p.from.addr == moat->a) {
-      p.from.addr = outside2;
-      p.from.port = uint16_t(p.from.port + 1000);
-    } else if (p.to.addr == outside2) {
-      p.to.addr = moat->a;
-      p.to.port = uint16_t(p.to.port - 1000);
-    }
-    return true;
-  };
+  nat_moat(outside2, 1000);
   ASSERT_TRUE(moat->e.check_liveness("portal", now));
   run();
   ASSERT_EQ(portal->sink.moved_.size(), 1u);
@@ -948,21 +928,11 @@ TEST_F(Pair, MobikeUpdateSaAddressesMovesTheSaOnlyWhenAuthenticated) {
 // and the portal follows the NAT's new mapping (RFC 4555 §3.8).
 TEST_F(Pair, MobikeUpdateBehindANatFollowsTheNewMapping) {
   IpAddr outside = ip("203.0.113.9");
-  uint16_t shift = 30000;
-  net.filter = [&](Pkt& p) {
-    if (p.from.addr == moat->a) {
-      p.from.addr = outside;
-      p.from.port = uint16_t(p.from.port + shift);
-    } else if (p.to.addr == outside) {
-      p.to.addr = moat->a;
-      p.to.port = uint16_t(p.to.port - shift);
-    }
-    return true;
-  };
+  nat_moat(outside);
   establish();
   IpAddr old_a = moat->a;
   moat->a = ip("10.9.9.9");  // a new private address behind a new mapping
-  shift = 31000;
+  nat_moat(outside, 31000);
   ASSERT_EQ(moat->e.local_address_changed(old_a, moat->a, now), 1u);
   run();
   EXPECT_EQ(portal->e.stats().mobike_moved, 1u);
