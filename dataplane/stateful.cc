@@ -119,7 +119,6 @@ void conntrack(Worker& w, Conntrack& ct, Burst& b) {
       continue;
     }
     hits++;
-    w.ct_none = false;
     md.conn = refs[j];
     Conn& c = ct.conn(ct_ref_index(refs[j]));
     unsigned dir = ct_ref_dir(refs[j]);
@@ -143,6 +142,7 @@ void conntrack(Worker& w, Conntrack& ct, Burst& b) {
     }
   }
   w.stats.ct_hit.add(hits);
+  w.ct_none = !hits;
 }
 
 void dnat(Worker& w, const Tables& t, const Classifier& c, const PortTable& pt, Burst& b) {
