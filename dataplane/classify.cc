@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "dataplane/nat.hh"
+#include "dataplane/sa.hh"
 #include "dataplane/worker.hh"
 
 namespace moat {
@@ -130,7 +131,7 @@ void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
   b.n = kept;
 }
 
-void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel) {
+void spd(Worker& w, const Classifier* c, const Sad* sad, Burst& b, Burst& to_tunnel) {
   const Verdict* v = c ? c->verdict[unsigned(Table::spd)].data() : nullptr;
   // Without rules every packet has the table's default: read it once.
   const bool one = !c || !c->ctx;
@@ -142,15 +143,19 @@ void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel) {
     SpdAction a = one ? deflt : SpdAction(v[md.rule[unsigned(Table::spd)]].action);
     if (a == SpdAction::discard) {
       w.drop(m, Drop::spd_discard);
-    } else if (a == SpdAction::protect) {
-      // Policy overrides the route: seed 003's funnels protect by selector.
-      md.out_tunnel = uint16_t(v[one ? 0 : md.rule[unsigned(Table::spd)]].a);
-      to_tunnel.push(m);
-    } else if (md.out_tunnel != kNoTunnel) {
-      to_tunnel.push(m);  // routed into a tunnel: protected whatever the SPD's default
-    } else {
-      b.pkts[kept++] = m;
+      continue;
     }
+    // Policy overrides the route: seed 003's funnels protect by selector.
+    if (a == SpdAction::protect) md.out_tunnel = uint16_t(v[one ? 0 : md.rule[unsigned(Table::spd)]].a);
+    // else: routed into a tunnel, protected whatever the SPD's default.
+    if (md.out_tunnel == kNoTunnel) {
+      b.pkts[kept++] = m;
+      continue;
+    }
+    // The tunnel's SA now, while the packet's metadata is at hand (esp_mtu
+    // counts a tunnel without one as tunnel_down).
+    md.sa = sad ? sad->tunnel_sa(md.out_tunnel) : kNoSa;
+    to_tunnel.push(m);
   }
   b.n = kept;
 }

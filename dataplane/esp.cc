@@ -163,6 +163,17 @@ struct SaPrefetch {
 };
 constexpr unsigned kPrefetchAhead = 4;
 
+// What esp_outbound needs of a packet before it takes a sequence number:
+// one segment, and room for the outer headers in front of the inner packet
+// and for the trailer after it (plain ESP or ESP in UDP, by the peer word).
+inline bool esp_room(const Sa& sa, rte_mbuf* m, uint16_t l3_off, uint16_t inner_len, bool nat) {
+  uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + (nat ? sizeof(rte_udp_hdr) : 0) + 8 + sa.iv_len);
+  uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
+  uint16_t tail = uint16_t(padded - inner_len + kIcvLen);
+  return rte_pktmbuf_headroom(m) + l3_off >= head &&
+         rte_pktmbuf_tailroom(m) + (rte_pktmbuf_data_len(m) - l3_off - inner_len) >= tail;
+}
+
 inline void ip_cksum(rte_ipv4_hdr* ip) {
   ip->hdr_checksum = 0;
   ip->hdr_checksum = rte_ipv4_cksum(ip);
@@ -239,19 +250,26 @@ void esp_housekeeping(Worker& w, EspWorker& ew) {
 
 // ---------------------------------------------------------------- outbound
 
+// Admission and the tunnel's MTU, one pass: every packet that leaves here
+// for esp_outbound has a live outbound SA, is one segment with room for its
+// encapsulation, and fits the path MTU (whole or as inner fragments), so
+// esp_outbound refuses nothing of what it is given and takes sequence
+// numbers without gaps. A packet of kNoSa came from a tunnel with no SA.
 void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burst& in, Burst& out) {
+  SaPrefetch prefetch_sa{sad};
+  for (uint16_t i = 0; i < in.n && i < kPrefetchAhead; i++) prefetch_sa(meta(in.pkts[i]).sa);
   uint16_t i = 0;
   for (; i < in.n; i++) {
+    if (i + kPrefetchAhead < in.n) prefetch_sa(meta(in.pkts[i + kPrefetchAhead]).sa);
     rte_mbuf* m = in.pkts[i];
     PktMeta& md = meta(m);
     uint32_t idx = md.sa;
-    if (idx >= sad.capacity() || sad.sa(idx).dir != SaDir::outbound ||
-        !(sad.sa(idx).state.load(std::memory_order_relaxed) & kSaLive)) {
-      if (out.n == kMaxBurst) break;
-      w.drop(m, Drop::esp_no_sa);
-      continue;
-    }
+    if (idx == kNoSa) { w.drop(m, Drop::tunnel_down); continue; }
+    if (idx >= sad.capacity() || sad.sa(idx).dir != SaDir::outbound) { w.drop(m, Drop::esp_no_sa); continue; }
     const Sa& sa = sad.sa(idx);
+    uint32_t st = sa.state.load(std::memory_order_relaxed);
+    if (!(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); continue; }
+    if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); continue; }
     // One load per packet: the encapsulation it is sized for is the one
     // esp_outbound gives it (EspWorker::sized).
     uint64_t pw = sa.peer.load(std::memory_order_acquire);
@@ -261,6 +279,10 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
     if (sa.clamp_mss && clamp_mss(ip, total, uint16_t(max_inner - 40))) ew.stats.mss_clamped.add();
     if (total <= max_inner) {
       if (out.n == kMaxBurst) break;
+      if (!contiguous(m) || !esp_room(sa, m, md.l3_off, total, peer_udp(pw))) {
+        drop_sa(w, sad, idx, m, Drop::esp_no_room);
+        continue;
+      }
       ew.sized[out.n] = {m, idx, pw};
       out.push(m);
       continue;
@@ -299,8 +321,13 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
       rte_mbuf* fm = frags[f];
       // Fragments reference the original's data through indirect mbufs; ESP
       // writes its trailer after each payload, so each gets its own copy.
-      if (!contiguous(fm)) { drop_sa(w, sad, idx, fm, Drop::esp_no_room); continue; }
-      ip_cksum(rte_pktmbuf_mtod(fm, rte_ipv4_hdr*));  // the fragmenter leaves it to offload
+      auto* fip = rte_pktmbuf_mtod(fm, rte_ipv4_hdr*);
+      if (!contiguous(fm) || !esp_room(sa, fm, 0, rte_be_to_cpu_16(fip->total_length), peer_udp(pw))) {
+        drop_sa(w, sad, idx, fm, Drop::esp_no_room);
+        continue;
+      }
+      fip = rte_pktmbuf_mtod(fm, rte_ipv4_hdr*);  // linearizing may have moved it
+      ip_cksum(fip);  // the fragmenter leaves it to offload
       meta(fm) = saved;
       meta(fm).l3_off = 0;
       ew.stats.inner_fragments.add();
@@ -418,39 +445,41 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
 
   // Pass 1: refuse what cannot be sent before any sequence number is taken,
   // so a refused packet leaves no gap for the receiver's loss metric.
-  SaPrefetch prefetch_sa{sad};
-  for (uint16_t i = 0; i < b.n && i < kPrefetchAhead; i++) prefetch_sa(meta(b.pkts[i]).sa);
-  // The peer word of each packet kept, loaded once (here, or by esp_mtu):
-  // addresses, UDP header and sizes all come from it.
-  uint64_t pws[kMaxBurst];
+  // esp_mtu has checked what it sized (the worker's way): only a packet
+  // given here without it (a caller of esp_outbound alone) is checked here.
+  uint64_t pws[kMaxBurst];  // the peer word of each packet kept
   uint16_t nv = 0;
-  for (uint16_t i = 0; i < b.n; i++) {
-    if (i + kPrefetchAhead < b.n) prefetch_sa(meta(b.pkts[i + kPrefetchAhead]).sa);
-    rte_mbuf* m = b.pkts[i];
-    PktMeta& md = meta(m);
-    uint32_t idx = md.sa;
-    EspWorker::Sized sized = ew.sized[i];
-    ew.sized[i].m = nullptr;  // used once
-    if (idx >= sad.capacity()) { w.drop(m, Drop::esp_no_sa); continue; }
-    Sa& sa = sad.sa(idx);
-    uint32_t st = sa.state.load(std::memory_order_relaxed);
-    if (sa.dir != SaDir::outbound || !(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); continue; }
-    if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); continue; }
-    if (!contiguous(m)) { drop_sa(w, sad, idx, m, Drop::esp_no_room); continue; }
-    uint64_t pw = sized.m == m && sized.sa == idx ? sized.peer : sa.peer.load(std::memory_order_acquire);
-    auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
-    uint16_t inner_len = rte_be_to_cpu_16(inner->total_length);
-    uint8_t nat = peer_udp(pw) ? sizeof(rte_udp_hdr) : 0;
-    uint16_t head = uint16_t(kEth + sizeof(rte_ipv4_hdr) + nat + 8 + sa.iv_len);
-    uint16_t padded = uint16_t((inner_len + 2 + sa.align - 1) & ~(sa.align - 1));
-    uint16_t tail = uint16_t(padded - inner_len + kIcvLen);
-    if (rte_pktmbuf_headroom(m) + md.l3_off < head ||
-        rte_pktmbuf_tailroom(m) + (rte_pktmbuf_data_len(m) - md.l3_off - inner_len) < tail) {
-      drop_sa(w, sad, idx, m, Drop::esp_no_room);
-      continue;
+  for (; nv < b.n; nv++) {
+    EspWorker::Sized& sized = ew.sized[nv];
+    if (sized.m != b.pkts[nv]) break;
+    pws[nv] = sized.peer;
+    sized.m = nullptr;  // used once
+  }
+  if (nv < b.n) {
+    SaPrefetch prefetch_sa{sad};
+    for (uint16_t i = nv; i < b.n && i < nv + kPrefetchAhead; i++) prefetch_sa(meta(b.pkts[i]).sa);
+    for (uint16_t i = nv; i < b.n; i++) {
+      if (i + kPrefetchAhead < b.n) prefetch_sa(meta(b.pkts[i + kPrefetchAhead]).sa);
+      rte_mbuf* m = b.pkts[i];
+      PktMeta& md = meta(m);
+      uint32_t idx = md.sa;
+      EspWorker::Sized sized = ew.sized[i];
+      ew.sized[i].m = nullptr;
+      if (idx >= sad.capacity()) { w.drop(m, Drop::esp_no_sa); continue; }
+      Sa& sa = sad.sa(idx);
+      uint32_t st = sa.state.load(std::memory_order_relaxed);
+      if (sa.dir != SaDir::outbound || !(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); continue; }
+      if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); continue; }
+      if (!contiguous(m)) { drop_sa(w, sad, idx, m, Drop::esp_no_room); continue; }
+      uint64_t pw = sized.m == m && sized.sa == idx ? sized.peer : sa.peer.load(std::memory_order_acquire);
+      auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
+      if (!esp_room(sa, m, md.l3_off, rte_be_to_cpu_16(inner->total_length), peer_udp(pw))) {
+        drop_sa(w, sad, idx, m, Drop::esp_no_room);
+        continue;
+      }
+      pws[nv] = pw;
+      b.pkts[nv++] = m;
     }
-    pws[nv] = pw;
-    b.pkts[nv++] = m;
   }
   b.n = nv;
 

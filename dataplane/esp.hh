@@ -2,9 +2,11 @@
 // ESP tunnel mode on the fast path (RFC 4303, RFC 3948 NAT-T, RFC 6040 ECN).
 //
 // Stages, in the order a worker calls them:
-//   outbound (SPD said protect, meta.sa = the tunnel's outbound SA):
-//     esp_mtu       clamp-mss on TCP SYNs; inner packets above the SA's
-//                   max_inner: honor-df → ICMP frag-needed, else fragment-inner.
+//   outbound (SPD said protect, meta.sa = the tunnel's outbound SA or kNoSa):
+//     esp_mtu       admission (a tunnel without SA, a dead or expired SA, no
+//                   room for the encapsulation: counted drops); clamp-mss on
+//                   TCP SYNs; inner packets above the SA's max_inner:
+//                   honor-df → ICMP frag-needed, else fragment-inner.
 //                   Moves packets from `in` to `out`; stops early when the
 //                   fragments would not fit `out` (call again while in.n).
 //     esp_outbound  tunnel-mode encapsulation + encryption, in place. Survivors
@@ -102,10 +104,13 @@ struct EspWorker {
   // sized for, by its place in the burst esp_mtu fills. esp_outbound builds
   // the outer headers from that same word, so a set_peer between the two
   // stages cannot give a packet sized for plain ESP a UDP header (8 bytes
-  // over the MTU) or mix old and new fields. An entry counts only for the
-  // packet and SA it names and is used once; without one (esp_outbound
-  // called alone) esp_outbound loads the word itself. esp_mtu's output goes
-  // to esp_outbound before the next esp_mtu (worker.cc tunnel_out).
+  // over the MTU) or mix old and new fields. An entry also says esp_mtu
+  // admitted the packet (live SA, one segment, room for the encapsulation),
+  // so esp_outbound does not check it again. It counts only for the packet
+  // it names at that place and is used once; without one (esp_outbound
+  // called alone) esp_outbound checks the packet and loads the word itself.
+  // esp_mtu's output goes to esp_outbound before the next esp_mtu
+  // (worker.cc tunnel_out).
   struct Sized {
     rte_mbuf* m;
     uint32_t sa;

@@ -49,8 +49,12 @@ static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
   uint16_t kept = 0;
   for (uint16_t i = 0; i < g.n; i++) {
     rte_mbuf* m = g.pkts[i];
-    if (t.next_hops[meta(m).nh].kind == NextHop::tunnel) to_tunnel.push(m);
-    else g.pkts[kept++] = m;
+    if (t.next_hops[meta(m).nh].kind == NextHop::tunnel) {
+      meta(m).sa = t.sad && w.esp ? t.sad->tunnel_sa(meta(m).out_tunnel) : kNoSa;
+      to_tunnel.push(m);
+    } else {
+      g.pkts[kept++] = m;
+    }
   }
   g.n = kept;
   tunnel_out(w, t, pt, to_tunnel);
@@ -82,21 +86,17 @@ void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& lo
     // Before encryption: what the bottleneck cannot carry costs no crypto.
     if (const QosTable* q = t.qos.load(std::memory_order_acquire)) police(w, *q, b);
   }
-  spd(w, c, b, to_tunnel);
+  spd(w, c, w.esp ? t.sad : nullptr, b, to_tunnel);
   tunnel_out(w, t, pt, to_tunnel);
 }
 
 void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   if (!b.n) return;
-  uint16_t kept = 0;
-  for (uint16_t i = 0; i < b.n; i++) {
-    rte_mbuf* m = b.pkts[i];
-    uint32_t sa = t.sad && w.esp ? t.sad->tunnel_sa(meta(m).out_tunnel) : kNoSa;
-    if (sa == kNoSa) { w.drop(m, Drop::tunnel_down); continue; }
-    meta(m).sa = sa;
-    b.pkts[kept++] = m;
+  if (!t.sad || !w.esp) {
+    for (uint16_t i = 0; i < b.n; i++) w.drop(b.pkts[i], Drop::tunnel_down);
+    b.n = 0;
+    return;
   }
-  b.n = kept;
   // esp_mtu stops early when inner fragments would overflow a burst.
   while (b.n) {
     Burst out;

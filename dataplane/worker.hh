@@ -114,10 +114,11 @@ void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b);
 void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Burst& b);
 void qos_mark(Worker& w, const Classifier& c, Burst& b);                      // DSCP rewrite
 // Moves packets the SPD protects (or the route sends into a tunnel) to
-// `to_tunnel`; drops what it discards. `c` may be null (no policy).
-void spd(Worker& w, const Classifier* c, Burst& b, Burst& to_tunnel);
-// ESP outbound for packets bound to a tunnel (md.out_tunnel): the tunnel's
-// SA, inner fragmentation, encryption, then route → egress of the outer packets.
+// `to_tunnel`, each with its tunnel's outbound SA in md.sa (kNoSa: none, or
+// `sad` null: no ESP here); drops what it discards. `c` may be null (no policy).
+void spd(Worker& w, const Classifier* c, const Sad* sad, Burst& b, Burst& to_tunnel);
+// ESP outbound for packets bound to a tunnel (md.sa as spd sets it): inner
+// fragmentation, encryption, then egress of the outer packets.
 void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b);
 // Moves the ESP (and UDP 4500) packets for us out of `local`, decrypts them
 // and leaves the inner packets, from their tunnel's zone, in `inner`.
