@@ -1109,6 +1109,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     md.vlan = vlan;
     md.out_port = kNoPort;
     md.sa = j.idx;
+    md.in_tunnel = uint16_t(sa.tunnel);  // its zone for the policy stages
     if (is_fragment(inner)) {
       run.add(w, ew, m, b);
     } else {

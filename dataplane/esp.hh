@@ -19,8 +19,8 @@
 //                   reassembly (a datagram's fragments decrypted back to back
 //                   are joined directly, anything else goes through
 //                   rte_ip_frag's table). Survivors are inner IPv4 packets (meta reset,
-//                   l3_off = 14, in_port kept, sa = inbound SA) to classify
-//                   and route like any received packet.
+//                   l3_off = 14, in_port kept, sa = inbound SA, in_tunnel = its
+//                   tunnel) to classify and route like any received packet.
 //   once per loop iteration: esp_housekeeping (fragment timeouts, death row).
 //
 // Crypto: Intel IPsec-MB on one IMB_MGR per worker. AES-GCM goes through

@@ -108,9 +108,7 @@ void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
 
 // ESP for us, in place: the inner packets, each marked with its tunnel.
 static void decrypt(Worker& w, const Tables& t, Burst& b) {
-  if (!b.n) return;
-  esp_inbound(w, *w.esp, *t.sad, b);
-  for (uint16_t i = 0; i < b.n; i++) meta(b.pkts[i]).in_tunnel = uint16_t(t.sad->sa(meta(b.pkts[i]).sa).tunnel);
+  if (b.n) esp_inbound(w, *w.esp, *t.sad, b);
 }
 
 void tunnel_in(Worker& w, const Tables& t, Burst& local, Burst& inner) {
