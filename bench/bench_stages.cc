@@ -30,6 +30,9 @@ using namespace moat;
 
 namespace {
 
+// As moatd with the default control.max_sas.
+constexpr uint32_t kSadSlots = 4096;
+
 struct Rig {
   rte_mempool* mp = nullptr;
   Tables t;
@@ -38,6 +41,7 @@ struct Rig {
   std::unique_ptr<Sad> sad;
   std::unique_ptr<EspWorker> ew = std::make_unique<EspWorker>();
   uint32_t seal_sa = 0;
+  std::unique_ptr<Classifier> cls;  // an empty rule set, as moatd has without rules
   std::vector<PortState> ports;
   std::unique_ptr<PortTable> pt = std::make_unique<PortTable>();
   std::unique_ptr<Worker> w = std::make_unique<Worker>();
@@ -90,7 +94,7 @@ struct Rig {
     w->icmp_limiter.configure(100, 20, rte_get_tsc_hz());
     for (int i = 0; i < 10; i++) rt->add({0x0b000000u + (uint32_t(i) << 16), 16}, RouteType::unicast, 0x0a000202, "", RouteTable::Origin::config);
     // Tunnel 0: 12.0.0.0/8 into it, its peer 10.0.2.2 (the neighbour above).
-    auto r = Sad::create("bench_stages", 64, nullptr, 1);
+    auto r = Sad::create("bench_stages", kSadSlots, nullptr, 1);
     if (!r) { fprintf(stderr, "%s\n", r.error().c_str()); exit(1); }
     sad.reset(*r);
     if (auto e = esp_worker_init(*ew, "bench_stages"); !e) { fprintf(stderr, "%s\n", e.error().c_str()); exit(1); }
@@ -124,6 +128,9 @@ struct Rig {
     }
     t.sad = sad.get();
     w->esp = ew.get();
+    auto compiled = compile(RuleSet{}, 1);
+    if (!compiled) { fprintf(stderr, "%s\n", compiled.error().c_str()); exit(1); }
+    cls = std::move(*compiled);
     if (auto a = rt->add({0x0c000000u, 8}, RouteType::tunnel, 0, "t0", RouteTable::Origin::config); !a) {
       fprintf(stderr, "%s\n", a.error().c_str());
       exit(1);
@@ -213,9 +220,13 @@ void BM_WorkerPath(benchmark::State& s) {
   worker_path(s, [&](Burst& b) { rig->make(b, unsigned(s.range(0))); });
 }
 
+// Args: packet size, the generator's ring (0: none), rules (0: no rule set
+// at all; 1: the empty one moatd has without rules).
 void BM_WorkerPathTunnel(benchmark::State& s) {
   rig->generator(size_t(s.range(1)));
+  rig->t.classifier.store(s.range(2) ? rig->cls.get() : nullptr);
   worker_path(s, [&](Burst& b) { rig->make(b, unsigned(s.range(0)), 12); });
+  rig->t.classifier.store(nullptr);
   rig->generator(0);
 }
 
@@ -268,7 +279,10 @@ void BM_WorkerPathTunnelIn(benchmark::State& s) {
 
 BENCHMARK(BM_MakeAndFree)->Arg(64)->Arg(1500);
 BENCHMARK(BM_WorkerPath)->Arg(64)->Arg(1500);
-BENCHMARK(BM_WorkerPathTunnel)->Args({64, 0})->Args({512, 0})->Args({1420, 0})->Args({64, 4096})->Args({64, 300000});
+BENCHMARK(BM_WorkerPathTunnel)
+    ->Args({64, 0, 1})->Args({512, 0, 1})->Args({1420, 0, 1})->Args({64, 4096, 1})->Args({64, 300000, 1})
+    ->Args({64, 0, 0})->Args({64, 0, 1})->Args({64, 0, 0})->Args({64, 0, 1})->Args({64, 0, 0})->Args({64, 0, 1})
+    ->Args({64, 0, 0})->Args({64, 0, 1})->Args({64, 0, 0})->Args({64, 0, 1});
 BENCHMARK(BM_MakeAndFreeGen)->Args({64, 4096})->Args({64, 300000});
 BENCHMARK(BM_SealOnly)->Arg(64)->Arg(512)->Arg(1420);
 BENCHMARK(BM_WorkerPathTunnelIn)->Arg(64)->Arg(512)->Arg(1420);

@@ -74,9 +74,8 @@ void classify(Worker& w, const Classifier& c, const PortTable& pt, Burst& transi
   if (!n) return;
   if (!c.ctx) {
     // No rules: every table answers its default (0) whatever the key, so
-    // no key is made (moat::classify would only fill zeros).
-    for (uint16_t i = 0; i < transit.n; i++) std::fill_n(meta(transit.pkts[i]).rule, kTables, 0u);
-    for (uint16_t i = 0; i < local.n; i++) std::fill_n(meta(local.pkts[i]).rule, kTables, 0u);
+    // no key is made and nothing is written: the stages read the verdicts
+    // through rule_of, which answers 0 without rules.
     w.stats.classified.add(n);
     return;
   }
@@ -110,7 +109,7 @@ void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b) {
       b.pkts[kept++] = m;
       continue;
     }
-    const Verdict& fv = v[md.rule[unsigned(Table::filter)]];
+    const Verdict& fv = v[rule_of(c, md, Table::filter)];
     switch (FilterAction(fv.action)) {
       case FilterAction::accept:
         if (fv.flags & Verdict::kStateful) md.ct |= kCtCommit;
@@ -140,13 +139,13 @@ void spd(Worker& w, const Classifier* c, const Sad* sad, Burst& b, Burst& to_tun
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
-    SpdAction a = one ? deflt : SpdAction(v[md.rule[unsigned(Table::spd)]].action);
+    SpdAction a = one ? deflt : SpdAction(v[rule_of(*c, md, Table::spd)].action);
     if (a == SpdAction::discard) {
       w.drop(m, Drop::spd_discard);
       continue;
     }
     // Policy overrides the route: seed 003's funnels protect by selector.
-    if (a == SpdAction::protect) md.out_tunnel = uint16_t(v[one ? 0 : md.rule[unsigned(Table::spd)]].a);
+    if (a == SpdAction::protect) md.out_tunnel = uint16_t(v[one ? 0 : rule_of(*c, md, Table::spd)].a);
     // else: routed into a tunnel, protected whatever the SPD's default.
     if (md.out_tunnel == kNoTunnel) {
       b.pkts[kept++] = m;
@@ -165,7 +164,11 @@ void qos_mark(Worker& w, const Classifier& c, Burst& b) {
   if (!c.ctx) {
     // Without rules every packet gets the default class (and mark).
     const Verdict& q = v[0];
-    for (uint16_t i = 0; i < b.n; i++) meta(b.pkts[i]).cls = uint8_t(q.cls);
+    // Every packet arrives here with class 0 (PktMeta{} at parse, after
+    // decryption and for injected packets; policy runs once per packet):
+    // the default class 0 needs no write.
+    if (q.cls)
+      for (uint16_t i = 0; i < b.n; i++) meta(b.pkts[i]).cls = uint8_t(q.cls);
     if (q.flags & Verdict::kMarkDscp)
       for (uint16_t i = 0; i < b.n; i++)
         set_dscp(rte_pktmbuf_mtod_offset(b.pkts[i], rte_ipv4_hdr*, meta(b.pkts[i]).l3_off), q.dscp);
@@ -173,7 +176,7 @@ void qos_mark(Worker& w, const Classifier& c, Burst& b) {
   }
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
-    const Verdict& q = v[meta(m).rule[unsigned(Table::qos)]];
+    const Verdict& q = v[rule_of(c, meta(m), Table::qos)];
     meta(m).cls = uint8_t(q.cls);
     if (!(q.flags & Verdict::kMarkDscp)) continue;
     set_dscp(rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, meta(m).l3_off), q.dscp);

@@ -153,7 +153,7 @@ void dnat(Worker& w, const Tables& t, const Classifier& c, const PortTable& pt, 
     for (uint16_t i = 0; i < from.n; i++) {
       rte_mbuf* m = from.pkts[i];
       PktMeta& md = meta(m);
-      const Verdict& nv = v[md.rule[unsigned(Table::nat)]];
+      const Verdict& nv = v[rule_of(c, md, Table::nat)];
       if (md.conn || (md.ct & (kCtNoTrack | kCtDnat)) || NatAction(nv.action) != NatAction::dnat) {
         from.pkts[kept++] = m;
         continue;
@@ -247,10 +247,10 @@ void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Bur
       b.pkts[kept++] = m;
       continue;
     }
-    const Verdict& v = nv[md.rule[unsigned(Table::nat)]];
+    const Verdict& v = nv[rule_of(c, md, Table::nat)];
     NatAction a = NatAction(v.action);
     // The SPD wins over NAT: what goes into a tunnel keeps its addresses.
-    bool to_tunnel = md.out_tunnel != kNoTunnel || SpdAction(sv[md.rule[unsigned(Table::spd)]].action) == SpdAction::protect;
+    bool to_tunnel = md.out_tunnel != kNoTunnel || SpdAction(sv[rule_of(c, md, Table::spd)].action) == SpdAction::protect;
     bool snat = (a == NatAction::masquerade || a == NatAction::snat) && !to_tunnel && md.out_port != kNoPort;
     if (!(md.ct & (kCtCommit | kCtDnat)) && !snat) {
       b.pkts[kept++] = m;  // stateless accept, nothing to remember

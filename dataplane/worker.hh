@@ -113,6 +113,13 @@ void dnat(Worker& w, const Tables& t, const Classifier& c, const PortTable& pt, 
 void filter(Worker& w, const Classifier& c, const PortTable& pt, Burst& b);
 void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Burst& b);
 void qos_mark(Worker& w, const Classifier& c, Burst& b);                      // DSCP rewrite
+// The rule a packet matched in table `t` (0: the table's default). Without
+// rules classify writes nothing: every packet has the defaults, whatever
+// its metadata holds (each write to a packet's metadata line cost about as
+// much as a stage's whole pass, docs/PERFORMANCE.md).
+inline uint32_t rule_of(const Classifier& c, const PktMeta& md, Table t) {
+  return c.ctx ? md.rule[unsigned(t)] : 0;
+}
 // Moves packets the SPD protects (or the route sends into a tunnel) to
 // `to_tunnel`, each with its tunnel's outbound SA in md.sa (kNoSa: none, or
 // `sad` null: no ESP here); drops what it discards. `c` may be null (no policy).
