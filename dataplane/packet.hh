@@ -42,9 +42,10 @@ struct PktMeta {
   Punt punt;
   Inject inject;
   uint8_t generated;  // 1: built by us (ICMP error/reply, ESP): never answer with ICMP
-  uint8_t cls = 0;    // QoS class named by the qos rule table (0: default), kept through ESP
+  uint8_t cls = 0;    // QoS class named by the qos rule table (0: default, and until qos_mark), kept through ESP
   // The classifier's answer, one per table (filter, nat, spd, qos): rule
   // index + 1, 0 for the table's default. Index into Classifier::verdict.
+  // Written only under a rule set with rules: read it through rule_of().
   uint32_t rule[4];
   // Tunnels (config order): the one a decrypted packet came out of, and the
   // one its route sends it into. Their zones stand in for a port's.
