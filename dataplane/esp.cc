@@ -163,6 +163,16 @@ struct SaPrefetch {
 };
 constexpr unsigned kPrefetchAhead = 4;
 
+// An outbound SA that may still send: live, outbound, not past its hard
+// limit. Else the packet is dropped and counted (per SA where there is one).
+inline bool sa_sends(Worker& w, const Sad& sad, uint32_t idx, rte_mbuf* m) {
+  if (idx >= sad.capacity()) { w.drop(m, Drop::esp_no_sa); return false; }
+  uint32_t st = sad.sa(idx).state.load(std::memory_order_relaxed);
+  if (sad.sa(idx).dir != SaDir::outbound || !(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); return false; }
+  if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); return false; }
+  return true;
+}
+
 // What esp_outbound needs of a packet before it takes a sequence number:
 // one segment, and room for the outer headers in front of the inner packet
 // and for the trailer after it (plain ESP or ESP in UDP, by the peer word).
@@ -265,11 +275,8 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
     PktMeta& md = meta(m);
     uint32_t idx = md.sa;
     if (idx == kNoSa) { w.drop(m, Drop::tunnel_down); continue; }
-    if (idx >= sad.capacity() || sad.sa(idx).dir != SaDir::outbound) { w.drop(m, Drop::esp_no_sa); continue; }
+    if (!sa_sends(w, sad, idx, m)) continue;
     const Sa& sa = sad.sa(idx);
-    uint32_t st = sa.state.load(std::memory_order_relaxed);
-    if (!(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); continue; }
-    if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); continue; }
     // One load per packet: the encapsulation it is sized for is the one
     // esp_outbound gives it (EspWorker::sized).
     uint64_t pw = sa.peer.load(std::memory_order_acquire);
@@ -326,7 +333,6 @@ void esp_mtu(Worker& w, EspWorker& ew, const Sad& sad, const PortTable& pt, Burs
         drop_sa(w, sad, idx, fm, Drop::esp_no_room);
         continue;
       }
-      fip = rte_pktmbuf_mtod(fm, rte_ipv4_hdr*);  // linearizing may have moved it
       ip_cksum(fip);  // the fragmenter leaves it to offload
       meta(fm) = saved;
       meta(fm).l3_off = 0;
@@ -465,15 +471,11 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       uint32_t idx = md.sa;
       EspWorker::Sized sized = ew.sized[i];
       ew.sized[i].m = nullptr;
-      if (idx >= sad.capacity()) { w.drop(m, Drop::esp_no_sa); continue; }
-      Sa& sa = sad.sa(idx);
-      uint32_t st = sa.state.load(std::memory_order_relaxed);
-      if (sa.dir != SaDir::outbound || !(st & kSaLive)) { w.drop(m, Drop::esp_no_sa); continue; }
-      if (st & kSaHardPosted) { drop_sa(w, sad, idx, m, Drop::esp_sa_expired); continue; }
-      if (!contiguous(m)) { drop_sa(w, sad, idx, m, Drop::esp_no_room); continue; }
+      if (!sa_sends(w, sad, idx, m)) continue;
+      const Sa& sa = sad.sa(idx);
       uint64_t pw = sized.m == m && sized.sa == idx ? sized.peer : sa.peer.load(std::memory_order_acquire);
-      auto* inner = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
-      if (!esp_room(sa, m, md.l3_off, rte_be_to_cpu_16(inner->total_length), peer_udp(pw))) {
+      auto* inner = rte_pktmbuf_mtod_offset(m, const rte_ipv4_hdr*, md.l3_off);
+      if (!contiguous(m) || !esp_room(sa, m, md.l3_off, rte_be_to_cpu_16(inner->total_length), peer_udp(pw))) {
         drop_sa(w, sad, idx, m, Drop::esp_no_room);
         continue;
       }

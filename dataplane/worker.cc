@@ -50,7 +50,8 @@ static void route_generated(Worker& w, const Tables& t, const PortTable& pt) {
   for (uint16_t i = 0; i < g.n; i++) {
     rte_mbuf* m = g.pkts[i];
     if (t.next_hops[meta(m).nh].kind == NextHop::tunnel) {
-      meta(m).sa = t.sad && w.esp ? t.sad->tunnel_sa(meta(m).out_tunnel) : kNoSa;
+      const Sad* sad = worker_sad(w, t);
+      meta(m).sa = sad ? sad->tunnel_sa(meta(m).out_tunnel) : kNoSa;
       to_tunnel.push(m);
     } else {
       g.pkts[kept++] = m;
@@ -86,13 +87,13 @@ void policy(Worker& w, const Tables& t, const PortTable& pt, Burst& b, Burst& lo
     // Before encryption: what the bottleneck cannot carry costs no crypto.
     if (const QosTable* q = t.qos.load(std::memory_order_acquire)) police(w, *q, b);
   }
-  spd(w, c, w.esp ? t.sad : nullptr, b, to_tunnel);
+  spd(w, c, worker_sad(w, t), b, to_tunnel);
   tunnel_out(w, t, pt, to_tunnel);
 }
 
 void tunnel_out(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   if (!b.n) return;
-  if (!t.sad || !w.esp) {
+  if (!worker_sad(w, t)) {
     for (uint16_t i = 0; i < b.n; i++) w.drop(b.pkts[i], Drop::tunnel_down);
     b.n = 0;
     return;

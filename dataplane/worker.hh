@@ -115,11 +115,14 @@ void nat(Worker& w, Conntrack& ct, const Classifier& c, const PortTable& pt, Bur
 void qos_mark(Worker& w, const Classifier& c, Burst& b);                      // DSCP rewrite
 // The rule a packet matched in table `t` (0: the table's default). Without
 // rules classify writes nothing: every packet has the defaults, whatever
-// its metadata holds (each write to a packet's metadata line cost about as
-// much as a stage's whole pass, docs/PERFORMANCE.md).
+// its metadata holds (the pass that wrote the zeros cost about 7 ns per
+// packet, docs/PERFORMANCE.md).
 inline uint32_t rule_of(const Classifier& c, const PktMeta& md, Table t) {
   return c.ctx ? md.rule[unsigned(t)] : 0;
 }
+// The SAD this worker seals and opens with; null when it has no ESP state
+// (every packet for a tunnel is then tunnel_down).
+inline const Sad* worker_sad(const Worker& w, const Tables& t) { return w.esp ? t.sad : nullptr; }
 // Moves packets the SPD protects (or the route sends into a tunnel) to
 // `to_tunnel`, each with its tunnel's outbound SA in md.sa (kNoSa: none, or
 // `sad` null: no ESP here); drops what it discards. `c` may be null (no policy).

@@ -609,27 +609,38 @@ TEST(Esp, APacketWithoutRoomForItsHeadersIsRefusedBeforeItTakesASequenceNumber) 
   Rig r;
   uint32_t out = r.add(sa_cfg(SaDir::outbound, 0x9292));
   // The first packet sits at the very start of its buffer: no room in front
-  // for the outer headers. esp_mtu admits only what esp_outbound can seal.
-  Burst b;
-  for (int k = 0; k < 2; k++) {
-    rte_mbuf* m = rte_pktmbuf_alloc(test_pool());
-    ASSERT_NE(m, nullptr);
-    if (k == 0) m->data_off = 0;
-    auto f = inner_frame(20);
-    std::memcpy(rte_pktmbuf_append(m, uint16_t(f.size())), f.data(), f.size());
-    meta(m) = PktMeta{};
-    meta(m).l3_off = 14;
-    meta(m).sa = out;
-    b.push(m);
+  // for the outer headers. esp_mtu admits only what esp_outbound can seal;
+  // esp_outbound called alone checks for itself.
+  auto burst = [&]() {
+    Burst b;
+    for (int k = 0; k < 2; k++) {
+      rte_mbuf* m = rte_pktmbuf_alloc(test_pool());
+      if (k == 0) m->data_off = 0;
+      auto f = inner_frame(20);
+      std::memcpy(rte_pktmbuf_append(m, uint16_t(f.size())), f.data(), f.size());
+      meta(m) = PktMeta{};
+      meta(m).l3_off = 14;
+      meta(m).sa = out;
+      b.push(m);
+    }
+    return b;
+  };
+  uint32_t want_seq = 1;
+  for (bool alone : {false, true}) {
+    Burst b = burst(), o;
+    if (alone) {
+      o = b;
+    } else {
+      esp_mtu(*r.w, *r.ew, *r.sad, *r.pt, b, o);
+    }
+    esp_outbound(*r.w, *r.ew, *r.sad, o);
+    ASSERT_EQ(o.n, 1u) << (alone ? "esp_outbound alone" : "esp_mtu + esp_outbound");
+    auto outer = bytes(o.pkts[0]);
+    rte_pktmbuf_free(o.pkts[0]);
+    EXPECT_EQ(r.drops(Drop::esp_no_room), want_seq);
+    EXPECT_EQ(be32(outer, 14 + 20 + 4), want_seq) << "the refused packet left no gap in the sequence";
+    want_seq++;
   }
-  Burst o;
-  esp_mtu(*r.w, *r.ew, *r.sad, *r.pt, b, o);
-  esp_outbound(*r.w, *r.ew, *r.sad, o);
-  ASSERT_EQ(o.n, 1u);
-  auto outer = bytes(o.pkts[0]);
-  rte_pktmbuf_free(o.pkts[0]);
-  EXPECT_EQ(r.drops(Drop::esp_no_room), 1u);
-  EXPECT_EQ(be32(outer, 14 + 20 + 4), 1u) << "the refused packet left no gap in the sequence";
 }
 
 TEST(Esp, SequenceNumbersWithoutEsnNeverCycle) {
