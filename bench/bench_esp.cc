@@ -190,20 +190,31 @@ void BM_RawGcm(benchmark::State& s) {
 // The same crypto through IPsec-MB's direct GCM calls, the way the ESP
 // stages run AES-GCM (dataplane/esp.cc): the fastest this library does the
 // work, and the crypto term of the harness bound in bench/esp_pcap.py.
+// The nonce and AAD sit on a line of their own, as in the stages' scratch:
+// beside the GCM context on the stack (as this benchmark had them first),
+// each call's wide nonce load waited for the previous call's stores to the
+// context on that line, and 64-byte encryption measured 48 ns instead of 28.
+// Each buffer starts its own 2 KB slot, as a packet starts its mbuf.
 void BM_RawGcmDirect(benchmark::State& s) {
   unsigned len = unsigned(s.range(0)) + 4;
   bool dec = s.range(1);
   len = (len + 3) & ~3u;
-  std::vector<std::vector<uint8_t>> bufs(kB, std::vector<uint8_t>(len + 16));
+  constexpr unsigned kSlot = 2048;
+  std::vector<uint8_t> arena(kB * kSlot + 64);
+  uint8_t* base = reinterpret_cast<uint8_t*>((uintptr_t(arena.data()) + 63) & ~uintptr_t(63));
   const SaKeys& k = rig->sad->keys(rig->out1);
-  uint8_t iv[12] = {}, aad[8] = {}, tag[16];
+  struct alignas(64) {
+    uint8_t iv[16] = {};
+    uint8_t aad[16] = {};
+  } sc;
+  alignas(64) uint8_t tag[16];
   IMB_MGR* mb = rig->ew->mb;
   struct gcm_context_data ctx;
   for (auto _ : s) {
     for (unsigned i = 0; i < kB; i++) {
-      uint8_t* d = bufs[i].data();
-      if (dec) IMB_AES128_GCM_DEC(mb, &k.gcm, &ctx, d, d, len, iv, aad, 8, tag, 16);
-      else IMB_AES128_GCM_ENC(mb, &k.gcm, &ctx, d, d, len, iv, aad, 8, tag, 16);
+      uint8_t* d = base + i * kSlot;
+      if (dec) IMB_AES128_GCM_DEC(mb, &k.gcm, &ctx, d, d, len, sc.iv, sc.aad, 8, tag, 16);
+      else IMB_AES128_GCM_ENC(mb, &k.gcm, &ctx, d, d, len, sc.iv, sc.aad, 8, tag, 16);
     }
     benchmark::DoNotOptimize(tag);
   }

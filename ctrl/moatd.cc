@@ -15,6 +15,7 @@
 
 #include "ctrl/config.hh"
 #include "ctrl/control.hh"
+#include "dataplane/eal_memory.hh"
 
 namespace {
 
@@ -70,6 +71,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, ")\n");
     return 1;
   }
+  if (auto pinned = moat::pin_eal_memory(); !pinned)
+    fmt::print(stderr, "moatd: warning: {}: the workers may take page faults\n", pinned.error());
   const auto t_eal = Clock::now();
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
