@@ -346,3 +346,61 @@ TEST_F(OuterTest, OuterPacketsFollowEveryRouteAndNeighbourChange) {
   ASSERT_EQ(s.size(), 1u);
   EXPECT_TRUE(s[0].port == 0 && s[0].mac == mac_of(2));
 }
+
+// A burst to several peers leaves each packet framed for its own peer and
+// port (egress_outer works the frame out once per run of one destination):
+// destination and source MAC, and the 802.1Q tag of a port that has one.
+TEST_F(OuterTest, EachRunOfOneDestinationGetsItsOwnPeersFrame) {
+  constexpr uint32_t kPeerA = 0xc6336407, kPeerB = 0xc6336408, kPeerC = 0x0a0100c8;  // C: on the LAN
+  pt->port[0].mac = rte_ether_addr{{0x02, 0, 0, 0, 0xaa, 0}};
+  pt->port[1].mac = rte_ether_addr{{0x02, 0, 0, 0, 0xbb, 1}};
+  pt->port[1].vlan = 42;
+  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  ASSERT_TRUE(rt->add({kPeerB, 32}, RouteType::unicast, 0xc00002fe, "", RouteTable::Origin::config));
+  publish(0, 0xc0000201, 1);
+  publish(0, 0xc00002fe, 2);
+  publish(1, kPeerC, 3);
+  const uint32_t dsts[] = {kPeerA, kPeerA, kPeerB, kPeerA, kPeerC, kPeerC, kPeerB, kPeerB, kPeerA};
+  for (int burst = 0; burst < 2; burst++) {  // learnt, then from what was learnt
+    Burst b;
+    for (uint32_t d : dsts) {
+      auto f = ipv4_frame(0xc0000202, d, 50, 64, std::vector<uint8_t>(80, 0));
+      std::fill(f.b.begin(), f.b.begin() + 14, 0xee);  // as ESP leaves it: egress writes the frame
+      rte_mbuf* m = to_mbuf(test_pool(), f.b);
+      meta(m) = PktMeta{};
+      meta(m).l3_off = 14;
+      meta(m).in_port = kNoPort;
+      meta(m).generated = 1;
+      b.push(m);
+    }
+    egress_outer(*w, t, *pt, b);
+    ASSERT_EQ(b.n, 0);
+    ASSERT_EQ(w->tx[0].n + w->tx[1].n, std::size(dsts)) << burst;
+    uint16_t at[2] = {0, 0};
+    for (uint32_t d : dsts) {
+      uint16_t p = d == kPeerC ? 1 : 0;
+      rte_mbuf* m = w->tx[p].pkts[at[p]++];
+      auto* eth = rte_pktmbuf_mtod(m, rte_ether_hdr*);
+      uint64_t mac = 0;
+      for (int k = 0; k < 6; k++) mac = mac << 8 | eth->dst_addr.addr_bytes[k];
+      EXPECT_EQ(mac, mac_of(d == kPeerA ? 1 : d == kPeerB ? 2 : 3)) << burst << " " << std::hex << d;
+      EXPECT_TRUE(rte_is_same_ether_addr(&eth->src_addr, &pt->port[p].mac)) << burst;
+      uint16_t l3 = p ? 18 : 14;
+      if (p) {
+        EXPECT_EQ(rte_be_to_cpu_16(eth->ether_type), RTE_ETHER_TYPE_VLAN);
+        auto* vh = reinterpret_cast<rte_vlan_hdr*>(eth + 1);
+        EXPECT_EQ(rte_be_to_cpu_16(vh->vlan_tci), 42);
+        EXPECT_EQ(rte_be_to_cpu_16(vh->eth_proto), RTE_ETHER_TYPE_IPV4);
+      } else {
+        EXPECT_EQ(rte_be_to_cpu_16(eth->ether_type), RTE_ETHER_TYPE_IPV4);
+      }
+      auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, l3);
+      EXPECT_EQ(rte_be_to_cpu_32(ip->dst_addr), d) << burst;  // the IPv4 header is untouched
+      EXPECT_EQ(ip->version_ihl, 0x45);
+    }
+    for (auto& tb : w->tx) {
+      for (uint16_t i = 0; i < tb.n; i++) rte_pktmbuf_free(tb.pkts[i]);
+      tb.n = 0;
+    }
+  }
+}
