@@ -532,15 +532,18 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
 
     uint8_t inner_tos = inner->type_of_service;
     bool inner_df = inner->fragment_offset & rte_cpu_to_be_16(RTE_IPV4_HDR_DF_FLAG);
-    // Inner packet at the front; trailer (padding 1, 2, 3..., pad length,
-    // next header, ICV) appended, outer headers prepended.
-    rte_pktmbuf_adj(m, md.l3_off);
-    rte_pktmbuf_trim(m, uint16_t(rte_pktmbuf_data_len(m) - inner_len));
-    auto* t = reinterpret_cast<uint8_t*>(rte_pktmbuf_append(m, tail));
+    // The frame becomes the outer headers, the inner packet, the trailer
+    // (padding 1, 2, 3..., pad length, next header) and the ICV. Pass 1 or
+    // esp_mtu found the one segment has room for both ends (esp_room), so
+    // its bounds are set at once rather than cut and grown four times.
+    m->data_off = uint16_t(m->data_off + md.l3_off - head);
+    m->data_len = uint16_t(head + inner_len + tail);
+    m->pkt_len = m->data_len;
+    auto* p = rte_pktmbuf_mtod(m, uint8_t*);
+    uint8_t* t = p + head + inner_len;
     for (uint8_t k = 0; k < pad; k++) t[k] = uint8_t(k + 1);
     t[pad] = pad;
     t[pad + 1] = kNextIpv4;
-    auto* p = reinterpret_cast<uint8_t*>(rte_pktmbuf_prepend(m, head));
     auto* eth = reinterpret_cast<rte_ether_hdr*>(p);
     eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
     auto* ip = reinterpret_cast<rte_ipv4_hdr*>(p + kEth);
