@@ -265,11 +265,13 @@ struct OuterTest : RouteTest {
     rte_hash_del_key(neigh, &k);
     t.paths_changed();
   }
-  // A burst of `n` outer packets to `dst` of `len` bytes through egress_outer.
-  std::vector<Sent> send(uint32_t dst, unsigned n, uint16_t len = 100) {
+  // Outer packets of `len` bytes to `dsts`, as esp_outbound leaves them:
+  // the frame's first 14 bytes are egress's to write.
+  static Burst outer_burst(const std::vector<uint32_t>& dsts, uint16_t len = 100) {
     Burst b;
-    for (unsigned i = 0; i < n; i++) {
-      auto f = ipv4_frame(0xc0000202, dst, 50, 64, std::vector<uint8_t>(len - 20, 0));
+    for (uint32_t d : dsts) {
+      auto f = ipv4_frame(0xc0000202, d, 50, 64, std::vector<uint8_t>(len - 20, 0));
+      std::fill(f.b.begin(), f.b.begin() + 14, 0xee);
       rte_mbuf* m = to_mbuf(test_pool(), f.b);
       meta(m) = PktMeta{};
       meta(m).l3_off = 14;
@@ -277,6 +279,11 @@ struct OuterTest : RouteTest {
       meta(m).generated = 1;
       b.push(m);
     }
+    return b;
+  }
+  // A burst of `n` outer packets to `dst` of `len` bytes through egress_outer.
+  std::vector<Sent> send(uint32_t dst, unsigned n, uint16_t len = 100) {
+    Burst b = outer_burst(std::vector<uint32_t>(n, dst), len);
     egress_outer(*w, t, *pt, b);
     EXPECT_EQ(b.n, 0);
     std::vector<Sent> out;
@@ -360,22 +367,12 @@ TEST_F(OuterTest, EachRunOfOneDestinationGetsItsOwnPeersFrame) {
   publish(0, 0xc0000201, 1);
   publish(0, 0xc00002fe, 2);
   publish(1, kPeerC, 3);
-  const uint32_t dsts[] = {kPeerA, kPeerA, kPeerB, kPeerA, kPeerC, kPeerC, kPeerB, kPeerB, kPeerA};
+  const std::vector<uint32_t> dsts = {kPeerA, kPeerA, kPeerB, kPeerA, kPeerC, kPeerC, kPeerB, kPeerB, kPeerA};
   for (int burst = 0; burst < 2; burst++) {  // learnt, then from what was learnt
-    Burst b;
-    for (uint32_t d : dsts) {
-      auto f = ipv4_frame(0xc0000202, d, 50, 64, std::vector<uint8_t>(80, 0));
-      std::fill(f.b.begin(), f.b.begin() + 14, 0xee);  // as ESP leaves it: egress writes the frame
-      rte_mbuf* m = to_mbuf(test_pool(), f.b);
-      meta(m) = PktMeta{};
-      meta(m).l3_off = 14;
-      meta(m).in_port = kNoPort;
-      meta(m).generated = 1;
-      b.push(m);
-    }
+    Burst b = outer_burst(dsts);
     egress_outer(*w, t, *pt, b);
     ASSERT_EQ(b.n, 0);
-    ASSERT_EQ(w->tx[0].n + w->tx[1].n, std::size(dsts)) << burst;
+    ASSERT_EQ(w->tx[0].n + w->tx[1].n, dsts.size()) << burst;
     uint16_t at[2] = {0, 0};
     for (uint32_t d : dsts) {
       uint16_t p = d == kPeerC ? 1 : 0;
