@@ -59,6 +59,31 @@ void tx_flush(Worker& w) {
 
 namespace {
 
+// The Ethernet header for one neighbour on one port, made once for a run of
+// packets to it: an untagged frame whose IPv4 header is where write_l2
+// would leave it takes it as two overlapping 8-byte stores; anything else
+// (a tag to add, the header elsewhere) takes write_l2.
+struct FrameStart {
+  const PortInfo* out = nullptr;
+  rte_ether_addr dst{};
+  uint8_t b[16];  // destination MAC, source MAC, IPv4 ethertype
+  void make(const PortInfo& o, const rte_ether_addr& d) {
+    out = &o;
+    dst = d;
+    std::memcpy(b, &d, 6);
+    std::memcpy(b + 6, &o.mac, 6);
+    uint16_t et = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
+    std::memcpy(b + 12, &et, 2);
+  }
+  bool write(rte_mbuf* m) const {
+    if (meta(m).l3_off != sizeof(rte_ether_hdr) || out->vlan) return write_l2(m, *out, dst, RTE_ETHER_TYPE_IPV4);
+    auto* f = rte_pktmbuf_mtod(m, uint8_t*);
+    std::memcpy(f, b, 8);
+    std::memcpy(f + 6, b + 6, 8);
+    return true;
+  }
+};
+
 void send(Worker& w, ShapeBurst& shaped, const ShapedPort* sp, uint16_t port, rte_mbuf* m) {
   if (!sp) {
     tx_enqueue(w, port, m);
@@ -138,6 +163,10 @@ void egress_run(Worker& w, const Tables& t, const PortTable& pt, Burst& b, bool 
   if (nk) rte_hash_lookup_bulk_data(t.neigh, key_ptrs, nk, &hits, data);
   const QosTable* q = t.qos.load(std::memory_order_acquire);
   ShapeBurst shaped;
+  // Port, shaper and frame start once per run of one key (next hop, port).
+  unsigned run_k = ~0u;
+  const ShapedPort* sp = nullptr;
+  FrameStart frame;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
@@ -147,19 +176,22 @@ void egress_run(Worker& w, const Tables& t, const PortTable& pt, Burst& b, bool 
       w.punt.push(m);
       continue;
     }
-    rte_ether_addr dst = unpack_mac(reinterpret_cast<uintptr_t>(data[k]));
-    const PortInfo& out = pt.port[md.out_port];
-    const ShapedPort* sp = shaper_of(q, md.out_port);
+    if (k != run_k) {
+      run_k = k;
+      sp = shaper_of(q, md.out_port);
+      frame.make(pt.port[md.out_port], unpack_mac(reinterpret_cast<uintptr_t>(data[k])));
+    }
+    const PortInfo& out = *frame.out;
     auto* ip = rte_pktmbuf_mtod_offset(m, rte_ipv4_hdr*, md.l3_off);
     if (learn) {
       uint32_t d = rte_be_to_cpu_32(ip->dst_addr);
       w.outer_path[outer_slot(d)] = {gen, d, uint64_t(uintptr_t(data[k])) | uint64_t(md.out_port) << 56};
     }
     if (rte_be_to_cpu_16(ip->total_length) > out.mtu) {
-      fragment_and_send(w, shaped, out, sp, md.out_port, m, dst);
+      fragment_and_send(w, shaped, out, sp, md.out_port, m, frame.dst);
       continue;
     }
-    if (!write_l2(m, out, dst, RTE_ETHER_TYPE_IPV4)) { w.drop(m, Drop::inject_bad); continue; }
+    if (!frame.write(m)) { w.drop(m, Drop::inject_bad); continue; }
     send(w, shaped, sp, md.out_port, m);
   }
   if (shaped.n) shape_enqueue(w, shaped);
@@ -184,8 +216,7 @@ void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
   bool run_hit = false;
   uint16_t port = 0, mtu = 0;
   const ShapedPort* sp = nullptr;
-  rte_ether_addr mac{};
-  uint8_t l2[16];  // untagged frame start: destination MAC, source MAC, IPv4 ethertype
+  FrameStart frame;
   for (uint16_t i = 0; i < b.n; i++) {
     rte_mbuf* m = b.pkts[i];
     PktMeta& md = meta(m);
@@ -199,11 +230,7 @@ void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
         port = uint16_t(op.way >> 56);
         mtu = pt.port[port].mtu;
         sp = shaper_of(q, port);
-        mac = unpack_mac(op.way);
-        std::memcpy(l2, &mac, 6);
-        std::memcpy(l2 + 6, &pt.port[port].mac, 6);
-        uint16_t et = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
-        std::memcpy(l2 + 12, &et, 2);
+        frame.make(pt.port[port], unpack_mac(op.way));
       }
     }
     // Oversized for the port: the full way fragments it.
@@ -212,12 +239,7 @@ void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
       continue;
     }
     md.out_port = port;
-    if (md.l3_off == sizeof(rte_ether_hdr) && !pt.port[port].vlan) {
-      // What write_l2 would write, as two overlapping 8-byte stores.
-      auto* f = rte_pktmbuf_mtod(m, uint8_t*);
-      std::memcpy(f, l2, 8);
-      std::memcpy(f + 6, l2 + 6, 8);
-    } else if (!write_l2(m, pt.port[port], mac, RTE_ETHER_TYPE_IPV4)) {
+    if (!frame.write(m)) {
       w.drop(m, Drop::inject_bad);
       continue;
     }

@@ -8,6 +8,7 @@
 #include <rte_malloc.h>
 
 #include <algorithm>
+#include <functional>
 #include <memory>
 
 #include "ctrl/control.hh"
@@ -354,34 +355,35 @@ TEST_F(OuterTest, OuterPacketsFollowEveryRouteAndNeighbourChange) {
   EXPECT_TRUE(s[0].port == 0 && s[0].mac == mac_of(2));
 }
 
-// A burst to several peers leaves each packet framed for its own peer and
-// port (egress_outer works the frame out once per run of one destination):
-// destination and source MAC, and the 802.1Q tag of a port that has one.
-TEST_F(OuterTest, EachRunOfOneDestinationGetsItsOwnPeersFrame) {
+// A burst to several neighbours leaves each packet framed for its own
+// neighbour and port (egress_outer and egress work the frame out once per
+// run of one destination or next hop): destination and source MAC, and the
+// 802.1Q tag of a port that has one. `out` is the way out under test.
+void framed_per_run(OuterTest& x, const std::function<void(Burst&)>& out) {
   constexpr uint32_t kPeerA = 0xc6336407, kPeerB = 0xc6336408, kPeerC = 0x0a0100c8;  // C: on the LAN
-  pt->port[0].mac = rte_ether_addr{{0x02, 0, 0, 0, 0xaa, 0}};
-  pt->port[1].mac = rte_ether_addr{{0x02, 0, 0, 0, 0xbb, 1}};
-  pt->port[1].vlan = 42;
-  ASSERT_TRUE(rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
-  ASSERT_TRUE(rt->add({kPeerB, 32}, RouteType::unicast, 0xc00002fe, "", RouteTable::Origin::config));
-  publish(0, 0xc0000201, 1);
-  publish(0, 0xc00002fe, 2);
-  publish(1, kPeerC, 3);
+  x.pt->port[0].mac = rte_ether_addr{{0x02, 0, 0, 0, 0xaa, 0}};
+  x.pt->port[1].mac = rte_ether_addr{{0x02, 0, 0, 0, 0xbb, 1}};
+  x.pt->port[1].vlan = 42;
+  ASSERT_TRUE(x.rt->add({0, 0}, RouteType::unicast, 0xc0000201, "", RouteTable::Origin::config));
+  ASSERT_TRUE(x.rt->add({kPeerB, 32}, RouteType::unicast, 0xc00002fe, "", RouteTable::Origin::config));
+  x.publish(0, 0xc0000201, 1);
+  x.publish(0, 0xc00002fe, 2);
+  x.publish(1, kPeerC, 3);
   const std::vector<uint32_t> dsts = {kPeerA, kPeerA, kPeerB, kPeerA, kPeerC, kPeerC, kPeerB, kPeerB, kPeerA};
   for (int burst = 0; burst < 2; burst++) {  // learnt, then from what was learnt
-    Burst b = outer_burst(dsts);
-    egress_outer(*w, t, *pt, b);
+    Burst b = OuterTest::outer_burst(dsts);
+    out(b);
     ASSERT_EQ(b.n, 0);
-    ASSERT_EQ(w->tx[0].n + w->tx[1].n, dsts.size()) << burst;
+    ASSERT_EQ(x.w->tx[0].n + x.w->tx[1].n, dsts.size()) << burst;
     uint16_t at[2] = {0, 0};
     for (uint32_t d : dsts) {
       uint16_t p = d == kPeerC ? 1 : 0;
-      rte_mbuf* m = w->tx[p].pkts[at[p]++];
+      rte_mbuf* m = x.w->tx[p].pkts[at[p]++];
       auto* eth = rte_pktmbuf_mtod(m, rte_ether_hdr*);
       uint64_t mac = 0;
       for (int k = 0; k < 6; k++) mac = mac << 8 | eth->dst_addr.addr_bytes[k];
       EXPECT_EQ(mac, mac_of(d == kPeerA ? 1 : d == kPeerB ? 2 : 3)) << burst << " " << std::hex << d;
-      EXPECT_TRUE(rte_is_same_ether_addr(&eth->src_addr, &pt->port[p].mac)) << burst;
+      EXPECT_TRUE(rte_is_same_ether_addr(&eth->src_addr, &x.pt->port[p].mac)) << burst;
       uint16_t l3 = p ? 18 : 14;
       if (p) {
         EXPECT_EQ(rte_be_to_cpu_16(eth->ether_type), RTE_ETHER_TYPE_VLAN);
@@ -395,9 +397,20 @@ TEST_F(OuterTest, EachRunOfOneDestinationGetsItsOwnPeersFrame) {
       EXPECT_EQ(rte_be_to_cpu_32(ip->dst_addr), d) << burst;  // the IPv4 header is untouched
       EXPECT_EQ(ip->version_ihl, 0x45);
     }
-    for (auto& tb : w->tx) {
+    for (auto& tb : x.w->tx) {
       for (uint16_t i = 0; i < tb.n; i++) rte_pktmbuf_free(tb.pkts[i]);
       tb.n = 0;
     }
   }
+}
+
+TEST_F(OuterTest, EachRunOfOneDestinationGetsItsOwnPeersFrame) {
+  framed_per_run(*this, [&](Burst& b) { egress_outer(*w, t, *pt, b); });
+}
+
+TEST_F(OuterTest, EachRunOfOneNextHopGetsItsOwnNeighboursFrame) {
+  framed_per_run(*this, [&](Burst& b) {
+    route(*w, t, *pt, b);
+    egress(*w, t, *pt, b);
+  });
 }
