@@ -616,7 +616,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   // Pass 3: seal. Apart from pass 2 on purpose: IPsec-MB reads the nonce,
   // the AAD and the payload's last block with wide (masked) loads, which
   // cannot take their bytes from the narrower stores pass 2 just made and
-  // wait until those stores reach the cache: about 20 ns per packet when
+  // wait until those stores reach the cache: 15-21 ns per packet when
   // each packet was sealed right after its headers were written
   // (docs/PERFORMANCE.md). A burst later, they are there.
   for (unsigned j = 0; j < nj; j++) {
