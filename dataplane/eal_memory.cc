@@ -35,7 +35,9 @@ int pin_chunk(const rte_memseg_list* msl, const rte_memseg* ms, size_t len, void
 tl::expected<size_t, std::string> pin_eal_memory() {
   if (rte_eal_has_hugepages()) return 0;
   PinWalk p;
-  if (rte_memseg_contig_walk(pin_chunk, &p) != 0 || p.err)
+  int rc = rte_memseg_contig_walk(pin_chunk, &p);
+  if (rc < 0) return tl::unexpected(std::string("walking EAL memory segments failed"));
+  if (p.err)
     return tl::unexpected(fmt::format("locking EAL memory at {} failed after {} MB: {}{}", p.at, p.bytes >> 20,
                                       std::strerror(p.err),
                                       p.err == ENOMEM || p.err == EPERM ? " (RLIMIT_MEMLOCK, or no CAP_IPC_LOCK)" : ""));

@@ -389,6 +389,21 @@ inline void set_aead(IMB_JOB* job, const Sa& sa, const SaKeys& k, const EspWorke
   }
 }
 
+// The job's AES-CBC + HMAC-SHA-256 fields (RFC 4868), the same both ways;
+// the authenticated part starts at the ESP header.
+inline void set_cbc_hmac(IMB_JOB* job, const Sa& sa, const SaKeys& k, uint64_t hashed_len) {
+  job->iv_len_in_bytes = 16;
+  job->cipher_mode = IMB_CIPHER_CBC;
+  job->enc_keys = k.cbc.enc;
+  job->dec_keys = k.cbc.dec;
+  job->key_len_in_bytes = sa.cipher == Cipher::aes_cbc_128_sha256 ? 16 : 32;
+  job->hash_alg = IMB_AUTH_HMAC_SHA_256;
+  job->u.HMAC._hashed_auth_key_xor_ipad = k.cbc.ipad;
+  job->u.HMAC._hashed_auth_key_xor_opad = k.cbc.opad;
+  job->hash_start_src_offset_in_bytes = 0;
+  job->msg_len_to_hash_in_bytes = hashed_len;
+}
+
 inline bool is_gcm(Cipher c) { return c == Cipher::aes_gcm_128 || c == Cipher::aes_gcm_256; }
 
 // AES-GCM in place through IPsec-MB's direct API rather than a job: a GCM
@@ -623,7 +638,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     OutJob& oj = jobs[j];
     const Sa& sa = sad.sa(oj.idx);
     const SaKeys& k = sad.keys(oj.idx);
-    const EspWorker::Scratch& sc = ew.scratch[j];
+    EspWorker::Scratch& sc = ew.scratch[j];
     if (is_gcm(sa.cipher)) {
       gcm_direct(ew.mb, sa.cipher, true, &k.gcm, oj.payload, oj.padded, sc, oj.aad_len, oj.icv);
       ok[j] = true;
@@ -637,7 +652,7 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     job->auth_tag_output_len_in_bytes = kIcvLen;
     job->user_data = oj.m;
     job->user_data2 = reinterpret_cast<void*>(uintptr_t(j));
-    job->auth_tag_output = oj.tag_copy ? ew.scratch[j].tag : oj.icv;
+    job->auth_tag_output = oj.tag_copy ? sc.tag : oj.icv;
     if (is_aead(sa.cipher)) {
       job->cipher_start_src_offset_in_bytes = uint64_t(oj.payload - oj.esp);
       job->msg_len_to_cipher_in_bytes = oj.padded;
@@ -650,16 +665,8 @@ void esp_outbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       job->cipher_start_src_offset_in_bytes = 8;
       job->msg_len_to_cipher_in_bytes = uint64_t(16 + oj.padded);
       job->iv = kZeroIv;
-      job->iv_len_in_bytes = 16;
-      job->cipher_mode = IMB_CIPHER_CBC;
-      job->enc_keys = k.cbc.enc;
-      job->dec_keys = k.cbc.dec;
-      job->key_len_in_bytes = sa.cipher == Cipher::aes_cbc_128_sha256 ? 16 : 32;
-      job->hash_alg = IMB_AUTH_HMAC_SHA_256;
-      job->u.HMAC._hashed_auth_key_xor_ipad = k.cbc.ipad;
-      job->u.HMAC._hashed_auth_key_xor_opad = k.cbc.opad;
-      job->hash_start_src_offset_in_bytes = 0;
-      job->msg_len_to_hash_in_bytes = uint64_t(8 + 16 + oj.padded) + (sa.esn ? 4 : 0);
+      // With ESN the high half of the sequence number, after the payload, is hashed too.
+      set_cbc_hmac(job, sa, k, uint64_t(8 + 16 + oj.padded) + (sa.esn ? 4 : 0));
     }
     job = submit_job(ew.mb);
     while (job) {
@@ -978,13 +985,20 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     j.ok = false;
     jobs[nj] = j;
 
-    // The nonce, the AAD and the received ICV go to scratch now; the
-    // crypto runs in the next pass, once these stores have reached the
-    // cache (see esp_outbound's pass 3).
+    // The nonce, the AAD and the received ICV go to scratch now (and, for
+    // CBC with ESN, the high half in the packet); the crypto runs in the next
+    // pass, once these stores have reached the cache (see esp_outbound's pass 3).
     uint8_t* iv = esp + 8;
     EspWorker::Scratch& sc = ew.scratch[nj];
-    std::memcpy(sc.icv, iv + sa.iv_len + ct, kIcvLen);
-    if (is_aead(sa.cipher)) jobs[nj].aad_len = uint8_t(nonce_aad(sa, sc, esp, iv, seq));
+    uint8_t* icv = iv + sa.iv_len + ct;
+    std::memcpy(sc.icv, icv, kIcvLen);
+    if (is_aead(sa.cipher)) {
+      jobs[nj].aad_len = uint8_t(nonce_aad(sa, sc, esp, iv, seq));
+    } else if (sa.esn) {
+      // The HMAC covers the ESN's high half after the payload (RFC 4303
+      // §2.2.1): written over the received ICV, just saved.
+      put_be32(icv, uint32_t(seq >> 32));
+    }
     nj++;
   }
 
@@ -1019,22 +1033,7 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       set_aead(job, sa, k, sc, j.aad_len);
     } else {
       job->iv = iv;
-      job->iv_len_in_bytes = 16;
-      job->cipher_mode = IMB_CIPHER_CBC;
-      job->enc_keys = k.cbc.enc;
-      job->dec_keys = k.cbc.dec;
-      job->key_len_in_bytes = sa.cipher == Cipher::aes_cbc_128_sha256 ? 16 : 32;
-      job->hash_alg = IMB_AUTH_HMAC_SHA_256;
-      job->u.HMAC._hashed_auth_key_xor_ipad = k.cbc.ipad;
-      job->u.HMAC._hashed_auth_key_xor_opad = k.cbc.opad;
-      job->hash_start_src_offset_in_bytes = 0;
-      job->msg_len_to_hash_in_bytes = uint64_t(8 + 16 + j.ct_len);
-      if (sa.esn) {
-        // The ICV covers the ESN's high half after the payload (RFC 4303
-        // §2.2.1); it is written over the received ICV, saved above.
-        put_be32(payload + j.ct_len, uint32_t(j.seq >> 32));
-        job->msg_len_to_hash_in_bytes += 4;
-      }
+      set_cbc_hmac(job, sa, k, uint64_t(8 + 16 + j.ct_len) + (sa.esn ? 4 : 0));
     }
     job = submit_job(ew.mb);
     while (job) {
