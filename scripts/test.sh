@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 status=0
+dirs=()
 for profile in hub portable; do
   dir=build-$profile
+  dirs+=("$dir")
   [ -d "$dir" ] || meson setup "$dir" -Dprofile=$profile
   ninja -C "$dir"
   # The namespace lab runs once (hub build); unit and pcap suites on both.
@@ -18,4 +20,6 @@ for profile in hub portable; do
     status=1
   fi
 done
+# Last, so that a log cut to its tail still names what failed.
+./scripts/failed-tests.py "${dirs[@]}" || true
 exit $status
