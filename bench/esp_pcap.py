@@ -58,6 +58,10 @@ CASES = os.environ.get("CASES", "").split()        # default: all
 # built by bench/secgw-build.sh). The harness bound of every size is taken
 # from testpmd's rate and IPsec-MB's (bench_esp BM_RawGcmDirect).
 REFS = os.environ.get("REFS", "").split()
+# HUGE=1: moatd and the reference routers on hugepages (hugetlbfs mounted,
+# vm.nr_hugepages set) instead of --no-huge, to tell what the machine's lack
+# of hugepages costs; crypto-perf's raw rate stays as it is.
+HUGE = os.environ.get("HUGE", "") == "1"
 TESTPMD = os.environ.get("TESTPMD", "/usr/bin/dpdk-testpmd")
 SECGW = os.environ.get("SECGW", "/tmp/moat-ref/ipsec-secgw")
 BENCH_ESP = os.environ.get("BENCH_ESP", os.path.join(BUILD, "bench/bench_esp"))
@@ -206,8 +210,10 @@ def moatd_config(run, pcap, direction, sas, mtu, workers, mbufs):
                         "sa": {"cipher": "aes-gcm-128", "in": {"spi": SPI, "key": key}}})
     rx = ",".join([f"rx_pcap={pcap}"] * workers)
     lcores = list(range(workers + 1))
-    eal = {"lcores": lcores, "memory_mb": memory_mb(mbufs), "no_huge": True,
+    eal = {"lcores": lcores, "memory_mb": memory_mb(mbufs), "no_huge": not HUGE,
            "log_level": "*:error"}
+    if HUGE:
+        eal["args"] = ["--huge-unlink"]  # no hugepage files left behind by a killed run
     if workers > 1:
         # Two CPUs: worker 2 (lcore 2) shares CPU 0 with the control thread.
         eal["lcores"] = [0, 1, "2@0"]
@@ -484,7 +490,7 @@ def run_ref(tmp, pcaps, name, kind):
     mbufs = n + 32768
     run = tempfile.mkdtemp(prefix=f"moat-ref-{kind}-", dir=tmp)
     prefix = os.path.basename(run)
-    eal = ["--no-huge", "-m", str(memory_mb(mbufs)), "--no-pci", "--no-shconf",
+    eal = ["--huge-unlink" if HUGE else "--no-huge", "-m", str(memory_mb(mbufs)), "--no-pci", "--no-shconf",
            "--file-prefix", prefix, "--log-level", "*:error",
            "--vdev", f"net_pcap0,rx_pcap={pcaps[pcap]},infinite_rx=1", "--vdev", "net_null0,no-rx=1"]
     if kind == "testpmd":
@@ -661,7 +667,7 @@ def main():
                 print(f"esp-pcap: round {r}: {c}: {res['inner_mpps']:.3f} Mpps inner per worker CPU second "
                       f"(wall {res['inner_mpps_wall']:.3f}, CPU share {res['cpu_share']}){b}{raw}", file=sys.stderr)
             rounds.append(rd)
-    doc = {"n": N, "moatd": MOATD, "moatd_b": MOATD_B, "refs": REFS, "rounds_n": ROUNDS, "duration_s": DURATION, "load_avg": os.getloadavg(),
+    doc = {"n": N, "moatd": MOATD, "moatd_b": MOATD_B, "refs": REFS, "hugepages": HUGE, "rounds_n": ROUNDS, "duration_s": DURATION, "load_avg": os.getloadavg(),
            "crypto_perf": cmds, "rounds": rounds,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     ratios = compute_ratios(rounds)

@@ -1,4 +1,5 @@
 #include "ctrl/control.hh"
+#include "dataplane/eal_memory.hh"
 
 #include <poll.h>
 #include <unistd.h>
@@ -313,8 +314,25 @@ tl::expected<void, std::string> Control::start() {
   if (rte_lcore_count() != nworkers + 1)
     return tl::unexpected(fmt::format("EAL started {} lcores, the config lists {}", rte_lcore_count(), nworkers + 1));
 
-  pool_ = rte_pktmbuf_pool_create("moat_pool", c_.mbufs, c_.mbuf_cache, kMbufPrivSize,
-                                  RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());
+  // Without hugepages the packet pool gets huge pages of its own (why: in
+  // dataplane/eal_memory.hh); if that fails it stays in EAL memory, which
+  // eal.memory_mb sizes for it.
+  int pool_socket = int(rte_socket_id());
+  if (!rte_eal_has_hugepages()) {
+    auto heap = huge_page_heap("moat_packets", pktmbuf_pool_bytes(c_.mbufs, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE));
+    if (heap)
+      pool_socket = *heap;
+    else
+      fmt::print(stderr, "moatd: warning: packet pool on huge pages: {}; it stays in EAL memory\n", heap.error());
+  }
+  pool_ = rte_pktmbuf_pool_create("moat_pool", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE,
+                                  pool_socket);
+  if (!pool_ && pool_socket != int(rte_socket_id())) {
+    fmt::print(stderr, "moatd: warning: mempool of {} mbufs on huge pages: {}; it stays in EAL memory\n", c_.mbufs,
+               rte_strerror(rte_errno));
+    pool_ = rte_pktmbuf_pool_create("moat_pool", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE,
+                                    rte_socket_id());
+  }
   if (!pool_) return tl::unexpected(fmt::format("mempool of {} mbufs: {} (raise eal.memory_mb?)", c_.mbufs, rte_strerror(rte_errno)));
   // Fragments reference the original's data through indirect mbufs.
   indirect_pool_ = rte_pktmbuf_pool_create("moat_indirect", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, 0, rte_socket_id());

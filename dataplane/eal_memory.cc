@@ -1,7 +1,12 @@
 #include "dataplane/eal_memory.hh"
 
 #include <rte_eal.h>
+#include <rte_errno.h>
+#include <rte_malloc.h>
+#include <rte_mbuf.h>
 #include <rte_memory.h>
+#include <rte_mempool.h>
+#include <rte_ring.h>
 #include <sys/mman.h>
 
 #include <cerrno>
@@ -42,6 +47,55 @@ tl::expected<size_t, std::string> pin_eal_memory() {
                                       std::strerror(p.err),
                                       p.err == ENOMEM || p.err == EPERM ? " (RLIMIT_MEMLOCK, or no CAP_IPC_LOCK)" : ""));
   return p.bytes;
+}
+
+namespace {
+constexpr size_t kHugePage = size_t(2) << 20;
+size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+}  // namespace
+
+size_t pktmbuf_pool_bytes(unsigned n, uint16_t priv_size, uint16_t data_room) {
+  rte_mempool_objsz sz{};
+  size_t obj = rte_mempool_calc_obj_size(uint32_t(sizeof(rte_mbuf) + priv_size + data_room), 0, &sz);
+  size_t objects = size_t(n) * obj;
+  // Objects do not cross a page: each 2 MiB page may leave up to one unused.
+  objects += (objects / kHugePage + 1) * obj;
+  size_t ring = size_t(rte_ring_get_memsize(rte_align32pow2(n + 1)));
+  size_t header = sizeof(rte_mempool) + size_t(RTE_MAX_LCORE) * sizeof(rte_mempool_cache) +
+                  sizeof(rte_pktmbuf_pool_private);
+  // Each allocation's malloc element and alignment: a page's slack covers them.
+  return round_up(objects + ring + header + kHugePage, kHugePage);
+}
+
+tl::expected<int, std::string> huge_page_heap(const char* name, size_t bytes) {
+  bytes = round_up(bytes, kHugePage);
+  // Over-map by a page, keep the 2 MiB-aligned part: only aligned 2 MiB
+  // ranges of a mapping can be huge pages.
+  void* raw = mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return tl::unexpected(fmt::format("mapping {} MB: {}", bytes >> 20, std::strerror(errno)));
+  auto base = reinterpret_cast<uintptr_t>(raw);
+  uintptr_t at = round_up(base, kHugePage);
+  if (at > base) munmap(raw, at - base);
+  if (size_t tail = base + bytes + kHugePage - (at + bytes)) munmap(reinterpret_cast<void*>(at + bytes), tail);
+  void* p = reinterpret_cast<void*>(at);
+  auto fail = [&](std::string why) {
+    munmap(p, bytes);
+    return tl::unexpected(std::move(why));
+  };
+  // Advice, not a demand: without THP the heap still works on 4 KiB pages.
+  (void)madvise(p, bytes, MADV_HUGEPAGE);
+  // Present and pinned before a worker touches it, as hugepage memory is;
+  // the faults mlock takes here are where the huge pages are allocated.
+  if (mlock(p, bytes) != 0)
+    return fail(fmt::format("locking {} MB: {}", bytes >> 20, std::strerror(errno)));
+  if (rte_malloc_heap_create(name) != 0)
+    return fail(fmt::format("heap {}: {}", name, rte_strerror(rte_errno)));
+  if (rte_malloc_heap_memory_add(name, p, bytes, nullptr, 0, kHugePage) != 0) {
+    std::string why = fmt::format("adding {} MB to heap {}: {}", bytes >> 20, name, rte_strerror(rte_errno));
+    rte_malloc_heap_destroy(name);
+    return fail(std::move(why));
+  }
+  return rte_malloc_heap_get_socket(name);
 }
 
 }  // namespace moat

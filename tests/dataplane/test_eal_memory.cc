@@ -7,9 +7,21 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <rte_errno.h>
+#include <rte_malloc.h>
+#include <rte_mbuf.h>
+#include <rte_mempool.h>
+
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "dataplane/eal_memory.hh"
+#include "dataplane/packet.hh"
 
 namespace moat {
 namespace {
@@ -62,6 +74,88 @@ TEST(EalMemory, PinningMakesAllOfEalMemoryResident) {
   EXPECT_EQ(*pinned, after.pages * size_t(sysconf(_SC_PAGESIZE)));
   EXPECT_EQ(after.resident, after.pages);
   rte_memzone_free(mz);
+}
+
+// The kernel's account of the mapping that holds `p` (/proc/self/smaps).
+struct Vma {
+  uintptr_t start = 0, end = 0;
+  size_t huge_kb = 0, locked_kb = 0;
+};
+
+Vma vma_of(const void* p) {
+  auto a = reinterpret_cast<uintptr_t>(p);
+  std::ifstream f("/proc/self/smaps");
+  std::string line;
+  Vma v;
+  bool in = false;
+  while (std::getline(f, line)) {
+    uintptr_t s = 0, e = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " ", &s, &e) == 2 && line.find(':') > line.find(' ')) {
+      if (in) break;
+      in = s <= a && a < e;
+      if (in) v.start = s, v.end = e;
+      continue;
+    }
+    if (!in) continue;
+    std::istringstream w(line);
+    std::string key;
+    size_t kb = 0;
+    w >> key >> kb;
+    if (key == "AnonHugePages:") v.huge_kb = kb;
+    if (key == "Locked:") v.locked_kb = kb;
+  }
+  return v;
+}
+
+struct PoolWalk {
+  int socket;
+  unsigned objects = 0, elsewhere = 0;
+};
+
+// The packet pool on its own heap: every mbuf there, on locked huge pages,
+// sized by pktmbuf_pool_bytes so that a pool of any size fits.
+TEST(EalMemory, PacketPoolHeapIsLockedHugePagesThatHoldTheWholePool) {
+  ASSERT_FALSE(rte_eal_has_hugepages());
+  for (unsigned n : {4095u, 65535u}) {
+    SCOPED_TRACE(n);
+    std::string name = "test_packets_" + std::to_string(n);
+    size_t bytes = pktmbuf_pool_bytes(n, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE);
+    auto socket = huge_page_heap(name.c_str(), bytes);
+    ASSERT_TRUE(socket) << socket.error();
+    rte_mempool* mp = rte_pktmbuf_pool_create(("hp_" + std::to_string(n)).c_str(), n, 256, kMbufPrivSize,
+                                              RTE_MBUF_DEFAULT_BUF_SIZE, *socket);
+    ASSERT_NE(mp, nullptr) << "the heap is too small for the pool it was sized for: " << rte_strerror(rte_errno);
+    EXPECT_EQ(mp->size, n);
+    // Not wasteful either: the objects plus the header (RTE_MAX_LCORE caches),
+    // the ring and a few 2 MiB pages.
+    rte_mempool_objsz sz{};
+    size_t obj = rte_mempool_calc_obj_size(sizeof(rte_mbuf) + kMbufPrivSize + RTE_MBUF_DEFAULT_BUF_SIZE, 0, &sz);
+    EXPECT_LE(bytes, n * obj + (8u << 20));
+
+    PoolWalk pw{*socket};
+    rte_mempool_obj_iter(
+        mp,
+        [](rte_mempool*, void* arg, void* o, unsigned) {
+          auto* pw = static_cast<PoolWalk*>(arg);
+          const rte_memseg_list* msl = rte_mem_virt2memseg_list(o);
+          pw->objects++;
+          if (!msl || !msl->external || msl->socket_id != pw->socket) pw->elsewhere++;
+        },
+        &pw);
+    EXPECT_EQ(pw.objects, n);
+    EXPECT_EQ(pw.elsewhere, 0u) << "mbufs outside the huge-page heap";
+
+    rte_mbuf* m = rte_pktmbuf_alloc(mp);
+    ASSERT_NE(m, nullptr);
+    Vma v = vma_of(m);
+    ASSERT_NE(v.end, 0u);
+    size_t vma_kb = (v.end - v.start) >> 10;
+    EXPECT_EQ(v.start % (2u << 20), 0u) << "not 2 MiB aligned: no page of it can be huge";
+    EXPECT_EQ(v.locked_kb, vma_kb) << "not all of it pinned";
+    EXPECT_GE(v.huge_kb * 4, vma_kb * 3) << v.huge_kb << " of " << vma_kb << " kB on huge pages";
+    std::memset(rte_pktmbuf_mtod(m, void*), 0xab, 64);
+    rte_pktmbuf_free(m);
+  }
 }
 
 }  // namespace
