@@ -967,7 +967,8 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     if (!(st & kSaLive) || (st & kSaHardPosted)) { drop_sa(w, sad, sai, m, Drop::esp_sa_expired); continue; }
     uint16_t esp_len = j.ct_len;
     int ct = int(esp_len) - 8 - sa.iv_len - kIcvLen;
-    if (ct < sa.align || ct % sa.align) { drop_sa(w, sad, sai, m, Drop::esp_truncated); continue; }
+    // align is a power of two (4 or 16): a mask, not a division per packet.
+    if (ct < sa.align || (ct & (sa.align - 1))) { drop_sa(w, sad, sai, m, Drop::esp_truncated); continue; }
     uint8_t* esp = rte_pktmbuf_mtod_offset(m, uint8_t*, j.esp_off);
     uint32_t seq_lo;
     std::memcpy(&seq_lo, esp + 4, 4);

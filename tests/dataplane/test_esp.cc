@@ -353,10 +353,14 @@ TEST(Esp, BadInputIsCountedByReason) {
   pk.push_back(openssl_gcm(key, 0x4444, 1, with_trailer(inner_pkt)));              // esp_replayed
   pk.push_back(openssl_gcm(key, 0x9999, 1, with_trailer(inner_pkt)));              // esp_unknown_spi
   pk.push_back(openssl_gcm(key, 0x4444, 10, with_trailer(inner_pkt)));             // good
+  auto odd = openssl_gcm(key, 0x4444, 11, with_trailer(inner_pkt));
+  odd.push_back(0);  // the ciphertext is no longer a multiple of 4 bytes
+  odd[16] = uint8_t((odd.size() - 14) >> 8); odd[17] = uint8_t(odd.size() - 14);
+  pk.push_back(odd);                                                                // esp_truncated
   auto back = r.open(pk);
   EXPECT_EQ(back.size(), 2u);
   EXPECT_EQ(r.drops(Drop::esp_bad_icv), 1u);
-  EXPECT_EQ(r.drops(Drop::esp_truncated), 1u);
+  EXPECT_EQ(r.drops(Drop::esp_truncated), 2u);
   EXPECT_EQ(r.drops(Drop::esp_bad_padding), 2u);
   EXPECT_EQ(r.drops(Drop::esp_bad_next_header), 1u);
   EXPECT_EQ(r.drops(Drop::esp_dummy), 1u);
