@@ -10,7 +10,8 @@
 # outbound interval), CASES (all: out-64 out-512 out-1420 in-64 in-512
 # in-1420 out-64-10k out-frag in-frag out-64-2w out-64-small out-512-small
 # out-1420-small: outbound from a 4,096-packet pcap, the generator in cache), MOATD,
-# ESP_TOOL, CRYPTO_PERF. Needs about 1.7 GB of memory per moatd run (N mbufs); moatd takes ~20 s to load 300,000 packets.
+# ESP_TOOL, CRYPTO_PERF, HUGE (1: moatd and the references on hugetlbfs, which
+# the caller mounts and reserves; default --no-huge). Needs about 1.7 GB of memory per moatd run (N mbufs); moatd takes ~20 s to load 300,000 packets.
 # How inbound stays honest under infinite_rx replay: bench/esp_pcap.py.
 # Writes OUT_DIR/esp-pcap.json and prints the ratios as a markdown table.
 # Exit status: 0 done; 1 a run failed; 2 usage (missing binaries).
