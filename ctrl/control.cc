@@ -317,22 +317,21 @@ tl::expected<void, std::string> Control::start() {
   // Without hugepages the packet pool gets huge pages of its own (why: in
   // dataplane/eal_memory.hh); if that fails it stays in EAL memory, which
   // eal.memory_mb sizes for it.
-  int pool_socket = int(rte_socket_id());
+  auto make_pool = [&](int socket) {
+    return rte_pktmbuf_pool_create("moat_pool", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE,
+                                   socket);
+  };
   if (!rte_eal_has_hugepages()) {
-    auto heap = huge_page_heap("moat_packets", pktmbuf_pool_bytes(c_.mbufs, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE));
-    if (heap)
-      pool_socket = *heap;
-    else
-      fmt::print(stderr, "moatd: warning: packet pool on huge pages: {}; it stays in EAL memory\n", heap.error());
+    constexpr const char* kHeap = "moat_packets";
+    auto heap = huge_page_heap(kHeap, pktmbuf_pool_bytes(c_.mbufs, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE));
+    if (heap && !(pool_ = make_pool(heap->socket))) {
+      std::string why = fmt::format("mempool of {} mbufs on it: {}", c_.mbufs, rte_strerror(rte_errno));
+      release_huge_page_heap(kHeap, *heap);
+      heap = tl::unexpected(std::move(why));
+    }
+    if (!heap) fmt::print(stderr, "moatd: warning: packet pool on huge pages: {}; it stays in EAL memory\n", heap.error());
   }
-  pool_ = rte_pktmbuf_pool_create("moat_pool", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE,
-                                  pool_socket);
-  if (!pool_ && pool_socket != int(rte_socket_id())) {
-    fmt::print(stderr, "moatd: warning: mempool of {} mbufs on huge pages: {}; it stays in EAL memory\n", c_.mbufs,
-               rte_strerror(rte_errno));
-    pool_ = rte_pktmbuf_pool_create("moat_pool", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE,
-                                    rte_socket_id());
-  }
+  if (!pool_) pool_ = make_pool(int(rte_socket_id()));
   if (!pool_) return tl::unexpected(fmt::format("mempool of {} mbufs: {} (raise eal.memory_mb?)", c_.mbufs, rte_strerror(rte_errno)));
   // Fragments reference the original's data through indirect mbufs.
   indirect_pool_ = rte_pktmbuf_pool_create("moat_indirect", c_.mbufs, c_.mbuf_cache, kMbufPrivSize, 0, rte_socket_id());

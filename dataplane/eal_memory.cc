@@ -35,6 +35,9 @@ int pin_chunk(const rte_memseg_list* msl, const rte_memseg* ms, size_t len, void
   return 0;
 }
 
+constexpr size_t kHugePage = size_t(2) << 20;
+size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
 }  // namespace
 
 tl::expected<size_t, std::string> pin_eal_memory() {
@@ -49,11 +52,6 @@ tl::expected<size_t, std::string> pin_eal_memory() {
   return p.bytes;
 }
 
-namespace {
-constexpr size_t kHugePage = size_t(2) << 20;
-size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-}  // namespace
-
 size_t pktmbuf_pool_bytes(unsigned n, uint16_t priv_size, uint16_t data_room) {
   rte_mempool_objsz sz{};
   size_t obj = rte_mempool_calc_obj_size(uint32_t(sizeof(rte_mbuf) + priv_size + data_room), 0, &sz);
@@ -67,7 +65,7 @@ size_t pktmbuf_pool_bytes(unsigned n, uint16_t priv_size, uint16_t data_room) {
   return round_up(objects + ring + header + kHugePage, kHugePage);
 }
 
-tl::expected<int, std::string> huge_page_heap(const char* name, size_t bytes) {
+tl::expected<HugePageHeap, std::string> huge_page_heap(const char* name, size_t bytes) {
   bytes = round_up(bytes, kHugePage);
   // Over-map by a page, keep the 2 MiB-aligned part: only aligned 2 MiB
   // ranges of a mapping can be huge pages.
@@ -76,7 +74,7 @@ tl::expected<int, std::string> huge_page_heap(const char* name, size_t bytes) {
   auto base = reinterpret_cast<uintptr_t>(raw);
   uintptr_t at = round_up(base, kHugePage);
   if (at > base) munmap(raw, at - base);
-  if (size_t tail = base + bytes + kHugePage - (at + bytes)) munmap(reinterpret_cast<void*>(at + bytes), tail);
+  if (size_t tail = base + kHugePage - at) munmap(reinterpret_cast<void*>(at + bytes), tail);
   void* p = reinterpret_cast<void*>(at);
   auto fail = [&](std::string why) {
     munmap(p, bytes);
@@ -95,7 +93,13 @@ tl::expected<int, std::string> huge_page_heap(const char* name, size_t bytes) {
     rte_malloc_heap_destroy(name);
     return fail(std::move(why));
   }
-  return rte_malloc_heap_get_socket(name);
+  return HugePageHeap{rte_malloc_heap_get_socket(name), p, bytes};
+}
+
+void release_huge_page_heap(const char* name, const HugePageHeap& h) {
+  rte_malloc_heap_memory_remove(name, h.addr, h.len);
+  rte_malloc_heap_destroy(name);
+  munmap(h.addr, h.len);
 }
 
 }  // namespace moat

@@ -24,8 +24,9 @@ tl::expected<size_t, std::string> pin_eal_memory();
 size_t pktmbuf_pool_bytes(unsigned n, uint16_t priv_size, uint16_t data_room);
 
 // Under --no-huge, a malloc heap of at least `bytes` on transparent huge
-// pages, locked, for the packet pool: returns the socket id to create the
-// pool on, or why there is none (the caller keeps the pool in EAL memory).
+// pages, locked, for the packet pool: returns the heap (its socket id is the
+// one to create the pool on), or why there is none (the caller keeps the
+// pool in EAL memory).
 // Why: the pool is the memory the fast path spreads over most widely (a
 // receive path such as net_pcap's generator reaches a new 4 KiB page with
 // nearly every packet), and under a hypervisor each TLB miss is a
@@ -38,6 +39,15 @@ size_t pktmbuf_pool_bytes(unsigned n, uint16_t priv_size, uint16_t data_room);
 // DPDK's external-heap API (rte_malloc_heap_memory_add) makes it a socket a
 // mempool can live on. Its IOVAs are unknown (RTE_BAD_IOVA): fine for the
 // virtual devices a --no-huge process drives, which copy.
-tl::expected<int, std::string> huge_page_heap(const char* name, size_t bytes);
+struct HugePageHeap {
+  int socket;   // for rte_pktmbuf_pool_create and rte_malloc_socket
+  void* addr;   // the mapping, 2 MiB aligned
+  size_t len;
+};
+tl::expected<HugePageHeap, std::string> huge_page_heap(const char* name, size_t bytes);
+
+// Gives a heap's memory back (its pools must be freed first): a pool that
+// could not be made on it should not leave locked memory behind.
+void release_huge_page_heap(const char* name, const HugePageHeap& h);
 
 }  // namespace moat

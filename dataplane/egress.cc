@@ -66,17 +66,19 @@ namespace {
 struct FrameStart {
   const PortInfo* out = nullptr;
   rte_ether_addr dst{};
+  bool untagged = false;
   uint8_t b[16];  // destination MAC, source MAC, IPv4 ethertype
   void make(const PortInfo& o, const rte_ether_addr& d) {
     out = &o;
     dst = d;
+    untagged = !o.vlan;
     std::memcpy(b, &d, 6);
     std::memcpy(b + 6, &o.mac, 6);
     uint16_t et = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV4);
     std::memcpy(b + 12, &et, 2);
   }
   bool write(rte_mbuf* m) const {
-    if (meta(m).l3_off != sizeof(rte_ether_hdr) || out->vlan) return write_l2(m, *out, dst, RTE_ETHER_TYPE_IPV4);
+    if (!untagged || meta(m).l3_off != sizeof(rte_ether_hdr)) return write_l2(m, *out, dst, RTE_ETHER_TYPE_IPV4);
     auto* f = rte_pktmbuf_mtod(m, uint8_t*);
     std::memcpy(f, b, 8);
     std::memcpy(f + 6, b + 6, 8);
@@ -239,10 +241,7 @@ void egress_outer(Worker& w, const Tables& t, const PortTable& pt, Burst& b) {
       continue;
     }
     md.out_port = port;
-    if (!frame.write(m)) {
-      w.drop(m, Drop::inject_bad);
-      continue;
-    }
+    if (!frame.write(m)) { w.drop(m, Drop::inject_bad); continue; }
     send(w, shaped, sp, port, m);
   }
   if (shaped.n) shape_enqueue(w, shaped);

@@ -131,10 +131,10 @@ TEST(EalMemory, PacketPoolHeapIsLockedHugePagesThatHoldTheWholePool) {
     SCOPED_TRACE(n);
     std::string name = "test_packets_" + std::to_string(n);
     size_t bytes = pktmbuf_pool_bytes(n, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE);
-    auto socket = huge_page_heap(name.c_str(), bytes);
-    ASSERT_TRUE(socket) << socket.error();
+    auto heap = huge_page_heap(name.c_str(), bytes);
+    ASSERT_TRUE(heap) << heap.error();
     rte_mempool* mp = rte_pktmbuf_pool_create(("hp_" + std::to_string(n)).c_str(), n, 256, kMbufPrivSize,
-                                              RTE_MBUF_DEFAULT_BUF_SIZE, *socket);
+                                              RTE_MBUF_DEFAULT_BUF_SIZE, heap->socket);
     ASSERT_NE(mp, nullptr) << "the heap is too small for the pool it was sized for: " << rte_strerror(rte_errno);
     EXPECT_EQ(mp->size, n);
     // Not wasteful either: the objects plus the header (RTE_MAX_LCORE caches),
@@ -143,7 +143,7 @@ TEST(EalMemory, PacketPoolHeapIsLockedHugePagesThatHoldTheWholePool) {
     size_t obj = rte_mempool_calc_obj_size(sizeof(rte_mbuf) + kMbufPrivSize + RTE_MBUF_DEFAULT_BUF_SIZE, 0, &sz);
     EXPECT_LE(bytes, n * obj + (8u << 20));
 
-    PoolWalk pw{*socket};
+    PoolWalk pw{heap->socket};
     rte_mempool_obj_iter(
         mp,
         [](rte_mempool*, void* arg, void* o, unsigned) {
@@ -170,7 +170,22 @@ TEST(EalMemory, PacketPoolHeapIsLockedHugePagesThatHoldTheWholePool) {
       EXPECT_GE(v.huge_kb * 4, vma_kb * 3) << v.huge_kb << " of " << vma_kb << " kB on huge pages (THP " << thp_mode() << ")";
     std::memset(rte_pktmbuf_mtod(m, void*), 0xab, 64);
     rte_pktmbuf_free(m);
+    rte_mempool_free(mp);
   }
+}
+
+// A heap too small for its pool (moatd's fallback): the pool is refused,
+// and releasing the heap gives its memory back, no longer locked or mapped.
+TEST(EalMemory, AHeapTooSmallForItsPoolIsGivenBack) {
+  constexpr unsigned kN = 4095;
+  auto heap = huge_page_heap("test_small", 2u << 20);
+  ASSERT_TRUE(heap) << heap.error();
+  EXPECT_EQ(rte_pktmbuf_pool_create("hp_small", kN, 256, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE, heap->socket),
+            nullptr);
+  EXPECT_EQ(vma_of(heap->addr).locked_kb, heap->len >> 10);
+  release_huge_page_heap("test_small", *heap);
+  EXPECT_LT(rte_malloc_heap_get_socket("test_small"), 0) << "the heap is still there";
+  EXPECT_EQ(vma_of(heap->addr).end, 0u) << "its memory is still mapped";
 }
 
 }  // namespace
