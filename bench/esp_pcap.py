@@ -62,6 +62,8 @@ REFS = os.environ.get("REFS", "").split()
 # vm.nr_hugepages set) instead of --no-huge, to tell what the machine's lack
 # of hugepages costs; crypto-perf's raw rate stays as it is.
 HUGE = os.environ.get("HUGE", "") == "1"
+BURST = int(os.environ.get("BURST", "32"))           # moatd's workers.burst
+SMALL_N = int(os.environ.get("SMALL_N", "4096"))     # packets in the out-*-small pcaps
 TESTPMD = os.environ.get("TESTPMD", "/usr/bin/dpdk-testpmd")
 SECGW = os.environ.get("SECGW", "/tmp/moat-ref/ipsec-secgw")
 BENCH_ESP = os.environ.get("BENCH_ESP", os.path.join(BUILD, "bench/bench_esp"))
@@ -140,23 +142,32 @@ def make_pcaps(tmp, names):
         # Inbound fragments: 1420-byte inner packets through a 1400-byte
         # tunnel MTU: two ESP packets each (N ESP packets in all).
         "in-frag": lambda: seal(tmp, "in-frag", 1420, 1400, N // 2),
+        # 10,000 inbound SAs (10,000 moats to one portal), packets interleaved.
+        "in-64-10k": lambda: seal(tmp, "in-64-10k", 64, 1500, N, sas=10000),
+        # Two workers inbound: an SA per rx queue (RFC 4303's one window per
+        # SA: RSS or a hand-off gives an SA's packets to one worker), N each:
+        # each worker's pass as long as in-64's.
+        "in-64-2w": lambda: split(seal(tmp, "in-64-2w", 64, 1500, 2 * N, sas=2), 2),
         # Two workers: two rx queues of N/2 packets each (the memory of one of N).
         "out-64-half": lambda: plain("out-64-half", (udp_frame(src, ip4("10.0.3.1"), 64, i, 1024 + i % 50000)
                                                      for i in range(N // 2))),
         # Small, cache-resident pcaps for comparison (the generator's misses):
         # outbound needs no unique packets, so its generator may stay warm.
         **{f"out-{s}-small": (lambda s=s: plain(f"out-{s}-small", (udp_frame(src, ip4("10.0.3.1"), s, i, 1024 + i)
-                                                                   for i in range(4096)))) for s in SIZES},
+                                                                   for i in range(SMALL_N)))) for s in SIZES},
     }
     return {n: make[n]() for n in sorted(set(names))}
 
 
-def seal(tmp, name, size, mtu, n):
+def seal(tmp, name, size, mtu, n, sas=1):
+    """Inner packets sealed by esp_tool: `sas` SAs (SPI SPI+i, sender
+    198.18.0.1+i), packet j by SA j mod sas, sequence numbers from 1."""
     inner = os.path.join(tmp, name + "-inner.pcap")
     out = os.path.join(tmp, name + ".pcap")
     write_pcap(inner, (udp_frame(ip4("10.9.0.2"), ip4("10.0.2.2"), size, i, 1024 + i % 50000) for i in range(n)))
     r = subprocess.run([ESP_TOOL, "encrypt", "--cipher", "aes-gcm-128", "--key", KEY.hex(), "--spi", str(SPI),
-                        "--local", "198.18.0.1", "--peer", "10.0.1.1", "--mtu", str(mtu), inner, out],
+                        "--local", "198.18.0.1", "--peer", "10.0.1.1", "--mtu", str(mtu), "--sas", str(sas),
+                        inner, out],
                        capture_output=True, text=True, check=True)
     res = json.loads(r.stdout)
     if res["drops"]:
@@ -166,6 +177,18 @@ def seal(tmp, name, size, mtu, n):
     write_pcap(out, frames)
     os.unlink(inner)
     return out
+
+
+def split(path, k):
+    """Frame j of the pcap at `path` into the j mod k-th of k pcaps (one per
+    rx queue): with seal(sas=k), each queue carries one SA."""
+    frames = read_pcap(path)
+    paths = []
+    for q in range(k):
+        paths.append(f"{path[:-5]}-q{q}.pcap")
+        write_pcap(paths[-1], frames[q::k])
+    os.unlink(path)
+    return paths
 
 
 CASES_ALL = {
@@ -182,6 +205,8 @@ CASES_ALL = {
     "in-512": ("in-512", "in", 1, 1500, 1),
     "in-1420": ("in-1420", "in", 1, 1500, 1),
     "in-frag": ("in-frag", "in", 1, 1400, 1),
+    "in-64-10k": ("in-64-10k", "in", 10000, 1500, 1),
+    "in-64-2w": ("in-64-2w", "in", 2, 1500, 2),
 }
 # The raw crypto figure each case is set against, measured just before it.
 RAW = {"out-64": ("encrypt", 64), "out-512": ("encrypt", 512), "out-1420": ("encrypt", 1420),
@@ -206,9 +231,13 @@ def moatd_config(run, pcap, direction, sas, mtu, workers, mbufs):
             tunnels.append({"name": f"t{i}", "local": "10.0.2.1", "peer": "10.0.2.2", "mtu": mtu,
                             "sa": {"cipher": "aes-gcm-128", "out": {"spi": SPI + i, "key": key}}})
     else:
-        tunnels.append({"name": "t0", "local": "10.0.1.1", "peer": "198.18.0.1", "mtu": mtu,
-                        "sa": {"cipher": "aes-gcm-128", "in": {"spi": SPI, "key": key}}})
-    rx = ",".join([f"rx_pcap={pcap}"] * workers)
+        # The senders of seal(): SA i from 198.18.0.1+i with SPI SPI+i.
+        for i in range(sas):
+            peer = ".".join(str(b) for b in (int.from_bytes(ip4("198.18.0.1"), "big") + i).to_bytes(4, "big"))
+            tunnels.append({"name": f"t{i}", "local": "10.0.1.1", "peer": peer, "mtu": mtu,
+                            "sa": {"cipher": "aes-gcm-128", "in": {"spi": SPI + i, "key": key}}})
+    # One pcap per rx queue (split()), or the same one on every queue.
+    rx = ",".join(f"rx_pcap={p}" for p in (pcap if isinstance(pcap, list) else [pcap] * workers))
     lcores = list(range(workers + 1))
     eal = {"lcores": lcores, "memory_mb": memory_mb(mbufs), "no_huge": not HUGE,
            "log_level": "*:error"}
@@ -228,7 +257,7 @@ def moatd_config(run, pcap, direction, sas, mtu, workers, mbufs):
         "neighbors": [{"ip": "10.0.2.2", "mac": SINK_MAC, "port": "b"}],
         "routes": routes,
         "tunnels": tunnels,
-        "workers": {"burst": 32},
+        "workers": {"burst": BURST},
         "punt": {"enabled": False},
         "control": {"socket": os.path.join(run, "moatd.sock"), "max_sas": max(4096, 2 * sas)},
     }
@@ -305,14 +334,17 @@ class Sampler:
         self.tids = {int(n.rsplit("-", 1)[1]): t for t, n in lcore_threads(pid).items()}  # lcore → tid
 
     def __call__(self):
+        t0 = time.monotonic()
         ns0 = {l: run_ns(self.pid, t) for l, t in self.tids.items()}
         st = ctl(self.sock, "show", "stats")
         ns1 = {l: run_ns(self.pid, t) for l, t in self.tids.items()}
+        t1 = time.monotonic()
         w = {x["lcore"]: (x["rx"], x["tx"], (ns0[x["lcore"]] + ns1[x["lcore"]]) / 2) for x in st["workers"]}
         drops = {}
         for d in st["drops"]:
             drops[d["reason"]] = drops.get(d["reason"], 0) + d["count"]
-        return {"t": time.monotonic(), "w": w, "drops": drops,
+        # Counters read between t0 and t1: the midpoint, like the CPU times.
+        return {"t": (t0 + t1) / 2, "w": w, "drops": drops,
                 "rx": sum(v[0] for v in w.values()), "tx": sum(v[1] for v in w.values())}
 
 
@@ -333,26 +365,31 @@ def stop(p):
         p.wait()
 
 
-def first_pass(sample, total, what, deadline):
-    """Samples (each a dict with "tx" and "t") from 10 % to 90 % of the
-    first pass over an inbound pcap of `total` inner packets: (a, b, all
-    samples). From the first sample when the router got past 10 % before it
-    answered; at least half the pass, else LateStart. Then waits for the
-    pass to end (1.5 times as long again), so the caller can check it."""
+def first_pass(sample, total, what, deadline, txs=(lambda x: x["tx"],)):
+    """Samples (each a dict with "t") from 10 % to 90 % of the first pass
+    over an inbound pcap of `total` inner packets, for each packet count in
+    `txs` (a function of a sample: one per worker, each worker's own pass):
+    ([(a, b) per count], all samples). From the first sample when the router
+    got past 10 % before it answered; at least half the pass, else
+    LateStart. Then waits for the passes to end (1.5 times as long again),
+    so the caller can check them."""
     lo, hi = 0.1 * total, 0.9 * total
     samples = []
     while time.time() < deadline:
         x = sample()
         samples.append(x)
-        if x["tx"] >= hi:
+        if all(tx(x) >= hi for tx in txs):
             break
         time.sleep(0.002)
-    a = samples[0] if samples[0]["tx"] >= lo else next(x for x in samples if x["tx"] >= lo)
-    b = [x for x in samples if x["tx"] <= hi][-1]
-    if b["tx"] - a["tx"] < 0.5 * total:
-        raise LateStart(f"{what}: under half the pass sampled (raise N)")
+    windows = []
+    for tx in txs:
+        a = samples[0] if tx(samples[0]) >= lo else next(x for x in samples if tx(x) >= lo)
+        b = [x for x in samples if tx(x) <= hi][-1]
+        if tx(b) - tx(a) < 0.5 * total:
+            raise LateStart(f"{what}: under half the pass sampled (raise N)")
+        windows.append((a, b))
     time.sleep(max(0.2, 1.5 * (samples[-1]["t"] - samples[0]["t"])))
-    return a, b, samples
+    return windows, samples
 
 
 def run_case_retry(tmp, pcaps, name, moatd=MOATD, tries=3):
@@ -411,23 +448,32 @@ def run_case(tmp, pcaps, name, moatd=MOATD):
                        seconds=dt,
                        drops={k: v - a["drops"].get(k, 0) for k, v in b["drops"].items() if v != a["drops"].get(k, 0)})
         else:
-            # First pass only: inner packets out (tx) against the worker's CPU time.
+            # First pass only: inner packets out (tx) against the worker's CPU
+            # time, each worker over its own queue's pass; rates add up.
             inner_total = per_queue if mtu >= 1500 else per_queue // 2
-            a, b, samples = first_pass(sample, inner_total, name, time.time() + 120)
-            (l,) = a["w"].keys()
-            cpu_s = (b["w"][l][2] - a["w"][l][2]) / 1e9
-            if cpu_s < 0.02:
-                raise RuntimeError(f"{name}: first pass too short to measure ({cpu_s:.3f} s)")
-            # The pass is over: every ESP packet of it decrypted, the rest
-            # refused as replays.
+            lcores = sorted(sample()["w"])
+            windows, samples = first_pass(sample, inner_total, name, time.time() + 120,
+                                          [lambda x, l=l: x["w"][l][1] for l in lcores])
+            per_worker, cpu_share = {}, {}
+            for l, (a, b) in zip(lcores, windows):
+                cpu_s = (b["w"][l][2] - a["w"][l][2]) / 1e9
+                if cpu_s < 0.02:
+                    raise RuntimeError(f"{name}: first pass too short to measure ({cpu_s:.3f} s)")
+                per_worker[l] = (b["w"][l][1] - a["w"][l][1]) / cpu_s / 1e6
+                cpu_share[l] = cpu_s / (b["t"] - a["t"])
+            a = min((w[0] for w in windows), key=lambda x: x["t"])
+            b = max((w[1] for w in windows), key=lambda x: x["t"])
+            # The passes are over: every ESP packet of them decrypted, the
+            # rest refused as replays.
             _, rx, tx, d = counters(sock)
-            res.update(inner_mpps=(b["tx"] - a["tx"]) / cpu_s / 1e6,
+            res.update(inner_mpps=sum(per_worker.values()), per_worker_mpps=per_worker,
                        inner_mpps_wall=(b["tx"] - a["tx"]) / (b["t"] - a["t"]) / 1e6,
-                       cpu_share=cpu_s / (b["t"] - a["t"]), seconds=b["t"] - a["t"], cpu_seconds=cpu_s,
+                       cpu_share=cpu_share if workers > 1 else cpu_share[lcores[0]], seconds=b["t"] - a["t"],
                        samples=len(samples), inner_out_total=tx, rx_total=rx, drops=d)
             # (tx also counts the gratuitous ARPs moatd sends at start.)
-            if not inner_total <= tx <= inner_total + 16:
-                raise RuntimeError(f"{name}: {tx} inner packets out, want {inner_total}: drops {d}")
+            want = inner_total * workers
+            if not want <= tx <= want + 16:
+                raise RuntimeError(f"{name}: {tx} inner packets out, want {want}: drops {d}")
             if set(d) - {"esp_replayed", "esp_too_old"}:
                 raise RuntimeError(f"{name}: unexpected drops {d}")
         return res
@@ -534,7 +580,7 @@ def run_ref(tmp, pcaps, name, kind):
             time.sleep(DURATION)
             b = sample()
         else:
-            a, b, _ = first_pass(sample, n, f"{kind} {name}", deadline)
+            ((a, b),), _ = first_pass(sample, n, f"{kind} {name}", deadline)
             total = port_out(tel)
             res["inner_out_total"] = total
             # Every ESP packet of the first pass decrypted; what came out
@@ -571,7 +617,10 @@ _counts = {}
 
 
 def pcap_count(path):
-    """Packets in a pcap (record headers only)."""
+    """Packets in a pcap (record headers only); of the first, given a list of
+    one pcap per rx queue (split(): all of a size)."""
+    if isinstance(path, list):
+        path = path[0]
     if path not in _counts:
         n = 0
         with open(path, "rb") as f:
@@ -709,13 +758,16 @@ def compute_ratios(rounds):
         lambda rd, c: c["out-frag"]["inner_mpps"] / c["out-1420"]["inner_mpps"])
     add("inbound 1420 B with reassembly ÷ unfragmented", 0.70,
         lambda rd, c: c["in-frag"]["inner_mpps"] / c["in-1420"]["inner_mpps"])
+    add("inbound 64 B, 10,000 SAs ÷ 1 SA (outbound's goal)", 0.70,
+        lambda rd, c: c["in-64-10k"]["inner_mpps"] / c["in-64"]["inner_mpps"])
+    add("inbound 64 B, two workers ÷ one", 1.8, lambda rd, c: c["in-64-2w"]["inner_mpps"] / c["in-64"]["inner_mpps"])
     add("outbound 64 B, two workers ÷ one", 1.8, lambda rd, c: c["out-64-2w"]["inner_mpps"] / c["out-64"]["inner_mpps"])
     add("outbound 64 B, two workers ÷ one, wall clock (CPU 0 shared with the control thread)", 1.8,
         lambda rd, c: c["out-64-2w"]["inner_mpps_wall"] / c["out-64"]["inner_mpps_wall"])
-    add("outbound 64 B, 4,096-packet pcap ÷ N-packet pcap (not a goal)", 0.0,
+    add(f"outbound 64 B, {SMALL_N:,}-packet pcap ÷ N-packet pcap (not a goal)", 0.0,
         lambda rd, c: c["out-64-small"]["inner_mpps"] / c["out-64"]["inner_mpps"])
     for s in SIZES:
-        add(f"outbound {s} B, 4,096-packet pcap ÷ raw encrypt (not a goal)", 0.0,
+        add(f"outbound {s} B, {SMALL_N:,}-packet pcap ÷ raw encrypt (not a goal)", 0.0,
             lambda rd, c, s=s: c[f"out-{s}-small"]["inner_mpps"] / raw_of(rd, f"out-{s}-small"))
     for kind in REFS:
         for c, (op, s) in RAW.items():

@@ -3,8 +3,11 @@
 //
 //   esp_tool encrypt|decrypt --cipher NAME --key HEX [--auth-key HEX] --spi N
 //            [--esn] [--nat-t] [--seq N] [--local A.B.C.D] [--peer A.B.C.D]
-//            [--mtu N] [--window N] IN.pcap OUT.pcap
+//            [--mtu N] [--window N] [--sas K] IN.pcap OUT.pcap
 //
+// --sas K: K SAs alike but for SPI N+i and local address A.B.C.D+i (K moats
+// sealing for one portal); frame j goes through SA j mod K, so each SA's
+// sequence numbers rise through the file.
 // encrypt: every IPv4 frame of IN goes through esp_mtu + esp_outbound of an
 // outbound SA; decrypt: every frame through esp_inbound of an inbound SA.
 // --seq sets the SA's sequence state first (outbound: last sent; inbound: the
@@ -16,6 +19,7 @@
 #include <rte_ether.h>
 #include <rte_malloc.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -116,6 +120,7 @@ int main(int argc, char** argv) {
   c.peer = ip4("192.0.2.2");
   uint64_t seq = 0;
   bool seq_set = false;
+  uint32_t sas = 1;
   std::vector<std::string> files;
   for (int i = 2; i < argc; i++) {
     std::string a = argv[i];
@@ -134,6 +139,7 @@ int main(int argc, char** argv) {
     else if (a == "--peer") c.peer = ip4(val());
     else if (a == "--mtu") c.mtu = uint16_t(std::stoul(val()));
     else if (a == "--window") c.replay_window = uint32_t(std::stoul(val()));
+    else if (a == "--sas") sas = uint32_t(std::stoul(val()));
     else files.push_back(a);
   }
   if (files.size() != 2 || (mode != "encrypt" && mode != "decrypt")) die("usage: esp_tool encrypt|decrypt OPTIONS IN.pcap OUT.pcap");
@@ -141,12 +147,20 @@ int main(int argc, char** argv) {
 
   rte_mempool* mp = rte_pktmbuf_pool_create("esp_tool", 8191, 0, kMbufPrivSize, RTE_MBUF_DEFAULT_BUF_SIZE, 0);
   if (!mp) die("mbuf pool");
-  auto sad_r = Sad::create("tool", 16, nullptr);
+  if (sas < 1 || sas > 100000) die("--sas wants 1..100000");
+  auto sad_r = Sad::create("tool", std::max<uint32_t>(16, sas), nullptr);
   if (!sad_r) die(sad_r.error());
   std::unique_ptr<Sad> sad(*sad_r);
-  auto idx = sad->add_sa(c);
-  if (!idx) die(idx.error());
-  if (seq_set) sad->sa(*idx).seq = seq;
+  std::vector<uint32_t> idx;
+  for (uint32_t k = 0; k < sas; k++) {
+    SaConfig ck = c;
+    ck.spi = c.spi + k;
+    ck.local = c.local + k;
+    auto i = sad->add_sa(ck);
+    if (!i) die(i.error());
+    if (seq_set) sad->sa(*i).seq = seq;
+    idx.push_back(*i);
+  }
   auto w = std::make_unique<Worker>();
   w->direct_pool = mp;
   w->indirect_pool = mp;
@@ -170,7 +184,7 @@ int main(int argc, char** argv) {
       md = PktMeta{};
       md.l3_off = 14;
       md.in_port = 0;
-      md.sa = *idx;
+      md.sa = idx[i % sas];
       b.push(m);
     }
     w->now_tsc = rte_rdtsc();
