@@ -140,10 +140,9 @@ tl::expected<Sad*, std::string> Sad::create(const std::string& name, uint32_t ca
   s->stride_ = RTE_ALIGN_CEIL(size_t(capacity), 64 / sizeof(SaTraffic));
   s->traffic_ = static_cast<SaTraffic*>(rte_zmalloc(nullptr, sizeof(SaTraffic) * s->stride_ * workers, 64));
   if (!s->sas_ || !s->keys_ || !s->drops_ || !s->tunnel_out_ || !s->traffic_) {
-    delete s;
-    return fail(fmt::format("cannot allocate {} SA slots ({} MB)", capacity,
-                            ((sizeof(Sa) + sizeof(SaKeys) + sizeof(SaDrops)) * capacity +
-                             sizeof(SaTraffic) * s->stride_ * workers) >> 20));
+    size_t mb = ((sizeof(Sa) + sizeof(SaKeys) + sizeof(SaDrops)) * capacity + sizeof(SaTraffic) * s->stride_ * workers) >> 20;
+    delete s;  // after the size is taken: it reads s->stride_
+    return fail(fmt::format("cannot allocate {} SA slots ({} MB)", capacity, mb));
   }
   for (uint32_t i = 0; i < capacity; i++) s->tunnel_out_[i].store(kNoSa, std::memory_order_relaxed);
   std::string hn = "sad_" + name;

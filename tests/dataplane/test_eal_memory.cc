@@ -166,8 +166,9 @@ TEST(EalMemory, PacketPoolHeapIsLockedHugePagesThatHoldTheWholePool) {
     EXPECT_TRUE(v.advised) << "not advised for huge pages";
     // Where the kernel gives advised memory huge pages (its default), it
     // must have given them; under "never" the heap runs on 4 KiB pages.
-    if (thp_mode() != "never")
+    if (thp_mode() != "never") {
       EXPECT_GE(v.huge_kb * 4, vma_kb * 3) << v.huge_kb << " of " << vma_kb << " kB on huge pages (THP " << thp_mode() << ")";
+    }
     std::memset(rte_pktmbuf_mtod(m, void*), 0xab, 64);
     rte_pktmbuf_free(m);
     rte_mempool_free(mp);

@@ -1,5 +1,6 @@
 // SA and SAD: the anti-replay window (RFC 4303 §3.4.3, Appendix A with ESN),
 // lifecycle under RCU, lookups, lifetimes' events.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <rte_byteorder.h>
 #include <rte_rcu_qsbr.h>
@@ -102,6 +103,20 @@ TEST(ReplayWindow, EsnInfersTheHighHalfAcrossTheWrap) {
   Sa& n = *np;
   EXPECT_EQ(replay_seq64(n, 3), 3u);
   EXPECT_EQ(replay_check(n, 3), Replay::too_old);
+}
+
+// A SAD larger than memory is refused with its size in the error, and the
+// process goes on (what was allocated is given back; the size is taken
+// before the half-made SAD is freed).
+TEST(Sad, ASadLargerThanMemoryIsRefusedWithItsSize) {
+  uint32_t cap = 1u << 30;  // ~2.5 TB of SA slots
+  auto r = Sad::create(uniq(), cap, nullptr, 2);
+  ASSERT_FALSE(r);
+  size_t mb = ((sizeof(Sa) + sizeof(SaKeys) + sizeof(SaDrops)) * size_t(cap) + sizeof(SaTraffic) * size_t(cap) * 2) >> 20;
+  EXPECT_NE(r.error().find(fmt::format("cannot allocate {} SA slots ({} MB)", cap, mb)), std::string::npos) << r.error();
+  auto ok = Sad::create(uniq(), 8, nullptr);
+  ASSERT_TRUE(ok) << ok.error();
+  delete *ok;
 }
 
 TEST(Sad, AddsLooksUpAndDeletesUnderRcu) {
