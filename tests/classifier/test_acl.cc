@@ -110,7 +110,9 @@ void expect_same_as_linear(const RuleSet& rs, Gen& g, unsigned packets, uint64_t
     }
   }
   // The generator must exercise matches, not only defaults.
-  if (rs.table[0].rules.size() > 4) EXPECT_GT(hits, packets / 10);
+  if (rs.table[0].rules.size() > 4) {
+    EXPECT_GT(hits, packets / 10);
+  }
 }
 
 TEST(AclVsLinear, RandomRuleSetsAgreeOnEveryTable) {
