@@ -10,8 +10,8 @@
 # outbound interval), CASES (all: out-64 out-512 out-1420 in-64 in-512
 # in-1420 out-64-10k out-frag in-frag out-64-2w out-64-small out-512-small
 # out-1420-small: outbound from a SMALL_N-packet pcap; in-64-10k: 10,000
-# inbound SAs; in-64-2w: two workers, an SA each), SMALL_N (4096; 256 keeps
-# the generator's pcap in a 1 MB L2), BURST (32: moatd's workers.burst), MOATD,
+# inbound SAs; in-64-2w: two workers, an SA each), SMALL_N (256: the outbound
+# goals' pcap, in a 1 MB L2; 4096 before session 10), BURST (32: moatd's workers.burst), MOATD,
 # ESP_TOOL, CRYPTO_PERF, HUGE (1: moatd and the references on hugetlbfs, which
 # the caller mounts and reserves; default --no-huge). Needs about 1.7 GB of memory per moatd run (N mbufs); moatd takes ~20 s to load 300,000 packets.
 # How inbound stays honest under infinite_rx replay: bench/esp_pcap.py.
