@@ -92,6 +92,11 @@ def ip4(s):
     return bytes(int(x) for x in s.split("."))
 
 
+def ip4_plus(s, i):
+    """Dotted address `i` after the dotted address `s`."""
+    return ".".join(str(b) for b in (int.from_bytes(ip4(s), "big") + i).to_bytes(4, "big"))
+
+
 def udp_frame(src, dst, total, ident, sport):
     """Ethernet + IPv4 (+ UDP) frame whose IPv4 packet is `total` bytes."""
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, ident & 0xffff, 0, 64, 17, 0, src, dst))
@@ -229,16 +234,13 @@ def moatd_config(run, pcap, direction, sas, mtu, workers, mbufs):
     routes, tunnels = [], []
     if direction == "out":
         for i in range(sas):
-            a = int.from_bytes(ip4("10.0.3.0"), "big") + (i if sas > 1 else 1)
-            prefix = ".".join(str(b) for b in a.to_bytes(4, "big")) + "/32"
-            routes.append({"prefix": prefix, "tunnel": f"t{i}"})
+            routes.append({"prefix": ip4_plus("10.0.3.0", i if sas > 1 else 1) + "/32", "tunnel": f"t{i}"})
             tunnels.append({"name": f"t{i}", "local": "10.0.2.1", "peer": "10.0.2.2", "mtu": mtu,
                             "sa": {"cipher": "aes-gcm-128", "out": {"spi": SPI + i, "key": key}}})
     else:
         # The senders of seal(): SA i from 198.18.0.1+i with SPI SPI+i.
         for i in range(sas):
-            peer = ".".join(str(b) for b in (int.from_bytes(ip4("198.18.0.1"), "big") + i).to_bytes(4, "big"))
-            tunnels.append({"name": f"t{i}", "local": "10.0.1.1", "peer": peer, "mtu": mtu,
+            tunnels.append({"name": f"t{i}", "local": "10.0.1.1", "peer": ip4_plus("198.18.0.1", i), "mtu": mtu,
                             "sa": {"cipher": "aes-gcm-128", "in": {"spi": SPI + i, "key": key}}})
     # One pcap per rx queue (split()), or the same one on every queue.
     rx = ",".join(f"rx_pcap={p}" for p in (pcap if isinstance(pcap, list) else [pcap] * workers))
