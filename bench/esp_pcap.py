@@ -188,6 +188,11 @@ def seal(tmp, name, size, mtu, n, sas=1):
     return out
 
 
+def queue_pcaps(pcap, workers):
+    """The pcap of each rx queue: split()'s list, or one pcap on every queue."""
+    return pcap if isinstance(pcap, list) else [pcap] * workers
+
+
 def split(path, k):
     """Frame j of the pcap at `path` into the j mod k-th of k pcaps (one per
     rx queue): with seal(sas=k), each queue carries one SA."""
@@ -242,8 +247,7 @@ def moatd_config(run, pcap, direction, sas, mtu, workers, mbufs):
         for i in range(sas):
             tunnels.append({"name": f"t{i}", "local": "10.0.1.1", "peer": ip4_plus("198.18.0.1", i), "mtu": mtu,
                             "sa": {"cipher": "aes-gcm-128", "in": {"spi": SPI + i, "key": key}}})
-    # One pcap per rx queue (split()), or the same one on every queue.
-    rx = ",".join(f"rx_pcap={p}" for p in (pcap if isinstance(pcap, list) else [pcap] * workers))
+    rx = ",".join(f"rx_pcap={p}" for p in queue_pcaps(pcap, workers))
     lcores = list(range(workers + 1))
     eal = {"lcores": lcores, "memory_mb": memory_mb(mbufs), "no_huge": not HUGE,
            "log_level": "*:error"}
@@ -531,6 +535,15 @@ def secgw_config(direction):
             f"rt ipv4 dst 10.0.2.0/24 port 1\nneigh port 1 {SINK_MAC}\n")
 
 
+def refs_for(case):
+    """The reference routers (REFS) that run `case`: all of them on the size
+    cases; testpmd alone on the two-worker cases, for the harness's own
+    scaling to two cores (ipsec-secgw runs one worker here)."""
+    if case in RAW:
+        return REFS
+    return [k for k in REFS if k == "testpmd"] if CASES_ALL[case][4] > 1 else []
+
+
 def run_ref(tmp, pcaps, name, kind):
     """One size case on a reference router (REFS): its rate in packets out of
     net_null per second of its worker thread's CPU time, sampled through
@@ -543,8 +556,7 @@ def run_ref(tmp, pcaps, name, kind):
     mbufs = n * workers + 32768
     run = tempfile.mkdtemp(prefix=f"moat-ref-{kind}-", dir=tmp)
     prefix = os.path.basename(run)
-    qs = pcaps[pcap] if isinstance(pcaps[pcap], list) else [pcaps[pcap]] * workers
-    rx = ",".join(f"rx_pcap={q}" for q in qs)
+    rx = ",".join(f"rx_pcap={q}" for q in queue_pcaps(pcaps[pcap], workers))
     eal = ["--huge-unlink" if HUGE else "--no-huge", "-m", str(memory_mb(mbufs)), "--no-pci", "--no-shconf",
            "--file-prefix", prefix, "--log-level", "*:error",
            "--vdev", f"net_pcap0,{rx},infinite_rx=1", "--vdev", "net_null0,no-rx=1"]
@@ -709,18 +721,15 @@ def main():
                 rd["cases"][c] = res
                 if MOATD_B:
                     rd.setdefault("cases_b", {})[c] = res_b
-                # testpmd also runs the two-worker cases: the harness's own
-                # scaling to two cores (its generators and net_null, no crypto).
-                if c in RAW or c in ("in-64-2w", "out-64-2w"):
-                    for kind in REFS if c in RAW else [k for k in REFS if k == "testpmd"]:
-                        try:
-                            x = run_ref(tmp, pcaps, c, kind)
-                        except LateStart as e:
-                            print(f"esp-pcap: {e}; left out", file=sys.stderr)
-                            continue
-                        rd.setdefault("refs", {}).setdefault(kind, {})[c] = x
-                        print(f"esp-pcap: round {r}: {c}: {kind} {x['inner_mpps']:.3f} Mpps per worker CPU second",
-                              file=sys.stderr)
+                for kind in refs_for(c):
+                    try:
+                        x = run_ref(tmp, pcaps, c, kind)
+                    except LateStart as e:
+                        print(f"esp-pcap: {e}; left out", file=sys.stderr)
+                        continue
+                    rd.setdefault("refs", {}).setdefault(kind, {})[c] = x
+                    print(f"esp-pcap: round {r}: {c}: {kind} {x['inner_mpps']:.3f} Mpps per worker CPU second",
+                          file=sys.stderr)
                 if c in RAW:
                     after, after_wall, cmd = crypto_perf(op, [size])
                     rd[f"raw_{op}_mops"][size] = (before[size] + after[size]) / 2

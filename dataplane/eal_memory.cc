@@ -1,5 +1,6 @@
 #include "dataplane/eal_memory.hh"
 
+#include <rte_common.h>
 #include <rte_eal.h>
 #include <rte_errno.h>
 #include <rte_malloc.h>
@@ -36,7 +37,6 @@ int pin_chunk(const rte_memseg_list* msl, const rte_memseg* ms, size_t len, void
 }
 
 constexpr size_t kHugePage = size_t(2) << 20;
-size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 }  // namespace
 
@@ -62,17 +62,17 @@ size_t pktmbuf_pool_bytes(unsigned n, uint16_t priv_size, uint16_t data_room) {
   size_t header = sizeof(rte_mempool) + size_t(RTE_MAX_LCORE) * sizeof(rte_mempool_cache) +
                   sizeof(rte_pktmbuf_pool_private);
   // Each allocation's malloc element and alignment: a page's slack covers them.
-  return round_up(objects + ring + header + kHugePage, kHugePage);
+  return RTE_ALIGN_CEIL(objects + ring + header + kHugePage, kHugePage);
 }
 
 tl::expected<HugePageHeap, std::string> huge_page_heap(const char* name, size_t bytes) {
-  bytes = round_up(bytes, kHugePage);
+  bytes = RTE_ALIGN_CEIL(bytes, kHugePage);
   // Over-map by a page, keep the 2 MiB-aligned part: only aligned 2 MiB
   // ranges of a mapping can be huge pages.
   void* raw = mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return tl::unexpected(fmt::format("mapping {} MB: {}", bytes >> 20, std::strerror(errno)));
   auto base = reinterpret_cast<uintptr_t>(raw);
-  uintptr_t at = round_up(base, kHugePage);
+  uintptr_t at = RTE_ALIGN_CEIL(base, uintptr_t(kHugePage));
   if (at > base) munmap(raw, at - base);
   if (size_t tail = base + kHugePage - at) munmap(reinterpret_cast<void*>(at + bytes), tail);
   void* p = reinterpret_cast<void*>(at);
