@@ -65,59 +65,6 @@ const char* sa_event_name(SaEventKind k) {
   return "?";
 }
 
-// ---- replay window (RFC 4303 Appendix A) ----
-
-uint64_t replay_seq64(const Sa& sa, uint32_t seql) {
-  if (!sa.esn) return seql;
-  uint64_t t = sa.seq;
-  uint32_t tl = uint32_t(t), th = uint32_t(t >> 32);
-  uint32_t w = sa.window;
-  uint32_t seqh;
-  // A2.2: which 2^32 subspace the packet belongs to, judged from T and W.
-  if (tl >= w - 1) {
-    seqh = seql >= tl - w + 1 ? th : th + 1;
-  } else {
-    seqh = seql >= tl - w + 1 ? th - 1 : th;  // tl - w + 1 wraps on purpose
-  }
-  if (th == 0 && seqh == 0xffffffff) return 0;  // "before" the first subspace: invalid
-  return uint64_t(seqh) << 32 | seql;
-}
-
-static constexpr uint64_t kBits = 64 * kReplayWords;
-
-Replay replay_check(const Sa& sa, uint64_t seq) {
-  if (seq == 0) return Replay::too_old;  // sequence numbers start at 1
-  uint64_t t = sa.seq;
-  if (seq > t) return Replay::ok;
-  if (t - seq >= sa.window) return Replay::too_old;
-  uint64_t word = sa.bitmap[(seq / 64) % kReplayWords];
-  return (word >> (seq % 64)) & 1 ? Replay::replayed : Replay::ok;
-}
-
-Replay replay_update(Sa& sa, uint64_t seq) {
-  Replay r = replay_check(sa, seq);
-  if (r != Replay::ok) return r;
-  uint64_t t = sa.seq;
-  if (seq > t) {
-    // Clear the words between the old top and the new one: they now hold
-    // sequence numbers not yet seen. The ring has one word more than the
-    // largest window needs, so live bits are never cleared.
-    uint64_t tw = t / 64, sw = seq / 64;
-    if (sw - tw >= kReplayWords) {
-      std::memset(sa.bitmap, 0, sizeof(sa.bitmap));
-    } else {
-      for (uint64_t wi = tw + 1; wi <= sw; wi++) sa.bitmap[wi % kReplayWords] = 0;
-    }
-    if (t && seq > t + 1) sa_bump(sa.gaps, seq - t - 1);
-    __atomic_store_n(&sa.seq, seq, __ATOMIC_RELAXED);
-  } else {
-    sa_bump(sa.late, 1);
-  }
-  sa.bitmap[(seq / 64) % kReplayWords] |= uint64_t(1) << (seq % 64);
-  static_assert(kBits >= kMaxReplayWindow + 64);
-  return Replay::ok;
-}
-
 // ---- the SAD ----
 
 tl::expected<Sad*, std::string> Sad::create(const std::string& name, uint32_t capacity,

@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -249,18 +250,67 @@ struct SaDrops {
 // decryption; the update after authentication re-checks, so two copies of
 // one packet in the same burst cannot both pass.
 enum class Replay : uint8_t { ok, replayed, too_old };
-// The full 64-bit sequence number of a received packet (Appendix A2.2);
-// without ESN, the 32 bits as they are.
-uint64_t replay_seq64(const Sa& sa, uint32_t seq_lo);
-Replay replay_check(const Sa& sa, uint64_t seq);
-// Records an authenticated sequence number; updates the loss counters.
-Replay replay_update(Sa& sa, uint64_t seq);
-
 // Relaxed add for counters with one writer per SA (inbound) or several (outbound).
 inline void sa_add(uint64_t& c, uint64_t n) { __atomic_fetch_add(&c, n, __ATOMIC_RELAXED); }
 inline uint64_t sa_load(const uint64_t& c) { return __atomic_load_n(&c, __ATOMIC_RELAXED); }
 // For counters of inbound SAs, which have one writer: no locked instruction.
 inline void sa_bump(uint64_t& c, uint64_t n) { __atomic_store_n(&c, c + n, __ATOMIC_RELAXED); }
+
+// Inline: three calls per received packet into another file cost more than
+// the few compares they make (the 64-byte inbound case).
+// The full 64-bit sequence number of a received packet (Appendix A2.2);
+// without ESN, the 32 bits as they are.
+inline uint64_t replay_seq64(const Sa& sa, uint32_t seql) {
+  if (!sa.esn) return seql;
+  uint64_t t = sa.seq;
+  uint32_t tl = uint32_t(t), th = uint32_t(t >> 32);
+  uint32_t w = sa.window;
+  uint32_t seqh;
+  // A2.2: which 2^32 subspace the packet belongs to, judged from T and W.
+  if (tl >= w - 1) {
+    seqh = seql >= tl - w + 1 ? th : th + 1;
+  } else {
+    seqh = seql >= tl - w + 1 ? th - 1 : th;  // tl - w + 1 wraps on purpose
+  }
+  if (th == 0 && seqh == 0xffffffff) return 0;  // "before" the first subspace: invalid
+  return uint64_t(seqh) << 32 | seql;
+}
+
+inline constexpr uint64_t kReplayBits = 64 * kReplayWords;
+
+inline Replay replay_check(const Sa& sa, uint64_t seq) {
+  if (seq == 0) return Replay::too_old;  // sequence numbers start at 1
+  uint64_t t = sa.seq;
+  if (seq > t) return Replay::ok;
+  if (t - seq >= sa.window) return Replay::too_old;
+  uint64_t word = sa.bitmap[(seq / 64) % kReplayWords];
+  return (word >> (seq % 64)) & 1 ? Replay::replayed : Replay::ok;
+}
+
+// Records an authenticated sequence number; updates the loss counters.
+inline Replay replay_update(Sa& sa, uint64_t seq) {
+  Replay r = replay_check(sa, seq);
+  if (r != Replay::ok) return r;
+  uint64_t t = sa.seq;
+  if (seq > t) {
+    // Clear the words between the old top and the new one: they now hold
+    // sequence numbers not yet seen. The ring has one word more than the
+    // largest window needs, so live bits are never cleared.
+    uint64_t tw = t / 64, sw = seq / 64;
+    if (sw - tw >= kReplayWords) {
+      std::memset(sa.bitmap, 0, sizeof(sa.bitmap));
+    } else {
+      for (uint64_t wi = tw + 1; wi <= sw; wi++) sa.bitmap[wi % kReplayWords] = 0;
+    }
+    if (t && seq > t + 1) sa_bump(sa.gaps, seq - t - 1);
+    __atomic_store_n(&sa.seq, seq, __ATOMIC_RELAXED);
+  } else {
+    sa_bump(sa.late, 1);
+  }
+  sa.bitmap[(seq / 64) % kReplayWords] |= uint64_t(1) << (seq % 64);
+  static_assert(kReplayBits >= kMaxReplayWindow + 64);
+  return Replay::ok;
+}
 
 // A snapshot of one SA for views (moatctl show tunnels) and tests.
 struct SaStats {
