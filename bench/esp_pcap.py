@@ -761,20 +761,27 @@ def main():
 def raw_of(rd, case):
     """The raw crypto rate measured around `case` in round `rd`."""
     op, size = RAW[case]
-    return rd.get("raw_case_mops", {}).get(case, rd[f"raw_{op}_mops"][size])
+    by_case = rd.get("raw_case_mops", {})
+    if case in by_case:
+        return by_case[case]
+    by_size = rd[f"raw_{op}_mops"]
+    return by_size[size] if size in by_size else by_size[str(size)]  # str: read back from JSON
 
 
 def compute_ratios(rounds):
     out = {}
 
     def add(name, goal, f):
+        # A round that left a case out (its pass never sampled well) has no
+        # value here; the other rounds still count.
         vals = []
         for rd in rounds:
             try:
                 vals.append(f(rd, rd["cases"]))
             except KeyError:
-                return
-        out[name] = (goal, vals)
+                continue
+        if vals:
+            out[name] = (goal, vals)
 
     for s, g in zip(SIZES, (0.50, 0.55, 0.65)):
         add(f"outbound {s} B ÷ raw encrypt ({SMALL_N:,}-packet pcap)", g,
@@ -815,8 +822,9 @@ def compute_ratios(rounds):
             add(f"harness bound: {c} ÷ raw {op} (not a goal)", 0.0,
                 lambda rd, cs, c=c, op=op, s=s: 1 / (raw_of(rd, c) * (
                     1 / rd["refs"]["testpmd"][c]["inner_mpps"] + 1 / rd["ipsec_mb_direct_mops"][f"{op} {s}"])))
-    if rounds and "cases_b" in rounds[0]:
-        for name in rounds[0]["cases_b"]:
+    names_b = {n: None for rd in rounds for n in rd.get("cases_b", {})}  # every round's, in order
+    if names_b:
+        for name in names_b:
             add(f"{name}: B ÷ A (not a goal)", 0.0,
                 lambda rd, c, n=name: rd["cases_b"][n]["inner_mpps"] / c[n]["inner_mpps"])
     return out
