@@ -8,6 +8,11 @@ case. bench/esp_pcap.py makes the pcap and the config, as for the figures.
   bench/esp-pcap-perf.py BUILD CASE OUT.data [MOATD]
   perf report -i OUT.data --no-children --sort dso,sym -g none
 
+With OUT.data "-", no perf: the run goes to the end of an inbound case's
+first pass and prints the lines of moatd's log that start with "STAGE",
+which a moatd built with bench/stage-tsc.patch writes as it stops (TSC
+cycles per packet by stage, first-pass bursts only; docs/PERFORMANCE.md).
+
 Run it under the benchmark lock like any benchmark (docs/PERFORMANCE.md).
 """
 import os
@@ -37,8 +42,9 @@ log = open(os.path.join(work, "moatd.log"), "w+")
 p = subprocess.Popen([moatd, "--config", cfg], stdout=log, stderr=subprocess.STDOUT, preexec_fn=E.all_cpus)
 try:
     tid = sorted(E.lcore_threads(p.pid))[0]
-    perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "20000", "-g", "-t", str(tid), "-o", outp],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    perf = None if outp == "-" else subprocess.Popen(
+        ["perf", "record", "-e", "cpu-clock", "-F", "20000", "-g", "-t", str(tid), "-o", outp],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
             E.counters(sock)
@@ -49,14 +55,18 @@ try:
         time.sleep(4)
     else:
         inner_total = per_queue if mtu >= 1500 else per_queue // 2
-        while E.counters(sock)[2] < 0.95 * inner_total:
+        while E.counters(sock)[2] < (0.95 if perf else 1.0) * inner_total:
             time.sleep(0.002)
-    perf.send_signal(signal.SIGINT)
-    perf.wait()
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
     _, rx, tx, d = E.counters(sock)
     print(f"esp-pcap-perf: {case}: rx {rx} tx {tx} drops {d}", file=sys.stderr)
 finally:
     p.terminate()
     p.wait(30)
+    if outp == "-":
+        log.seek(0)
+        print("".join(line for line in log if line.startswith("STAGE")), end="")
     log.close()
     shutil.rmtree(work, ignore_errors=True)
