@@ -822,11 +822,9 @@ def compute_ratios(rounds):
             add(f"harness bound: {c} ÷ raw {op} (not a goal)", 0.0,
                 lambda rd, cs, c=c, op=op, s=s: 1 / (raw_of(rd, c) * (
                     1 / rd["refs"]["testpmd"][c]["inner_mpps"] + 1 / rd["ipsec_mb_direct_mops"][f"{op} {s}"])))
-    names_b = {n: None for rd in rounds for n in rd.get("cases_b", {})}  # every round's, in order
-    if names_b:
-        for name in names_b:
-            add(f"{name}: B ÷ A (not a goal)", 0.0,
-                lambda rd, c, n=name: rd["cases_b"][n]["inner_mpps"] / c[n]["inner_mpps"])
+    for name in {n: None for rd in rounds for n in rd.get("cases_b", {})}:  # every round's, in order
+        add(f"{name}: B ÷ A (not a goal)", 0.0,
+            lambda rd, c, n=name: rd["cases_b"][n]["inner_mpps"] / c[n]["inner_mpps"])
     return out
 
 
