@@ -1064,10 +1064,11 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
   // The trailers first, in a loop of their own: each is the last bytes the
   // decryption wrote, and read inside the checks below each load waited
   // before the next packet's could start (the profile's hot spot).
+  // Where the decrypted payload (the inner packet) starts: after SPI, sequence number and IV.
+  auto payload_off = [&](const InJob& j) { return uint16_t(j.esp_off + 8 + sad.sa(j.idx).iv_len); };
   uint8_t pads[kMaxBurst], nhs[kMaxBurst];
   for (unsigned c = 0; c < nj; c++) {
-    const uint8_t* end = rte_pktmbuf_mtod_offset(jobs[c].m, const uint8_t*,
-                                                 jobs[c].esp_off + 8 + sad.sa(jobs[c].idx).iv_len + jobs[c].ct_len);
+    const uint8_t* end = rte_pktmbuf_mtod_offset(jobs[c].m, const uint8_t*, payload_off(jobs[c]) + jobs[c].ct_len);
     pads[c] = end[-2];
     nhs[c] = end[-1];
   }
@@ -1088,7 +1089,8 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
       drop_sa(w, sad, j.idx, m, r == Replay::replayed ? Drop::esp_replayed : Drop::esp_too_old);
       continue;
     }
-    uint8_t* payload = rte_pktmbuf_mtod_offset(m, uint8_t*, j.esp_off + 8 + sa.iv_len);
+    const uint16_t inner_off = payload_off(j);
+    uint8_t* payload = rte_pktmbuf_mtod_offset(m, uint8_t*, inner_off);
     uint8_t pad = pads[c];
     uint8_t nh = nhs[c];
     if (pad + 2 > j.ct_len) { drop_sa(w, sad, j.idx, m, Drop::esp_bad_padding); continue; }
@@ -1133,7 +1135,6 @@ void esp_inbound(Worker& w, EspWorker& ew, const Sad& sad, Burst& b) {
     // kernel drops a frame whose destination MAC is not its own (bytes of
     // the outer headers left there made corp → router services fail).
     const rte_ether_hdr outer_eth = *rte_pktmbuf_mtod(m, const rte_ether_hdr*);
-    uint16_t inner_off = uint16_t(j.esp_off + 8 + sa.iv_len);
     rte_pktmbuf_adj(m, uint16_t(inner_off - kEth));
     rte_pktmbuf_trim(m, uint16_t(rte_pktmbuf_pkt_len(m) - kEth - total));
     auto* eth = rte_pktmbuf_mtod(m, rte_ether_hdr*);

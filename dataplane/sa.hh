@@ -256,8 +256,9 @@ inline uint64_t sa_load(const uint64_t& c) { return __atomic_load_n(&c, __ATOMIC
 // For counters of inbound SAs, which have one writer: no locked instruction.
 inline void sa_bump(uint64_t& c, uint64_t n) { __atomic_store_n(&c, c + n, __ATOMIC_RELAXED); }
 
-// Inline: three calls per received packet into another file cost more than
-// the few compares they make (the 64-byte inbound case).
+// The window's functions are inline: three calls per received packet into
+// another file cost more than the few compares they make (64-byte inbound).
+
 // The full 64-bit sequence number of a received packet (Appendix A2.2);
 // without ESN, the 32 bits as they are.
 inline uint64_t replay_seq64(const Sa& sa, uint32_t seql) {
